@@ -1,0 +1,253 @@
+// procpool - the handle to a call that runs in the background.
+#pragma once
+
+#include <chrono>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <variant>
+
+#include <fmt/format.h>
+
+#include "detail/job.hpp"
+#include "errors.hpp"
+
+namespace procpool {
+
+template <class R>
+class AsyncResult;
+
+namespace detail {
+
+/// Shared state of an AsyncResult: the job's mailbox plus the decoded value.
+template <class V>
+class AsyncState : public JobState {
+ public:
+  using Callback = std::function<void(const V&)>;
+  using ErrorCallback = std::function<void(const Error&)>;
+
+  AsyncState(std::string_view call, std::size_t chunks) : JobState(call), chunks_(chunks) {}
+
+  bool complete() const { return delivered() >= chunks_; }
+  bool wait_complete(Deadline deadline) { return wait_delivered(chunks_, deadline); }
+
+  /// Decodes once, after completion; then value_ or error_ is set.
+  void finalize() {
+    wait_complete(std::nullopt);
+    std::call_once(once_, [this] {
+      try {
+        value_.emplace(decode(take_all()));
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+    });
+  }
+
+  const V& value() {
+    finalize();
+    if (error_) std::rethrow_exception(error_);
+    return *value_;
+  }
+  V take_value() {
+    finalize();
+    if (error_) std::rethrow_exception(error_);
+    return std::move(*value_);
+  }
+  bool failed() {
+    finalize();
+    return error_ != nullptr;
+  }
+
+  void set_callbacks(Callback callback, ErrorCallback error_callback) {
+    callback_ = std::move(callback);
+    error_callback_ = std::move(error_callback);
+  }
+
+ protected:
+  /// Builds the value from every chunk's outcome (in chunk order) or throws the first error.
+  virtual V decode(std::map<std::uint64_t, ChunkOutcome> outcomes) = 0;
+
+  void on_delivered() override {
+    if ((!callback_ && !error_callback_) || !complete()) return;
+    finalize();
+    // A throwing callback must not take the I/O thread down with it.
+    try {
+      if (error_) {
+        if (error_callback_) {
+          try {
+            std::rethrow_exception(error_);
+          } catch (const Error& e) {
+            error_callback_(e);
+          }
+        }
+      } else if (callback_) {
+        callback_(*value_);
+      }
+    } catch (...) {
+      fmt::print(stderr, "procpool: a {} callback threw {}: {}; the pool goes on\n", call(),
+                 current_exception_type_name(), current_exception_message());
+    }
+  }
+
+ private:
+  std::size_t chunks_;
+  std::once_flag once_;
+  std::optional<V> value_;
+  std::exception_ptr error_;
+  Callback callback_;
+  ErrorCallback error_callback_;
+};
+
+/// map_async/starmap_async: `count` items in chunks of `chunksize`, collected in order.
+template <class T>
+class MapState final : public AsyncState<std::vector<T>> {
+ public:
+  MapState(std::string_view call, std::size_t count, std::size_t chunksize)
+      : AsyncState<std::vector<T>>(call, chunksize == 0 ? 0 : (count + chunksize - 1) / chunksize),
+        count_(count),
+        chunksize_(chunksize) {}
+
+ protected:
+  std::vector<T> decode(std::map<std::uint64_t, ChunkOutcome> outcomes) override {
+    std::vector<T> values;
+    values.reserve(count_);
+    std::exception_ptr first_error;
+    for (auto& [chunk, outcome] : outcomes) {
+      std::size_t first = chunk * chunksize_;
+      decode_chunk<T>(
+          outcome, this->call(), first, std::min(chunksize_, count_ - first),
+          [&](std::size_t, T&& value) { values.push_back(std::move(value)); },
+          [&](std::size_t, std::exception_ptr error) {
+            if (!first_error) first_error = std::move(error);
+          });
+      if (first_error) std::rethrow_exception(first_error);
+    }
+    return values;
+  }
+
+ private:
+  std::size_t count_;
+  std::size_t chunksize_;
+};
+
+/// apply_async: one task, one value.
+template <class T>
+class ApplyState final : public AsyncState<T> {
+ public:
+  explicit ApplyState(std::string_view call) : AsyncState<T>(call, 1) {}
+
+ protected:
+  T decode(std::map<std::uint64_t, ChunkOutcome> outcomes) override {
+    std::optional<T> value;
+    std::exception_ptr error;
+    decode_chunk<T>(
+        outcomes.begin()->second, this->call(), 0, 1, [&](std::size_t, T&& v) { value.emplace(std::move(v)); },
+        [&](std::size_t, std::exception_ptr e) { error = std::move(e); });
+    if (error) std::rethrow_exception(error);
+    return std::move(*value);
+  }
+};
+
+template <class V>
+struct AsyncAccess;
+
+}  // namespace detail
+
+/**
+ * The result of `apply_async`, `map_async` or `starmap_async`: Python's
+ * `AsyncResult`. Copies share one result. `R` is `void` for a function
+ * returning void.
+ *
+ * Example:
+ * @code
+ * procpool::AsyncResult<long> r = pool.apply_async<square>(7);
+ * do_other_work();
+ * long v = r.get(std::chrono::seconds(5));  // TimeoutError after 5 s
+ * @endcode
+ *
+ * All member functions are thread-safe. The result stays valid after the
+ * pool is gone; a pool terminated before the task finished makes get()
+ * throw `PoolNotRunning`.
+ */
+template <class R>
+class AsyncResult {
+  using V = detail::stored_t<R>;
+
+ public:
+  /// An empty handle; valid() is false.
+  AsyncResult() = default;
+
+  /// Whether this handle refers to a call.
+  bool valid() const noexcept { return state_ != nullptr; }
+
+  /**
+   * Waits for the call and returns its result.
+   * @throws RemoteError the task threw (for map_async: the first failed item by input index)
+   * @throws WorkerLost the worker running it died
+   * @throws PoolNotRunning the pool was terminated first
+   */
+  decltype(auto) get() const {
+    state_->wait_complete(std::nullopt);
+    return result();
+  }
+
+  /**
+   * Like get(), but gives up after `timeout`.
+   * @throws TimeoutError the call had not finished in time (it goes on running)
+   */
+  template <class Rep, class Period>
+  decltype(auto) get(std::chrono::duration<Rep, Period> timeout) const {
+    if (!wait(timeout)) {
+      throw TimeoutError(fmt::format("procpool: {} did not finish within {} ms", state_->call(),
+                                     std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count()));
+    }
+    return result();
+  }
+
+  /// Waits until the call has finished (successfully or not).
+  void wait() const { state_->wait_complete(std::nullopt); }
+
+  /// Waits at most `timeout`; returns whether the call has finished.
+  template <class Rep, class Period>
+  bool wait(std::chrono::duration<Rep, Period> timeout) const {
+    return state_->wait_complete(detail::Clock::now() +
+                                 std::chrono::duration_cast<detail::Clock::duration>(timeout));
+  }
+
+  /// Whether the call has finished.
+  bool ready() const { return state_->complete(); }
+
+  /// Whether the call finished without an error. @throws Error if not ready().
+  bool successful() const {
+    if (!ready()) throw Error(fmt::format("procpool: successful() called before the {} finished", state_->call()));
+    return !state_->failed();
+  }
+
+ private:
+  template <class>
+  friend struct detail::AsyncAccess;
+  explicit AsyncResult(std::shared_ptr<detail::AsyncState<V>> state) : state_(std::move(state)) {}
+
+  decltype(auto) result() const {
+    if constexpr (std::is_void_v<R>) {
+      (void)state_->value();
+    } else {
+      return static_cast<const R&>(state_->value());
+    }
+  }
+
+  std::shared_ptr<detail::AsyncState<V>> state_;
+};
+
+namespace detail {
+template <class R>
+struct AsyncAccess {
+  static AsyncResult<R> make(std::shared_ptr<AsyncState<stored_t<R>>> state) { return AsyncResult<R>(std::move(state)); }
+};
+}  // namespace detail
+
+}  // namespace procpool

@@ -1,0 +1,97 @@
+// procpool - the wire format between parent and worker: length-prefixed
+// frames over one pipe in each direction.
+//
+//   frame   := u32 payload length, u32 kind, payload
+//   config  := u64 worker slot, u64 maxtasksperchild, u64 initializer id,
+//              u64 max message bytes, initializer state
+//   task    := u64 task id, u64 handler id, u32 item count, callable state, items (cereal)
+//   ready   := i32 pid
+//   result  := u64 task id, u64 run time in ns, per item (cereal): bool ok, value | type, message
+//   init_failed / fatal := cereal strings: type, message
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace procpool::detail {
+
+enum class FrameKind : std::uint32_t {
+  config = 1,
+  task = 2,
+  ready = 3,
+  result = 4,
+  init_failed = 5,
+  fatal = 6,
+};
+
+inline constexpr std::size_t frame_header_size = 8;
+inline constexpr std::size_t task_id_offset = frame_header_size;  // where the dispatcher stamps the id
+inline constexpr std::size_t task_prefix_size = frame_header_size + 8 + 8 + 4;
+inline constexpr std::size_t result_prefix_size = 8 + 8;
+
+template <class T>
+void put(std::vector<char>& out, T value) {
+  const char* bytes = reinterpret_cast<const char*>(&value);
+  out.insert(out.end(), bytes, bytes + sizeof(T));
+}
+
+template <class T>
+T get(const char* data) {
+  T value;
+  std::memcpy(&value, data, sizeof(T));
+  return value;
+}
+
+template <class T>
+void patch(std::vector<char>& out, std::size_t offset, T value) {
+  std::memcpy(out.data() + offset, &value, sizeof(T));
+}
+
+/// Starts a frame: reserves the header, to be filled by finish_frame().
+inline std::size_t begin_frame(std::vector<char>& out, FrameKind kind) {
+  std::size_t start = out.size();
+  put<std::uint32_t>(out, 0);
+  put<std::uint32_t>(out, static_cast<std::uint32_t>(kind));
+  return start;
+}
+
+inline void finish_frame(std::vector<char>& out, std::size_t start) {
+  patch<std::uint32_t>(out, start, static_cast<std::uint32_t>(out.size() - start - frame_header_size));
+}
+
+/// Starts a task frame; the dispatcher stamps the task id when it sends it.
+inline std::size_t begin_task_frame(std::vector<char>& frame, std::uint64_t handler) {
+  std::size_t start = begin_frame(frame, FrameKind::task);
+  put<std::uint64_t>(frame, 0);
+  put<std::uint64_t>(frame, handler);
+  put<std::uint32_t>(frame, 0);
+  return start;
+}
+
+inline void finish_task_frame(std::vector<char>& frame, std::size_t start, std::uint32_t count) {
+  patch<std::uint32_t>(frame, start + task_prefix_size - 4, count);
+  finish_frame(frame, start);
+}
+
+struct FrameView {
+  FrameKind kind;
+  const char* data;
+  std::size_t size;
+};
+
+/// Outcome of looking for one frame at the front of a buffer.
+enum class Parse { complete, need_more, too_large };
+
+inline Parse parse_frame(const char* data, std::size_t available, std::size_t max_payload,
+                         FrameView& frame) {
+  if (available < frame_header_size) return Parse::need_more;
+  auto length = get<std::uint32_t>(data);
+  if (length > max_payload) return Parse::too_large;
+  if (available < frame_header_size + length) return Parse::need_more;
+  frame = {static_cast<FrameKind>(get<std::uint32_t>(data + 4)), data + frame_header_size, length};
+  return Parse::complete;
+}
+
+}  // namespace procpool::detail

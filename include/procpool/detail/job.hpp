@@ -1,0 +1,208 @@
+// procpool - one call's mailbox (map, imap, apply_async...): the dispatcher
+// delivers each chunk's outcome exactly once, the caller takes and decodes it.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "../errors.hpp"
+#include "handlers.hpp"
+#include "serialize.hpp"
+#include "system.hpp"
+
+namespace procpool::detail {
+
+using Clock = std::chrono::steady_clock;
+using Deadline = std::optional<Clock::time_point>;
+
+/// Why a whole chunk produced no results.
+struct ChunkFailure {
+  enum class Kind { worker_lost, terminated, initializer, protocol, start_failed };
+  Kind kind = Kind::worker_lost;
+  pid_t pid = 0;
+  std::size_t worker = 0;
+  int wait_status = 0;
+  std::string detail;  // initializer: "type: message"; protocol/start_failed: the reason
+};
+
+struct ChunkOutcome {
+  std::vector<char> payload;  // per-item outcomes, as the worker encoded them
+  pid_t pid = 0;
+  std::size_t worker = 0;
+  std::optional<ChunkFailure> failure;
+};
+
+class JobState {
+ public:
+  explicit JobState(std::string_view call) : call_(call) {}
+  JobState(const JobState&) = delete;
+  JobState& operator=(const JobState&) = delete;
+  virtual ~JobState() = default;
+
+  std::string_view call() const { return call_; }
+
+  // ---- dispatcher side ----
+  void deliver(std::uint64_t chunk, ChunkOutcome&& outcome) {
+    {
+      std::lock_guard lock(mutex_);
+      if (cancelled_) return;
+      ready_.emplace(chunk, std::move(outcome));
+      ++delivered_;
+    }
+    cv_.notify_all();
+    on_delivered();
+  }
+  bool cancelled() const { return cancelled_.load(std::memory_order_relaxed); }
+
+  // ---- caller side ----
+  /// Drops undelivered and future outcomes: the caller lost interest.
+  void cancel() {
+    std::lock_guard lock(mutex_);
+    cancelled_ = true;
+    ready_.clear();
+  }
+
+  std::optional<ChunkOutcome> take(std::uint64_t chunk, Deadline deadline) {
+    std::unique_lock lock(mutex_);
+    if (!wait(lock, deadline, [&] { return ready_.count(chunk) != 0; })) return std::nullopt;
+    auto node = ready_.extract(chunk);
+    return std::move(node.mapped());
+  }
+
+  std::optional<std::pair<std::uint64_t, ChunkOutcome>> take_any(Deadline deadline) {
+    std::unique_lock lock(mutex_);
+    if (!wait(lock, deadline, [&] { return !ready_.empty(); })) return std::nullopt;
+    auto node = ready_.extract(ready_.begin());
+    return std::pair{node.key(), std::move(node.mapped())};
+  }
+
+  bool wait_delivered(std::size_t count, Deadline deadline) {
+    std::unique_lock lock(mutex_);
+    return wait(lock, deadline, [&] { return delivered_ >= count; });
+  }
+
+  std::size_t delivered() const {
+    std::lock_guard lock(mutex_);
+    return delivered_;
+  }
+
+  /// All outcomes delivered so far, in chunk order.
+  std::map<std::uint64_t, ChunkOutcome> take_all() {
+    std::lock_guard lock(mutex_);
+    return std::exchange(ready_, {});
+  }
+
+ protected:
+  /// Runs on the dispatcher's I/O thread after each delivery, outside its
+  /// lock: where map_async/apply_async run their callbacks.
+  virtual void on_delivered() {}
+
+ private:
+  template <class Pred>
+  bool wait(std::unique_lock<std::mutex>& lock, Deadline deadline, Pred pred) {
+    if (!deadline) {
+      cv_.wait(lock, pred);
+      return true;
+    }
+    return cv_.wait_until(lock, *deadline, pred);
+  }
+
+  std::string call_;
+  mutable std::mutex mutex_;
+  std::condition_variable cv_;
+  std::map<std::uint64_t, ChunkOutcome> ready_;
+  std::size_t delivered_ = 0;
+  std::atomic<bool> cancelled_{false};
+};
+
+// ---- turning outcomes into values and exceptions ----------------------------
+
+inline std::string describe_input(std::string_view call, std::size_t index) {
+  if (call == "apply" || call == "apply_async") return fmt::format("the {} task", call);
+  return fmt::format("{} input #{}", call, index);
+}
+
+inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call,
+                                           std::size_t index) {
+  std::string input = describe_input(call, index);
+  switch (failure.kind) {
+    case ChunkFailure::Kind::worker_lost: {
+      int status = failure.wait_status;
+      int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+      int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      return std::make_exception_ptr(WorkerLost(
+          fmt::format("procpool: worker {} (pid {}) {} while running {}; the pool replaced it",
+                      failure.worker, failure.pid, describe_wait_status(status), input),
+          failure.pid, failure.worker, index, sig, code));
+    }
+    case ChunkFailure::Kind::terminated:
+      return std::make_exception_ptr(PoolNotRunning(
+          fmt::format("procpool: the pool was terminated before {} finished", input)));
+    case ChunkFailure::Kind::initializer:
+      return std::make_exception_ptr(InitializerError(fmt::format(
+          "procpool: {} was not run: the pool's initializer failed in worker {} (pid {}): {}. "
+          "The pool does not restart workers to retry a failing initializer; fix it and create a new pool",
+          input, failure.worker, failure.pid, failure.detail)));
+    case ChunkFailure::Kind::protocol:
+      return std::make_exception_ptr(ProtocolError(fmt::format(
+          "procpool: {} failed: {} (worker {}, pid {})", input, failure.detail, failure.worker, failure.pid)));
+    case ChunkFailure::Kind::start_failed:
+      return std::make_exception_ptr(Error(fmt::format("procpool: {} was not run: {}", input, failure.detail)));
+  }
+  return {};
+}
+
+/// Decodes one chunk's outcome, calling on_value(index, R&&) or
+/// on_error(index, exception_ptr) for each of its `count` items, in order.
+template <class R, class OnValue, class OnError>
+void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_t first_index,
+                  std::size_t count, OnValue&& on_value, OnError&& on_error) {
+  if (outcome.failure) {
+    for (std::size_t i = 0; i < count; ++i) {
+      on_error(first_index + i, make_chunk_error(*outcome.failure, call, first_index + i));
+    }
+    return;
+  }
+  Decoder decoder(outcome.payload.data(), outcome.payload.size());
+  std::size_t i = 0;
+  try {
+    for (; i < count; ++i) {
+      bool ok = false;
+      decoder(ok);
+      if (ok) {
+        R value{};
+        decoder(value);
+        on_value(first_index + i, std::move(value));
+      } else {
+        std::string type, message;
+        decoder(type, message);
+        std::string what = fmt::format("procpool: {} raised {}: {} (worker {}, pid {})",
+                                       describe_input(call, first_index + i), type, message,
+                                       outcome.worker, outcome.pid);
+        on_error(first_index + i, std::make_exception_ptr(RemoteError(std::move(what), std::move(type),
+                                                                      std::move(message), outcome.pid,
+                                                                      outcome.worker, first_index + i)));
+      }
+    }
+  } catch (const std::exception& e) {
+    ChunkFailure bad{ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
+                     fmt::format("its result could not be decoded ({})", e.what())};
+    for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i));
+  }
+}
+
+}  // namespace procpool::detail

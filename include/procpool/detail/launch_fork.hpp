@@ -1,0 +1,46 @@
+// procpool - StartMethod::fork: each worker is a fork() of the parent.
+#pragma once
+
+#include <cstdio>
+#include <mutex>
+
+#include "launcher.hpp"
+#include "worker.hpp"
+
+namespace procpool::detail {
+
+class ForkLauncher final : public ChildLauncher {
+ public:
+  LaunchedWorker launch() override {
+    Pipe task = make_pipe();
+    Pipe result = make_pipe();
+    // Anything buffered now would be written twice: once by each process.
+    std::fflush(nullptr);
+    pid_t pid;
+    {
+      // Holding the registry across fork() makes the child's list of fds to
+      // close exact, and keeps the lock from being copied in a locked state
+      // owned by some other thread.
+      std::unique_lock lock(FdRegistry::instance().mutex());
+      std::vector<int> inherited = FdRegistry::instance().snapshot_locked();
+      pid = ::fork();
+      if (pid == 0) {
+        const int keep_read = task.read.get(), keep_write = result.write.get();
+        // Siblings' pipe ends must go, or they never see EOF (see FdRegistry).
+        for (int fd : inherited) {
+          if (fd != keep_read && fd != keep_write) ::close(fd);
+        }
+        FdRegistry::instance().clear_locked();
+        lock.unlock();
+        prepare_worker_process();
+        run_worker_and_exit(keep_read, keep_write);
+      }
+    }
+    if (pid < 0) throw_errno("fork");
+    task.read.reset();
+    result.write.reset();
+    return {pid, std::move(task.write), std::move(result.read), open_pidfd(pid)};
+  }
+};
+
+}  // namespace procpool::detail

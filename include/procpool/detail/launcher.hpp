@@ -1,0 +1,53 @@
+// procpool - the seam between the dispatcher and the ways of starting a
+// worker. A new start method (or a remote launcher) is a new Launcher.
+#pragma once
+
+#include <sys/types.h>
+
+#include <optional>
+
+#include "system.hpp"
+
+namespace procpool::detail {
+
+/// A started worker: its pid and the parent's ends of its two pipes.
+struct LaunchedWorker {
+  pid_t pid = -1;
+  Fd task;    // parent writes tasks here
+  Fd result;  // parent reads results here
+  Fd pidfd;   // readable once the worker has exited; may be empty
+};
+
+class Launcher {
+ public:
+  virtual ~Launcher() = default;
+  /// Starts one worker that runs `worker_main` on its ends of two fresh pipes.
+  /// Called only from the dispatcher's I/O thread. Throws std::system_error.
+  virtual LaunchedWorker launch() = 0;
+  /// Collects the exit status of a worker that has exited (or is exiting).
+  virtual int reap(const LaunchedWorker& worker) = 0;
+  /// The exit status if the worker has already exited, without blocking.
+  virtual std::optional<int> try_reap(const LaunchedWorker& worker) = 0;
+  /// Sends a signal to a worker; a worker that is already gone is not an error.
+  virtual void kill(const LaunchedWorker& worker, int sig) {
+    if (worker.pid > 0) ::kill(worker.pid, sig);
+  }
+};
+
+/// reap/try_reap for workers that are the parent's own children.
+class ChildLauncher : public Launcher {
+ public:
+  int reap(const LaunchedWorker& worker) override {
+    int status = 0;
+    if (retry_eintr([&] { return ::waitpid(worker.pid, &status, 0); }) == -1) return 0;
+    return status;
+  }
+  std::optional<int> try_reap(const LaunchedWorker& worker) override {
+    int status = 0;
+    pid_t r = retry_eintr([&] { return ::waitpid(worker.pid, &status, WNOHANG); });
+    if (r == 0) return std::nullopt;
+    return r == worker.pid ? status : 0;
+  }
+};
+
+}  // namespace procpool::detail

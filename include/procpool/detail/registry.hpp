@@ -1,0 +1,73 @@
+// procpool - the handler registry: how a worker finds the code for a task.
+//
+// Code is named by compile-time identity, never by address: every handler
+// type registers itself during static initialisation under a hash of its
+// mangled type name. A re-executed copy of the same binary (posix_spawn,
+// forkserver) runs the same static initialisers and so builds the same
+// table, whatever ASLR did to the addresses.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <typeinfo>
+#include <unordered_map>
+
+#include "serialize.hpp"
+
+namespace procpool::detail {
+
+/// Runs `count` items read from `in` and writes one outcome per item to `out`.
+using HandlerFn = void (*)(Decoder& in, std::uint32_t count, Encoder& out);
+
+inline std::uint64_t fnv1a(std::string_view text) {
+  std::uint64_t hash = 0xcbf29ce484222325ULL;
+  for (unsigned char c : text) {
+    hash ^= c;
+    hash *= 0x100000001b3ULL;
+  }
+  return hash;
+}
+
+class HandlerRegistry {
+ public:
+  struct Entry {
+    std::string name;
+    HandlerFn fn = nullptr;
+    bool ambiguous = false;  // two different handlers share a name (internal linkage in two TUs)
+  };
+
+  static HandlerRegistry& instance() {
+    static HandlerRegistry registry;
+    return registry;
+  }
+
+  std::uint64_t add(const char* mangled_name, HandlerFn fn) {
+    std::uint64_t id = fnv1a(mangled_name);
+    std::lock_guard lock(mutex_);
+    auto [it, inserted] = entries_.try_emplace(id, Entry{mangled_name, fn, false});
+    if (!inserted && it->second.fn != fn) it->second.ambiguous = true;
+    return id;
+  }
+
+  /// nullptr if unknown.
+  const Entry* find(std::uint64_t id) const {
+    std::lock_guard lock(mutex_);
+    auto it = entries_.find(id);
+    return it == entries_.end() ? nullptr : &it->second;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::unordered_map<std::uint64_t, Entry> entries_;
+};
+
+/// Odr-using `Registered<H>::id` is what instantiates, and so registers, a handler.
+template <class Handler>
+struct Registered {
+  static inline const std::uint64_t id =
+      HandlerRegistry::instance().add(typeid(Handler).name(), &Handler::run);
+};
+
+}  // namespace procpool::detail

@@ -1,0 +1,165 @@
+// procpool - system-call layer: EINTR retry, errno to std::system_error,
+// owned file descriptors and the process-wide registry of procpool's fds.
+#pragma once
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstddef>
+#include <mutex>
+#include <set>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+namespace procpool::detail {
+
+[[noreturn]] inline void throw_errno(const char* call, int err = errno) {
+  throw std::system_error(err, std::generic_category(), call);
+}
+
+/// Runs a system call until it stops failing with EINTR (fmt's FMT_RETRY).
+template <class Call>
+auto retry_eintr(Call&& call) {
+  for (;;) {
+    auto result = call();
+    if (result == -1 && errno == EINTR) continue;
+    return result;
+  }
+}
+
+/// Every fd procpool creates is recorded here, so a forked child can close
+/// the pipe ends of its siblings (and of other pools' workers): a child that
+/// keeps a sibling's task pipe open stops that sibling from ever seeing EOF,
+/// and close()/join() would then wait forever.
+class FdRegistry {
+ public:
+  static FdRegistry& instance() {
+    static FdRegistry registry;
+    return registry;
+  }
+  void add(int fd) {
+    std::lock_guard lock(mutex_);
+    fds_.insert(fd);
+  }
+  void remove(int fd) {
+    std::lock_guard lock(mutex_);
+    fds_.erase(fd);
+  }
+  /// Held across fork() by the fork launcher so the snapshot is exact.
+  std::mutex& mutex() { return mutex_; }
+  /// Caller holds mutex().
+  std::vector<int> snapshot_locked() const { return {fds_.begin(), fds_.end()}; }
+  /// In a forked child that closed them all: none of them are ours any more.
+  void clear_locked() { fds_.clear(); }
+
+ private:
+  std::mutex mutex_;
+  std::set<int> fds_;
+};
+
+/// An owned file descriptor, closed on destruction and tracked in FdRegistry.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {
+    if (fd_ >= 0) FdRegistry::instance().add(fd_);
+  }
+  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  Fd& operator=(Fd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = std::exchange(other.fd_, -1);
+    }
+    return *this;
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() { reset(); }
+
+  int get() const noexcept { return fd_; }
+  explicit operator bool() const noexcept { return fd_ >= 0; }
+  void reset() noexcept {
+    if (fd_ >= 0) {
+      FdRegistry::instance().remove(fd_);
+      ::close(fd_);  // never retried: Linux releases the fd even on EINTR
+      fd_ = -1;
+    }
+  }
+  int release() noexcept {
+    if (fd_ >= 0) FdRegistry::instance().remove(fd_);
+    return std::exchange(fd_, -1);
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+struct Pipe {
+  Fd read;
+  Fd write;
+};
+
+inline Pipe make_pipe() {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) == -1) throw_errno("pipe2");
+  return {Fd(fds[0]), Fd(fds[1])};
+}
+
+inline void set_nonblocking(int fd) {
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags == -1 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) == -1) throw_errno("fcntl(O_NONBLOCK)");
+}
+
+/// A pidfd lets poll() report a worker's death even when a grandchild still
+/// holds its pipe. Returns an empty Fd where the kernel lacks pidfd_open.
+inline Fd open_pidfd(pid_t pid) {
+#ifdef SYS_pidfd_open
+  int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (fd >= 0) {
+    ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    return Fd(fd);
+  }
+#endif
+  (void)pid;
+  return Fd();
+}
+
+/// Writes all of [data, data+size) to a blocking fd. Returns false on EOF/EPIPE.
+inline bool write_all(int fd, const char* data, std::size_t size) {
+  while (size > 0) {
+    ssize_t n = retry_eintr([&] { return ::write(fd, data, size); });
+    if (n < 0) {
+      if (errno == EPIPE) return false;
+      throw_errno("write");
+    }
+    data += n;
+    size -= static_cast<std::size_t>(n);
+  }
+  return true;
+}
+
+inline const char* signal_abbrev(int sig) {
+  const char* abbrev = ::sigabbrev_np(sig);
+  return abbrev != nullptr ? abbrev : "?";
+}
+
+/// Human-readable waitpid() status: "was killed by signal 9 (SIGKILL: Killed)".
+inline std::string describe_wait_status(int status) {
+  if (WIFSIGNALED(status)) {
+    int sig = WTERMSIG(status);
+    std::string text = "was killed by signal " + std::to_string(sig) + " (SIG" + signal_abbrev(sig);
+    if (const char* desc = ::sigdescr_np(sig)) text += std::string(": ") + desc;
+    return text + ")";
+  }
+  if (WIFEXITED(status)) return "exited with code " + std::to_string(WEXITSTATUS(status));
+  return "ended with wait status " + std::to_string(status);
+}
+
+}  // namespace procpool::detail

@@ -1,0 +1,189 @@
+// procpool - the loop a worker process runs, whatever started it.
+#pragma once
+
+#include <sys/prctl.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "frame.hpp"
+#include "registry.hpp"
+#include "serialize.hpp"
+#include "system.hpp"
+
+namespace procpool::detail {
+
+/// Exit codes a worker uses to tell the parent why it stopped before READY.
+inline constexpr int exit_initializer_failed = 3;
+inline constexpr int exit_protocol_error = 4;
+
+/// Reads whole frames from a blocking fd, buffering what arrives early.
+class FrameReader {
+ public:
+  FrameReader(int fd, std::size_t max_payload) : fd_(fd), max_payload_(max_payload) {}
+
+  /// false on a clean EOF between frames; throws ProtocolError-worthy
+  /// std::runtime_error on a truncated or oversized frame.
+  bool next(FrameView& frame) {
+    // The previous frame's bytes are dead once the caller asks for the next.
+    begin_ = pending_;
+    for (;;) {
+      Parse parsed = parse_frame(buffer_.data() + begin_, end_ - begin_, max_payload_, frame);
+      if (parsed == Parse::complete) {
+        pending_ = begin_ + frame_header_size + frame.size;
+        return true;
+      }
+      if (parsed == Parse::too_large) throw std::runtime_error("frame larger than max_message_bytes");
+      if (!fill()) {
+        if (end_ == begin_) return false;
+        throw std::runtime_error("pipe closed in the middle of a frame");
+      }
+    }
+  }
+
+ private:
+  bool fill() {
+    if (begin_ > 0) {  // keep the unread tail at the front
+      std::memmove(buffer_.data(), buffer_.data() + begin_, end_ - begin_);
+      end_ -= begin_;
+      pending_ -= begin_;
+      begin_ = 0;
+    }
+    std::size_t want = std::max<std::size_t>(end_ + 65536, buffer_.size());
+    if (end_ >= frame_header_size) {  // make room for the whole frame at once
+      want = std::max(want, frame_header_size + get<std::uint32_t>(buffer_.data()));
+    }
+    if (buffer_.size() < want) buffer_.resize(want);
+    ssize_t n = retry_eintr([&] { return ::read(fd_, buffer_.data() + end_, buffer_.size() - end_); });
+    if (n < 0) throw_errno("read");
+    if (n == 0) return false;
+    end_ += static_cast<std::size_t>(n);
+    return true;
+  }
+
+  int fd_;
+  std::size_t max_payload_;
+  std::vector<char> buffer_;
+  std::size_t begin_ = 0, end_ = 0, pending_ = 0;
+};
+
+/// Signals and parent-death handling every worker needs, whatever started it.
+inline void prepare_worker_process() {
+  // A fork inherits the I/O thread's mask, which blocks everything.
+  sigset_t none;
+  sigemptyset(&none);
+  ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
+  // Ctrl-C goes to the whole foreground process group; only the parent
+  // should react, and it stops the workers itself.
+  ::signal(SIGINT, SIG_IGN);
+  ::signal(SIGTERM, SIG_DFL);
+  ::signal(SIGPIPE, SIG_DFL);
+  // Die with the thread that started us, even if it is SIGKILLed.
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+}
+
+inline bool send_frame(int fd, const std::vector<char>& frame) { return write_all(fd, frame.data(), frame.size()); }
+
+inline void send_failure_frame(int fd, FrameKind kind, const std::string& type, const std::string& message) {
+  std::vector<char> out;
+  std::size_t start = begin_frame(out, kind);
+  {
+    Encoder encoder(out);
+    encoder(type, message);
+  }
+  finish_frame(out, start);
+  send_frame(fd, out);
+}
+
+/// Runs the worker protocol on an already-connected pair of fds; returns the exit code.
+inline int worker_main(int task_fd, int result_fd) {
+  FrameReader reader(task_fd, std::size_t{1} << 31);
+  FrameView frame{};
+  if (!reader.next(frame)) return 0;
+  if (frame.kind != FrameKind::config || frame.size < 32) return exit_protocol_error;
+  const auto max_tasks = get<std::uint64_t>(frame.data + 8);
+  const auto init_id = get<std::uint64_t>(frame.data + 16);
+  const auto max_message = get<std::uint64_t>(frame.data + 24);
+  std::vector<char> out;
+
+  if (init_id != 0) {
+    try {
+      const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(init_id);
+      if (entry == nullptr) throw std::runtime_error("the initializer is not registered in this binary");
+      Decoder decoder(frame.data + 32, frame.size - 32);
+      Encoder unused(out);
+      entry->fn(decoder, 0, unused);
+    } catch (...) {
+      send_failure_frame(result_fd, FrameKind::init_failed, current_exception_type_name(),
+                         current_exception_message());
+      return exit_initializer_failed;
+    }
+  }
+  out.clear();
+  std::size_t start = begin_frame(out, FrameKind::ready);
+  put<std::int32_t>(out, static_cast<std::int32_t>(::getpid()));
+  finish_frame(out, start);
+  if (!send_frame(result_fd, out)) return 0;
+
+  std::uint64_t done = 0;
+  for (;;) {
+    if (!reader.next(frame)) return 0;  // the parent closed our pipe: exit quietly
+    if (frame.kind != FrameKind::task || frame.size < task_prefix_size - frame_header_size) {
+      send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError", "unexpected frame kind");
+      return exit_protocol_error;
+    }
+    const auto task_id = get<std::uint64_t>(frame.data);
+    const auto handler_id = get<std::uint64_t>(frame.data + 8);
+    const auto count = get<std::uint32_t>(frame.data + 16);
+    const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(handler_id);
+    if (entry == nullptr) {
+      send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError",
+                         "the worker has no handler with id " + std::to_string(handler_id) +
+                             " (is it running the same binary as the parent?)");
+      return exit_protocol_error;
+    }
+    out.clear();
+    start = begin_frame(out, FrameKind::result);
+    put<std::uint64_t>(out, task_id);
+    put<std::uint64_t>(out, 0);  // run time, patched below
+    auto began = std::chrono::steady_clock::now();
+    {
+      Decoder decoder(frame.data + 20, frame.size - 20);
+      Encoder encoder(out);
+      entry->fn(decoder, count, encoder);
+    }
+    auto elapsed = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - began);
+    patch<std::uint64_t>(out, start + frame_header_size + 8, static_cast<std::uint64_t>(elapsed.count()));
+    if (out.size() - start - frame_header_size > max_message) {
+      // Too large to send: report every item as failed instead.
+      std::string why = "the result message (" + std::to_string(out.size() - start - frame_header_size) +
+                        " bytes) is larger than Options::max_message_bytes";
+      out.resize(start + frame_header_size + result_prefix_size);
+      Encoder encoder(out);
+      for (std::uint32_t i = 0; i < count; ++i) encoder(false, std::string("procpool::ProtocolError"), why);
+    }
+    finish_frame(out, start);
+    if (!send_frame(result_fd, out)) return 0;
+    if (max_tasks != 0 && ++done >= max_tasks) return 0;
+  }
+}
+
+/// Runs the worker loop, then leaves without running the parent's atexit
+/// handlers or static destructors (a fork shares them, and must not run them).
+[[noreturn]] inline void run_worker_and_exit(int task_fd, int result_fd) noexcept {
+  int code = exit_protocol_error;
+  try {
+    code = worker_main(task_fd, result_fd);
+  } catch (...) {
+  }
+  std::cout.flush();
+  std::cerr.flush();
+  std::fflush(nullptr);
+  ::_exit(code);
+}
+
+}  // namespace procpool::detail

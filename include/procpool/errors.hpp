@@ -1,0 +1,125 @@
+// procpool - the exceptions a pool reports.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace procpool {
+
+/**
+ * Base of every error procpool reports, so `catch (const procpool::Error&)`
+ * catches them all. System-call failures are `std::system_error` instead.
+ *
+ * Example:
+ * @code
+ * try { pool.map<parse>(files); }
+ * catch (const procpool::RemoteError& e) { std::cerr << e.what() << '\n'; }
+ * @endcode
+ */
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/**
+ * A task threw an exception inside a worker. `what()` names the input index,
+ * the exception's demangled type and message, the worker slot and its pid.
+ * Thread-safe to read from any thread.
+ */
+class RemoteError : public Error {
+ public:
+  RemoteError(std::string what, std::string type_name, std::string message, pid_t pid,
+              std::size_t worker, std::size_t input_index)
+      : Error(std::move(what)),
+        type_name_(std::move(type_name)),
+        message_(std::move(message)),
+        pid_(pid),
+        worker_(worker),
+        input_index_(input_index) {}
+
+  /// Demangled type of the exception thrown in the worker, e.g. "std::invalid_argument".
+  const std::string& type_name() const noexcept { return type_name_; }
+  /// The original exception's what().
+  const std::string& message() const noexcept { return message_; }
+  /// Pid of the worker that ran the task.
+  pid_t pid() const noexcept { return pid_; }
+  /// Worker slot (0 .. processes-1) that ran the task.
+  std::size_t worker() const noexcept { return worker_; }
+  /// Position of the failed item in the call's input (0 for apply/apply_async).
+  std::size_t input_index() const noexcept { return input_index_; }
+
+ private:
+  std::string type_name_;
+  std::string message_;
+  pid_t pid_;
+  std::size_t worker_;
+  std::size_t input_index_;
+};
+
+/**
+ * The worker running a task died before returning its result (a crash, a
+ * signal, `_exit`). Only the tasks that worker held fail; the pool replaces it.
+ */
+class WorkerLost : public Error {
+ public:
+  WorkerLost(std::string what, pid_t pid, std::size_t worker, std::size_t input_index,
+             int signal, int exit_code)
+      : Error(std::move(what)),
+        pid_(pid),
+        worker_(worker),
+        input_index_(input_index),
+        signal_(signal),
+        exit_code_(exit_code) {}
+
+  /// Pid of the worker that died.
+  pid_t pid() const noexcept { return pid_; }
+  /// Worker slot the dead worker occupied.
+  std::size_t worker() const noexcept { return worker_; }
+  /// Position of the lost item in the call's input (0 for apply/apply_async).
+  std::size_t input_index() const noexcept { return input_index_; }
+  /// The signal that killed the worker, or 0 if it exited.
+  int signal() const noexcept { return signal_; }
+  /// The worker's exit code, or -1 if a signal killed it.
+  int exit_code() const noexcept { return exit_code_; }
+
+ private:
+  pid_t pid_;
+  std::size_t worker_;
+  std::size_t input_index_;
+  int signal_;
+  int exit_code_;
+};
+
+/// A wait with a timeout (`AsyncResult::get(timeout)`, `IMap::next(timeout)`) ran out.
+/// The task itself goes on running.
+class TimeoutError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// `Options::initializer` threw (or the worker died before it finished). The
+/// pool does not respawn workers to retry it: every pending and later task
+/// fails with this error.
+class InitializerError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A worker sent something that is not a valid procpool message, or a
+/// message over `Options::max_message_bytes`.
+class ProtocolError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// The pool was closed or terminated before the call could run.
+class PoolNotRunning : public Error {
+ public:
+  using Error::Error;
+};
+
+}  // namespace procpool

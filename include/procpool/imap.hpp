@@ -1,0 +1,219 @@
+// procpool - the lazy result range of imap and imap_unordered.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <iterator>
+#include <memory>
+#include <optional>
+#include <unordered_map>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "detail/dispatcher.hpp"
+#include "detail/job.hpp"
+#include "errors.hpp"
+
+namespace procpool {
+
+namespace detail {
+
+/// Pulls the next items of an imap input into a task frame. Type-erased so
+/// IMap<T> does not carry the input's type.
+class ChunkSource {
+ public:
+  virtual ~ChunkSource() = default;
+  /// Appends up to `max_items` items (with the callable) to a task frame
+  /// body; returns how many. 0 means the input is exhausted.
+  virtual std::uint32_t fill(std::vector<char>& frame, std::size_t max_items) = 0;
+  virtual std::uint64_t handler_id() const = 0;
+};
+
+template <class T>
+struct IMapAccess;
+
+}  // namespace detail
+
+/**
+ * The results of `imap` (input order) or `imap_unordered` (completion
+ * order), produced lazily: the input is read only as far as needed to keep
+ * `Options::imap_prefetch` chunks in flight, so an endless input runs in
+ * bounded memory, and a consumer that stops reading stops the work.
+ *
+ * Iterate it with range-for, or call next(). An item whose task failed
+ * throws (RemoteError, WorkerLost...) when it is reached; the iteration can
+ * go on past it with ++it or next().
+ *
+ * Example:
+ * @code
+ * for (long v : pool.imap<square>(std::views::iota(0L), 16)) if (v > 1000) break;
+ * @endcode
+ *
+ * Not thread-safe: consume it from one thread. Destroying it early cancels
+ * the tasks not yet started.
+ */
+template <class T>
+class IMap {
+  using Item = std::variant<T, std::exception_ptr>;
+
+ public:
+  struct sentinel {};
+
+  /// Input iterator over the results.
+  class iterator {
+   public:
+    using value_type = T;
+    using difference_type = std::ptrdiff_t;
+    using iterator_concept = std::input_iterator_tag;
+
+    iterator() = default;
+    /// The current result. @throws the task's error if it failed.
+    T& operator*() const { return owner_->current(); }
+    T* operator->() const { return &owner_->current(); }
+    iterator& operator++() {
+      owner_->advance();
+      return *this;
+    }
+    void operator++(int) { ++*this; }
+    friend bool operator==(const iterator& it, sentinel) { return it.at_end(); }
+
+   private:
+    friend class IMap;
+    explicit iterator(IMap* owner) : owner_(owner) {}
+    bool at_end() const { return !owner_->has_next(); }
+    IMap* owner_ = nullptr;
+  };
+
+  IMap(IMap&&) noexcept = default;
+  IMap& operator=(IMap&&) noexcept = default;
+  IMap(const IMap&) = delete;
+  IMap& operator=(const IMap&) = delete;
+  ~IMap() {
+    if (job_) job_->cancel();
+  }
+
+  iterator begin() { return iterator(this); }
+  sentinel end() { return {}; }
+
+  /// The next result, or nullopt after the last. @throws the task's error if it failed.
+  std::optional<T> next() { return next_until(std::nullopt); }
+
+  /// Like next(), waiting at most `timeout`. @throws TimeoutError
+  template <class Rep, class Period>
+  std::optional<T> next(std::chrono::duration<Rep, Period> timeout) {
+    return next_until(detail::Clock::now() + std::chrono::duration_cast<detail::Clock::duration>(timeout));
+  }
+
+ private:
+  friend struct detail::IMapAccess<T>;
+
+  IMap(std::shared_ptr<detail::Dispatcher> dispatcher, std::unique_ptr<detail::ChunkSource> source,
+       std::string_view call, bool ordered, std::size_t chunksize, std::size_t prefetch)
+      : dispatcher_(std::move(dispatcher)),
+        source_(std::move(source)),
+        job_(std::make_shared<detail::JobState>(call)),
+        ordered_(ordered),
+        chunksize_(chunksize),
+        prefetch_(prefetch) {}
+
+  std::optional<T> next_until(detail::Deadline deadline) {
+    if (!has_next()) return std::nullopt;
+    if (!current_) fetch(deadline);
+    Item item = std::move(*current_);
+    current_.reset();
+    if (auto* error = std::get_if<std::exception_ptr>(&item)) std::rethrow_exception(*error);
+    return std::move(std::get<T>(item));
+  }
+
+  T& current() {
+    if (!current_) fetch(std::nullopt);
+    if (auto* error = std::get_if<std::exception_ptr>(&*current_)) std::rethrow_exception(*error);
+    return std::get<T>(*current_);
+  }
+
+  void advance() {
+    if (!current_ && has_next()) fetch(std::nullopt);  // skipping still consumes one
+    current_.reset();
+  }
+
+  bool has_next() {
+    if (current_ || !buffer_.empty()) return true;
+    top_up();
+    return taken_ < submitted_;
+  }
+
+  /// Keeps `prefetch_` chunks in flight, reading the input only that far.
+  void top_up() {
+    if (input_done_ || submitted_ - taken_ >= prefetch_) return;
+    std::vector<detail::Chunk> chunks;
+    while (!input_done_ && submitted_ + chunks.size() - taken_ < prefetch_) {
+      detail::Chunk chunk{job_, submitted_ + chunks.size(), {}};
+      std::size_t start = detail::begin_task_frame(chunk.frame, source_->handler_id());
+      std::uint32_t count = source_->fill(chunk.frame, chunksize_);
+      if (count == 0) {
+        input_done_ = true;
+        break;
+      }
+      detail::finish_task_frame(chunk.frame, start, count);
+      spans_.emplace(chunk.index, std::pair{next_input_, std::size_t{count}});
+      next_input_ += count;
+      chunks.push_back(std::move(chunk));
+    }
+    if (chunks.empty()) return;
+    submitted_ += chunks.size();
+    dispatcher_->submit(std::move(chunks));
+  }
+
+  void fetch(detail::Deadline deadline) {
+    while (buffer_.empty()) {
+      top_up();
+      std::optional<std::pair<std::uint64_t, detail::ChunkOutcome>> got;
+      if (ordered_) {
+        if (auto outcome = job_->take(taken_, deadline)) got.emplace(taken_, std::move(*outcome));
+      } else {
+        got = job_->take_any(deadline);
+      }
+      if (!got) throw TimeoutError(fmt::format("procpool: no {} result arrived in time", job_->call()));
+      ++taken_;
+      auto span = spans_.extract(got->first).mapped();
+      detail::decode_chunk<T>(
+          got->second, job_->call(), span.first, span.second,
+          [&](std::size_t, T&& value) { buffer_.emplace_back(std::in_place_index<0>, std::move(value)); },
+          [&](std::size_t, std::exception_ptr error) { buffer_.emplace_back(std::in_place_index<1>, std::move(error)); });
+    }
+    current_.emplace(std::move(buffer_.front()));
+    buffer_.pop_front();
+  }
+
+  std::shared_ptr<detail::Dispatcher> dispatcher_;
+  std::unique_ptr<detail::ChunkSource> source_;
+  std::shared_ptr<detail::JobState> job_;
+  bool ordered_;
+  std::size_t chunksize_;
+  std::size_t prefetch_;
+  std::uint64_t submitted_ = 0;  // chunks handed to the dispatcher
+  std::uint64_t taken_ = 0;      // chunks taken from the mailbox
+  std::size_t next_input_ = 0;
+  bool input_done_ = false;
+  std::unordered_map<std::uint64_t, std::pair<std::size_t, std::size_t>> spans_;  // chunk -> first, count
+  std::deque<Item> buffer_;
+  std::optional<Item> current_;
+};
+
+namespace detail {
+template <class T>
+struct IMapAccess {
+  template <class... A>
+  static IMap<T> make(A&&... args) {
+    return IMap<T>(std::forward<A>(args)...);
+  }
+};
+}  // namespace detail
+
+}  // namespace procpool

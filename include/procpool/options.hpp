@@ -1,0 +1,45 @@
+// procpool - the settings of a pool.
+#pragma once
+
+#include <cstddef>
+
+#include "initializer.hpp"
+#include "start_method.hpp"
+
+namespace procpool {
+
+/**
+ * Settings of a `procpool::Pool`, used with designated initializers; every
+ * field has a default, so name only what you change:
+ *
+ * @code
+ * procpool::Pool pool({.processes = 4, .maxtasksperchild = 100});
+ * @endcode
+ *
+ * New fields are only ever added at the end.
+ */
+struct Options {
+  /// Number of worker processes; 0 means `procpool::cpu_count()`.
+  std::size_t processes = 0;
+  /// How workers are started; see `StartMethod`.
+  StartMethod start_method = StartMethod::fork;
+  /// A worker exits after this many tasks (a chunk counts as one) and is
+  /// replaced; 0 means never. Bounds the damage of leaky task code.
+  std::size_t maxtasksperchild = 0;
+  /// Runs once in each worker before its first task.
+  Initializer initializer{};
+  /// Upper bound on tasks (chunks) sent to one worker ahead of its results,
+  /// so it never waits for the parent between short tasks. The pool sends
+  /// only one at a time while tasks take longer than about a millisecond,
+  /// so long tasks are never queued behind each other on one worker.
+  std::size_t max_tasks_in_flight = 8;
+  /// How many chunks `imap`/`imap_unordered` submit ahead of the consumer;
+  /// bounds their memory whatever the input's length. 0 means
+  /// `4 * processes * max_tasks_in_flight`.
+  std::size_t imap_prefetch = 0;
+  /// Largest message a worker may send or receive, in bytes; a larger one
+  /// fails its task with `ProtocolError` instead of being allocated.
+  std::size_t max_message_bytes = std::size_t{1} << 30;
+};
+
+}  // namespace procpool

@@ -1,0 +1,354 @@
+// procpool - the pool of worker processes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <ranges>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "async_result.hpp"
+#include "cpu_count.hpp"
+#include "detail/dispatcher.hpp"
+#include "detail/handlers.hpp"
+#include "detail/launch.hpp"
+#include "errors.hpp"
+#include "imap.hpp"
+#include "options.hpp"
+
+namespace procpool {
+
+namespace detail {
+
+template <class R>
+using item_t = std::remove_cvref_t<std::ranges::range_value_t<R>>;
+
+/// The value a call with callable F on items of type Arg yields on the parent side.
+template <class F, class Arg, bool Star>
+using result_of_t = stored_t<typename call_traits<F, Arg, Star>::result>;
+
+/// Appends the callable and up to `max_items` items to a task frame.
+template <class F, class Arg, class It, class End>
+std::uint32_t encode_items(std::vector<char>& frame, const F& fn, It& it, const End& end, std::size_t max_items) {
+  std::uint32_t count = 0;
+  Encoder encoder(frame);
+  save_callable(encoder, fn);
+  for (; count < max_items && it != end; ++it, ++count) {
+    const Arg& item = *it;
+    encoder(item);
+  }
+  return count;
+}
+
+/// imap's input: owns an rvalue range (or refers to an lvalue one) and
+/// reads it only when the consumer asks for more.
+template <class View, class F, class Arg, bool Star>
+class RangeSource final : public ChunkSource {
+ public:
+  RangeSource(View view, F fn) : view_(std::move(view)), fn_(std::move(fn)) {}
+  std::uint32_t fill(std::vector<char>& frame, std::size_t max_items) override {
+    if (!it_) it_.emplace(std::ranges::begin(view_));
+    auto count = encode_items<F, Arg>(frame, fn_, *it_, std::ranges::end(view_), max_items);
+    return count;
+  }
+  std::uint64_t handler_id() const override { return call_handler_id<F, Arg, Star>(); }
+
+ private:
+  View view_;
+  F fn_;
+  std::optional<std::ranges::iterator_t<View>> it_;
+};
+
+/// Python's default map chunksize: ceil(n / (4 * processes)).
+inline std::size_t default_chunksize(std::size_t count, std::size_t processes) {
+  if (count == 0) return 1;
+  std::size_t chunksize = count / (processes * 4);
+  if (count % (processes * 4) != 0) ++chunksize;
+  return chunksize;
+}
+
+template <class F>
+concept callable_object = std::is_class_v<std::remove_cvref_t<F>> && !std::ranges::range<F>;
+
+}  // namespace detail
+
+/**
+ * A pool of worker processes: Python's `multiprocessing.Pool` for C++.
+ *
+ * A function is named by template argument (`pool.map<square>(xs)`) or
+ * passed as a captureless lambda or a serializable function object
+ * (`pool.map(Scale{2.5}, xs)`). Arguments and results travel as cereal
+ * binary archives; a type that cannot travel is a compile error.
+ *
+ * Example:
+ * @code
+ * long square(long x) { return x * x; }
+ * int main(int argc, char** argv) {
+ *   procpool::init(argc, argv);
+ *   procpool::Pool pool({.processes = 4});
+ *   std::vector<long> squares = pool.map<square>(std::vector<long>{1, 2, 3});
+ * }
+ * @endcode
+ *
+ * Destroying a pool that was not joined terminates it, as leaving Python's
+ * `with Pool() as pool:` block does: unfinished tasks fail with
+ * PoolNotRunning and the workers are stopped (SIGTERM, then SIGKILL after
+ * 200 ms). To wait for queued work instead, call close() then join().
+ *
+ * All member functions are thread-safe: several threads may submit work to
+ * one pool at once.
+ */
+class Pool {
+ public:
+  /**
+   * Starts `options.processes` workers.
+   * @throws Error if the start method is not available; std::system_error if a
+   *         system call fails.
+   */
+  explicit Pool(Options options = {}) {
+    if (options.processes == 0) options.processes = cpu_count();
+    dispatcher_ = std::make_shared<detail::Dispatcher>(options, detail::make_launcher(options));
+    processes_ = options.processes;
+    prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch
+                                           : 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
+  }
+
+  Pool(Pool&&) noexcept = default;
+  Pool& operator=(Pool&&) noexcept = default;
+
+  /// Terminates the pool unless it was joined; never throws, never hangs.
+  ~Pool() {
+    if (dispatcher_) dispatcher_->terminate();
+  }
+
+  /// Number of worker processes.
+  std::size_t processes() const noexcept { return processes_; }
+
+  // ---- map --------------------------------------------------------------------
+
+  /**
+   * Calls `Fn` on every item, in parallel; returns the results in input order.
+   * @param items any input range; its items must be serializable
+   * @param chunksize items per task; 0 chooses Python's default, ceil(n / (4 * processes))
+   * @throws RemoteError/WorkerLost the first failed item by input index, after all have run
+   */
+  template <auto Fn, std::ranges::input_range R>
+  auto map(R&& items, std::size_t chunksize = 0) {
+    return map(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize);
+  }
+  /// map() with a captureless lambda or serializable function object.
+  template <detail::callable_object F, std::ranges::input_range R>
+  auto map(F fn, R&& items, std::size_t chunksize = 0) {
+    return submit_map<false>("map", std::move(fn), std::forward<R>(items), chunksize, nullptr, nullptr)->take_value();
+  }
+
+  /**
+   * map() in the background: returns at once.
+   * @param callback called with the results, on the pool's I/O thread
+   * @param error_callback called instead if an item failed
+   */
+  template <auto Fn, std::ranges::input_range R, class Callback = std::nullptr_t, class ErrorCallback = std::nullptr_t>
+  auto map_async(R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
+                 ErrorCallback error_callback = nullptr) {
+    return map_async(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize, std::move(callback),
+                     std::move(error_callback));
+  }
+  /// map_async() with a captureless lambda or serializable function object.
+  template <detail::callable_object F, std::ranges::input_range R, class Callback = std::nullptr_t,
+            class ErrorCallback = std::nullptr_t>
+  auto map_async(F fn, R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
+                 ErrorCallback error_callback = nullptr) {
+    using T = detail::result_of_t<F, detail::item_t<R>, false>;
+    return detail::AsyncAccess<std::vector<T>>::make(submit_map<false>(
+        "map_async", std::move(fn), std::forward<R>(items), chunksize, to_callback(std::move(callback)),
+        to_callback(std::move(error_callback))));
+  }
+
+  /// map() for functions of several arguments: each item is a tuple (or pair) of them.
+  template <auto Fn, std::ranges::input_range R>
+  auto starmap(R&& items, std::size_t chunksize = 0) {
+    return starmap(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize);
+  }
+  /// starmap() with a captureless lambda or serializable function object.
+  template <detail::callable_object F, std::ranges::input_range R>
+  auto starmap(F fn, R&& items, std::size_t chunksize = 0) {
+    return submit_map<true>("starmap", std::move(fn), std::forward<R>(items), chunksize, nullptr, nullptr)->take_value();
+  }
+
+  /// starmap() in the background.
+  template <auto Fn, std::ranges::input_range R, class Callback = std::nullptr_t, class ErrorCallback = std::nullptr_t>
+  auto starmap_async(R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
+                     ErrorCallback error_callback = nullptr) {
+    return starmap_async(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize, std::move(callback),
+                         std::move(error_callback));
+  }
+  /// starmap_async() with a captureless lambda or serializable function object.
+  template <detail::callable_object F, std::ranges::input_range R, class Callback = std::nullptr_t,
+            class ErrorCallback = std::nullptr_t>
+  auto starmap_async(F fn, R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
+                     ErrorCallback error_callback = nullptr) {
+    using T = detail::result_of_t<F, detail::item_t<R>, true>;
+    return detail::AsyncAccess<std::vector<T>>::make(submit_map<true>(
+        "starmap_async", std::move(fn), std::forward<R>(items), chunksize, to_callback(std::move(callback)),
+        to_callback(std::move(error_callback))));
+  }
+
+  // ---- imap -------------------------------------------------------------------
+
+  /**
+   * Lazy map: results in input order, as they become available. The input
+   * is read only as far as `Options::imap_prefetch` chunks ahead of the
+   * consumer, so it may be endless. An rvalue input is moved into the result.
+   * @param chunksize items per task (default 1, as in Python)
+   */
+  template <auto Fn, std::ranges::input_range R>
+  auto imap(R&& items, std::size_t chunksize = 1) {
+    return imap(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize);
+  }
+  /// imap() with a captureless lambda or serializable function object.
+  template <detail::callable_object F, std::ranges::input_range R>
+  auto imap(F fn, R&& items, std::size_t chunksize = 1) {
+    return make_imap<false>("imap", true, std::move(fn), std::forward<R>(items), chunksize);
+  }
+
+  /// Like imap(), but yields results in the order they complete.
+  template <auto Fn, std::ranges::input_range R>
+  auto imap_unordered(R&& items, std::size_t chunksize = 1) {
+    return imap_unordered(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize);
+  }
+  /// imap_unordered() with a captureless lambda or serializable function object.
+  template <detail::callable_object F, std::ranges::input_range R>
+  auto imap_unordered(F fn, R&& items, std::size_t chunksize = 1) {
+    return make_imap<false>("imap_unordered", false, std::move(fn), std::forward<R>(items), chunksize);
+  }
+
+  // ---- apply ------------------------------------------------------------------
+
+  /// Calls `Fn(args...)` in a worker and waits for the result.
+  template <auto Fn, class... Args>
+  auto apply(Args&&... args) {
+    return apply(detail::FnConst<Fn>{}, std::forward<Args>(args)...);
+  }
+  /// apply() with a captureless lambda or serializable function object.
+  template <detail::callable_object F, class... Args>
+  auto apply(F fn, Args&&... args) {
+    return submit_apply("apply", std::move(fn), std::forward<Args>(args)...)->take_value();
+  }
+
+  /// Calls `Fn(args...)` in a worker; returns at once.
+  template <auto Fn, class... Args>
+  auto apply_async(Args&&... args) {
+    return apply_async(detail::FnConst<Fn>{}, std::forward<Args>(args)...);
+  }
+  /// apply_async() with a captureless lambda or serializable function object.
+  template <detail::callable_object F, class... Args>
+  auto apply_async(F fn, Args&&... args) {
+    using Arg = std::tuple<std::decay_t<Args>...>;
+    using Raw = typename detail::call_traits<F, Arg, true>::result;
+    using R = std::conditional_t<std::is_void_v<Raw>, void, std::decay_t<Raw>>;
+    return detail::AsyncAccess<R>::make(submit_apply("apply_async", std::move(fn), std::forward<Args>(args)...));
+  }
+
+  // ---- lifecycle --------------------------------------------------------------
+
+  /// Accepts no more work; queued and running tasks still complete.
+  void close() { dispatcher_->close(); }
+
+  /// After close() or terminate(): waits for the queued work and for every
+  /// worker to exit. @throws PoolNotRunning if the pool is still open.
+  void join() { dispatcher_->join(); }
+
+  /// Stops the workers at once (SIGTERM, SIGKILL after 200 ms); every
+  /// unfinished task fails with PoolNotRunning. Never throws, never hangs.
+  void terminate() noexcept { dispatcher_->terminate(); }
+
+ private:
+  template <class C>
+  static auto to_callback(C callback) {
+    if constexpr (std::is_null_pointer_v<C>) {
+      return nullptr;
+    } else {
+      return callback;
+    }
+  }
+
+  template <bool Star, class F, class R, class Callback, class ErrorCallback>
+  auto submit_map(std::string_view call, F fn, R&& items, std::size_t chunksize, Callback callback,
+                  ErrorCallback error_callback) {
+    using Arg = detail::item_t<R>;
+    using T = detail::result_of_t<F, Arg, Star>;
+    if constexpr (!std::ranges::sized_range<R>) {
+      // Python's map reads the whole input first too; imap is the lazy one.
+      std::vector<Arg> all;
+      for (auto&& item : items) all.emplace_back(std::forward<decltype(item)>(item));
+      return submit_map<Star>(call, std::move(fn), all, chunksize, std::move(callback), std::move(error_callback));
+    } else {
+      const std::uint64_t handler = detail::call_handler_id<F, Arg, Star>();
+      const auto count = static_cast<std::size_t>(std::ranges::size(items));
+      if (chunksize == 0) chunksize = detail::default_chunksize(count, processes_);
+      auto state = std::make_shared<detail::MapState<T>>(call, count, chunksize);
+      if constexpr (!std::is_null_pointer_v<Callback> || !std::is_null_pointer_v<ErrorCallback>) {
+        typename detail::AsyncState<std::vector<T>>::Callback on_value;
+        typename detail::AsyncState<std::vector<T>>::ErrorCallback on_error;
+        if constexpr (!std::is_null_pointer_v<Callback>) on_value = std::move(callback);
+        if constexpr (!std::is_null_pointer_v<ErrorCallback>) on_error = std::move(error_callback);
+        state->set_callbacks(std::move(on_value), std::move(on_error));
+      }
+      std::vector<detail::Chunk> chunks;
+      chunks.reserve(count / chunksize + 1);
+      auto it = std::ranges::begin(items);
+      auto end = std::ranges::end(items);
+      for (std::uint64_t index = 0; it != end; ++index) {
+        detail::Chunk chunk{state, index, {}};
+        std::size_t start = detail::begin_task_frame(chunk.frame, handler);
+        auto n = detail::encode_items<F, Arg>(chunk.frame, fn, it, end, chunksize);
+        detail::finish_task_frame(chunk.frame, start, n);
+        chunks.push_back(std::move(chunk));
+      }
+      dispatcher_->submit(std::move(chunks));
+      return state;
+    }
+  }
+
+  template <class F, class... Args>
+  auto submit_apply(std::string_view call, F fn, Args&&... args) {
+    using Arg = std::tuple<std::decay_t<Args>...>;
+    using T = detail::result_of_t<F, Arg, true>;
+    const std::uint64_t handler = detail::call_handler_id<F, Arg, true>();
+    auto state = std::make_shared<detail::ApplyState<T>>(call);
+    detail::Chunk chunk{state, 0, {}};
+    std::size_t start = detail::begin_task_frame(chunk.frame, handler);
+    {
+      detail::Encoder encoder(chunk.frame);
+      detail::save_callable(encoder, fn);
+      encoder(Arg(std::forward<Args>(args)...));
+    }
+    detail::finish_task_frame(chunk.frame, start, 1);
+    std::vector<detail::Chunk> chunks;
+    chunks.push_back(std::move(chunk));
+    dispatcher_->submit(std::move(chunks));
+    return state;
+  }
+
+  template <bool Star, class F, class R>
+  auto make_imap(std::string_view call, bool ordered, F fn, R&& items, std::size_t chunksize) {
+    using Arg = detail::item_t<R>;
+    using T = detail::result_of_t<F, Arg, Star>;
+    using View = std::views::all_t<R>;
+    auto source = std::make_unique<detail::RangeSource<View, F, Arg, Star>>(
+        std::views::all(std::forward<R>(items)), std::move(fn));
+    return detail::IMapAccess<T>::make(dispatcher_, std::move(source), call, ordered,
+                                       std::max<std::size_t>(1, chunksize), prefetch_);
+  }
+
+  std::shared_ptr<detail::Dispatcher> dispatcher_;
+  std::size_t processes_ = 0;
+  std::size_t prefetch_ = 0;
+};
+
+}  // namespace procpool

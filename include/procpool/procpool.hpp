@@ -1,0 +1,14 @@
+// procpool - a process pool for C++20, the analogue of Python's multiprocessing.Pool.
+// The umbrella header: include this one.
+#pragma once
+
+#include "async_result.hpp"
+#include "cpu_count.hpp"
+#include "errors.hpp"
+#include "imap.hpp"
+#include "init.hpp"
+#include "initializer.hpp"
+#include "options.hpp"
+#include "pool.hpp"
+#include "start_method.hpp"
+#include "version.hpp"

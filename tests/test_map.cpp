@@ -1,0 +1,222 @@
+// map, starmap, imap, imap_unordered and apply against a serial reference.
+#include <algorithm>
+#include <map>
+#include <numeric>
+#include <ranges>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common.hpp"
+
+namespace {
+
+long square(long x) { return x * x; }
+long add(long a, long b) { return a + b; }
+std::string shout(const std::string& s) { return s + "!"; }
+std::size_t total_size(const std::vector<std::vector<std::string>>& v) {
+  std::size_t n = 0;
+  for (const auto& inner : v) n += inner.size();
+  return n;
+}
+
+struct Point {
+  double x = 0, y = 0;
+  std::string label;
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(x, y, label);
+  }
+  bool operator==(const Point&) const = default;
+};
+Point mirror(Point p) { return {p.y, p.x, p.label + "'"}; }
+
+struct Scale {
+  double factor = 1;
+  double operator()(double x) const { return x * factor; }
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(factor);
+  }
+};
+
+std::vector<long> iota_vec(long n) {
+  std::vector<long> v(static_cast<std::size_t>(n));
+  std::iota(v.begin(), v.end(), 0L);
+  return v;
+}
+
+template <class F, class T>
+auto serial(F f, const std::vector<T>& in) {
+  std::vector<decltype(f(in[0]))> out;
+  for (const auto& x : in) out.push_back(f(x));
+  return out;
+}
+
+}  // namespace
+
+POOL_TEST("map returns results in input order for every chunk size", "[map]") {
+  procpool::Pool pool(test::options<TestType>());
+  auto in = iota_vec(1000);
+  auto expected = serial(square, in);
+  for (std::size_t chunksize : {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{5000}}) {
+    CAPTURE(chunksize);
+    CHECK(pool.map<square>(in, chunksize) == expected);
+  }
+}
+
+POOL_TEST("map handles empty and single-item input", "[map]") {
+  procpool::Pool pool(test::options<TestType>());
+  CHECK(pool.map<square>(std::vector<long>{}).empty());
+  CHECK(pool.map<square>(std::vector<long>{9}) == std::vector<long>{81});
+  CHECK(pool.map<square>(std::vector<long>{9}, 100) == std::vector<long>{81});
+}
+
+POOL_TEST("map over 200,000 items matches the serial result", "[map]") {
+  procpool::Pool pool(test::options<TestType>());
+  auto in = iota_vec(200'000);
+  CHECK(pool.map<square>(in) == serial(square, in));
+}
+
+POOL_TEST("map takes any input range, sized or not", "[map]") {
+  procpool::Pool pool(test::options<TestType>());
+  auto expected = serial(square, iota_vec(100));
+  CHECK(pool.map<square>(std::views::iota(0L, 100L)) == expected);
+  auto odd = std::views::iota(0L, 100L) | std::views::filter([](long x) { return x % 2 == 1; });
+  auto got = pool.map<square>(odd, 3);
+  REQUIRE(got.size() == 50);
+  CHECK(got[0] == 1);
+  CHECK(got[49] == 99 * 99);
+}
+
+POOL_TEST("strings, nested containers and user structs travel both ways", "[map][types]") {
+  procpool::Pool pool(test::options<TestType>());
+  std::vector<std::string> words{"a", "", "hello world", std::string(100'000, 'x')};
+  CHECK(pool.map<shout>(words) == serial(shout, words));
+
+  std::vector<std::vector<std::vector<std::string>>> nested{{{"a", "b"}, {}}, {}, {{"c"}}};
+  CHECK(pool.map<total_size>(nested) == std::vector<std::size_t>{2, 0, 1});
+
+  std::vector<Point> points{{1, 2, "p"}, {3.5, -4, "q"}};
+  CHECK(pool.map<mirror>(points) == serial(mirror, points));
+
+  auto maps = pool.map([](int n) {
+    std::map<std::string, std::vector<int>> m;
+    for (int i = 0; i < n; ++i) m[std::to_string(i)].push_back(i);
+    return m;
+  }, std::vector<int>{0, 3});
+  CHECK(maps[0].empty());
+  CHECK(maps[1].at("2") == std::vector<int>{2});
+}
+
+POOL_TEST("a function can be named three ways", "[map][callables]") {
+  procpool::Pool pool(test::options<TestType>());
+  std::vector<double> in{1, 2, 3};
+  // a function as template argument
+  CHECK(pool.map<square>(std::vector<long>{1, 2, 3}) == std::vector<long>{1, 4, 9});
+  // a serializable function object: its state travels
+  CHECK(pool.map(Scale{2.5}, in) == std::vector<double>{2.5, 5.0, 7.5});
+  CHECK(pool.map(Scale{-1}, in) == std::vector<double>{-1, -2, -3});
+  // captureless lambdas, two of the same signature must not be confused
+  CHECK(pool.map([](int x) { return x + 1; }, std::vector<int>{1, 2}) == std::vector<int>{2, 3});
+  CHECK(pool.map([](int x) { return x * 10; }, std::vector<int>{1, 2}) == std::vector<int>{10, 20});
+}
+
+POOL_TEST("starmap unpacks tuples and pairs", "[starmap]") {
+  procpool::Pool pool(test::options<TestType>());
+  std::vector<std::tuple<long, long>> tuples{{1, 2}, {3, 4}, {5, 6}};
+  CHECK(pool.starmap<add>(tuples) == std::vector<long>{3, 7, 11});
+  CHECK(pool.starmap<add>(tuples, 1) == std::vector<long>{3, 7, 11});
+  std::vector<std::pair<std::string, int>> pairs{{"ab", 2}, {"c", 3}};
+  auto repeated = pool.starmap([](const std::string& s, int n) {
+    std::string out;
+    for (int i = 0; i < n; ++i) out += s;
+    return out;
+  }, pairs);
+  CHECK(repeated == std::vector<std::string>{"abab", "ccc"});
+}
+
+POOL_TEST("imap yields in input order, lazily", "[imap]") {
+  procpool::Pool pool(test::options<TestType>());
+  auto in = iota_vec(2000);
+  auto expected = serial(square, in);
+  for (std::size_t chunksize : {std::size_t{1}, std::size_t{7}, std::size_t{5000}}) {
+    CAPTURE(chunksize);
+    std::vector<long> got;
+    for (long v : pool.imap<square>(in, chunksize)) got.push_back(v);
+    CHECK(got == expected);
+  }
+  std::vector<long> none;
+  for (long v : pool.imap<square>(std::vector<long>{})) none.push_back(v);
+  CHECK(none.empty());
+}
+
+POOL_TEST("imap reads an endless input only as far as it is consumed", "[imap]") {
+  procpool::Pool pool(test::options<TestType>({.imap_prefetch = 8}));
+  long pulled = 0;
+  auto counting = std::views::iota(0L) | std::views::transform([&pulled](long x) {
+                    ++pulled;
+                    return x;
+                  });
+  long seen = 0;
+  for (long v : pool.imap<square>(counting, 2)) {
+    CHECK(v == seen * seen);
+    if (++seen == 100) break;
+  }
+  // 8 chunks of 2 ahead of the consumer at most, plus the chunk being read
+  CHECK(pulled <= 100 + 8 * 2 + 2);
+}
+
+POOL_TEST("imap_unordered yields every result exactly once", "[imap]") {
+  procpool::Pool pool(test::options<TestType>());
+  auto in = iota_vec(3000);
+  for (std::size_t chunksize : {std::size_t{1}, std::size_t{7}, std::size_t{5000}}) {
+    CAPTURE(chunksize);
+    std::vector<long> got;
+    for (long v : pool.imap_unordered<square>(in, chunksize)) got.push_back(v);
+    std::sort(got.begin(), got.end());
+    CHECK(got == serial(square, in));
+  }
+}
+
+POOL_TEST("imap's next() returns nullopt at the end", "[imap]") {
+  procpool::Pool pool(test::options<TestType>());
+  auto results = pool.imap<square>(std::vector<long>{2, 3});
+  CHECK(results.next() == 4);
+  CHECK(results.next(std::chrono::seconds(30)) == 9);
+  CHECK_FALSE(results.next().has_value());
+}
+
+POOL_TEST("apply and apply_async run one call", "[apply]") {
+  procpool::Pool pool(test::options<TestType>());
+  CHECK(pool.apply<square>(7) == 49);
+  CHECK(pool.apply<add>(2, 40) == 42);
+  CHECK(pool.apply([](const std::string& s, int n) { return s.size() * static_cast<std::size_t>(n); },
+                   std::string("abc"), 3) == 9);
+  CHECK(pool.apply(Scale{3}, 2.0) == 6.0);
+  procpool::AsyncResult<long> a = pool.apply_async<square>(8);
+  CHECK(a.get() == 64);
+  CHECK(a.ready());
+  CHECK(a.successful());
+  CHECK(a.get() == 64);  // get() can be called again
+}
+
+POOL_TEST("void functions return monostate from map and void from apply", "[apply]") {
+  procpool::Pool pool(test::options<TestType>());
+  auto results = pool.map([](int) {}, std::vector<int>{1, 2, 3});
+  CHECK(results.size() == 3);
+  procpool::AsyncResult<void> done = pool.apply_async([](int) {}, 1);
+  done.get();
+  CHECK(done.successful());
+}
+
+POOL_TEST("map_async returns at once and delivers in order", "[map_async]") {
+  procpool::Pool pool(test::options<TestType>());
+  auto in = iota_vec(5000);
+  procpool::AsyncResult<std::vector<long>> m = pool.map_async<square>(in, 10);
+  m.wait();
+  CHECK(m.ready());
+  CHECK(m.get() == serial(square, in));
+  auto s = pool.starmap_async<add>(std::vector<std::tuple<long, long>>{{1, 1}});
+  CHECK(s.get() == std::vector<long>{2});
+}
