@@ -6,6 +6,12 @@
 
 #include <dirent.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -13,6 +19,12 @@ namespace test {
 
 struct Fork {
   static constexpr procpool::StartMethod method = procpool::StartMethod::fork;
+};
+struct PosixSpawn {
+  static constexpr procpool::StartMethod method = procpool::StartMethod::posix_spawn;
+};
+struct Forkserver {
+  static constexpr procpool::StartMethod method = procpool::StartMethod::forkserver;
 };
 
 /// A pool of `processes` workers with the test's start method.
@@ -51,7 +63,64 @@ inline std::vector<int> child_pids() {
   return pids;
 }
 
+/// A fresh empty directory, removed with its contents when this goes out of
+/// scope. Tasks and initializers get its path as an argument and leave files
+/// there: a side effect the test can see under every start method.
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "procpool-test-XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed for " + pattern);
+    path_ = pattern;
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+
+  const std::string& path() const { return path_; }
+  /// `name` inside the directory.
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+  /// Names of the files in it, sorted.
+  std::vector<std::string> files() const {
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(path_)) names.push_back(entry.path().filename());
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+ private:
+  std::string path_;
+};
+
+/// Appends one line to a file (creating it): how tasks leave a trace.
+inline void append_line(const std::string& file, const std::string& line) {
+  std::ofstream(file, std::ios::app) << line << '\n';
+}
+
+/// The lines of a file.
+inline std::vector<std::string> read_lines(const std::string& file) {
+  std::vector<std::string> lines;
+  std::ifstream in(file);
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  return lines;
+}
+
+/// Runs `f`, which must throw an `E`; returns the exception for closer checks.
+template <class E, class F>
+E thrown(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e;
+  }
+  FAIL("the call returned instead of throwing");
+  throw std::logic_error("unreachable");
+}
+
 }  // namespace test
 
 /// A test case run once per start method ("name - test::Fork", ...).
-#define POOL_TEST(name, tags) TEMPLATE_TEST_CASE(name, tags, test::Fork)
+#define POOL_TEST(name, tags) TEMPLATE_TEST_CASE(name, tags, test::Fork, test::PosixSpawn, test::Forkserver)

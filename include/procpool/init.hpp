@@ -1,19 +1,39 @@
 // procpool - the one line a program's main() needs.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
+#include "detail/launch_forkserver.hpp"
+#include "detail/launch_spawn.hpp"
+#include "detail/worker.hpp"
+
 namespace procpool {
 
 /**
- * Call first thing in `main`: `procpool::init(argc, argv);`. In a program
- * started normally it does nothing. The exec-based start methods run the
- * program's own binary as a worker; there `init` runs the worker and never
- * returns, so the rest of `main` never runs in a worker (the analogue of
- * Python's `if __name__ == "__main__":` guard and `freeze_support()`).
+ * Call first thing in `main`: `procpool::init(argc, argv);`.
+ *
+ * The `posix_spawn` and `forkserver` start methods run this program's own
+ * binary again to start their processes; in such a process `init` becomes
+ * the worker (or the fork server) and never returns, so the rest of `main`
+ * never runs there (the analogue of Python's `if __name__ == "__main__":`
+ * guard). In a program started normally it does nothing, so it is harmless
+ * with `fork`. A program that forgets it gets a clear error, never a storm
+ * of processes.
+ *
  * This function is thread-safe.
  */
 inline void init(int argc, char** argv) {
-  (void)argc;
-  (void)argv;
+  if (argc < 3 || argv == nullptr || argv[1] == nullptr) return;
+  const bool worker = std::strcmp(argv[1], detail::worker_flag) == 0;
+  const bool server = std::strcmp(argv[1], detail::forkserver_flag) == 0;
+  if (!worker && !server) return;
+  auto parent = static_cast<pid_t>(std::strtol(argv[2], nullptr, 10));
+  // Our own children must not mistake themselves for procpool processes.
+  ::unsetenv(detail::worker_env);
+  if (server) detail::run_forkserver(3, parent);
+  detail::prepare_worker_process(parent);
+  detail::run_worker_and_exit(3, 4);
 }
 
 }  // namespace procpool

@@ -21,8 +21,9 @@ namespace procpool {
 struct Options {
   /// Number of worker processes; 0 means `procpool::cpu_count()`.
   std::size_t processes = 0;
-  /// How workers are started; see `StartMethod`.
-  StartMethod start_method = StartMethod::fork;
+  /// How workers are started; see `StartMethod`. The default, forkserver, is
+  /// safe in threaded programs and needs `procpool::init` in main().
+  StartMethod start_method = StartMethod::forkserver;
   /// A worker exits after this many tasks (a chunk counts as one) and is
   /// replaced; 0 means never. Bounds the damage of leaky task code.
   std::size_t maxtasksperchild = 0;
@@ -40,6 +41,9 @@ struct Options {
   /// Largest message a worker may send or receive, in bytes; a larger one
   /// fails its task with `ProtocolError` instead of being allocated.
   std::size_t max_message_bytes = std::size_t{1} << 30;
+  /// With StartMethod::fork in a program running other threads, throw
+  /// `procpool::Error` instead of warning once on stderr.
+  bool error_on_threaded_fork = false;
 };
 
 }  // namespace procpool

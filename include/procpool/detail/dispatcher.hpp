@@ -48,11 +48,11 @@ class Dispatcher {
         max_in_flight_(std::max<std::size_t>(1, options.max_tasks_in_flight)),
         max_message_(std::min<std::size_t>(options.max_message_bytes, 0xffffffffu)),
         init_id_(InitializerAccess::id(options.initializer)),
-        init_state_(InitializerAccess::state(options.initializer)),
-        slots_(options.processes) {
+        init_state_(InitializerAccess::state(options.initializer)) {
     int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (fd == -1) throw_errno("eventfd");
     wake_ = Fd(fd);
+    ++io_thread_count();
     // The I/O thread blocks every signal: they belong to the program's own
     // threads, and a write to a dead worker's pipe then fails with EPIPE
     // instead of killing the process with SIGPIPE.
@@ -70,7 +70,10 @@ class Dispatcher {
 
   Dispatcher(const Dispatcher&) = delete;
   Dispatcher& operator=(const Dispatcher&) = delete;
-  ~Dispatcher() { terminate(); }
+  ~Dispatcher() {
+    terminate();
+    --io_thread_count();
+  }
 
   std::size_t processes() const { return processes_; }
 
@@ -148,11 +151,16 @@ class Dispatcher {
     std::uint64_t chunk;
   };
 
-  struct Slot {
+  /// One worker process. A slot (0 .. processes-1) has one worker taking
+  /// tasks, plus, while it finishes its last maxtasksperchild tasks, the one
+  /// it replaces: replacements start before the old worker exits.
+  struct Worker {
+    std::size_t slot = 0;
     LaunchedWorker proc;
-    bool live = false;      // a process occupies this slot
     bool ready = false;     // it finished its initializer
-    bool exited = false;    // its pidfd fired or its result pipe hit EOF
+    bool retiring = false;  // it was sent its last task
+    bool eof = false;       // its result pipe is closed
+    bool exited = false;    // its process is gone (pidfd fired, or found by waitpid)
     std::deque<std::uint64_t> held;  // task ids sent and not answered, in order
     std::size_t sent = 0;
     std::deque<std::vector<char>> outbox;
@@ -161,6 +169,8 @@ class Dispatcher {
     std::size_t in_begin = 0, in_end = 0;
     std::optional<ChunkFailure> failure;  // why its tasks fail, if not a plain death
     std::optional<int> status;            // wait status, once reaped
+
+    bool takes_tasks() const { return !retiring && !eof && !exited && !failure && proc.task; }
   };
 
   static ChunkOutcome failure_outcome(ChunkFailure failure) {
@@ -177,34 +187,31 @@ class Dispatcher {
   // ---- the I/O thread -------------------------------------------------------
 
   void io_loop() {
+    enum Role { result, task, death };
     std::vector<pollfd> fds;
-    std::vector<std::pair<std::size_t, int>> owners;  // (slot, 0=result 1=task 2=pidfd)
+    std::vector<std::pair<Worker*, Role>> owners;
     std::vector<Delivery> deliveries;
     std::unique_lock lock(mutex_);
     for (;;) {
       if (state_ == State::terminating) break;
       maintain(deliveries);
-      if (state_ == State::closed && pending_.empty() && in_flight_.empty() && no_live_slots()) break;
+      if (state_ == State::closed && pending_.empty() && in_flight_.empty() && workers_.empty()) break;
 
-      fds.clear();
-      owners.clear();
-      fds.push_back({wake_.get(), POLLIN, 0});
-      owners.push_back({0, -1});
+      fds.assign(1, {wake_.get(), POLLIN, 0});
+      owners.assign(1, {nullptr, death});
       bool need_timeout = false;
-      for (std::size_t i = 0; i < slots_.size(); ++i) {
-        Slot& s = slots_[i];
-        if (!s.live) continue;
-        if (!s.exited && s.proc.result) {
-          fds.push_back({s.proc.result.get(), POLLIN, 0});
-          owners.push_back({i, 0});
+      for (auto& w : workers_) {
+        if (!w->eof && w->proc.result) {
+          fds.push_back({w->proc.result.get(), POLLIN, 0});
+          owners.push_back({w.get(), result});
         }
-        if (!s.outbox.empty() && s.proc.task) {
-          fds.push_back({s.proc.task.get(), POLLOUT, 0});
-          owners.push_back({i, 1});
+        if (!w->outbox.empty() && w->proc.task) {
+          fds.push_back({w->proc.task.get(), POLLOUT, 0});
+          owners.push_back({w.get(), task});
         }
-        if (s.proc.pidfd) {
-          fds.push_back({s.proc.pidfd.get(), POLLIN, 0});
-          owners.push_back({i, 2});
+        if (w->proc.pidfd) {
+          fds.push_back({w->proc.pidfd.get(), POLLIN, 0});
+          owners.push_back({w.get(), death});
         } else {
           need_timeout = true;
         }
@@ -221,113 +228,137 @@ class Dispatcher {
       }
       for (std::size_t k = 1; k < fds.size(); ++k) {
         if (fds[k].revents == 0) continue;
-        auto [i, what] = owners[k];
-        Slot& s = slots_[i];
-        if (!s.live) continue;
-        if (what == 0) {
-          if (!read_results(i, deliveries)) s.exited = true;
-        } else if (what == 1) {
-          flush_outbox(s);
+        auto [w, role] = owners[k];
+        if (role == result) {
+          if (!read_results(*w, deliveries)) w->eof = true;
+        } else if (role == task) {
+          flush_outbox(*w);
         } else {
-          s.exited = true;
+          w->exited = true;
         }
       }
       if (need_timeout) {
-        for (auto& s : slots_) {
-          if (!s.live || s.proc.pidfd || s.exited) continue;
-          s.status = launcher_->try_reap(s.proc);
-          if (s.status) s.exited = true;
+        // No pidfd on this kernel: look for exited workers by waitpid.
+        for (auto& w : workers_) {
+          if (w->proc.pidfd || w->exited) continue;
+          w->status = launcher_->try_reap(w->proc);
+          if (w->status) w->exited = true;
         }
       }
     }
+    const bool terminating = state_ == State::terminating;
     lock.unlock();
     for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome));
+    if (terminating) stop_workers();
   }
 
   /// Bookkeeping after any event: bury the dead, start replacements, hand out
   /// work, and let workers go when the pool is closing. Called with mutex_ held.
   void maintain(std::vector<Delivery>& deliveries) {
-    for (std::size_t i = 0; i < slots_.size(); ++i) {
-      if (slots_[i].live && slots_[i].exited) bury(i, deliveries);
-    }
-    if (broken_) fail_all_pending(*broken_, deliveries);
-    bool work_left = !pending_.empty();
-    bool want_workers = !broken_ && (state_ == State::running || (state_ == State::closed && work_left));
-    if (want_workers) {
-      for (std::size_t i = 0; i < slots_.size(); ++i) {
-        if (!slots_[i].live) start_worker(i, deliveries);
-        if (broken_) break;
+    for (std::size_t i = 0; i < workers_.size();) {
+      if (workers_[i]->exited) {
+        bury(*workers_[i], deliveries);
+        workers_.erase(workers_.begin() + static_cast<std::ptrdiff_t>(i));
+      } else {
+        ++i;
       }
     }
-    if (broken_) fail_all_pending(*broken_, deliveries);
-    assign_pending();
-    for (auto& s : slots_) {
-      if (s.live && !s.outbox.empty()) flush_outbox(s);
+    // Two rounds: a worker sent its last task in the first round gets its
+    // replacement in the second, so the replacement starts while it works.
+    for (int round = 0; round < 2; ++round) {
+      start_missing_workers(deliveries);
+      if (broken_) fail_all_pending(*broken_, deliveries);
+      assign_pending();
+    }
+    for (auto& w : workers_) {
+      if (!w->outbox.empty()) flush_outbox(*w);
     }
     if (state_ == State::closed && pending_.empty()) {
       // Closing the task pipe is how a worker learns to exit.
-      for (auto& s : slots_) {
-        if (s.live && s.held.empty() && s.outbox.empty()) s.proc.task.reset();
+      for (auto& w : workers_) {
+        if (w->held.empty() && w->outbox.empty()) w->proc.task.reset();
       }
     }
   }
 
-  bool no_live_slots() const {
-    return std::none_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.live; });
+  void start_missing_workers(std::vector<Delivery>& deliveries) {
+    bool want = !broken_ && (state_ == State::running || (state_ == State::closed && !pending_.empty()));
+    if (!want) return;
+    for (std::size_t slot = 0; slot < processes_ && !broken_; ++slot) {
+      std::size_t in_slot = 0;
+      bool covered = false;
+      for (auto& w : workers_) {
+        if (w->slot != slot) continue;
+        ++in_slot;
+        covered = covered || w->takes_tasks();
+      }
+      // At most two processes a slot: the one finishing up and its successor.
+      if (!covered && in_slot < 2) start_worker(slot, deliveries);
+    }
   }
 
-  void start_worker(std::size_t i, std::vector<Delivery>& deliveries) {
-    Slot& s = slots_[i];
+  void start_worker(std::size_t slot, std::vector<Delivery>& deliveries) {
+    auto w = std::make_unique<Worker>();
+    w->slot = slot;
     try {
-      s = Slot{};
-      s.proc = launcher_->launch();
+      w->proc = launcher_->launch();
+      set_nonblocking(w->proc.task.get());
+      set_nonblocking(w->proc.result.get());
     } catch (const std::exception& e) {
-      s = Slot{};
-      broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, 0, i, 0,
-                             fmt::format("the pool could not start worker {}: {}", i, e.what())};
+      if (w->proc.pid > 0) {
+        launcher_->kill(w->proc, SIGKILL);
+        launcher_->reap(w->proc);
+      }
+      broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, 0, slot, 0,
+                             fmt::format("the pool could not start worker {}: {}", slot, e.what())};
       fail_all_pending(*broken_, deliveries);
       return;
     }
-    s.live = true;
-    set_nonblocking(s.proc.task.get());
-    set_nonblocking(s.proc.result.get());
     std::vector<char> config;
     std::size_t start = begin_frame(config, FrameKind::config);
-    put<std::uint64_t>(config, i);
+    put<std::uint64_t>(config, slot);
     put<std::uint64_t>(config, max_tasks_per_child_);
     put<std::uint64_t>(config, init_id_);
     put<std::uint64_t>(config, max_message_);
     config.insert(config.end(), init_state_.begin(), init_state_.end());
     finish_frame(config, start);
-    s.outbox.push_back(std::move(config));
-    ++workers_started_;
+    w->outbox.push_back(std::move(config));
+    workers_.push_back(std::move(w));
   }
 
   /// A worker has exited: collect what it still sent, reap it, fail what it held.
-  void bury(std::size_t i, std::vector<Delivery>& deliveries) {
-    Slot& s = slots_[i];
-    if (s.proc.result) read_results(i, deliveries);  // what it sent before dying still counts
-    int status = s.status ? *s.status : launcher_->reap(s.proc);
-    ChunkFailure lost = s.failure.value_or(ChunkFailure{ChunkFailure::Kind::worker_lost, s.proc.pid, i, status, {}});
+  void bury(Worker& w, std::vector<Delivery>& deliveries) {
+    if (!w.eof && w.proc.result) read_results(w, deliveries);  // what it sent before dying still counts
+    if (w.ready && w.held.empty() && !w.failure && !w.status) {
+      launcher_->release(w.proc);  // an ordinary exit (maxtasksperchild, close): no news to wait for
+      return;
+    }
+    int status = w.status ? *w.status : launcher_->reap(w.proc);
+    ChunkFailure lost = w.failure.value_or(ChunkFailure{ChunkFailure::Kind::worker_lost, w.proc.pid, w.slot, 0, {}});
     lost.wait_status = status;
-    if (!s.ready && !broken_) {
+    if (!w.ready && !broken_) {
+      const std::string hint = launcher_->start_hint();
       if (WIFEXITED(status) && WEXITSTATUS(status) == exit_initializer_failed && init_failure_) {
         broken_ = *init_failure_;
-      } else if (++early_deaths_ > 3 * slots_.size() + 3) {
-        broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, s.proc.pid, i, status,
+      } else if (!hint.empty() && !w.failure) {
+        broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, w.proc.pid, w.slot, status,
+                               fmt::format("worker {} (pid {}) {} before it was ready. {}", w.slot, w.proc.pid,
+                                           describe_wait_status(status), hint)};
+      } else if (++early_deaths_ > 3 * processes_ + 3) {
+        broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, w.proc.pid, w.slot, status,
                                fmt::format("workers keep dying before they are ready (the last one, pid {}, {}); "
                                            "the pool stopped replacing them",
-                                           s.proc.pid, describe_wait_status(status))};
+                                           w.proc.pid, describe_wait_status(status))};
       }
     }
-    if (s.ready) early_deaths_ = 0;
-    for (std::uint64_t id : s.held) {
+    if (w.ready) early_deaths_ = 0;
+    for (std::uint64_t id : w.held) {
       auto it = in_flight_.find(id);
       if (it == in_flight_.end()) continue;
       deliveries.push_back({std::move(it->second.job), it->second.chunk, failure_outcome(lost)});
       in_flight_.erase(it);
     }
-    s = Slot{};
+    if (broken_) fail_all_pending(*broken_, deliveries);
   }
 
   void fail_all_pending(const ChunkFailure& failure, std::vector<Delivery>& deliveries) {
@@ -350,113 +381,114 @@ class Dispatcher {
         pending_.pop_front();
         continue;
       }
-      Slot* best = nullptr;
-      for (auto& s : slots_) {
-        if (!s.live || s.exited || !s.proc.task || s.failure) continue;
-        if (max_tasks_per_child_ != 0 && s.sent >= max_tasks_per_child_) continue;
-        if (s.held.size() >= limit) continue;
-        if (best == nullptr || s.held.size() < best->held.size()) best = &s;
+      Worker* best = nullptr;
+      for (auto& w : workers_) {
+        if (!w->takes_tasks() || w->held.size() >= limit) continue;
+        if (best == nullptr || w->held.size() < best->held.size()) best = w.get();
       }
       if (best == nullptr) return;
       std::uint64_t id = next_task_id_++;
       patch<std::uint64_t>(chunk.frame, task_id_offset, id);
       in_flight_.emplace(id, InFlight{std::move(chunk.job), chunk.index});
       best->held.push_back(id);
-      ++best->sent;
       best->outbox.push_back(std::move(chunk.frame));
+      if (max_tasks_per_child_ != 0 && ++best->sent >= max_tasks_per_child_) best->retiring = true;
       pending_.pop_front();
     }
   }
 
-  void flush_outbox(Slot& s) {
-    while (!s.outbox.empty() && s.proc.task) {
+  void flush_outbox(Worker& w) {
+    while (!w.outbox.empty() && w.proc.task) {
       iovec iov[64];
       int n = 0;
-      for (auto it = s.outbox.begin(); it != s.outbox.end() && n < 64; ++it, ++n) {
-        std::size_t skip = (n == 0) ? s.out_offset : 0;
+      for (auto it = w.outbox.begin(); it != w.outbox.end() && n < 64; ++it, ++n) {
+        std::size_t skip = (n == 0) ? w.out_offset : 0;
         iov[n] = {it->data() + skip, it->size() - skip};
       }
-      ssize_t written = retry_eintr([&] { return ::writev(s.proc.task.get(), iov, n); });
+      ssize_t written = retry_eintr([&] { return ::writev(w.proc.task.get(), iov, n); });
       if (written < 0) {
         if (errno == EAGAIN) return;
         // EPIPE: the worker is gone; its death is noticed through its pidfd/EOF.
-        s.outbox.clear();
-        s.out_offset = 0;
+        w.outbox.clear();
+        w.out_offset = 0;
         return;
       }
       auto left = static_cast<std::size_t>(written);
       while (left > 0) {
-        std::size_t rest = s.outbox.front().size() - s.out_offset;
+        std::size_t rest = w.outbox.front().size() - w.out_offset;
         if (left >= rest) {
           left -= rest;
-          s.outbox.pop_front();
-          s.out_offset = 0;
+          w.outbox.pop_front();
+          w.out_offset = 0;
         } else {
-          s.out_offset += left;
+          w.out_offset += left;
           left = 0;
         }
       }
     }
   }
 
-  /// Reads what the worker sent; returns false at EOF.
-  bool read_results(std::size_t i, std::vector<Delivery>& deliveries) {
-    Slot& s = slots_[i];
+  /// Reads what the worker sent; returns false at EOF (or when the worker
+  /// broke the protocol and was killed).
+  bool read_results(Worker& w, std::vector<Delivery>& deliveries) {
     for (;;) {
-      if (s.in_begin == s.in_end) s.in_begin = s.in_end = 0;
-      if (s.inbox.size() - s.in_end < 65536) {
-        if (s.in_begin > 0) {
-          std::memmove(s.inbox.data(), s.inbox.data() + s.in_begin, s.in_end - s.in_begin);
-          s.in_end -= s.in_begin;
-          s.in_begin = 0;
+      if (w.in_begin == w.in_end) w.in_begin = w.in_end = 0;
+      if (w.inbox.size() - w.in_end < 65536) {
+        if (w.in_begin > 0) {
+          std::memmove(w.inbox.data(), w.inbox.data() + w.in_begin, w.in_end - w.in_begin);
+          w.in_end -= w.in_begin;
+          w.in_begin = 0;
         }
-        std::size_t want = s.in_end + 65536;
-        if (s.in_end >= frame_header_size) {
-          std::size_t whole = frame_header_size + std::min<std::size_t>(get<std::uint32_t>(s.inbox.data()), max_message_);
+        std::size_t want = w.in_end + 65536;
+        if (w.in_end >= frame_header_size) {
+          std::size_t whole = frame_header_size + std::min<std::size_t>(get<std::uint32_t>(w.inbox.data()), max_message_);
           want = std::max(want, whole);
         }
-        if (s.inbox.size() < want) s.inbox.resize(want);
+        if (w.inbox.size() < want) w.inbox.resize(want);
       }
-      ssize_t n = retry_eintr([&] { return ::read(s.proc.result.get(), s.inbox.data() + s.in_end, s.inbox.size() - s.in_end); });
-      if (n == 0) return false;
+      ssize_t n = retry_eintr([&] { return ::read(w.proc.result.get(), w.inbox.data() + w.in_end, w.inbox.size() - w.in_end); });
+      if (n == 0) {
+        // Without a pidfd, EOF is the death notice; with one, wait for it.
+        if (!w.proc.pidfd) w.exited = true;
+        return false;
+      }
       if (n < 0) return errno == EAGAIN;
-      s.in_end += static_cast<std::size_t>(n);
-      if (!parse_results(i, deliveries)) return false;
+      w.in_end += static_cast<std::size_t>(n);
+      if (!parse_results(w, deliveries)) return false;
     }
   }
 
-  /// Handles every complete frame in the slot's inbox; false if the worker
+  /// Handles every complete frame in the worker's inbox; false if the worker
   /// broke the protocol (it is then killed and buried).
-  bool parse_results(std::size_t i, std::vector<Delivery>& deliveries) {
-    Slot& s = slots_[i];
+  bool parse_results(Worker& w, std::vector<Delivery>& deliveries) {
     for (;;) {
       FrameView frame{};
-      Parse parsed = parse_frame(s.inbox.data() + s.in_begin, s.in_end - s.in_begin, max_message_, frame);
+      Parse parsed = parse_frame(w.inbox.data() + w.in_begin, w.in_end - w.in_begin, max_message_, frame);
       if (parsed == Parse::need_more) return true;
       if (parsed == Parse::too_large) {
-        return protocol_violation(i, fmt::format("the worker sent a message of {} bytes, over Options::max_message_bytes ({})",
-                                                 get<std::uint32_t>(s.inbox.data() + s.in_begin), max_message_));
+        return protocol_violation(w, fmt::format("the worker sent a message of {} bytes, over Options::max_message_bytes ({})",
+                                                 get<std::uint32_t>(w.inbox.data() + w.in_begin), max_message_));
       }
-      s.in_begin += frame_header_size + frame.size;
+      w.in_begin += frame_header_size + frame.size;
       switch (frame.kind) {
         case FrameKind::ready:
-          s.ready = true;
+          w.ready = true;
           break;
         case FrameKind::result: {
-          if (frame.size < result_prefix_size) return protocol_violation(i, "the worker sent a truncated result");
+          if (frame.size < result_prefix_size) return protocol_violation(w, "the worker sent a truncated result");
           auto id = get<std::uint64_t>(frame.data);
           auto ns = get<std::uint64_t>(frame.data + 8);
-          auto held = std::find(s.held.begin(), s.held.end(), id);
+          auto held = std::find(w.held.begin(), w.held.end(), id);
           auto it = in_flight_.find(id);
-          if (held == s.held.end() || it == in_flight_.end()) {
-            return protocol_violation(i, "the worker answered a task it was not given");
+          if (held == w.held.end() || it == in_flight_.end()) {
+            return protocol_violation(w, "the worker answered a task it was not given");
           }
-          s.held.erase(held);
+          w.held.erase(held);
           record_timing(ns);
           ChunkOutcome outcome;
           outcome.payload.assign(frame.data + result_prefix_size, frame.data + frame.size);
-          outcome.pid = s.proc.pid;
-          outcome.worker = i;
+          outcome.pid = w.proc.pid;
+          outcome.worker = w.slot;
           deliveries.push_back({std::move(it->second.job), it->second.chunk, std::move(outcome)});
           in_flight_.erase(it);
           break;
@@ -472,24 +504,24 @@ class Dispatcher {
           }
           ChunkFailure failure{frame.kind == FrameKind::init_failed ? ChunkFailure::Kind::initializer
                                                                      : ChunkFailure::Kind::protocol,
-                               s.proc.pid, i, 0, fmt::format("{}: {}", type, message)};
+                               w.proc.pid, w.slot, 0, fmt::format("{}: {}", type, message)};
           if (frame.kind == FrameKind::init_failed) init_failure_ = failure;
-          s.failure = failure;
+          w.failure = failure;
           break;
         }
         default:
-          return protocol_violation(i, fmt::format("the worker sent an unknown message kind {}",
+          return protocol_violation(w, fmt::format("the worker sent an unknown message kind {}",
                                                    static_cast<std::uint32_t>(frame.kind)));
       }
     }
   }
 
-  bool protocol_violation(std::size_t i, std::string why) {
-    Slot& s = slots_[i];
-    s.failure = ChunkFailure{ChunkFailure::Kind::protocol, s.proc.pid, i, 0, std::move(why)};
-    launcher_->kill(s.proc, SIGKILL);
-    s.proc.result.reset();
-    s.in_begin = s.in_end = 0;
+  bool protocol_violation(Worker& w, std::string why) {
+    w.failure = ChunkFailure{ChunkFailure::Kind::protocol, w.proc.pid, w.slot, 0, std::move(why)};
+    launcher_->kill(w.proc, SIGKILL);
+    w.eof = true;
+    w.in_begin = w.in_end = 0;
+    if (!w.proc.pidfd) w.exited = true;
     return false;
   }
 
@@ -499,7 +531,8 @@ class Dispatcher {
     have_timing_ = true;
   }
 
-  /// After the I/O thread is gone: stop every worker, fail every unfinished task.
+  /// Stops every worker and fails every unfinished task; on the I/O thread,
+  /// so the workers' parent-death signal is still armed as a backstop.
   void stop_workers() noexcept {
     std::vector<Delivery> deliveries;
     {
@@ -512,36 +545,26 @@ class Dispatcher {
         deliveries.push_back({std::move(flight.job), flight.chunk, failure_outcome(terminated)});
       }
       in_flight_.clear();
-      for (auto& s : slots_) {
-        if (!s.live) continue;
-        s.proc.task.reset();  // an idle worker exits on EOF at once
-        launcher_->kill(s.proc, SIGTERM);
+      for (auto& w : workers_) {
+        w->proc.task.reset();  // an idle worker exits on EOF at once
+        launcher_->kill(w->proc, SIGTERM);
       }
-      // A short grace for SIGTERM, then SIGKILL; a pidfd (or waitpid) says when each is gone.
+      // A short grace for SIGTERM, then SIGKILL.
       auto deadline = Clock::now() + std::chrono::milliseconds(200);
-      for (auto& s : slots_) {
-        if (!s.live) continue;
-        for (;;) {
-          if (launcher_->try_reap(s.proc)) {
-            s = Slot{};
-            break;
-          }
+      for (auto& w : workers_) {
+        while (!(w->status = launcher_->try_reap(w->proc))) {
           auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
           if (left <= 0) break;
-          if (s.proc.pidfd) {
-            pollfd p{s.proc.pidfd.get(), POLLIN, 0};
-            ::poll(&p, 1, static_cast<int>(std::min<long>(left, 10)));
-          } else {
-            ::usleep(1000);
-          }
+          pollfd p{w->proc.pidfd ? w->proc.pidfd.get() : -1, POLLIN, 0};
+          ::poll(&p, 1, 1);
         }
       }
-      for (auto& s : slots_) {
-        if (!s.live) continue;
-        launcher_->kill(s.proc, SIGKILL);
-        launcher_->reap(s.proc);
-        s = Slot{};
+      for (auto& w : workers_) {
+        if (w->status) continue;
+        launcher_->kill(w->proc, SIGKILL);
+        launcher_->reap(w->proc);
       }
+      workers_.clear();
     }
     for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome));
   }
@@ -557,7 +580,7 @@ class Dispatcher {
   std::mutex mutex_;
   std::mutex join_mutex_;
   State state_ = State::running;
-  std::vector<Slot> slots_;
+  std::vector<std::unique_ptr<Worker>> workers_;
   std::deque<Chunk> pending_;
   std::unordered_map<std::uint64_t, InFlight> in_flight_;
   std::optional<ChunkFailure> broken_;

@@ -1,6 +1,10 @@
-// procpool - picks the Launcher for a start method.
+// procpool - picks the Launcher for a start method, and the checks that
+// come with choosing one.
 #pragma once
 
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 
 #include <fmt/format.h>
@@ -8,20 +12,76 @@
 #include "../errors.hpp"
 #include "../options.hpp"
 #include "launch_fork.hpp"
+#include "launch_forkserver.hpp"
+#include "launch_spawn.hpp"
 #include "launcher.hpp"
 
 namespace procpool::detail {
 
+/// A re-executed worker or fork server whose main() never called
+/// procpool::init reaches the Pool constructor: stop it before it starts
+/// processes of its own (a spawn storm) and say what to add.
+inline void refuse_uninitialized_worker() {
+  if (std::getenv(worker_env) == nullptr) return;
+  fmt::print(stderr,
+             "procpool: error: this process (pid {}) was started by procpool to become a worker, but main() "
+             "created a Pool without calling procpool::init(argc, argv) first. Add `procpool::init(argc, argv);` "
+             "as the first line of main().\n",
+             ::getpid());
+  std::fflush(nullptr);
+  ::_exit(exit_missing_init);
+}
+
+/// fork() copies only the calling thread; a lock another thread holds at
+/// that moment stays locked forever in the child.
+inline std::string threaded_fork_problem() {
+  int others = thread_count() - io_thread_count().load();
+  if (others <= 1) return {};
+  return fmt::format(
+      "StartMethod::fork while this program runs {} threads: a forked worker inherits every lock another "
+      "thread holds at that moment and can deadlock on it. Use StartMethod::forkserver (the default) or "
+      "StartMethod::posix_spawn",
+      others);
+}
+
+inline void check_threaded_fork(bool is_error) {
+  std::string problem = threaded_fork_problem();
+  if (problem.empty()) return;
+  if (is_error) throw Error("procpool: " + problem + ".");
+  static std::atomic<bool> warned{false};
+  if (!warned.exchange(true)) {
+    fmt::print(stderr, "procpool: warning: {}, or set Options::error_on_threaded_fork to make this an error.\n",
+               problem);
+  }
+}
+
+class CheckedForkLauncher final : public Launcher {
+ public:
+  explicit CheckedForkLauncher(bool error_on_threads) : error_on_threads_(error_on_threads) {}
+  LaunchedWorker launch() override {
+    check_threaded_fork(error_on_threads_);
+    return fork_.launch();
+  }
+  int reap(const LaunchedWorker& worker) override { return fork_.reap(worker); }
+  std::optional<int> try_reap(const LaunchedWorker& worker) override { return fork_.try_reap(worker); }
+
+ private:
+  bool error_on_threads_;
+  ForkLauncher fork_;
+};
+
 inline std::unique_ptr<Launcher> make_launcher(const Options& options) {
+  refuse_uninitialized_worker();
   switch (options.start_method) {
     case StartMethod::fork:
-      return std::make_unique<ForkLauncher>();
+      check_threaded_fork(options.error_on_threaded_fork);
+      return std::make_unique<CheckedForkLauncher>(options.error_on_threaded_fork);
     case StartMethod::posix_spawn:
+      return std::make_unique<SpawnLauncher>();
     case StartMethod::forkserver:
-      break;
+      return std::make_unique<ForkserverLauncher>();
   }
-  throw Error(fmt::format("procpool: StartMethod::{} is not supported yet; use StartMethod::fork",
-                          to_string(options.start_method)));
+  throw Error("procpool: unknown StartMethod");
 }
 
 }  // namespace procpool::detail

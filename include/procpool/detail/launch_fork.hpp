@@ -16,6 +16,7 @@ class ForkLauncher final : public ChildLauncher {
     Pipe result = make_pipe();
     // Anything buffered now would be written twice: once by each process.
     std::fflush(nullptr);
+    const pid_t parent = ::getpid();
     pid_t pid;
     {
       // Holding the registry across fork() makes the child's list of fds to
@@ -32,7 +33,7 @@ class ForkLauncher final : public ChildLauncher {
         }
         FdRegistry::instance().clear_locked();
         lock.unlock();
-        prepare_worker_process();
+        prepare_worker_process(parent);
         run_worker_and_exit(keep_read, keep_write);
       }
     }

@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <optional>
+#include <string>
 
 #include "system.hpp"
 
@@ -28,10 +29,18 @@ class Launcher {
   virtual int reap(const LaunchedWorker& worker) = 0;
   /// The exit status if the worker has already exited, without blocking.
   virtual std::optional<int> try_reap(const LaunchedWorker& worker) = 0;
+  /// Reaps an exited worker whose status nobody needs (a worker that ended
+  /// normally), without waiting for news of it where that costs a round trip.
+  virtual void release(const LaunchedWorker& worker) { reap(worker); }
   /// Sends a signal to a worker; a worker that is already gone is not an error.
   virtual void kill(const LaunchedWorker& worker, int sig) {
     if (worker.pid > 0) ::kill(worker.pid, sig);
   }
+  /// For start methods that re-run the program's binary: what to tell the
+  /// user when a worker dies before it is ready (usually a missing
+  /// procpool::init). Such a death is then final: the pool stops replacing
+  /// workers instead of re-running the program again and again.
+  virtual std::string start_hint() const { return {}; }
 };
 
 /// reap/try_reap for workers that are the parent's own children.

@@ -9,7 +9,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstddef>
 #include <mutex>
 #include <set>
@@ -19,6 +21,26 @@
 #include <vector>
 
 namespace procpool::detail {
+
+/// Threads procpool itself runs (one I/O thread per pool): they are not the
+/// program's, and never hold a lock a forked worker could need.
+inline std::atomic<int>& io_thread_count() {
+  static std::atomic<int> count{0};
+  return count;
+}
+
+/// Threads of this process, from /proc/self/status (1 if unknown).
+inline int thread_count() {
+  int threads = 1;
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    while (std::fgets(line, sizeof(line), f) != nullptr) {
+      if (std::sscanf(line, "Threads: %d", &threads) == 1) break;
+    }
+    std::fclose(f);
+  }
+  return threads;
+}
 
 [[noreturn]] inline void throw_errno(const char* call, int err = errno) {
   throw std::system_error(err, std::generic_category(), call);

@@ -72,7 +72,8 @@ class FrameReader {
 };
 
 /// Signals and parent-death handling every worker needs, whatever started it.
-inline void prepare_worker_process() {
+/// `parent` is the process that started it.
+inline void prepare_worker_process(pid_t parent) {
   // A fork inherits the I/O thread's mask, which blocks everything.
   sigset_t none;
   sigemptyset(&none);
@@ -82,8 +83,10 @@ inline void prepare_worker_process() {
   ::signal(SIGINT, SIG_IGN);
   ::signal(SIGTERM, SIG_DFL);
   ::signal(SIGPIPE, SIG_DFL);
-  // Die with the thread that started us, even if it is SIGKILLed.
+  // Die with the thread that started us, even if it is SIGKILLed; and if it
+  // died before the request took effect, go now.
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != parent) ::_exit(0);
 }
 
 inline bool send_frame(int fd, const std::vector<char>& frame) { return write_all(fd, frame.data(), frame.size()); }

@@ -1,0 +1,96 @@
+// procpool - StartMethod::posix_spawn: each worker is a fresh run of this
+// program's own binary, which procpool::init turns into a worker.
+#pragma once
+
+#include <spawn.h>
+
+#include <cstring>
+#include <initializer_list>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "launcher.hpp"
+#include "system.hpp"
+
+extern char** environ;
+
+namespace procpool::detail {
+
+/// argv[1] of a re-executed binary: what procpool::init should turn it into.
+inline constexpr const char* worker_flag = "--procpool-worker";
+inline constexpr const char* forkserver_flag = "--procpool-forkserver";
+/// Set in the environment of every re-executed process and cleared by init:
+/// a Pool created while it is still set means main() forgot procpool::init.
+inline constexpr const char* worker_env = "PROCPOOL_WORKER";
+/// Exit code of a re-executed process whose main() never called init.
+inline constexpr int exit_missing_init = 5;
+
+inline std::string missing_init_hint(std::string_view method) {
+  return "Under StartMethod::" + std::string(method) +
+         " procpool re-runs this program's binary to start its processes, and main() must hand them "
+         "over: add `procpool::init(argc, argv);` as the first line of main(), before any other work";
+}
+
+/// Starts this program's binary (/proc/self/exe) as `argv[0] <flag> <our pid>`
+/// with `fds[i].first` as fd 3 + i and no other fd but 0, 1 and 2.
+inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds) {
+  // Move the fds above the target range first, so one dup2 cannot
+  // overwrite another's source.
+  std::vector<Fd> high;
+  for (int fd : fds) {
+    int moved = ::fcntl(fd, F_DUPFD_CLOEXEC, 3 + static_cast<int>(fds.size()));
+    if (moved == -1) throw_errno("fcntl(F_DUPFD_CLOEXEC)");
+    high.emplace_back(moved);
+  }
+  posix_spawn_file_actions_t actions;
+  posix_spawnattr_t attr;
+  ::posix_spawn_file_actions_init(&actions);
+  ::posix_spawnattr_init(&attr);
+  for (std::size_t i = 0; i < high.size(); ++i) {
+    ::posix_spawn_file_actions_adddup2(&actions, high[i].get(), 3 + static_cast<int>(i));
+  }
+  // The new process inherits nothing the program left open without O_CLOEXEC.
+  ::posix_spawn_file_actions_addclosefrom_np(&actions, 3 + static_cast<int>(fds.size()));
+  // The I/O thread blocks every signal; the child starts with none blocked
+  // and default dispositions.
+  sigset_t none, all;
+  sigemptyset(&none);
+  sigfillset(&all);
+  ::posix_spawnattr_setsigmask(&attr, &none);
+  ::posix_spawnattr_setsigdefault(&attr, &all);
+  ::posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+
+  std::string parent = std::to_string(::getpid());
+  std::string argv0 = program_invocation_name;
+  char* argv[] = {argv0.data(), const_cast<char*>(flag), parent.data(), nullptr};
+  std::vector<char*> env;
+  std::string marker = std::string(worker_env) + "=1";
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (std::strncmp(*e, worker_env, std::strlen(worker_env)) != 0) env.push_back(*e);
+  }
+  env.push_back(marker.data());
+  env.push_back(nullptr);
+
+  pid_t pid = -1;
+  int err = ::posix_spawn(&pid, "/proc/self/exe", &actions, &attr, argv, env.data());
+  ::posix_spawn_file_actions_destroy(&actions);
+  ::posix_spawnattr_destroy(&attr);
+  if (err != 0) throw_errno("posix_spawn(/proc/self/exe)", err);
+  return pid;
+}
+
+class SpawnLauncher final : public ChildLauncher {
+ public:
+  LaunchedWorker launch() override {
+    Pipe task = make_pipe();
+    Pipe result = make_pipe();
+    pid_t pid = spawn_self(worker_flag, {task.read.get(), result.write.get()});
+    task.read.reset();
+    result.write.reset();
+    return {pid, std::move(task.write), std::move(result.read), open_pidfd(pid)};
+  }
+  std::string start_hint() const override { return missing_init_hint("posix_spawn"); }
+};
+
+}  // namespace procpool::detail

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what procpool's build, tests, examples and benchmarks need on
+# Debian 12, when run as root and something is missing. Safe to re-run.
+set -euo pipefail
+packages=(cmake g++ make libcereal-dev libfmt-dev catch2 libbenchmark-dev python3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]} == 0)); then
+  exit 0
+fi
+if [[ $(id -u) -ne 0 ]]; then
+  echo "procpool needs these Debian packages: ${missing[*]}" >&2
+  echo "run as root: apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"
