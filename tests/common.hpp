@@ -5,8 +5,13 @@
 #include <procpool/procpool.hpp>
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -124,3 +129,48 @@ E thrown(F&& f) {
 
 /// A test case run once per start method ("name - test::Fork", ...).
 #define POOL_TEST(name, tags) TEMPLATE_TEST_CASE(name, tags, test::Fork, test::PosixSpawn, test::Forkserver)
+
+namespace test {
+
+struct ProgramRun {
+  int status = -1;  // waitpid status
+  std::string output;  // stdout and stderr together
+};
+
+/// Runs a program with a time limit (SIGKILL after it), collecting its output.
+inline ProgramRun run_program(std::vector<std::string> args, int timeout_ms = 30000) {
+  int out[2];
+  REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::dup2(out[1], 1);
+    ::dup2(out[1], 2);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  ProgramRun run;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  char buffer[4096];
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+    pollfd p{out[0], POLLIN, 0};
+    if (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) <= 0) {
+      ::kill(pid, SIGKILL);
+      run.output += "\n[killed: time limit]";
+      break;
+    }
+    ssize_t n = ::read(out[0], buffer, sizeof(buffer));
+    if (n <= 0) break;
+    run.output.append(buffer, static_cast<std::size_t>(n));
+  }
+  ::close(out[0]);
+  ::waitpid(pid, &run.status, 0);
+  return run;
+}
+
+}  // namespace test

@@ -290,7 +290,9 @@ class Dispatcher {
       for (auto& w : workers_) {
         if (w->slot != slot) continue;
         ++in_slot;
-        covered = covered || w->takes_tasks();
+        // A dying worker is buried before it is replaced; only one finishing
+        // its last tasks gets its successor early.
+        covered = covered || !w->retiring;
       }
       // At most two processes a slot: the one finishing up and its successor.
       if (!covered && in_slot < 2) start_worker(slot, deliveries);
@@ -336,6 +338,7 @@ class Dispatcher {
     int status = w.status ? *w.status : launcher_->reap(w.proc);
     ChunkFailure lost = w.failure.value_or(ChunkFailure{ChunkFailure::Kind::worker_lost, w.proc.pid, w.slot, 0, {}});
     lost.wait_status = status;
+    const bool was_broken = broken_.has_value();
     if (!w.ready && !broken_) {
       const std::string hint = launcher_->start_hint();
       if (WIFEXITED(status) && WEXITSTATUS(status) == exit_initializer_failed && init_failure_) {
@@ -352,6 +355,8 @@ class Dispatcher {
       }
     }
     if (w.ready) early_deaths_ = 0;
+    // A worker that could not even start fails its tasks with the reason.
+    if (!was_broken && broken_) lost = *broken_;
     for (std::uint64_t id : w.held) {
       auto it = in_flight_.find(id);
       if (it == in_flight_.end()) continue;

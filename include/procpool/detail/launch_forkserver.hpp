@@ -149,14 +149,13 @@ class ForkserverLauncher final : public Launcher {
     if (server_pid_ <= 0) start_server();
     char request = 'L';
     if (retry_eintr([&] { return ::send(socket_.get(), &request, 1, MSG_NOSIGNAL); }) != 1) {
-      throw Error("procpool: the fork server is gone (" + server_status() + ")");
+      throw Error("the fork server is gone (" + server_status() + "). " + missing_init_hint("forkserver"));
     }
     for (;;) {
       ForkserverMessage msg;
       std::vector<Fd> fds;
       if (!wait_readable(10'000) || !receive_message(socket_.get(), msg, fds)) {
-        throw Error("procpool: the fork server did not answer (" + server_status() + "). " +
-                    missing_init_hint("forkserver"));
+        throw Error("the fork server did not answer (" + server_status() + "). " + missing_init_hint("forkserver"));
       }
       if (msg.kind == 'E') {
         if (unwanted_.erase(msg.pid) == 0) exited_[msg.pid] = msg.value;
@@ -165,7 +164,7 @@ class ForkserverLauncher final : public Launcher {
       } else if (msg.kind == 'W' && fds.size() == 2) {
         return {msg.pid, std::move(fds[0]), std::move(fds[1]), open_pidfd(msg.pid)};
       } else {
-        throw Error("procpool: the fork server sent an unexpected message");
+        throw Error("the fork server sent an unexpected message");
       }
     }
   }
@@ -229,7 +228,13 @@ class ForkserverLauncher final : public Launcher {
 
   std::string server_status() {
     int status = 0;
-    if (server_pid_ > 0 && ::waitpid(server_pid_, &status, WNOHANG) == server_pid_) {
+    if (server_pid_ <= 0) return "it has exited";
+    // A server that closed its socket is exiting: give it a moment to finish.
+    if (Fd pidfd = open_pidfd(server_pid_)) {
+      pollfd p{pidfd.get(), POLLIN, 0};
+      ::poll(&p, 1, 1000);
+    }
+    if (::waitpid(server_pid_, &status, WNOHANG) == server_pid_) {
       server_pid_ = -1;
       server_alive_ = false;
       return "it " + describe_wait_status(status);

@@ -1,0 +1,124 @@
+// What distinguishes the start methods: threads in the parent, and the
+// procpool::init line that the exec-based methods depend on.
+#include <csignal>
+#include <condition_variable>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "common.hpp"
+
+namespace {
+
+std::mutex held_elsewhere;
+
+long lock_and_return(long x) {
+  // Under fork this mutex would be copied locked and never released.
+  std::lock_guard lock(held_elsewhere);
+  return x;
+}
+
+/// Holds `held_elsewhere` on another thread for its lifetime.
+class MutexHolder {
+ public:
+  MutexHolder() {
+    thread_ = std::thread([this] {
+      std::lock_guard held(held_elsewhere);
+      {
+        std::lock_guard lock(m_);
+        holding_ = true;
+      }
+      cv_.notify_all();
+      std::unique_lock lock(m_);
+      cv_.wait(lock, [this] { return done_; });
+    });
+    std::unique_lock lock(m_);
+    cv_.wait(lock, [this] { return holding_; });
+  }
+  ~MutexHolder() {
+    {
+      std::lock_guard lock(m_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool holding_ = false, done_ = false;
+  std::thread thread_;
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("exec-based start methods work while another thread holds a lock", "[start]",
+                   test::PosixSpawn, test::Forkserver) {
+  MutexHolder holder;
+  // maxtasksperchild=1 starts a new worker for every task, all while the lock is held.
+  procpool::Pool pool(test::options<TestType>({.maxtasksperchild = 1}));
+  std::vector<long> in{1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+  auto results = pool.map<lock_and_return>(in, 1);
+  CHECK(results == in);
+  std::set<int> pids;
+  for (int pid : pool.map([](int) { return static_cast<int>(::getpid()); }, std::vector<int>(6, 0), 1)) {
+    pids.insert(pid);
+  }
+  CHECK(pids.size() == 6);
+}
+
+TEST_CASE("fork in a threaded program is an error when asked", "[start]") {
+  MutexHolder holder;
+  try {
+    procpool::Pool pool({.processes = 2, .start_method = procpool::StartMethod::fork, .error_on_threaded_fork = true});
+    FAIL("the pool was created");
+  } catch (const procpool::Error& e) {
+    std::string what = e.what();
+    CHECK_THAT(what, Catch::Contains("StartMethod::fork"));
+    CHECK_THAT(what, Catch::Contains("forkserver"));
+  }
+}
+
+TEST_CASE("fork in a threaded program warns once on stderr", "[start]") {
+  auto run = test::run_program({PROCPOOL_HELPER, "threaded-fork"});
+  INFO(run.output);
+  REQUIRE(WIFEXITED(run.status));
+  CHECK(WEXITSTATUS(run.status) == 0);
+  CHECK_THAT(run.output, Catch::Contains("ok"));
+  std::size_t warnings = 0;
+  for (std::size_t at = run.output.find("warning"); at != std::string::npos; at = run.output.find("warning", at + 1)) {
+    ++warnings;
+  }
+  CHECK(warnings == 1);
+  CHECK_THAT(run.output, Catch::Contains("StartMethod::forkserver"));
+}
+
+TEST_CASE("fork in a single-threaded program does not warn", "[start]") {
+  // This test process runs only the Catch2 thread here.
+  procpool::Pool pool({.processes = 2, .start_method = procpool::StartMethod::fork,
+                       .error_on_threaded_fork = true});
+  CHECK(pool.apply([](int x) { return x + 1; }, 1) == 2);
+}
+
+TEMPLATE_TEST_CASE("a program that forgets procpool::init gets a clear error, not a process storm", "[start]",
+                   test::PosixSpawn, test::Forkserver) {
+  test::TempDir dir;
+  std::string log = dir / "runs";
+  std::string method(procpool::to_string(TestType::method));
+  auto run = test::run_program({PROCPOOL_FORGETS_INIT, method, log});
+  INFO(run.output);
+  CHECK_THAT(run.output, !Catch::Contains("[killed: time limit]"));
+  REQUIRE(WIFEXITED(run.status));
+  CHECK(WEXITSTATUS(run.status) == 3);
+  CHECK_THAT(run.output, Catch::Contains("procpool::init(argc, argv)"));
+  CHECK_THAT(run.output, Catch::Contains("first line of main"));
+  // The program itself, and at most one run per worker (or the fork server).
+  auto runs = test::read_lines(log);
+  CHECK(runs.size() >= 2);
+  CHECK(runs.size() <= 3);
+  // None of them is left running.
+  for (const auto& pid : runs) {
+    CHECK((::kill(std::stoi(pid), 0) == -1 && errno == ESRCH));
+  }
+}
