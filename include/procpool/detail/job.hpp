@@ -190,6 +190,12 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_
       } else {
         std::string type, message;
         decoder(type, message);
+        if (type == "procpool::ProtocolError") {  // the worker could not send the result
+          on_error(first_index + i, make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
+                                                      std::move(message)},
+                                                     call, first_index + i));
+          continue;
+        }
         std::string what = fmt::format("procpool: {} raised {}: {} (worker {}, pid {})",
                                        describe_input(call, first_index + i), type, message,
                                        outcome.worker, outcome.pid);
