@@ -101,6 +101,13 @@ class TimeoutError : public Error {
   using Error::Error;
 };
 
+/// A task ran longer than `Options::task_timeout`: its worker was stopped
+/// (SIGTERM, then SIGKILL) and replaced. Unlike TimeoutError, the task is over.
+class TaskTimeout : public Error {
+ public:
+  using Error::Error;
+};
+
 /// `Options::initializer` threw (or the worker died before it finished). The
 /// pool does not respawn workers to retry it: every pending and later task
 /// fails with this error.

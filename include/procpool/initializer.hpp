@@ -44,6 +44,7 @@ class Initializer {
     using Fn = std::remove_cvref_t<F>;
     static_assert(detail::require_travelling_callable<Fn>::value);
     id_ = detail::Registered<detail::InitHandler<Fn>>::id;
+    detail::HandlerRegistry::instance().require_unambiguous(id_);
     detail::Encoder encoder(state_);
     detail::save_callable(encoder, fn);
   }

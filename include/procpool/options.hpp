@@ -1,6 +1,7 @@
 // procpool - the settings of a pool.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 
 #include "initializer.hpp"
@@ -44,6 +45,20 @@ struct Options {
   /// With StartMethod::fork in a program running other threads, throw
   /// `procpool::Error` instead of warning once on stderr.
   bool error_on_threaded_fork = false;
+  /// How often a task whose worker died (WorkerLost) is run again on another
+  /// worker before it fails. Only for idempotent work. Timeouts are not retried.
+  std::size_t retries = 0;
+  /// A task (a chunk) running longer than this has its worker stopped
+  /// (SIGTERM, SIGKILL 200 ms later) and fails with `procpool::TaskTimeout`;
+  /// the worker is replaced. 0 means no limit.
+  std::chrono::milliseconds task_timeout{0};
+  /// A worker whose resident memory exceeds this many bytes after a task
+  /// exits and is replaced (its queued tasks run elsewhere). 0 means no limit.
+  std::size_t max_memory_per_child = 0;
+  /// Hard limit on each worker's address space in bytes (RLIMIT_AS): an
+  /// allocation beyond it fails inside the task (`std::bad_alloc`, reported
+  /// as RemoteError). 0 means no limit. Does not mix with AddressSanitizer.
+  std::size_t memory_limit_per_child = 0;
 };
 
 }  // namespace procpool

@@ -46,6 +46,10 @@ class Dispatcher {
         processes_(options.processes),
         max_tasks_per_child_(options.maxtasksperchild),
         max_in_flight_(std::max<std::size_t>(1, options.max_tasks_in_flight)),
+        retries_(options.retries),
+        task_timeout_(options.task_timeout),
+        max_rss_(options.max_memory_per_child),
+        address_space_limit_(options.memory_limit_per_child),
         max_message_(std::min<std::size_t>(options.max_message_bytes, 0xffffffffu)),
         init_id_(InitializerAccess::id(options.initializer)),
         init_state_(InitializerAccess::state(options.initializer)) {
@@ -95,7 +99,8 @@ class Dispatcher {
                                                          "Options::max_message_bytes ({})",
                                                          chunk.frame.size(), max_message_)})});
         } else {
-          pending_.push_back(std::move(chunk));
+          pending_.push_back(Task{std::move(chunk.job), chunk.index,
+                                  std::make_shared<std::vector<char>>(std::move(chunk.frame)), 0});
         }
       }
     }
@@ -146,9 +151,13 @@ class Dispatcher {
     ChunkOutcome outcome;
   };
 
-  struct InFlight {
+  /// A chunk inside the dispatcher. Its frame is kept until the result
+  /// arrives, so a task a dead worker never started can be sent again.
+  struct Task {
     std::shared_ptr<JobState> job;
-    std::uint64_t chunk;
+    std::uint64_t chunk = 0;
+    std::shared_ptr<std::vector<char>> frame;
+    std::size_t attempts = 0;  // how often a worker died running it
   };
 
   /// One worker process. A slot (0 .. processes-1) has one worker taking
@@ -163,14 +172,17 @@ class Dispatcher {
     bool exited = false;    // its process is gone (pidfd fired, or found by waitpid)
     std::deque<std::uint64_t> held;  // task ids sent and not answered, in order
     std::size_t sent = 0;
-    std::deque<std::vector<char>> outbox;
+    std::deque<std::shared_ptr<std::vector<char>>> outbox;
     std::size_t out_offset = 0;  // bytes of outbox.front() already written
     std::vector<char> inbox;
     std::size_t in_begin = 0, in_end = 0;
-    std::optional<ChunkFailure> failure;  // why its tasks fail, if not a plain death
+    std::optional<ChunkFailure> failure;  // why its running task fails, if not a plain death
     std::optional<int> status;            // wait status, once reaped
+    bool leaving = false;                 // it said it exits before its queued tasks (memory cap)
+    Clock::time_point front_since{};      // when held.front() started, near enough
+    std::optional<Clock::time_point> kill_at;  // SIGKILL then, after a SIGTERM for a timeout
 
-    bool takes_tasks() const { return !retiring && !eof && !exited && !failure && proc.task; }
+    bool takes_tasks() const { return !retiring && !leaving && !eof && !exited && !failure && proc.task; }
   };
 
   static ChunkOutcome failure_outcome(ChunkFailure failure) {
@@ -200,6 +212,7 @@ class Dispatcher {
       fds.assign(1, {wake_.get(), POLLIN, 0});
       owners.assign(1, {nullptr, death});
       bool need_timeout = false;
+      const auto next_deadline = enforce_timeouts();
       for (auto& w : workers_) {
         if (!w->eof && w->proc.result) {
           fds.push_back({w->proc.result.get(), POLLIN, 0});
@@ -219,7 +232,13 @@ class Dispatcher {
       lock.unlock();
       for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome));
       deliveries.clear();
-      int ready = retry_eintr([&] { return ::poll(fds.data(), fds.size(), need_timeout ? 50 : -1); });
+      int timeout_ms = need_timeout ? 50 : -1;
+      if (next_deadline) {
+        auto until = std::chrono::ceil<std::chrono::milliseconds>(*next_deadline - Clock::now()).count();
+        int ms = static_cast<int>(std::clamp<long long>(until, 0, 60'000));
+        timeout_ms = timeout_ms < 0 ? ms : std::min(timeout_ms, ms);
+      }
+      int ready = retry_eintr([&] { return ::poll(fds.data(), fds.size(), timeout_ms); });
       lock.lock();
       if (ready < 0) continue;
       if (fds[0].revents != 0) {
@@ -322,13 +341,18 @@ class Dispatcher {
     put<std::uint64_t>(config, max_tasks_per_child_);
     put<std::uint64_t>(config, init_id_);
     put<std::uint64_t>(config, max_message_);
+    put<std::uint64_t>(config, max_rss_);
+    put<std::uint64_t>(config, address_space_limit_);
     config.insert(config.end(), init_state_.begin(), init_state_.end());
     finish_frame(config, start);
-    w->outbox.push_back(std::move(config));
+    w->outbox.push_back(std::make_shared<std::vector<char>>(std::move(config)));
     workers_.push_back(std::move(w));
   }
 
-  /// A worker has exited: collect what it still sent, reap it, fail what it held.
+  /// A worker has exited: collect what it still sent, reap it, and settle
+  /// what it held. Tasks run one after another in the order sent, so only
+  /// the first it held can have started: that one fails (or is retried), the
+  /// others go back to the front of the queue and run elsewhere.
   void bury(Worker& w, std::vector<Delivery>& deliveries) {
     if (!w.eof && w.proc.result) read_results(w, deliveries);  // what it sent before dying still counts
     if (w.ready && w.held.empty() && !w.failure && !w.status) {
@@ -338,7 +362,6 @@ class Dispatcher {
     int status = w.status ? *w.status : launcher_->reap(w.proc);
     ChunkFailure lost = w.failure.value_or(ChunkFailure{ChunkFailure::Kind::worker_lost, w.proc.pid, w.slot, 0, {}});
     lost.wait_status = status;
-    const bool was_broken = broken_.has_value();
     if (!w.ready && !broken_) {
       const std::string hint = launcher_->start_hint();
       if (WIFEXITED(status) && WEXITSTATUS(status) == exit_initializer_failed && init_failure_) {
@@ -355,19 +378,61 @@ class Dispatcher {
       }
     }
     if (w.ready) early_deaths_ = 0;
-    // A worker that could not even start fails its tasks with the reason.
-    if (!was_broken && broken_) lost = *broken_;
-    for (std::uint64_t id : w.held) {
-      auto it = in_flight_.find(id);
+    const bool front_started = w.ready && !w.leaving;
+    std::vector<Task> again;
+    for (std::size_t k = 0; k < w.held.size(); ++k) {
+      auto it = in_flight_.find(w.held[k]);
       if (it == in_flight_.end()) continue;
-      deliveries.push_back({std::move(it->second.job), it->second.chunk, failure_outcome(lost)});
+      Task task = std::move(it->second);
       in_flight_.erase(it);
+      if (k == 0 && front_started) {
+        bool retry = lost.kind == ChunkFailure::Kind::worker_lost && task.attempts < retries_;
+        if (!retry) {
+          deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(lost)});
+          continue;
+        }
+        ++task.attempts;
+      }
+      again.push_back(std::move(task));
     }
+    pending_.insert(pending_.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
     if (broken_) fail_all_pending(*broken_, deliveries);
   }
 
+  /// Stops workers whose running task has outlived Options::task_timeout:
+  /// SIGTERM, then SIGKILL after a grace. Returns the next time to look again.
+  std::optional<Clock::time_point> enforce_timeouts() {
+    std::optional<Clock::time_point> next;
+    auto sooner = [&](Clock::time_point t) { next = next ? std::min(*next, t) : t; };
+    const auto now = Clock::now();
+    for (auto& w : workers_) {
+      if (w->exited) continue;
+      if (w->kill_at) {
+        if (now >= *w->kill_at) {
+          launcher_->kill(w->proc, SIGKILL);
+          w->kill_at.reset();
+        } else {
+          sooner(*w->kill_at);
+        }
+        continue;
+      }
+      if (task_timeout_.count() == 0 || w->held.empty() || !w->ready || w->failure) continue;
+      auto deadline = w->front_since + task_timeout_;
+      if (now < deadline) {
+        sooner(deadline);
+        continue;
+      }
+      w->failure = ChunkFailure{ChunkFailure::Kind::timeout, w->proc.pid, w->slot, 0,
+                                fmt::format("{} ms", task_timeout_.count())};
+      launcher_->kill(w->proc, SIGTERM);
+      w->kill_at = now + kill_grace;
+      sooner(*w->kill_at);
+    }
+    return next;
+  }
+
   void fail_all_pending(const ChunkFailure& failure, std::vector<Delivery>& deliveries) {
-    for (auto& chunk : pending_) deliveries.push_back({std::move(chunk.job), chunk.index, failure_outcome(failure)});
+    for (auto& task : pending_) deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(failure)});
     pending_.clear();
   }
 
@@ -381,8 +446,8 @@ class Dispatcher {
   void assign_pending() {
     const std::size_t limit = window();
     while (!pending_.empty()) {
-      Chunk& chunk = pending_.front();
-      if (chunk.job->cancelled()) {
+      Task& task = pending_.front();
+      if (task.job->cancelled()) {
         pending_.pop_front();
         continue;
       }
@@ -393,10 +458,11 @@ class Dispatcher {
       }
       if (best == nullptr) return;
       std::uint64_t id = next_task_id_++;
-      patch<std::uint64_t>(chunk.frame, task_id_offset, id);
-      in_flight_.emplace(id, InFlight{std::move(chunk.job), chunk.index});
+      patch<std::uint64_t>(*task.frame, task_id_offset, id);
+      if (best->held.empty()) best->front_since = Clock::now();
       best->held.push_back(id);
-      best->outbox.push_back(std::move(chunk.frame));
+      best->outbox.push_back(task.frame);
+      in_flight_.emplace(id, std::move(task));
       if (max_tasks_per_child_ != 0 && ++best->sent >= max_tasks_per_child_) best->retiring = true;
       pending_.pop_front();
     }
@@ -408,7 +474,7 @@ class Dispatcher {
       int n = 0;
       for (auto it = w.outbox.begin(); it != w.outbox.end() && n < 64; ++it, ++n) {
         std::size_t skip = (n == 0) ? w.out_offset : 0;
-        iov[n] = {it->data() + skip, it->size() - skip};
+        iov[n] = {(*it)->data() + skip, (*it)->size() - skip};
       }
       ssize_t written = retry_eintr([&] { return ::writev(w.proc.task.get(), iov, n); });
       if (written < 0) {
@@ -420,7 +486,7 @@ class Dispatcher {
       }
       auto left = static_cast<std::size_t>(written);
       while (left > 0) {
-        std::size_t rest = w.outbox.front().size() - w.out_offset;
+        std::size_t rest = w.outbox.front()->size() - w.out_offset;
         if (left >= rest) {
           left -= rest;
           w.outbox.pop_front();
@@ -478,6 +544,7 @@ class Dispatcher {
       switch (frame.kind) {
         case FrameKind::ready:
           w.ready = true;
+          w.front_since = Clock::now();  // its initializer's time is not its first task's
           break;
         case FrameKind::result: {
           if (frame.size < result_prefix_size) return protocol_violation(w, "the worker sent a truncated result");
@@ -489,6 +556,7 @@ class Dispatcher {
             return protocol_violation(w, "the worker answered a task it was not given");
           }
           w.held.erase(held);
+          w.front_since = Clock::now();
           record_timing(ns);
           ChunkOutcome outcome;
           outcome.payload.assign(frame.data + result_prefix_size, frame.data + frame.size);
@@ -498,6 +566,9 @@ class Dispatcher {
           in_flight_.erase(it);
           break;
         }
+        case FrameKind::leaving:
+          w.leaving = true;
+          break;
         case FrameKind::init_failed:
         case FrameKind::fatal: {
           std::string type, message;
@@ -546,8 +617,8 @@ class Dispatcher {
       state_ = State::stopped;
       ChunkFailure terminated{ChunkFailure::Kind::terminated, 0, 0, 0, {}};
       fail_all_pending(terminated, deliveries);
-      for (auto& [id, flight] : in_flight_) {
-        deliveries.push_back({std::move(flight.job), flight.chunk, failure_outcome(terminated)});
+      for (auto& [id, task] : in_flight_) {
+        deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(terminated)});
       }
       in_flight_.clear();
       for (auto& w : workers_) {
@@ -578,6 +649,12 @@ class Dispatcher {
   const std::size_t processes_;
   const std::size_t max_tasks_per_child_;
   const std::size_t max_in_flight_;
+  const std::size_t retries_;
+  const std::chrono::milliseconds task_timeout_;
+  const std::size_t max_rss_;
+  const std::size_t address_space_limit_;
+  /// Between SIGTERM and SIGKILL for a task over its timeout.
+  static constexpr std::chrono::milliseconds kill_grace{200};
   const std::size_t max_message_;
   const std::uint64_t init_id_;
   const std::vector<char> init_state_;
@@ -586,8 +663,8 @@ class Dispatcher {
   std::mutex join_mutex_;
   State state_ = State::running;
   std::vector<std::unique_ptr<Worker>> workers_;
-  std::deque<Chunk> pending_;
-  std::unordered_map<std::uint64_t, InFlight> in_flight_;
+  std::deque<Task> pending_;
+  std::unordered_map<std::uint64_t, Task> in_flight_;
   std::optional<ChunkFailure> broken_;
   std::optional<ChunkFailure> init_failure_;
   std::size_t early_deaths_ = 0;

@@ -3,11 +3,13 @@
 //
 //   frame   := u32 payload length, u32 kind, payload
 //   config  := u64 worker slot, u64 maxtasksperchild, u64 initializer id,
-//              u64 max message bytes, initializer state
+//              u64 max message bytes, u64 max resident bytes, u64 address-space
+//              limit, initializer state
 //   task    := u64 task id, u64 handler id, u32 item count, callable state, items (cereal)
 //   ready   := i32 pid
 //   result  := u64 task id, u64 run time in ns, per item (cereal): bool ok, value | type, message
 //   init_failed / fatal := cereal strings: type, message
+//   leaving := (empty)
 #pragma once
 
 #include <cstdint>
@@ -24,6 +26,7 @@ enum class FrameKind : std::uint32_t {
   result = 4,
   init_failed = 5,
   fatal = 6,
+  leaving = 7,  // worker -> parent: I exit now, before the tasks I was sent after the last result
 };
 
 inline constexpr std::size_t frame_header_size = 8;

@@ -136,7 +136,9 @@ std::uint64_t call_handler_id() {
   static_assert(require_serializable<Arg>::value);
   using Result = typename call_traits<F, Arg, Star>::result;
   static_assert(require_serializable<stored_t<Result>>::value);
-  return Registered<CallHandler<F, Arg, Star>>::id;
+  const std::uint64_t id = Registered<CallHandler<F, Arg, Star>>::id;
+  HandlerRegistry::instance().require_unambiguous(id);
+  return id;
 }
 
 /// Runs an initializer; its exception propagates to the worker loop.

@@ -31,7 +31,7 @@ using Deadline = std::optional<Clock::time_point>;
 
 /// Why a whole chunk produced no results.
 struct ChunkFailure {
-  enum class Kind { worker_lost, terminated, initializer, protocol, start_failed };
+  enum class Kind { worker_lost, terminated, initializer, protocol, start_failed, timeout };
   Kind kind = Kind::worker_lost;
   pid_t pid = 0;
   std::size_t worker = 0;
@@ -160,6 +160,11 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
     case ChunkFailure::Kind::protocol:
       return std::make_exception_ptr(ProtocolError(fmt::format(
           "procpool: {} failed: {} (worker {}, pid {})", input, failure.detail, failure.worker, failure.pid)));
+    case ChunkFailure::Kind::timeout:
+      return std::make_exception_ptr(TaskTimeout(fmt::format(
+          "procpool: {} ran longer than the task timeout ({}) in worker {} (pid {}); the worker was stopped "
+          "and replaced",
+          input, failure.detail, failure.worker, failure.pid)));
     case ChunkFailure::Kind::start_failed:
       return std::make_exception_ptr(Error(fmt::format("procpool: {} was not run: {}", input, failure.detail)));
   }

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <typeinfo>
@@ -49,6 +50,20 @@ class HandlerRegistry {
     auto [it, inserted] = entries_.try_emplace(id, Entry{mangled_name, fn, false});
     if (!inserted && it->second.fn != fn) it->second.ambiguous = true;
     return id;
+  }
+
+  /// Throws if two different handlers registered under this id: functions
+  /// with internal linkage (an anonymous namespace, `static`) and the same
+  /// name in two source files have the same mangled name, and a worker
+  /// could not tell which to run.
+  void require_unambiguous(std::uint64_t id) const {
+    std::lock_guard lock(mutex_);
+    auto it = entries_.find(id);
+    if (it != entries_.end() && it->second.ambiguous) {
+      throw std::logic_error("procpool: two different functions share the name " + demangle(it->second.name.c_str()) +
+                             " (internal linkage in two source files, e.g. anonymous namespaces); a worker could not "
+                             "tell them apart. Give one of them a distinct name or a named namespace");
+    }
   }
 
   /// nullptr if unknown.

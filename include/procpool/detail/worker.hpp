@@ -2,6 +2,7 @@
 #pragma once
 
 #include <sys/prctl.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <cstdint>
@@ -71,18 +72,30 @@ class FrameReader {
   std::size_t begin_ = 0, end_ = 0, pending_ = 0;
 };
 
+/// This process's resident memory, from /proc/self/statm.
+inline std::size_t resident_bytes() {
+  std::size_t pages_total = 0, pages_resident = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%zu %zu", &pages_total, &pages_resident) != 2) pages_resident = 0;
+    std::fclose(f);
+  }
+  return pages_resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+}
+
 /// Signals and parent-death handling every worker needs, whatever started it.
 /// `parent` is the process that started it.
 inline void prepare_worker_process(pid_t parent) {
-  // A fork inherits the I/O thread's mask, which blocks everything.
-  sigset_t none;
-  sigemptyset(&none);
-  ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
   // Ctrl-C goes to the whole foreground process group; only the parent
-  // should react, and it stops the workers itself.
+  // should react, and it stops the workers itself. SIGTERM (how the pool
+  // stops a worker) must just end it, whatever handler a fork inherited.
   ::signal(SIGINT, SIG_IGN);
   ::signal(SIGTERM, SIG_DFL);
   ::signal(SIGPIPE, SIG_DFL);
+  // A fork inherits the I/O thread's mask, which blocks everything; only now
+  // that the dispositions are ours may a signal that arrived early be taken.
+  sigset_t none;
+  sigemptyset(&none);
+  ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
   // Die with the thread that started us, even if it is SIGKILLed; and if it
   // died before the request took effect, go now.
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -107,17 +120,24 @@ inline int worker_main(int task_fd, int result_fd) {
   FrameReader reader(task_fd, std::size_t{1} << 31);
   FrameView frame{};
   if (!reader.next(frame)) return 0;
-  if (frame.kind != FrameKind::config || frame.size < 32) return exit_protocol_error;
+  constexpr std::size_t config_size = 48;
+  if (frame.kind != FrameKind::config || frame.size < config_size) return exit_protocol_error;
   const auto max_tasks = get<std::uint64_t>(frame.data + 8);
   const auto init_id = get<std::uint64_t>(frame.data + 16);
   const auto max_message = get<std::uint64_t>(frame.data + 24);
+  const auto max_rss = get<std::uint64_t>(frame.data + 32);
+  const auto address_space_limit = get<std::uint64_t>(frame.data + 40);
   std::vector<char> out;
+  if (address_space_limit != 0) {
+    rlimit limit{address_space_limit, address_space_limit};
+    ::setrlimit(RLIMIT_AS, &limit);
+  }
 
   if (init_id != 0) {
     try {
       const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(init_id);
       if (entry == nullptr) throw std::runtime_error("the initializer is not registered in this binary");
-      Decoder decoder(frame.data + 32, frame.size - 32);
+      Decoder decoder(frame.data + config_size, frame.size - config_size);
       Encoder unused(out);
       entry->fn(decoder, 0, unused);
     } catch (...) {
@@ -172,6 +192,14 @@ inline int worker_main(int task_fd, int result_fd) {
     finish_frame(out, start);
     if (!send_frame(result_fd, out)) return 0;
     if (max_tasks != 0 && ++done >= max_tasks) return 0;
+    if (max_rss != 0 && resident_bytes() > max_rss) {
+      // Too big to keep: tell the parent that the tasks queued behind this
+      // one never started, so it runs them elsewhere.
+      out.clear();
+      finish_frame(out, begin_frame(out, FrameKind::leaving));
+      send_frame(result_fd, out);
+      return 0;
+    }
   }
 }
 

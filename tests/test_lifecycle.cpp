@@ -1,0 +1,577 @@
+// A pool's life: recycling workers (maxtasksperchild), initializers,
+// close/join, terminate, destruction with work in flight, and use from
+// several threads.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <numeric>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common.hpp"
+
+// A named namespace, not an anonymous one: a worker finds a task's code by
+// its type's name, and the other test files have helpers of the same names.
+namespace lifecycle_test {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+std::vector<long> iota_vec(long n, long from = 0) {
+  std::vector<long> v(static_cast<std::size_t>(n));
+  std::iota(v.begin(), v.end(), from);
+  return v;
+}
+
+long squared(long x) { return x * x; }
+
+std::vector<long> squares_of(const std::vector<long>& in) {
+  std::vector<long> out;
+  for (long x : in) out.push_back(x * x);
+  return out;
+}
+
+std::pair<long, int> square_and_pid(long x) { return {x * x, static_cast<int>(::getpid())}; }
+
+/// A slow task that reports its worker.
+int pid_after(int ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return static_cast<int>(::getpid());
+}
+
+long nap(int ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return ms;
+}
+
+/// Whether a process is still running: it exists and is not a zombie. (A
+/// zombie of ours shows in test::child_pids(); one of a fork server's is the
+/// server's to reap.)
+bool running(int pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  auto close_paren = line.rfind(')');  // the command name may hold spaces and parentheses
+  if (close_paren == std::string::npos || close_paren + 2 >= line.size()) return false;
+  char state = line[close_paren + 2];
+  return state != 'Z' && state != 'X';
+}
+
+bool is_child(int pid) {
+  auto children = test::child_pids();
+  return std::find(children.begin(), children.end(), pid) != children.end();
+}
+
+std::vector<int> sorted_children() {
+  auto children = test::child_pids();
+  std::sort(children.begin(), children.end());
+  return children;
+}
+
+/// A FIFO on which tasks announce (by writing their pid) that they have
+/// started: the test waits on it instead of sleeping. It keeps a write end
+/// of its own open so the read end never sees EOF between announcements.
+class Announcements {
+ public:
+  explicit Announcements(std::string path) : path_(std::move(path)) {
+    if (::mkfifo(path_.c_str(), 0600) != 0) throw std::runtime_error("mkfifo " + path_);
+    read_ = ::open(path_.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    write_ = ::open(path_.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (read_ < 0 || write_ < 0) throw std::runtime_error("open " + path_);
+  }
+  Announcements(const Announcements&) = delete;
+  Announcements& operator=(const Announcements&) = delete;
+  ~Announcements() {
+    ::close(read_);
+    ::close(write_);
+  }
+
+  const std::string& path() const { return path_; }
+
+  /// The pid of the next task to announce itself, or 0 if none did within `timeout`.
+  int next(std::chrono::milliseconds timeout = 30s) {
+    auto deadline = Clock::now() + timeout;
+    int pid = 0;
+    std::size_t got = 0;
+    while (got < sizeof(pid)) {
+      ssize_t n = ::read(read_, reinterpret_cast<char*>(&pid) + got, sizeof(pid) - got);
+      if (n > 0) {
+        got += static_cast<std::size_t>(n);
+        continue;
+      }
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+      if (left <= 0) return 0;
+      pollfd p{read_, POLLIN, 0};
+      ::poll(&p, 1, static_cast<int>(left));
+    }
+    return pid;
+  }
+
+ private:
+  std::string path_;
+  int read_ = -1;
+  int write_ = -1;
+};
+
+/// Announces itself on the FIFO, then sleeps: a task that is surely running
+/// when the test goes on, and is still running long after.
+int announce_then_sleep(std::string fifo, int seconds) {
+  int pid = static_cast<int>(::getpid());
+  int fd = ::open(fifo.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    [[maybe_unused]] auto n = ::write(fd, &pid, sizeof(pid));
+    ::close(fd);
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(seconds));
+  return pid;
+}
+
+/// Kills its own worker: the pool forks a replacement at once.
+void die_now(long) { ::raise(SIGKILL); }
+
+// Where the program's own SIGTERM handler leaves its mark, should it ever run
+// in a worker; a fixed buffer, as a signal handler may not allocate.
+char g_sigterm_marker[512] = {};
+
+extern "C" void program_sigterm_handler(int) {
+  int fd = ::open(g_sigterm_marker, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd >= 0) {
+    [[maybe_unused]] auto n = ::write(fd, "x", 1);
+    ::close(fd);
+  }
+  ::_exit(1);
+}
+
+// ---- initializers ---------------------------------------------------------------
+
+// Set in the worker by the initializers; the parent's copies stay 0.
+int g_init_runs = 0;
+int g_init_pid = 0;
+long g_init_tag = 0;
+
+/// Records that it ran, in the worker's globals and in a file per worker in `dir`.
+void record_init(std::string dir, long tag) {
+  ++g_init_runs;
+  g_init_pid = static_cast<int>(::getpid());
+  g_init_tag = tag;
+  test::append_line(dir + "/" + std::to_string(::getpid()), "init");
+}
+
+struct InitSeen {
+  int runs = 0;      // how often the initializer ran in this worker
+  int init_pid = 0;  // the process it ran in
+  long tag = 0;      // the argument it was given
+  int pid = 0;       // the process running the task
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(runs, init_pid, tag, pid);
+  }
+};
+
+InitSeen probe_init(long) {
+  std::this_thread::sleep_for(5ms);  // slow enough that every worker gets some
+  return {g_init_runs, g_init_pid, g_init_tag, static_cast<int>(::getpid())};
+}
+
+/// Leaves its trace, then fails.
+void failing_init(std::string dir) {
+  test::append_line(dir + "/" + std::to_string(::getpid()), "init");
+  throw std::runtime_error("the model file is missing");
+}
+
+/// Every result came from a worker whose initializer ran exactly once, in
+/// that worker, before the task; every worker that ran has one trace file.
+void check_initialized(const std::vector<InitSeen>& seen, const test::TempDir& dir, long tag) {
+  for (const auto& s : seen) {
+    CHECK(s.runs == 1);
+    CHECK(s.init_pid == s.pid);
+    CHECK(s.tag == tag);
+    auto lines = test::read_lines(dir / std::to_string(s.pid));
+    CHECK(lines == std::vector<std::string>{"init"});
+  }
+  for (const auto& name : dir.files()) CHECK(test::read_lines(dir / name).size() == 1);
+}
+
+}  // namespace lifecycle_test
+
+using namespace lifecycle_test;
+
+// ---- maxtasksperchild ----------------------------------------------------------
+
+POOL_TEST("maxtasksperchild replaces workers after that many tasks", "[lifecycle][maxtasksperchild]") {
+  const auto in = iota_vec(24);
+  for (std::size_t max_tasks : {std::size_t{1}, std::size_t{3}}) {
+    CAPTURE(max_tasks);
+    procpool::Pool pool(test::options<TestType>({.processes = 2, .maxtasksperchild = max_tasks}));
+    auto results = pool.map<square_and_pid>(in, 1);
+    REQUIRE(results.size() == in.size());
+    std::map<int, std::size_t> tasks_per_pid;
+    for (std::size_t i = 0; i < in.size(); ++i) {
+      CHECK(results[i].first == in[i] * in[i]);
+      ++tasks_per_pid[results[i].second];
+    }
+    CHECK(tasks_per_pid.size() >= (in.size() + max_tasks - 1) / max_tasks);
+    for (auto [pid, tasks] : tasks_per_pid) CHECK(tasks <= max_tasks);
+    // and the pool goes on after the last recycling
+    CHECK(pool.map<squared>(in, 2) == squares_of(in));
+  }
+
+  procpool::Pool forever(test::options<TestType>({.processes = 2, .maxtasksperchild = 0}));
+  std::set<int> pids;
+  for (auto [square, pid] : forever.map<square_and_pid>(iota_vec(200), 1)) pids.insert(pid);
+  for (auto [square, pid] : forever.map<square_and_pid>(iota_vec(200), 1)) pids.insert(pid);
+  CHECK(pids.size() <= 2);
+}
+
+// ---- initializer ------------------------------------------------------------------
+
+POOL_TEST("an initializer runs once in each worker before its first task", "[lifecycle][initializer]") {
+  test::TempDir dir;
+  procpool::Pool pool(test::options<TestType>(
+      {.processes = 2, .initializer = procpool::initializer<record_init>(dir.path(), 42L)}));
+  auto seen = pool.map<probe_init>(iota_vec(40), 1);
+  REQUIRE(seen.size() == 40);
+  check_initialized(seen, dir, 42);
+  seen = pool.map<probe_init>(iota_vec(40), 3);  // no second run in the same workers
+  check_initialized(seen, dir, 42);
+  pool.close();
+  pool.join();
+  // once in each of the two workers, none of them replaced
+  CHECK(dir.files().size() == 2);
+}
+
+POOL_TEST("a captureless lambda can be the initializer", "[lifecycle][initializer]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 2, .initializer = [] {
+                                                  ++lifecycle_test::g_init_runs;
+                                                  lifecycle_test::g_init_pid = static_cast<int>(::getpid());
+                                                  lifecycle_test::g_init_tag = 7;
+                                                }}));
+  for (const auto& s : pool.map<probe_init>(iota_vec(30), 1)) {
+    CHECK(s.runs == 1);
+    CHECK(s.init_pid == s.pid);
+    CHECK(s.tag == 7);
+  }
+  CHECK(g_init_runs == 0);  // it ran in the workers, not here
+}
+
+POOL_TEST("with maxtasksperchild the initializer runs again in each new worker",
+          "[lifecycle][initializer][maxtasksperchild]") {
+  test::TempDir dir;
+  procpool::Pool pool(test::options<TestType>(
+      {.processes = 2, .maxtasksperchild = 2, .initializer = procpool::initializer<record_init>(dir.path(), 5L)}));
+  auto seen = pool.map<probe_init>(iota_vec(20), 1);
+  REQUIRE(seen.size() == 20);
+  check_initialized(seen, dir, 5);
+  std::set<int> pids;
+  for (const auto& s : seen) pids.insert(s.pid);
+  CHECK(pids.size() >= 10);
+  pool.close();
+  pool.join();
+  // one trace per worker ever started, each with a single run
+  CHECK(dir.files().size() >= pids.size());
+  for (const auto& name : dir.files()) CHECK(test::read_lines(dir / name).size() == 1);
+}
+
+POOL_TEST("an initializer that throws fails the calls with InitializerError and is not retried",
+          "[lifecycle][initializer]") {
+  test::TempDir dir;
+  const std::size_t processes = 2;
+  procpool::Pool pool(test::options<TestType>(
+      {.processes = processes, .initializer = procpool::initializer<failing_init>(dir.path())}));
+  auto started = Clock::now();
+  auto e = test::thrown<procpool::InitializerError>([&] { pool.map<squared>(iota_vec(20), 1); });
+  CHECK_THAT(e.what(), Catch::Contains("the model file is missing"));
+  CHECK_THAT(e.what(), Catch::Contains("std::runtime_error"));
+
+  // later calls fail the same way instead of waiting for a worker
+  auto later = pool.apply_async<squared>(3L);
+  CHECK_THROWS_AS(later.get(), procpool::InitializerError);
+  CHECK_THROWS_AS(pool.map<squared>(iota_vec(5)), procpool::InitializerError);
+  auto lazy = pool.imap<squared>(iota_vec(5));
+  CHECK_THROWS_AS(lazy.next(), procpool::InitializerError);
+  CHECK(Clock::now() - started < 30s);  // a hang fails here, not at the ctest timeout
+
+  // the pool did not keep starting workers to run it again
+  auto runs = dir.files().size();
+  CHECK(runs >= 1);
+  CHECK(runs <= processes + 2);
+
+  // the lambda form fails the same way
+  procpool::Pool lambda_pool(test::options<TestType>(
+      {.processes = 2, .initializer = [] { throw std::invalid_argument("bad seed"); }}));
+  auto e2 = test::thrown<procpool::InitializerError>([&] { lambda_pool.apply<squared>(2L); });
+  CHECK_THAT(e2.what(), Catch::Contains("bad seed"));
+  CHECK_THROWS_AS(lambda_pool.map<squared>(iota_vec(5)), procpool::InitializerError);
+}
+
+// ---- close / join -------------------------------------------------------------------
+
+POOL_TEST("close() refuses new work; join() waits for queued work and the workers' exit", "[lifecycle][close]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  CHECK_THROWS_AS(pool.join(), procpool::PoolNotRunning);  // still open
+
+  int warm = pool.apply<pid_after>(0);
+  CHECK(running(warm));  // a live worker, so the checks below are not vacuous
+
+  std::vector<procpool::AsyncResult<int>> queued;
+  for (int i = 0; i < 8; ++i) queued.push_back(pool.apply_async<pid_after>(100));
+  pool.close();
+  CHECK_THROWS_AS(pool.map<squared>(iota_vec(3)), procpool::PoolNotRunning);
+  CHECK_THROWS_AS(pool.apply_async<squared>(3L), procpool::PoolNotRunning);
+  CHECK_THROWS_AS(pool.imap<squared>(iota_vec(3)).next(), procpool::PoolNotRunning);
+  pool.join();
+
+  std::set<int> workers{warm};
+  for (auto& r : queued) {
+    CHECK(r.ready());  // join() waited for it
+    CHECK(r.successful());
+    workers.insert(r.get());
+  }
+  for (int pid : workers) {
+    CAPTURE(pid);
+    CHECK_FALSE(is_child(pid));
+    CHECK_FALSE(running(pid));
+  }
+  CHECK_THROWS_AS(pool.apply<squared>(1L), procpool::PoolNotRunning);
+}
+
+// ---- terminate ------------------------------------------------------------------------
+
+POOL_TEST("terminate() fails outstanding work at once and stops the workers", "[lifecycle][terminate]") {
+  test::TempDir dir;
+  Announcements started(dir / "started");
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  auto sleeper = pool.apply_async<announce_then_sleep>(started.path(), 30);
+  auto queued = pool.apply_async<squared>(4L);  // behind it, on the only worker
+  int worker = started.next();
+  REQUIRE(worker > 0);
+  CHECK(running(worker));
+
+  auto t0 = Clock::now();
+  pool.terminate();
+  auto e = test::thrown<procpool::PoolNotRunning>([&] { sleeper.get(); });
+  CHECK_THAT(e.what(), Catch::Contains("terminated"));
+  CHECK_THROWS_AS(queued.get(), procpool::PoolNotRunning);
+  CHECK(Clock::now() - t0 < 10s);  // not the task's 30 s
+  CHECK_FALSE(sleeper.successful());
+
+  CHECK_FALSE(is_child(worker));
+  CHECK_FALSE(running(worker));  // killed
+  CHECK_THROWS_AS(pool.map<squared>(iota_vec(3)), procpool::PoolNotRunning);
+  pool.join();       // allowed after terminate(), returns at once
+  pool.terminate();  // and a second terminate() is harmless
+}
+
+POOL_TEST("stopping workers never runs the program's own SIGTERM handler in them", "[lifecycle][terminate]") {
+  // A forked worker inherits the program's signal handlers; the SIGTERM that
+  // terminate() sends must still just end it, even when it reaches a worker
+  // that was forked a moment before (here: the replacement of a dead one).
+  test::TempDir dir;
+  const std::string marker = dir / "handler-ran";
+  REQUIRE(marker.size() < sizeof(g_sigterm_marker));
+  std::strcpy(g_sigterm_marker, marker.c_str());
+  struct HandlerInstalled {  // the test runner's own handler comes back whatever happens
+    struct sigaction previous {};
+    HandlerInstalled() {
+      struct sigaction ours {};
+      ours.sa_handler = program_sigterm_handler;
+      sigemptyset(&ours.sa_mask);
+      ::sigaction(SIGTERM, &ours, &previous);
+    }
+    ~HandlerInstalled() { ::sigaction(SIGTERM, &previous, nullptr); }
+  };
+  const auto children_before = sorted_children();
+  {
+    HandlerInstalled installed;
+    for (int i = 0; i < 60; ++i) {
+      procpool::Pool pool(test::options<TestType>({.processes = 2}));
+      CHECK_THROWS_AS(pool.apply<die_now>(1L), procpool::WorkerLost);
+      if (i % 2 == 0) pool.terminate();  // else the destructor does it
+    }
+  }
+  CHECK(test::read_lines(marker).empty());
+  CHECK(sorted_children() == children_before);
+}
+
+// ---- destruction ----------------------------------------------------------------------
+
+POOL_TEST("destroying a pool with work in flight is prompt and leaves no child or fd behind",
+          "[lifecycle][destructor]") {
+  test::TempDir dir;
+  Announcements started(dir / "started");
+  const auto fds_before = test::open_fd_count();
+  const auto children_before = sorted_children();
+  std::vector<int> workers;
+  Clock::time_point t0;
+  {
+    procpool::Pool pool(test::options<TestType>({.processes = 2}));
+    auto a = pool.apply_async<announce_then_sleep>(started.path(), 30);
+    auto b = pool.apply_async<announce_then_sleep>(started.path(), 30);
+    auto c = pool.map_async<nap>(std::vector<int>(10, 30'000), 1);
+    workers = {started.next(), started.next()};
+    REQUIRE(workers[0] > 0);
+    REQUIRE(workers[1] > 0);
+    t0 = Clock::now();
+  }
+  CHECK(Clock::now() - t0 < 10s);
+  for (int pid : workers) CHECK_FALSE(running(pid));
+  CHECK(sorted_children() == children_before);
+  CHECK(test::open_fd_count() == fds_before);
+
+  // many lifecycles, some ending busy, some idle, some after close/join
+  for (int i = 0; i < 50; ++i) {
+    CAPTURE(i);
+    procpool::Pool pool(test::options<TestType>({.processes = 2}));
+    if (i % 3 == 0) {
+      (void)pool.apply_async<nap>(30'000);
+      (void)pool.map_async<nap>(std::vector<int>(4, 30'000), 1);
+    } else if (i % 3 == 1) {
+      CHECK(pool.map<squared>(iota_vec(20), 3) == squares_of(iota_vec(20)));
+    } else {
+      CHECK(pool.apply<squared>(static_cast<long>(i)) == i * i);
+      pool.close();
+      pool.join();
+    }
+  }
+  CHECK(sorted_children() == children_before);
+  CHECK(test::open_fd_count() == fds_before);
+}
+
+POOL_TEST("an exception unwinding through a pool's scope stops it cleanly", "[lifecycle][destructor]") {
+  test::TempDir dir;
+  Announcements started(dir / "started");
+  const auto fds_before = test::open_fd_count();
+  const auto children_before = sorted_children();
+  int worker = 0;
+  Clock::time_point t0;
+  try {
+    procpool::Pool pool(test::options<TestType>({.processes = 2}));
+    auto busy = pool.apply_async<announce_then_sleep>(started.path(), 30);
+    worker = started.next();
+    REQUIRE(worker > 0);
+    t0 = Clock::now();
+    throw std::runtime_error("the caller gave up");
+  } catch (const std::runtime_error& e) {
+    CHECK(std::string(e.what()) == "the caller gave up");
+  }
+  CHECK(Clock::now() - t0 < 10s);
+  CHECK_FALSE(running(worker));
+  CHECK(sorted_children() == children_before);
+  CHECK(test::open_fd_count() == fds_before);
+}
+
+POOL_TEST("results that outlive their pool fail with PoolNotRunning instead of hanging", "[lifecycle][destructor]") {
+  test::TempDir dir;
+  Announcements started(dir / "started");
+  procpool::AsyncResult<long> finished;
+  procpool::AsyncResult<int> unfinished;
+  procpool::AsyncResult<std::vector<long>> unfinished_map;
+  Clock::time_point t0;
+  {
+    procpool::Pool pool(test::options<TestType>({.processes = 2}));
+    finished = pool.apply_async<squared>(6L);
+    finished.wait();
+    unfinished = pool.apply_async<announce_then_sleep>(started.path(), 30);
+    unfinished_map = pool.map_async<squared>(iota_vec(100), 1);
+    REQUIRE(started.next() > 0);
+    t0 = Clock::now();
+  }
+  CHECK(finished.get() == 36);
+  CHECK_THROWS_AS(unfinished.get(), procpool::PoolNotRunning);
+  CHECK(unfinished.ready());
+  CHECK_FALSE(unfinished.successful());
+  // the map either finished before the pool went or fails the same way
+  std::optional<std::vector<long>> map_values;
+  try {
+    map_values = unfinished_map.get();
+  } catch (const procpool::PoolNotRunning&) {
+    CHECK_FALSE(unfinished_map.successful());
+  }
+  if (map_values) CHECK(*map_values == squares_of(iota_vec(100)));
+  CHECK(Clock::now() - t0 < 10s);
+}
+
+POOL_TEST("an imap that outlives its pool fails with PoolNotRunning instead of hanging",
+          "[lifecycle][destructor][imap]") {
+  auto make = [] {
+    procpool::Pool pool(test::options<TestType>({.processes = 2}));
+    auto results = pool.imap<squared>(iota_vec(1000), 1);
+    CHECK(results.next() == 0);
+    return results;
+  };
+  auto results = make();
+  auto t0 = Clock::now();
+  long count = 0;
+  bool failed = false;
+  try {
+    while (auto v = results.next()) {
+      ++count;
+      CHECK(*v == count * count);
+    }
+  } catch (const procpool::PoolNotRunning&) {
+    failed = true;
+  }
+  CHECK(Clock::now() - t0 < 10s);
+  CHECK(failed);  // 999 items cannot all have run before the pool went
+}
+
+// ---- sizing and concurrency ------------------------------------------------------------
+
+POOL_TEST("processes = 0 means one worker per CPU", "[lifecycle][processes]") {
+  procpool::Options options = test::options<TestType>();
+  options.processes = 0;  // test::options would pick 2
+  procpool::Pool pool(options);
+  CHECK(pool.processes() == procpool::cpu_count());
+  CHECK(procpool::cpu_count() >= 1);
+  std::set<int> pids;
+  for (int pid : pool.map<pid_after>(std::vector<int>(4 * procpool::cpu_count(), 10), 1)) pids.insert(pid);
+  CHECK(pids.size() <= procpool::cpu_count());
+  CHECK(pool.map<squared>(iota_vec(100)) == squares_of(iota_vec(100)));
+}
+
+POOL_TEST("several threads can submit to one pool at once", "[lifecycle][threads]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  constexpr int threads = 4;
+  std::vector<std::vector<long>> inputs, mapped(threads), streamed(threads), applied(threads);
+  for (int t = 0; t < threads; ++t) inputs.push_back(iota_vec(500 + 100 * t, 10'000L * t));
+  std::vector<std::string> errors(threads);
+  std::vector<std::thread> pool_users;
+  for (int t = 0; t < threads; ++t) {
+    pool_users.emplace_back([&, t] {
+      const auto k = static_cast<std::size_t>(t);
+      try {
+        const auto& in = inputs[k];
+        mapped[k] = pool.map<squared>(in, k + 1);
+        for (long v : pool.imap<squared>(in, 7)) streamed[k].push_back(v);
+        std::vector<procpool::AsyncResult<long>> async;
+        for (std::size_t i = 0; i < 20; ++i) async.push_back(pool.apply_async<squared>(in[i]));
+        for (auto& r : async) applied[k].push_back(r.get());
+      } catch (const std::exception& e) {
+        errors[k] = e.what();  // Catch2's assertions are for the test's own thread
+      }
+    });
+  }
+  for (auto& th : pool_users) th.join();
+  for (std::size_t t = 0; t < threads; ++t) {
+    CAPTURE(t);
+    CHECK(errors[t].empty());
+    auto expected = squares_of(inputs[t]);
+    CHECK(mapped[t] == expected);
+    CHECK(streamed[t] == expected);
+    CHECK(applied[t] == std::vector<long>(expected.begin(), expected.begin() + 20));
+  }
+}
