@@ -173,4 +173,27 @@ inline ProgramRun run_program(std::vector<std::string> args, int timeout_ms = 30
   return run;
 }
 
+/// Whether a process is still running: it exists and is not a zombie. (A
+/// zombie of ours shows in test::child_pids(); one of a fork server's is the
+/// server's to reap.)
+inline bool running(int pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  auto close_paren = line.rfind(')');  // the command name may hold spaces and parentheses
+  if (close_paren == std::string::npos || close_paren + 2 >= line.size()) return false;
+  char state = line[close_paren + 2];
+  return state != 'Z' && state != 'X';
+}
+
+/// Waits up to `timeout` for every pid to stop running; true if they all did.
+inline bool all_stop_running(const std::vector<int>& pids, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    if (std::none_of(pids.begin(), pids.end(), running)) return true;
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    ::usleep(5000);
+  }
+}
+
 }  // namespace test

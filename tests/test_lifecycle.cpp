@@ -58,18 +58,7 @@ long nap(int ms) {
   return ms;
 }
 
-/// Whether a process is still running: it exists and is not a zombie. (A
-/// zombie of ours shows in test::child_pids(); one of a fork server's is the
-/// server's to reap.)
-bool running(int pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(stat, line)) return false;
-  auto close_paren = line.rfind(')');  // the command name may hold spaces and parentheses
-  if (close_paren == std::string::npos || close_paren + 2 >= line.size()) return false;
-  char state = line[close_paren + 2];
-  return state != 'Z' && state != 'X';
-}
+using test::running;
 
 bool is_child(int pid) {
   auto children = test::child_pids();

@@ -145,13 +145,27 @@ class IMap {
   bool has_next() {
     if (current_ || !buffer_.empty()) return true;
     top_up();
-    return taken_ < submitted_;
+    return taken_ < submitted_ || input_error_ != nullptr;
   }
 
   /// Keeps `prefetch_` chunks in flight, reading the input only that far.
+  /// An input that throws ends the input there: the results before it are
+  /// still yielded, then its exception, in the position where it happened.
   void top_up() {
     if (input_done_ || submitted_ - taken_ >= prefetch_) return;
     std::vector<detail::Chunk> chunks;
+    try {
+      pull_chunks(chunks);
+    } catch (...) {
+      input_done_ = true;
+      input_error_ = std::current_exception();
+    }
+    if (chunks.empty()) return;
+    submitted_ += chunks.size();
+    dispatcher_->submit(std::move(chunks));
+  }
+
+  void pull_chunks(std::vector<detail::Chunk>& chunks) {
     while (!input_done_ && submitted_ + chunks.size() - taken_ < prefetch_) {
       detail::Chunk chunk{job_, submitted_ + chunks.size(), {}};
       std::size_t start = detail::begin_task_frame(chunk.frame, source_->handler_id());
@@ -165,14 +179,16 @@ class IMap {
       next_input_ += count;
       chunks.push_back(std::move(chunk));
     }
-    if (chunks.empty()) return;
-    submitted_ += chunks.size();
-    dispatcher_->submit(std::move(chunks));
   }
 
   void fetch(detail::Deadline deadline) {
     while (buffer_.empty()) {
       top_up();
+      if (taken_ == submitted_ && input_error_) {
+        // Everything read before the failure has been yielded: now the failure.
+        buffer_.emplace_back(std::in_place_index<1>, std::exchange(input_error_, nullptr));
+        break;
+      }
       std::optional<std::pair<std::uint64_t, detail::ChunkOutcome>> got;
       if (ordered_) {
         if (auto outcome = job_->take(taken_, deadline)) got.emplace(taken_, std::move(*outcome));
@@ -202,6 +218,7 @@ class IMap {
   std::size_t next_input_ = 0;
   bool input_done_ = false;
   std::unordered_map<std::uint64_t, std::pair<std::size_t, std::size_t>> spans_;  // chunk -> first, count
+  std::exception_ptr input_error_;  // the input threw; yielded after what came before it
   std::deque<Item> buffer_;
   std::optional<Item> current_;
 };

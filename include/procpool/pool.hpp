@@ -32,15 +32,31 @@ using item_t = std::remove_cvref_t<std::ranges::range_value_t<R>>;
 template <class F, class Arg, bool Star>
 using result_of_t = stored_t<typename call_traits<F, Arg, Star>::result>;
 
-/// Appends the callable and up to `max_items` items to a task frame.
+/// Appends the callable and up to `max_items` items to a task frame. If the
+/// input throws, the items read before it stay in the frame and the
+/// exception is stored in `error` (or rethrown when `error` is null and no
+/// item was read).
 template <class F, class Arg, class It, class End>
-std::uint32_t encode_items(std::vector<char>& frame, const F& fn, It& it, const End& end, std::size_t max_items) {
+std::uint32_t encode_items(std::vector<char>& frame, const F& fn, It& it, const End& end, std::size_t max_items,
+                           std::exception_ptr* error = nullptr) {
   std::uint32_t count = 0;
   Encoder encoder(frame);
   save_callable(encoder, fn);
-  for (; count < max_items && it != end; ++it, ++count) {
-    const Arg& item = *it;
-    encoder(item);
+  std::size_t mark = frame.size();
+  try {
+    while (count < max_items && it != end) {
+      {
+        const Arg& item = *it;
+        encoder(item);
+      }
+      ++count;
+      mark = frame.size();
+      ++it;
+    }
+  } catch (...) {
+    if (error == nullptr) throw;
+    frame.resize(mark);  // drop a half-encoded item
+    *error = std::current_exception();
   }
   return count;
 }
@@ -52,8 +68,11 @@ class RangeSource final : public ChunkSource {
  public:
   RangeSource(View view, F fn) : view_(std::move(view)), fn_(std::move(fn)) {}
   std::uint32_t fill(std::vector<char>& frame, std::size_t max_items) override {
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
     if (!it_) it_.emplace(std::ranges::begin(view_));
-    auto count = encode_items<F, Arg>(frame, fn_, *it_, std::ranges::end(view_), max_items);
+    auto count = encode_items<F, Arg>(frame, fn_, *it_, std::ranges::end(view_), max_items, &error_);
+    // Items read before a failure are sent; the failure surfaces next time.
+    if (count == 0 && error_) std::rethrow_exception(std::exchange(error_, nullptr));
     return count;
   }
   std::uint64_t handler_id() const override { return call_handler_id<F, Arg, Star>(); }
@@ -62,6 +81,7 @@ class RangeSource final : public ChunkSource {
   View view_;
   F fn_;
   std::optional<std::ranges::iterator_t<View>> it_;
+  std::exception_ptr error_;
 };
 
 /// Python's default map chunksize: ceil(n / (4 * processes)).

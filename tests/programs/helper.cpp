@@ -2,10 +2,15 @@
 // program that is signalled, crashes, or must be watched from outside.
 //
 // usage: procpool_helper <mode> [args...]
-//   threaded-fork   create two fork pools while another thread runs; print "ok"
+//   threaded-fork         create two fork pools while another thread runs; print "ok"
+//   orphan <method>       print "pids <worker pids...>" then SIGKILL itself mid-map
+//   interrupt <method>    own process group; print "pids ..." then run a long map
+//                         (the test sends SIGINT to the group, as Ctrl-C does)
 #include <procpool/procpool.hpp>
 
+#include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <cstdio>
 #include <mutex>
 #include <string>
@@ -15,6 +20,38 @@
 namespace {
 
 long square(long x) { return x * x; }
+
+procpool::StartMethod method_named(const std::string& name) {
+  if (name == "fork") return procpool::StartMethod::fork;
+  if (name == "posix_spawn") return procpool::StartMethod::posix_spawn;
+  return procpool::StartMethod::forkserver;
+}
+
+int report_pid(int) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // so both workers take one
+  return static_cast<int>(::getpid());
+}
+
+long sleep_long(long x) {
+  std::this_thread::sleep_for(std::chrono::seconds(60));
+  return x;
+}
+
+/// Starts a pool, prints its workers' pids, then leaves them busy.
+int start_busy_pool(const std::string& method, bool kill_self) {
+  procpool::Pool pool({.processes = 2, .start_method = method_named(method)});
+  std::printf("pids");
+  for (int pid : pool.map<report_pid>(std::vector<int>(4, 0), 1)) std::printf(" %d", pid);
+  std::printf("\n");
+  std::fflush(stdout);
+  auto busy = pool.map_async<sleep_long>(std::vector<long>(8, 1), 1);
+  if (kill_self) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    ::raise(SIGKILL);  // no destructor, no cleanup: the workers must notice on their own
+  }
+  busy.wait();  // SIGINT ends the program here
+  return 1;
+}
 
 int threaded_fork() {
   std::mutex m;
@@ -45,6 +82,11 @@ int main(int argc, char** argv) {
   procpool::init(argc, argv);
   std::string mode = argc > 1 ? argv[1] : "";
   if (mode == "threaded-fork") return threaded_fork();
+  if (mode == "orphan" && argc > 2) return start_busy_pool(argv[2], true);
+  if (mode == "interrupt" && argc > 2) {
+    ::setpgid(0, 0);
+    return start_busy_pool(argv[2], false);
+  }
   std::fprintf(stderr, "procpool_helper: unknown mode '%s'\n", mode.c_str());
   return 2;
 }

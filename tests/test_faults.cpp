@@ -1,0 +1,305 @@
+// Faults: crashes cost one task, retries, hard timeouts, memory caps, parent
+// death, Ctrl-C, garbage on the result pipe, an input that throws, and many
+// pool lifecycles.
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <numeric>
+#include <ranges>
+#include <set>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "common.hpp"
+
+namespace faults_test {
+
+using namespace std::chrono_literals;
+
+long crash_on_five(long x) {
+  if (x == 5) {
+    ::signal(SIGABRT, SIG_DFL);  // not the test runner's inherited handler
+    std::abort();
+  }
+  return x * 2;
+}
+
+/// Crashes the first time it sees x (a marker file remembers), then succeeds.
+long flaky(std::string dir, long x) {
+  std::string marker = dir + "/" + std::to_string(x);
+  if (::access(marker.c_str(), F_OK) != 0) {
+    test::append_line(marker, "crashed once");
+    ::raise(SIGKILL);
+  }
+  return x;
+}
+
+long always_crash(long) {
+  ::raise(SIGKILL);
+  return 0;
+}
+
+long hang_on_three(long x) {
+  if (x == 3) std::this_thread::sleep_for(60s);
+  return x;
+}
+
+long hang_ignoring_sigterm(long x) {
+  ::signal(SIGTERM, SIG_IGN);
+  std::this_thread::sleep_for(60s);
+  return x;
+}
+
+/// Leaks 40 MiB of touched memory per call and reports the pid.
+int leak_40mib(int) {
+  static std::vector<std::vector<char>> kept;
+  kept.emplace_back(40u << 20, 'x');
+  return static_cast<int>(::getpid());
+}
+
+std::size_t allocate_gib(int) {
+  std::vector<char> big(std::size_t{1} << 30, 'y');
+  return big.size();
+}
+
+/// Writes garbage where the worker's results go (its only write-only pipe).
+long scribble(long) {
+  for (int fd = 3; fd < 256; ++fd) {
+    int flags = ::fcntl(fd, F_GETFL);
+    if (flags == -1 || (flags & O_ACCMODE) != O_WRONLY) continue;
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode)) continue;
+    const char garbage[] = "\xff\xff\xff\x7fnot a procpool frame at all";
+    [[maybe_unused]] auto n = ::write(fd, garbage, sizeof(garbage));
+  }
+  std::this_thread::sleep_for(60s);
+  return 0;
+}
+
+long twice(long x) { return 2 * x; }
+
+/// Outcome of each item of an imap, in order: the value, or the error type.
+template <class R>
+std::vector<std::string> outcomes(R&& results) {
+  std::vector<std::string> out;
+  auto it = results.begin();
+  while (it != results.end()) {
+    try {
+      out.push_back(std::to_string(*it));
+    } catch (const procpool::WorkerLost&) {
+      out.push_back("WorkerLost");
+    } catch (const procpool::TaskTimeout&) {
+      out.push_back("TaskTimeout");
+    } catch (const std::exception& e) {
+      out.push_back(e.what());
+    }
+    ++it;
+  }
+  return out;
+}
+
+}  // namespace faults_test
+
+using namespace faults_test;
+
+POOL_TEST("a crash costs exactly the task that was running", "[faults]") {
+  // Short tasks, so several wait in each worker's pipe when item 5 crashes.
+  procpool::Pool pool(test::options<TestType>());
+  std::vector<long> in(40);
+  std::iota(in.begin(), in.end(), 0L);
+  auto got = outcomes(pool.imap<crash_on_five>(in));
+  REQUIRE(got.size() == 40);
+  for (long x = 0; x < 40; ++x) {
+    CAPTURE(x);
+    CHECK(got[static_cast<std::size_t>(x)] == (x == 5 ? "WorkerLost" : std::to_string(2 * x)));
+  }
+}
+
+POOL_TEST("retries run a task lost to a crash again, a bounded number of times", "[faults][retries]") {
+  test::TempDir dir;
+  {
+    procpool::Pool pool(test::options<TestType>({.retries = 1}));
+    std::vector<std::tuple<std::string, long>> in;
+    for (long x = 0; x < 6; ++x) in.emplace_back(dir.path(), x);
+    CHECK(pool.starmap<flaky>(in, 1) == std::vector<long>{0, 1, 2, 3, 4, 5});
+    CHECK(dir.files().size() == 6);  // each crashed once, then ran
+  }
+  procpool::Pool pool(test::options<TestType>({.retries = 2}));
+  auto lost = test::thrown<procpool::WorkerLost>([&] { pool.apply<always_crash>(1L); });
+  CHECK(lost.signal() == SIGKILL);
+  CHECK(pool.apply<twice>(21L) == 42);
+  // Without retries, one crash is final.
+  procpool::Pool strict(test::options<TestType>());
+  test::TempDir fresh;
+  CHECK_THROWS_AS(strict.apply<flaky>(fresh.path(), 1L), procpool::WorkerLost);
+}
+
+POOL_TEST("a task over task_timeout is stopped and fails with TaskTimeout", "[faults][timeout]") {
+  procpool::Pool pool(test::options<TestType>({.task_timeout = 300ms}));
+  auto start = std::chrono::steady_clock::now();
+  auto got = outcomes(pool.imap<hang_on_three>(std::vector<long>{0, 1, 2, 3, 4, 5, 6, 7}));
+  CHECK(got == std::vector<std::string>{"0", "1", "2", "TaskTimeout", "4", "5", "6", "7"});
+  CHECK(std::chrono::steady_clock::now() - start < 20s);  // not the task's 60 s
+  auto timeout = test::thrown<procpool::TaskTimeout>([&] { pool.apply<hang_on_three>(3L); });
+  CHECK_THAT(timeout.what(), Catch::Contains("300 ms"));
+  CHECK_THAT(timeout.what(), Catch::Contains("task timeout"));
+  // A task that ignores SIGTERM is SIGKILLed after the grace.
+  CHECK_THROWS_AS(pool.apply<hang_ignoring_sigterm>(1L), procpool::TaskTimeout);
+  CHECK(pool.apply<twice>(4L) == 8);
+}
+
+POOL_TEST("a worker over max_memory_per_child is replaced after its task", "[faults][memory]") {
+  procpool::Pool pool(test::options<TestType>({.max_memory_per_child = 60u << 20}));
+  // Each worker can hold one 40 MiB leak, not two: the second task pushes it
+  // over the cap, so it exits after it. Nothing is lost.
+  auto pids = pool.map<leak_40mib>(std::vector<int>(10, 0), 1);
+  REQUIRE(pids.size() == 10);
+  std::set<int> distinct(pids.begin(), pids.end());
+  CHECK(distinct.size() >= 5);
+  CHECK(pool.apply<twice>(1L) == 2);
+}
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define PROCPOOL_TEST_NO_RLIMIT_AS 1
+#endif
+
+POOL_TEST("memory_limit_per_child makes an allocation storm a clean bad_alloc", "[faults][memory]") {
+#ifdef PROCPOOL_TEST_NO_RLIMIT_AS
+  WARN("RLIMIT_AS cannot be combined with a sanitizer's shadow memory; not checked in this build");
+  return;
+#endif
+  procpool::Pool pool(test::options<TestType>({.memory_limit_per_child = std::size_t{512} << 20}));
+  auto error = test::thrown<procpool::RemoteError>([&] { pool.apply<allocate_gib>(0); });
+  CHECK(error.type_name() == "std::bad_alloc");
+  CHECK(pool.apply<twice>(5L) == 10);
+}
+
+POOL_TEST("garbage on the result pipe is a ProtocolError, and the pool goes on", "[faults][protocol]") {
+  procpool::Pool pool(test::options<TestType>());
+  auto error = test::thrown<procpool::ProtocolError>([&] { pool.apply<scribble>(0L); });
+  CHECK_THAT(error.what(), Catch::Contains("max_message_bytes"));
+  CHECK(pool.map<twice>(std::vector<long>{1, 2, 3}) == std::vector<long>{2, 4, 6});
+}
+
+POOL_TEST("an imap input that throws yields what came before, then its error", "[faults][input]") {
+  procpool::Pool pool(test::options<TestType>());
+  for (std::size_t chunksize : {std::size_t{1}, std::size_t{4}}) {
+    CAPTURE(chunksize);
+    auto failing = std::views::iota(0L, 100L) | std::views::transform([](long x) {
+                     if (x == 10) throw std::runtime_error("input broke at 10");
+                     return x;
+                   });
+    std::vector<long> seen;
+    std::string error;
+    auto results = pool.imap<twice>(failing, chunksize);
+    try {
+      for (long v : results) seen.push_back(v);
+    } catch (const std::runtime_error& e) {
+      error = e.what();
+    }
+    CHECK(error == "input broke at 10");
+    CHECK(seen == std::vector<long>{0, 2, 4, 6, 8, 10, 12, 14, 16, 18});
+  }
+  // map reads its input first, so the input's error comes before any work.
+  auto failing = std::views::iota(0L, 100L) | std::views::filter([](long x) {
+                   if (x == 50) throw std::runtime_error("filter broke");
+                   return true;
+                 });
+  CHECK_THROWS_WITH(pool.map<twice>(failing), "filter broke");
+  CHECK(pool.apply<twice>(2L) == 4);
+}
+
+POOL_TEST("1,000 pool lifecycles leave no fd and no child behind", "[faults][lifecycle]") {
+  const auto fds = test::open_fd_count();
+  const auto children = test::child_pids().size();
+  for (int i = 0; i < 1000; ++i) {
+    procpool::Pool pool(test::options<TestType>({.processes = 1}));
+    if (i % 100 == 0) REQUIRE(pool.apply<twice>(static_cast<long>(i)) == 2L * i);
+  }
+  CHECK(test::open_fd_count() == fds);
+  CHECK(test::child_pids().size() == children);
+}
+
+namespace faults_test {
+
+/// A helper program run in the background, read line by line.
+struct Background {
+  pid_t pid = -1;
+  int out = -1;
+  explicit Background(std::vector<std::string> args) {
+    int p[2];
+    REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+    pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::dup2(p[1], 1);
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    ::close(p[1]);
+    out = p[0];
+  }
+  ~Background() {
+    if (pid > 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+    ::close(out);
+  }
+  /// The worker pids the helper prints ("pids 1 2 3").
+  std::vector<int> worker_pids() {
+    std::string line;
+    char c;
+    while (::read(out, &c, 1) == 1 && c != '\n') line += c;
+    std::istringstream words(line);
+    std::string word;
+    words >> word;
+    REQUIRE(word == "pids");
+    std::set<int> pids;
+    for (int p; words >> p;) pids.insert(p);
+    return {pids.begin(), pids.end()};
+  }
+  /// Waits (bounded) for the helper to end; its wait status.
+  int wait(std::chrono::milliseconds timeout) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    int status = 0;
+    while (::waitpid(pid, &status, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) return -1;
+      ::usleep(5000);
+    }
+    pid = -1;
+    return status;
+  }
+};
+
+}  // namespace faults_test
+
+POOL_TEST("workers and any fork server die with a parent killed by SIGKILL", "[faults][orphans]") {
+  Background helper({PROCPOOL_HELPER, "orphan", std::string(procpool::to_string(TestType::method))});
+  auto workers = helper.worker_pids();
+  REQUIRE(workers.size() == 2);
+  int status = helper.wait(10s);
+  REQUIRE(status != -1);
+  CHECK((WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL));
+  CHECK(test::all_stop_running(workers, 5s));
+}
+
+POOL_TEST("Ctrl-C during a map ends the program promptly and leaves no worker", "[faults][sigint]") {
+  Background helper({PROCPOOL_HELPER, "interrupt", std::string(procpool::to_string(TestType::method))});
+  auto workers = helper.worker_pids();
+  REQUIRE(workers.size() == 2);
+  // As the terminal does: SIGINT to the whole foreground process group.
+  REQUIRE(::kill(-helper.pid, SIGINT) == 0);
+  int status = helper.wait(10s);
+  REQUIRE(status != -1);
+  CHECK((WIFSIGNALED(status) && WTERMSIG(status) == SIGINT));
+  CHECK(test::all_stop_running(workers, 5s));
+}
