@@ -12,6 +12,9 @@
 namespace {
 
 long square(long x) { return x * x; }
+std::string g_prefix;
+void set_prefix(const std::string& p) { g_prefix = p; }
+std::string prefixed(const std::string& s) { return g_prefix + s; }
 long add(long a, long b) { return a + b; }
 std::string shout(const std::string& s) { return s + "!"; }
 std::size_t total_size(const std::vector<std::vector<std::string>>& v) {
@@ -194,6 +197,10 @@ POOL_TEST("apply and apply_async run one call", "[apply]") {
   CHECK(pool.apply([](const std::string& s, int n) { return s.size() * static_cast<std::size_t>(n); },
                    std::string("abc"), 3) == 9);
   CHECK(pool.apply(Scale{3}, 2.0) == 6.0);
+  // A C string travels as std::string: a pointer cannot cross processes.
+  CHECK(pool.apply([](const std::string& s) { return s.size(); }, "literal") == 7);
+  procpool::Pool with_init(test::options<TestType>({.initializer = procpool::initializer<set_prefix>("pre-")}));
+  CHECK(with_init.apply<prefixed>(std::string("x")) == "pre-x");
   procpool::AsyncResult<long> a = pool.apply_async<square>(8);
   CHECK(a.get() == 64);
   CHECK(a.ready());

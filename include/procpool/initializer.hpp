@@ -64,7 +64,7 @@ class Initializer {
  */
 template <auto Fn, class... Args>
 Initializer initializer(Args&&... args) {
-  return Initializer(detail::BoundCall<Fn, std::decay_t<Args>...>{{std::forward<Args>(args)...}});
+  return Initializer(detail::BoundCall<Fn, detail::travel_t<Args>...>{{std::forward<Args>(args)...}});
 }
 
 namespace detail {

@@ -268,7 +268,7 @@ class Pool {
   /// apply_async() with a captureless lambda or serializable function object.
   template <detail::callable_object F, class... Args>
   auto apply_async(F fn, Args&&... args) {
-    using Arg = std::tuple<std::decay_t<Args>...>;
+    using Arg = std::tuple<detail::travel_t<Args>...>;
     using Raw = typename detail::call_traits<F, Arg, true>::result;
     using R = std::conditional_t<std::is_void_v<Raw>, void, std::decay_t<Raw>>;
     return detail::AsyncAccess<R>::make(submit_apply("apply_async", std::move(fn), std::forward<Args>(args)...));
@@ -337,7 +337,7 @@ class Pool {
 
   template <class F, class... Args>
   auto submit_apply(std::string_view call, F fn, Args&&... args) {
-    using Arg = std::tuple<std::decay_t<Args>...>;
+    using Arg = std::tuple<detail::travel_t<Args>...>;
     using T = detail::result_of_t<F, Arg, true>;
     const std::uint64_t handler = detail::call_handler_id<F, Arg, true>();
     auto state = std::make_shared<detail::ApplyState<T>>(call);

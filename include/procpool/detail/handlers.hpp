@@ -7,6 +7,7 @@
 #include <exception>
 #include <functional>
 #include <string>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -67,6 +68,12 @@ template <class F, class Arg>
 struct call_traits<F, Arg, true> {
   using result = decltype(std::apply(std::declval<F&>(), std::declval<Arg&&>()));
 };
+
+/// How an argument of type T travels: by value, and a C string as std::string
+/// (a pointer cannot cross into another process).
+template <class T>
+using travel_t = std::conditional_t<std::is_same_v<std::decay_t<T>, const char*> || std::is_same_v<std::decay_t<T>, char*>,
+                                    std::string, std::decay_t<T>>;
 
 /// Result a call produces on the parent side: void becomes std::monostate (Python's None).
 template <class R>
@@ -153,6 +160,7 @@ struct InitHandler {
 /// `procpool::initializer<setup>(args...)`: a function plus arguments that travel.
 template <auto Fn, class... Args>
 struct BoundCall {
+  static_assert((require_serializable<Args>::value && ...));
   std::tuple<Args...> args;
   void operator()() { std::apply(Fn, args); }
   template <class Archive>
