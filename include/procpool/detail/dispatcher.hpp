@@ -53,9 +53,7 @@ class Dispatcher {
         max_message_(std::min<std::size_t>(options.max_message_bytes, 0xffffffffu)),
         init_id_(InitializerAccess::id(options.initializer)),
         init_state_(InitializerAccess::state(options.initializer)) {
-    int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (fd == -1) throw_errno("eventfd");
-    wake_ = Fd(fd);
+    wake_ = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
     ++io_thread_count();
     // The I/O thread blocks every signal: they belong to the program's own
     // threads, and a write to a dead worker's pipe then fails with EPIPE

@@ -186,9 +186,11 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_
   std::size_t i = 0;
   try {
     for (; i < count; ++i) {
-      bool ok = false;
+      // Read as a byte: a bool holding anything but 0 or 1 is undefined behaviour.
+      std::uint8_t ok = 0;
       decoder(ok);
-      if (ok) {
+      if (ok > 1) throw std::runtime_error("an item outcome flag is neither 0 nor 1");
+      if (ok == 1) {
         R value{};
         decoder(value);
         on_value(first_index + i, std::move(value));

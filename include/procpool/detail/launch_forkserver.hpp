@@ -201,9 +201,17 @@ class ForkserverLauncher final : public Launcher {
 
  private:
   void start_server() {
-    int pair[2];
-    if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) == -1) throw_errno("socketpair");
-    Fd ours(pair[0]), theirs(pair[1]);
+    Fd ours, theirs;
+    {
+      // Registered under the lock fork() holds, as make_pipe does.
+      std::lock_guard lock(FdRegistry::instance().mutex());
+      int pair[2];
+      if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) == -1) throw_errno("socketpair");
+      FdRegistry::instance().add_locked(pair[0]);
+      FdRegistry::instance().add_locked(pair[1]);
+      ours = Fd(pair[0], Fd::Registered{});
+      theirs = Fd(pair[1], Fd::Registered{});
+    }
     server_pid_ = spawn_self(forkserver_flag, {theirs.get()});
     socket_ = std::move(ours);
     server_alive_ = true;

@@ -39,9 +39,8 @@ inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds) {
   // overwrite another's source.
   std::vector<Fd> high;
   for (int fd : fds) {
-    int moved = ::fcntl(fd, F_DUPFD_CLOEXEC, 3 + static_cast<int>(fds.size()));
-    if (moved == -1) throw_errno("fcntl(F_DUPFD_CLOEXEC)");
-    high.emplace_back(moved);
+    high.push_back(make_tracked("fcntl(F_DUPFD_CLOEXEC)",
+                                [&] { return ::fcntl(fd, F_DUPFD_CLOEXEC, 3 + static_cast<int>(fds.size())); }));
   }
   posix_spawn_file_actions_t actions;
   posix_spawnattr_t attr;

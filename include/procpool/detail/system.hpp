@@ -29,18 +29,6 @@ inline std::atomic<int>& io_thread_count() {
   return count;
 }
 
-/// Threads of this process, from /proc/self/status (1 if unknown).
-inline int thread_count() {
-  int threads = 1;
-  if (FILE* f = std::fopen("/proc/self/status", "r")) {
-    char line[256];
-    while (std::fgets(line, sizeof(line), f) != nullptr) {
-      if (std::sscanf(line, "Threads: %d", &threads) == 1) break;
-    }
-    std::fclose(f);
-  }
-  return threads;
-}
 
 [[noreturn]] inline void throw_errno(const char* call, int err = errno) {
   throw std::system_error(err, std::generic_category(), call);
@@ -70,6 +58,8 @@ class FdRegistry {
     std::lock_guard lock(mutex_);
     fds_.insert(fd);
   }
+  /// Caller holds mutex().
+  void add_locked(int fd) { fds_.insert(fd); }
   void remove(int fd) {
     std::lock_guard lock(mutex_);
     fds_.erase(fd);
@@ -86,6 +76,22 @@ class FdRegistry {
   std::set<int> fds_;
 };
 
+/// Threads of this process, from /proc/self/status (1 if unknown). The file
+/// is open only under the registry's lock, which fork() also holds, so no
+/// worker of another pool can inherit it.
+inline int thread_count() {
+  std::lock_guard lock(FdRegistry::instance().mutex());
+  int threads = 1;
+  if (FILE* f = std::fopen("/proc/self/status", "re")) {
+    char line[256];
+    while (std::fgets(line, sizeof(line), f) != nullptr) {
+      if (std::sscanf(line, "Threads: %d", &threads) == 1) break;
+    }
+    std::fclose(f);
+  }
+  return threads;
+}
+
 /// An owned file descriptor, closed on destruction and tracked in FdRegistry.
 class Fd {
  public:
@@ -93,6 +99,9 @@ class Fd {
   explicit Fd(int fd) : fd_(fd) {
     if (fd_ >= 0) FdRegistry::instance().add(fd_);
   }
+  struct Registered {};
+  /// Adopts an fd already in FdRegistry.
+  Fd(int fd, Registered) : fd_(fd) {}
   Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
   Fd& operator=(Fd&& other) noexcept {
     if (this != &other) {
@@ -128,10 +137,25 @@ struct Pipe {
   Fd write;
 };
 
+/// Runs `create` (returning an fd, or -1 with errno) under the registry's
+/// lock and registers the result, so a fork() by another pool's I/O thread
+/// never sees the fd without also knowing to close it.
+template <class Create>
+Fd make_tracked(const char* call, Create create) {
+  std::lock_guard lock(FdRegistry::instance().mutex());
+  int fd = create();
+  if (fd < 0) throw_errno(call);
+  FdRegistry::instance().add_locked(fd);
+  return Fd(fd, Fd::Registered{});
+}
+
 inline Pipe make_pipe() {
+  std::lock_guard lock(FdRegistry::instance().mutex());
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) == -1) throw_errno("pipe2");
-  return {Fd(fds[0]), Fd(fds[1])};
+  FdRegistry::instance().add_locked(fds[0]);
+  FdRegistry::instance().add_locked(fds[1]);
+  return {Fd(fds[0], Fd::Registered{}), Fd(fds[1], Fd::Registered{})};
 }
 
 inline void set_nonblocking(int fd) {
@@ -143,10 +167,9 @@ inline void set_nonblocking(int fd) {
 /// holds its pipe. Returns an empty Fd where the kernel lacks pidfd_open.
 inline Fd open_pidfd(pid_t pid) {
 #ifdef SYS_pidfd_open
-  int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  if (fd >= 0) {
-    ::fcntl(fd, F_SETFD, FD_CLOEXEC);
-    return Fd(fd);
+  try {
+    return make_tracked("pidfd_open", [&] { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); });
+  } catch (const std::system_error&) {
   }
 #endif
   (void)pid;

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds procpool and runs every test: the normal build, then the whole suite
+# again under AddressSanitizer + UndefinedBehaviorSanitizer and under
+# ThreadSanitizer (the asan and tsan presets; tsan without the fork start
+# method, see below). PROCPOOL_TEST_SANITIZERS=0
+# runs the normal build only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
+cmake --build build -j2
+ctest --test-dir build --output-on-failure -j2
+if [[ "${PROCPOOL_TEST_SANITIZERS:-1}" != 0 ]]; then
+  for preset in asan tsan; do
+    # The consumer projects build without sanitizers; the normal run covers them.
+    cmake --preset "$preset" -DPROCPOOL_BUILD_BENCHMARKS=OFF
+    cmake --build --preset "$preset" -j2
+    exclude='^consumer\.'
+    # ThreadSanitizer runs a thread of its own, so under it every program is
+    # threaded and forking one may deadlock inside the sanitizer itself:
+    # under tsan, the fork start method is left to the other runs.
+    [[ $preset == tsan ]] && exclude="$exclude|test::Fork\$|^fork in a"
+    ctest --preset "$preset" -j2 -E "$exclude"
+  done
+fi

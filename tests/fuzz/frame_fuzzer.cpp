@@ -1,0 +1,178 @@
+// libFuzzer target for procpool's frame decoding: everything the parent does
+// with bytes a worker sent, plus the worker's blocking FrameReader.
+//
+//   (a) detail::parse_frame over the input, frame after frame, as the
+//       dispatcher's parse_results does, under a few payload limits;
+//   (b) each complete result frame's payload through detail::decode_chunk<T>
+//       (T = long, std::string, std::vector<std::string>) with a small item
+//       count, and each init_failed/fatal frame through the two-string decode
+//       the dispatcher does;
+//   (c) detail::FrameReader over a memfd holding the input, and over a
+//       SOCK_SEQPACKET socket fed in small packets, so every read returns a
+//       piece of a frame and the reader's buffering is exercised.
+//
+// Nothing here may crash, leak, or allocate much more than the input.
+// Build: scripts/fuzz.sh (clang, -DPROCPOOL_BUILD_FUZZERS=ON).
+//
+// PROCPOOL_FUZZ_DECODE=0 in the environment skips every cereal decode (the
+// payloads of result, init_failed and fatal frames): a way to keep fuzzing
+// the framing alone while a finding in the payload decoding is open.
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include <procpool/detail/frame.hpp>
+#include <procpool/detail/job.hpp>
+#include <procpool/detail/worker.hpp>
+
+namespace {
+
+using namespace procpool::detail;
+
+bool decode_payloads() {
+  static const bool value = [] {
+    const char* text = std::getenv("PROCPOOL_FUZZ_DECODE");
+    return text == nullptr || std::string(text) != "0";
+  }();
+  return value;
+}
+
+/// Touches a value so the decode is not optimized away.
+volatile std::size_t sink = 0;
+
+template <class T>
+void decode_as(const FrameView& frame, std::size_t count) {
+  ChunkOutcome outcome;
+  outcome.payload.assign(frame.data + result_prefix_size, frame.data + frame.size);
+  outcome.pid = 1234;
+  outcome.worker = 0;
+  try {
+    decode_chunk<T>(
+        outcome, "imap", 0, count,
+        [](std::size_t index, T&& value) {
+          if constexpr (std::is_same_v<T, long>) {
+            sink = sink + index + static_cast<std::size_t>(value);
+          } else {
+            sink = sink + index + value.size();
+          }
+        },
+        [](std::size_t index, std::exception_ptr error) {
+          try {
+            std::rethrow_exception(error);
+          } catch (const std::exception& e) {
+            sink = sink + index + std::string(e.what()).size();
+          }
+        });
+  } catch (const std::exception&) {
+    // decode_chunk reports bad payloads through on_error; anything it lets
+    // escape is still an exception, not a crash.
+  }
+}
+
+/// What the dispatcher does with a frame it parsed.
+void handle_frame(const FrameView& frame) {
+  if (!decode_payloads()) return;
+  switch (frame.kind) {
+    case FrameKind::result: {
+      if (frame.size < result_prefix_size) return;  // the dispatcher calls this a protocol violation
+      // A small item count, from the task id's low byte (the corpus sets it).
+      const std::size_t count = 1 + (static_cast<unsigned char>(frame.data[0]) & 3u);
+      decode_as<long>(frame, count);
+      decode_as<std::string>(frame, count);
+      decode_as<std::vector<std::string>>(frame, count);
+      return;
+    }
+    case FrameKind::init_failed:
+    case FrameKind::fatal: {
+      std::string type, message;
+      try {
+        Decoder decoder(frame.data, frame.size);
+        decoder(type, message);
+      } catch (...) {
+        type = "unknown";
+      }
+      sink = sink + type.size() + message.size();
+      return;
+    }
+    default:
+      return;
+  }
+}
+
+/// (a) + (b): frames one after another from the start of the buffer, as the
+/// dispatcher parses a worker's inbox.
+void parse_all(const char* data, std::size_t size, std::size_t max_payload) {
+  std::size_t begin = 0;
+  for (;;) {
+    FrameView frame{};
+    Parse parsed = parse_frame(data + begin, size - begin, max_payload, frame);
+    if (parsed != Parse::complete) return;  // need_more: wait for bytes; too_large: protocol violation
+    if (frame.data < data || frame.data + frame.size > data + size) __builtin_trap();  // parse_frame's promise
+    begin += frame_header_size + frame.size;
+    handle_frame(frame);
+  }
+}
+
+/// (c) FrameReader over an fd; it owns nothing, the caller closes the fd.
+void read_all(int fd, std::size_t max_payload) {
+  FrameReader reader(fd, max_payload);
+  FrameView frame{};
+  try {
+    while (reader.next(frame)) sink = sink + frame.size + static_cast<std::size_t>(frame.kind);
+  } catch (const std::exception&) {
+    // truncated or oversized frame: the worker turns this into exit_protocol_error
+  }
+}
+
+void read_from_memfd(const std::uint8_t* data, std::size_t size, std::size_t max_payload) {
+  int fd = ::memfd_create("procpool-fuzz", MFD_CLOEXEC);
+  if (fd < 0) return;
+  std::size_t done = 0;
+  while (done < size) {
+    ssize_t n = ::write(fd, data + done, size - done);
+    if (n <= 0) break;
+    done += static_cast<std::size_t>(n);
+  }
+  if (done == size && ::lseek(fd, 0, SEEK_SET) == 0) read_all(fd, max_payload);
+  ::close(fd);
+}
+
+/// Each packet of a SOCK_SEQPACKET socket is returned by one read(), so the
+/// reader sees the input in exactly these pieces, deterministically.
+void read_from_packets(const std::uint8_t* data, std::size_t size, std::size_t max_payload) {
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds) != 0) return;
+  const std::size_t piece = std::max<std::size_t>(size / 64 + 1, size == 0 ? 1 : 1 + data[0] % 13);
+  for (std::size_t at = 0; at < size; at += piece) {
+    std::size_t n = std::min(piece, size - at);
+    // A full socket buffer just makes the input shorter.
+    if (::send(fds[1], data + at, n, MSG_DONTWAIT | MSG_NOSIGNAL) != static_cast<ssize_t>(n)) break;
+  }
+  ::shutdown(fds[1], SHUT_WR);
+  read_all(fds[0], max_payload);
+  ::close(fds[0]);
+  ::close(fds[1]);
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  const char* bytes = reinterpret_cast<const char*>(data);
+  // The dispatcher's limit is Options::max_message_bytes (1 GiB by default);
+  // a small one here keeps the fuzzer within its memory limit, and a tiny
+  // one, chosen by the input, reaches the "too large" path.
+  constexpr std::size_t max_payload = std::size_t{1} << 20;
+  parse_all(bytes, size, max_payload);
+  if (size > 0) parse_all(bytes, size, data[size - 1]);
+  read_from_memfd(data, size, max_payload);
+  read_from_packets(data, size, max_payload);
+  return 0;
+}
