@@ -667,7 +667,6 @@ class Dispatcher {
   std::optional<ChunkFailure> init_failure_;
   std::size_t early_deaths_ = 0;
   std::uint64_t next_task_id_ = 1;
-  std::uint64_t workers_started_ = 0;
   double task_ns_ = 0;
   bool have_timing_ = false;
   Fd wake_;
