@@ -101,8 +101,7 @@ int main(int argc, char** argv) {
   fmt::print("pool:     {:.3f} s  (processes = {})\n", pool_time, pool.processes());
   fmt::print("speedup:  {:.2f}x\n", serial_time / pool_time);
   if (pool_count != serial_count) {
-    fmt::print(stderr, "error: the pool counted {} primes but the serial loop counted {}\n", pool_count,
-               serial_count);
+    fmt::print(stderr, "error: the pool counted {} primes but the serial loop counted {}\n", pool_count, serial_count);
     return 1;
   }
   return 0;

@@ -133,7 +133,7 @@ E thrown(F&& f) {
 namespace test {
 
 struct ProgramRun {
-  int status = -1;  // waitpid status
+  int status = -1;     // waitpid status
   std::string output;  // stdout and stderr together
 };
 
@@ -157,7 +157,8 @@ inline ProgramRun run_program(std::vector<std::string> args, int timeout_ms = 30
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   char buffer[4096];
   for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+    auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
     pollfd p{out[0], POLLIN, 0};
     if (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) <= 0) {
       ::kill(pid, SIGKILL);

@@ -542,11 +542,10 @@ POOL_TEST("map_async's error_callback receives the error naming the failed input
 
   // a lost worker reaches the error_callback too
   std::promise<int> lost_signal;
-  auto crash = pool.map_async(
-      DieOn{2, by_sigkill}, iota_vec(5), 1, nullptr, [&lost_signal](const procpool::Error& e) {
-        auto* lost = dynamic_cast<const procpool::WorkerLost*>(&e);
-        lost_signal.set_value(lost != nullptr ? lost->signal() : -1);
-      });
+  auto crash = pool.map_async(DieOn{2, by_sigkill}, iota_vec(5), 1, nullptr, [&lost_signal](const procpool::Error& e) {
+    auto* lost = dynamic_cast<const procpool::WorkerLost*>(&e);
+    lost_signal.set_value(lost != nullptr ? lost->signal() : -1);
+  });
   auto lost_future = lost_signal.get_future();
   REQUIRE(lost_future.wait_for(30s) == std::future_status::ready);
   CHECK(lost_future.get() == SIGKILL);

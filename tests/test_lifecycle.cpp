@@ -230,8 +230,8 @@ POOL_TEST("maxtasksperchild replaces workers after that many tasks", "[lifecycle
 
 POOL_TEST("an initializer runs once in each worker before its first task", "[lifecycle][initializer]") {
   test::TempDir dir;
-  procpool::Pool pool(test::options<TestType>(
-      {.processes = 2, .initializer = procpool::initializer<record_init>(dir.path(), 42L)}));
+  procpool::Pool pool(
+      test::options<TestType>({.processes = 2, .initializer = procpool::initializer<record_init>(dir.path(), 42L)}));
   auto seen = pool.map<probe_init>(iota_vec(40), 1);
   REQUIRE(seen.size() == 40);
   check_initialized(seen, dir, 42);
@@ -245,10 +245,10 @@ POOL_TEST("an initializer runs once in each worker before its first task", "[lif
 
 POOL_TEST("a captureless lambda can be the initializer", "[lifecycle][initializer]") {
   procpool::Pool pool(test::options<TestType>({.processes = 2, .initializer = [] {
-                                                  ++lifecycle_test::g_init_runs;
-                                                  lifecycle_test::g_init_pid = static_cast<int>(::getpid());
-                                                  lifecycle_test::g_init_tag = 7;
-                                                }}));
+                                                 ++lifecycle_test::g_init_runs;
+                                                 lifecycle_test::g_init_pid = static_cast<int>(::getpid());
+                                                 lifecycle_test::g_init_tag = 7;
+                                               }}));
   for (const auto& s : pool.map<probe_init>(iota_vec(30), 1)) {
     CHECK(s.runs == 1);
     CHECK(s.init_pid == s.pid);
@@ -300,8 +300,8 @@ POOL_TEST("an initializer that throws fails the calls with InitializerError and 
   CHECK(runs <= processes + 2);
 
   // the lambda form fails the same way
-  procpool::Pool lambda_pool(test::options<TestType>(
-      {.processes = 2, .initializer = [] { throw std::invalid_argument("bad seed"); }}));
+  procpool::Pool lambda_pool(
+      test::options<TestType>({.processes = 2, .initializer = [] { throw std::invalid_argument("bad seed"); }}));
   auto e2 = test::thrown<procpool::InitializerError>([&] { lambda_pool.apply<squared>(2L); });
   CHECK_THAT(e2.what(), Catch::Contains("bad seed"));
   CHECK_THROWS_AS(lambda_pool.map<squared>(iota_vec(5)), procpool::InitializerError);

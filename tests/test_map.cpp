@@ -103,11 +103,13 @@ POOL_TEST("strings, nested containers and user structs travel both ways", "[map]
   std::vector<Point> points{{1, 2, "p"}, {3.5, -4, "q"}};
   CHECK(pool.map<mirror>(points) == serial(mirror, points));
 
-  auto maps = pool.map([](int n) {
-    std::map<std::string, std::vector<int>> m;
-    for (int i = 0; i < n; ++i) m[std::to_string(i)].push_back(i);
-    return m;
-  }, std::vector<int>{0, 3});
+  auto maps = pool.map(
+      [](int n) {
+        std::map<std::string, std::vector<int>> m;
+        for (int i = 0; i < n; ++i) m[std::to_string(i)].push_back(i);
+        return m;
+      },
+      std::vector<int>{0, 3});
   CHECK(maps[0].empty());
   CHECK(maps[1].at("2") == std::vector<int>{2});
 }
@@ -131,11 +133,13 @@ POOL_TEST("starmap unpacks tuples and pairs", "[starmap]") {
   CHECK(pool.starmap<add>(tuples) == std::vector<long>{3, 7, 11});
   CHECK(pool.starmap<add>(tuples, 1) == std::vector<long>{3, 7, 11});
   std::vector<std::pair<std::string, int>> pairs{{"ab", 2}, {"c", 3}};
-  auto repeated = pool.starmap([](const std::string& s, int n) {
-    std::string out;
-    for (int i = 0; i < n; ++i) out += s;
-    return out;
-  }, pairs);
+  auto repeated = pool.starmap(
+      [](const std::string& s, int n) {
+        std::string out;
+        for (int i = 0; i < n; ++i) out += s;
+        return out;
+      },
+      pairs);
   CHECK(repeated == std::vector<std::string>{"abab", "ccc"});
 }
 

@@ -1,7 +1,7 @@
 // What distinguishes the start methods: threads in the parent, and the
 // procpool::init line that the exec-based methods depend on.
-#include <csignal>
 #include <condition_variable>
+#include <csignal>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -53,8 +53,8 @@ class MutexHolder {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("exec-based start methods work while another thread holds a lock", "[start]",
-                   test::PosixSpawn, test::Forkserver) {
+TEMPLATE_TEST_CASE("exec-based start methods work while another thread holds a lock", "[start]", test::PosixSpawn,
+                   test::Forkserver) {
   MutexHolder holder;
   // maxtasksperchild=1 starts a new worker for every task, all while the lock is held.
   procpool::Pool pool(test::options<TestType>({.maxtasksperchild = 1}));
@@ -96,8 +96,7 @@ TEST_CASE("fork in a threaded program warns once on stderr", "[start]") {
 
 TEST_CASE("fork in a single-threaded program does not warn", "[start]") {
   // This test process runs only the Catch2 thread here.
-  procpool::Pool pool({.processes = 2, .start_method = procpool::StartMethod::fork,
-                       .error_on_threaded_fork = true});
+  procpool::Pool pool({.processes = 2, .start_method = procpool::StartMethod::fork, .error_on_threaded_fork = true});
   CHECK(pool.apply([](int x) { return x + 1; }, 1) == 2);
 }
 

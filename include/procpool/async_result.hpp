@@ -214,8 +214,7 @@ class AsyncResult {
   /// Waits at most `timeout`; returns whether the call has finished.
   template <class Rep, class Period>
   bool wait(std::chrono::duration<Rep, Period> timeout) const {
-    return state_->wait_complete(detail::Clock::now() +
-                                 std::chrono::duration_cast<detail::Clock::duration>(timeout));
+    return state_->wait_complete(detail::Clock::now() + std::chrono::duration_cast<detail::Clock::duration>(timeout));
   }
 
   /// Whether the call has finished.
@@ -246,7 +245,9 @@ class AsyncResult {
 namespace detail {
 template <class R>
 struct AsyncAccess {
-  static AsyncResult<R> make(std::shared_ptr<AsyncState<stored_t<R>>> state) { return AsyncResult<R>(std::move(state)); }
+  static AsyncResult<R> make(std::shared_ptr<AsyncState<stored_t<R>>> state) {
+    return AsyncResult<R>(std::move(state));
+  }
 };
 }  // namespace detail
 

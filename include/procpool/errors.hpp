@@ -32,8 +32,8 @@ class Error : public std::runtime_error {
  */
 class RemoteError : public Error {
  public:
-  RemoteError(std::string what, std::string type_name, std::string message, pid_t pid,
-              std::size_t worker, std::size_t input_index)
+  RemoteError(std::string what, std::string type_name, std::string message, pid_t pid, std::size_t worker,
+              std::size_t input_index)
       : Error(std::move(what)),
         type_name_(std::move(type_name)),
         message_(std::move(message)),
@@ -66,8 +66,7 @@ class RemoteError : public Error {
  */
 class WorkerLost : public Error {
  public:
-  WorkerLost(std::string what, pid_t pid, std::size_t worker, std::size_t input_index,
-             int signal, int exit_code)
+  WorkerLost(std::string what, pid_t pid, std::size_t worker, std::size_t input_index, int signal, int exit_code)
       : Error(std::move(what)),
         pid_(pid),
         worker_(worker),

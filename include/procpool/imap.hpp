@@ -201,7 +201,9 @@ class IMap {
       detail::decode_chunk<T>(
           got->second, job_->call(), span.first, span.second,
           [&](std::size_t, T&& value) { buffer_.emplace_back(std::in_place_index<0>, std::move(value)); },
-          [&](std::size_t, std::exception_ptr error) { buffer_.emplace_back(std::in_place_index<1>, std::move(error)); });
+          [&](std::size_t, std::exception_ptr error) {
+            buffer_.emplace_back(std::in_place_index<1>, std::move(error));
+          });
     }
     current_.emplace(std::move(buffer_.front()));
     buffer_.pop_front();

@@ -38,9 +38,8 @@ class Initializer {
   /// From a captureless lambda or a default-constructible function object
   /// that is empty or has serialize(); its state is sent to each worker.
   template <class F>
-    requires(!std::same_as<std::remove_cvref_t<F>, Initializer> &&
-             std::invocable<std::remove_cvref_t<F>&>)
-  Initializer(F&& fn) {  // NOLINT(google-explicit-constructor): `.initializer = [] {...}`
+  requires(!std::same_as<std::remove_cvref_t<F>, Initializer> && std::invocable<std::remove_cvref_t<F>&>)
+      Initializer(F&& fn) {  // NOLINT(google-explicit-constructor): `.initializer = [] {...}`
     using Fn = std::remove_cvref_t<F>;
     static_assert(detail::require_travelling_callable<Fn>::value);
     id_ = detail::Registered<detail::InitHandler<Fn>>::id;

@@ -134,8 +134,9 @@ class Pool {
     if (options.processes == 0) options.processes = cpu_count();
     dispatcher_ = std::make_shared<detail::Dispatcher>(options, detail::make_launcher(options));
     processes_ = options.processes;
-    prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch
-                                           : 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
+    prefetch_ = options.imap_prefetch != 0
+                    ? options.imap_prefetch
+                    : 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
   }
 
   Pool(Pool&&) noexcept = default;
@@ -184,9 +185,9 @@ class Pool {
   auto map_async(F fn, R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
                  ErrorCallback error_callback = nullptr) {
     using T = detail::result_of_t<F, detail::item_t<R>, false>;
-    return detail::AsyncAccess<std::vector<T>>::make(submit_map<false>(
-        "map_async", std::move(fn), std::forward<R>(items), chunksize, to_callback(std::move(callback)),
-        to_callback(std::move(error_callback))));
+    return detail::AsyncAccess<std::vector<T>>::make(
+        submit_map<false>("map_async", std::move(fn), std::forward<R>(items), chunksize,
+                          to_callback(std::move(callback)), to_callback(std::move(error_callback))));
   }
 
   /// map() for functions of several arguments: each item is a tuple (or pair) of them.
@@ -197,7 +198,8 @@ class Pool {
   /// starmap() with a captureless lambda or serializable function object.
   template <detail::callable_object F, std::ranges::input_range R>
   auto starmap(F fn, R&& items, std::size_t chunksize = 0) {
-    return submit_map<true>("starmap", std::move(fn), std::forward<R>(items), chunksize, nullptr, nullptr)->take_value();
+    return submit_map<true>("starmap", std::move(fn), std::forward<R>(items), chunksize, nullptr, nullptr)
+        ->take_value();
   }
 
   /// starmap() in the background.
@@ -213,9 +215,9 @@ class Pool {
   auto starmap_async(F fn, R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
                      ErrorCallback error_callback = nullptr) {
     using T = detail::result_of_t<F, detail::item_t<R>, true>;
-    return detail::AsyncAccess<std::vector<T>>::make(submit_map<true>(
-        "starmap_async", std::move(fn), std::forward<R>(items), chunksize, to_callback(std::move(callback)),
-        to_callback(std::move(error_callback))));
+    return detail::AsyncAccess<std::vector<T>>::make(
+        submit_map<true>("starmap_async", std::move(fn), std::forward<R>(items), chunksize,
+                         to_callback(std::move(callback)), to_callback(std::move(error_callback))));
   }
 
   // ---- imap -------------------------------------------------------------------
@@ -360,8 +362,8 @@ class Pool {
     using Arg = detail::item_t<R>;
     using T = detail::result_of_t<F, Arg, Star>;
     using View = std::views::all_t<R>;
-    auto source = std::make_unique<detail::RangeSource<View, F, Arg, Star>>(
-        std::views::all(std::forward<R>(items)), std::move(fn));
+    auto source = std::make_unique<detail::RangeSource<View, F, Arg, Star>>(std::views::all(std::forward<R>(items)),
+                                                                            std::move(fn));
     return detail::IMapAccess<T>::make(dispatcher_, std::move(source), call, ordered,
                                        std::max<std::size_t>(1, chunksize), prefetch_);
   }

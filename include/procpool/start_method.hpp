@@ -21,9 +21,12 @@ enum class StartMethod { fork, posix_spawn, forkserver };
 /// "fork", "posix_spawn" or "forkserver".
 constexpr std::string_view to_string(StartMethod method) noexcept {
   switch (method) {
-    case StartMethod::fork: return "fork";
-    case StartMethod::posix_spawn: return "posix_spawn";
-    case StartMethod::forkserver: return "forkserver";
+    case StartMethod::fork:
+      return "fork";
+    case StartMethod::posix_spawn:
+      return "posix_spawn";
+    case StartMethod::forkserver:
+      return "forkserver";
   }
   return "unknown";
 }

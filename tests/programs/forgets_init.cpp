@@ -24,8 +24,9 @@ int main(int argc, char** argv) {
   }
   const bool spawn = argc >= 2 && std::string(argv[1]) == "posix_spawn";
   try {
-    procpool::Pool pool({.processes = 2,
-                         .start_method = spawn ? procpool::StartMethod::posix_spawn : procpool::StartMethod::forkserver});
+    procpool::Pool pool(
+        {.processes = 2,
+         .start_method = spawn ? procpool::StartMethod::posix_spawn : procpool::StartMethod::forkserver});
     auto squares = pool.map<square>(std::vector<long>{1, 2, 3});
     std::printf("unexpected success: %zu results\n", squares.size());
     return 0;

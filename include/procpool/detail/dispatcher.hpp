@@ -97,8 +97,8 @@ class Dispatcher {
                                                          "Options::max_message_bytes ({})",
                                                          chunk.frame.size(), max_message_)})});
         } else {
-          pending_.push_back(Task{std::move(chunk.job), chunk.index,
-                                  std::make_shared<std::vector<char>>(std::move(chunk.frame)), 0});
+          pending_.push_back(
+              Task{std::move(chunk.job), chunk.index, std::make_shared<std::vector<char>>(std::move(chunk.frame)), 0});
         }
       }
     }
@@ -164,20 +164,20 @@ class Dispatcher {
   struct Worker {
     std::size_t slot = 0;
     LaunchedWorker proc;
-    bool ready = false;     // it finished its initializer
-    bool retiring = false;  // it was sent its last task
-    bool eof = false;       // its result pipe is closed
-    bool exited = false;    // its process is gone (pidfd fired, or found by waitpid)
+    bool ready = false;              // it finished its initializer
+    bool retiring = false;           // it was sent its last task
+    bool eof = false;                // its result pipe is closed
+    bool exited = false;             // its process is gone (pidfd fired, or found by waitpid)
     std::deque<std::uint64_t> held;  // task ids sent and not answered, in order
     std::size_t sent = 0;
     std::deque<std::shared_ptr<std::vector<char>>> outbox;
     std::size_t out_offset = 0;  // bytes of outbox.front() already written
     std::vector<char> inbox;
     std::size_t in_begin = 0, in_end = 0;
-    std::optional<ChunkFailure> failure;  // why its running task fails, if not a plain death
-    std::optional<int> status;            // wait status, once reaped
-    bool leaving = false;                 // it said it exits before its queued tasks (memory cap)
-    Clock::time_point front_since{};      // when held.front() started, near enough
+    std::optional<ChunkFailure> failure;       // why its running task fails, if not a plain death
+    std::optional<int> status;                 // wait status, once reaped
+    bool leaving = false;                      // it said it exits before its queued tasks (memory cap)
+    Clock::time_point front_since{};           // when held.front() started, near enough
     std::optional<Clock::time_point> kill_at;  // SIGKILL then, after a SIGTERM for a timeout
 
     bool takes_tasks() const { return !retiring && !leaving && !eof && !exited && !failure && proc.task; }
@@ -510,12 +510,14 @@ class Dispatcher {
         }
         std::size_t want = w.in_end + 65536;
         if (w.in_end >= frame_header_size) {
-          std::size_t whole = frame_header_size + std::min<std::size_t>(get<std::uint32_t>(w.inbox.data()), max_message_);
+          std::size_t whole =
+              frame_header_size + std::min<std::size_t>(get<std::uint32_t>(w.inbox.data()), max_message_);
           want = std::max(want, whole);
         }
         if (w.inbox.size() < want) w.inbox.resize(want);
       }
-      ssize_t n = retry_eintr([&] { return ::read(w.proc.result.get(), w.inbox.data() + w.in_end, w.inbox.size() - w.in_end); });
+      ssize_t n = retry_eintr(
+          [&] { return ::read(w.proc.result.get(), w.inbox.data() + w.in_end, w.inbox.size() - w.in_end); });
       if (n == 0) {
         // Without a pidfd, EOF is the death notice; with one, wait for it.
         if (!w.proc.pidfd) w.exited = true;
@@ -535,8 +537,9 @@ class Dispatcher {
       Parse parsed = parse_frame(w.inbox.data() + w.in_begin, w.in_end - w.in_begin, max_message_, frame);
       if (parsed == Parse::need_more) return true;
       if (parsed == Parse::too_large) {
-        return protocol_violation(w, fmt::format("the worker sent a message of {} bytes, over Options::max_message_bytes ({})",
-                                                 get<std::uint32_t>(w.inbox.data() + w.in_begin), max_message_));
+        return protocol_violation(
+            w, fmt::format("the worker sent a message of {} bytes, over Options::max_message_bytes ({})",
+                           get<std::uint32_t>(w.inbox.data() + w.in_begin), max_message_));
       }
       w.in_begin += frame_header_size + frame.size;
       switch (frame.kind) {
@@ -577,7 +580,7 @@ class Dispatcher {
             type = "unknown";
           }
           ChunkFailure failure{frame.kind == FrameKind::init_failed ? ChunkFailure::Kind::initializer
-                                                                     : ChunkFailure::Kind::protocol,
+                                                                    : ChunkFailure::Kind::protocol,
                                w.proc.pid, w.slot, 0, fmt::format("{}: {}", type, message)};
           if (frame.kind == FrameKind::init_failed) init_failure_ = failure;
           w.failure = failure;

@@ -87,8 +87,7 @@ struct FrameView {
 /// Outcome of looking for one frame at the front of a buffer.
 enum class Parse { complete, need_more, too_large };
 
-inline Parse parse_frame(const char* data, std::size_t available, std::size_t max_payload,
-                         FrameView& frame) {
+inline Parse parse_frame(const char* data, std::size_t available, std::size_t max_payload, FrameView& frame) {
   if (available < frame_header_size) return Parse::need_more;
   auto length = get<std::uint32_t>(data);
   if (length > max_payload) return Parse::too_large;

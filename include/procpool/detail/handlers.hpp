@@ -7,7 +7,6 @@
 #include <exception>
 #include <functional>
 #include <string>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -29,7 +28,7 @@ struct FnConst {
 };
 
 template <class F>
-inline constexpr bool stateless_v = std::is_empty_v<F> && std::is_default_constructible_v<F>;
+inline constexpr bool stateless_v = std::is_empty_v<F>&& std::is_default_constructible_v<F>;
 
 template <class F>
 struct require_travelling_callable {
@@ -72,8 +71,9 @@ struct call_traits<F, Arg, true> {
 /// How an argument of type T travels: by value, and a C string as std::string
 /// (a pointer cannot cross into another process).
 template <class T>
-using travel_t = std::conditional_t<std::is_same_v<std::decay_t<T>, const char*> || std::is_same_v<std::decay_t<T>, char*>,
-                                    std::string, std::decay_t<T>>;
+using travel_t =
+    std::conditional_t<std::is_same_v<std::decay_t<T>, const char*> || std::is_same_v<std::decay_t<T>, char*>,
+                       std::string, std::decay_t<T>>;
 
 /// Result a call produces on the parent side: void becomes std::monostate (Python's None).
 template <class R>

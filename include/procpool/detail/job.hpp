@@ -136,30 +136,29 @@ inline std::string describe_input(std::string_view call, std::size_t index) {
   return fmt::format("{} input #{}", call, index);
 }
 
-inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call,
-                                           std::size_t index) {
+inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call, std::size_t index) {
   std::string input = describe_input(call, index);
   switch (failure.kind) {
     case ChunkFailure::Kind::worker_lost: {
       int status = failure.wait_status;
       int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
       int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      return std::make_exception_ptr(WorkerLost(
-          fmt::format("procpool: worker {} (pid {}) {} while running {}; the pool replaced it",
-                      failure.worker, failure.pid, describe_wait_status(status), input),
-          failure.pid, failure.worker, index, sig, code));
+      return std::make_exception_ptr(
+          WorkerLost(fmt::format("procpool: worker {} (pid {}) {} while running {}; the pool replaced it",
+                                 failure.worker, failure.pid, describe_wait_status(status), input),
+                     failure.pid, failure.worker, index, sig, code));
     }
     case ChunkFailure::Kind::terminated:
-      return std::make_exception_ptr(PoolNotRunning(
-          fmt::format("procpool: the pool was terminated before {} finished", input)));
+      return std::make_exception_ptr(
+          PoolNotRunning(fmt::format("procpool: the pool was terminated before {} finished", input)));
     case ChunkFailure::Kind::initializer:
-      return std::make_exception_ptr(InitializerError(fmt::format(
-          "procpool: {} was not run: the pool's initializer failed in worker {} (pid {}): {}. "
-          "The pool does not restart workers to retry a failing initializer; fix it and create a new pool",
-          input, failure.worker, failure.pid, failure.detail)));
+      return std::make_exception_ptr(InitializerError(
+          fmt::format("procpool: {} was not run: the pool's initializer failed in worker {} (pid {}): {}. "
+                      "The pool does not restart workers to retry a failing initializer; fix it and create a new pool",
+                      input, failure.worker, failure.pid, failure.detail)));
     case ChunkFailure::Kind::protocol:
-      return std::make_exception_ptr(ProtocolError(fmt::format(
-          "procpool: {} failed: {} (worker {}, pid {})", input, failure.detail, failure.worker, failure.pid)));
+      return std::make_exception_ptr(ProtocolError(fmt::format("procpool: {} failed: {} (worker {}, pid {})", input,
+                                                               failure.detail, failure.worker, failure.pid)));
     case ChunkFailure::Kind::timeout:
       return std::make_exception_ptr(TaskTimeout(fmt::format(
           "procpool: {} ran longer than the task timeout ({}) in worker {} (pid {}); the worker was stopped "
@@ -174,8 +173,8 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
 /// Decodes one chunk's outcome, calling on_value(index, R&&) or
 /// on_error(index, exception_ptr) for each of its `count` items, in order.
 template <class R, class OnValue, class OnError>
-void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_t first_index,
-                  std::size_t count, OnValue&& on_value, OnError&& on_error) {
+void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_t first_index, std::size_t count,
+                  OnValue&& on_value, OnError&& on_error) {
   if (outcome.failure) {
     for (std::size_t i = 0; i < count; ++i) {
       on_error(first_index + i, make_chunk_error(*outcome.failure, call, first_index + i));
@@ -198,17 +197,17 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_
         std::string type, message;
         decoder(type, message);
         if (type == "procpool::ProtocolError") {  // the worker could not send the result
-          on_error(first_index + i, make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
-                                                      std::move(message)},
-                                                     call, first_index + i));
+          on_error(first_index + i,
+                   make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0, std::move(message)},
+                                    call, first_index + i));
           continue;
         }
-        std::string what = fmt::format("procpool: {} raised {}: {} (worker {}, pid {})",
-                                       describe_input(call, first_index + i), type, message,
-                                       outcome.worker, outcome.pid);
-        on_error(first_index + i, std::make_exception_ptr(RemoteError(std::move(what), std::move(type),
-                                                                      std::move(message), outcome.pid,
-                                                                      outcome.worker, first_index + i)));
+        std::string what =
+            fmt::format("procpool: {} raised {}: {} (worker {}, pid {})", describe_input(call, first_index + i), type,
+                        message, outcome.worker, outcome.pid);
+        on_error(first_index + i,
+                 std::make_exception_ptr(RemoteError(std::move(what), std::move(type), std::move(message), outcome.pid,
+                                                     outcome.worker, first_index + i)));
       }
     }
   } catch (const std::exception& e) {

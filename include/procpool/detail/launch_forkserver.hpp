@@ -258,7 +258,7 @@ class ForkserverLauncher final : public Launcher {
   bool server_alive_ = false;
   Fd socket_;
   std::map<pid_t, int> exited_;  // reports not yet asked for
-  std::set<pid_t> unwanted_;      // released workers whose report is still to come
+  std::set<pid_t> unwanted_;     // released workers whose report is still to come
 };
 
 }  // namespace procpool::detail

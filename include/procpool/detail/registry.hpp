@@ -81,8 +81,7 @@ class HandlerRegistry {
 /// Odr-using `Registered<H>::id` is what instantiates, and so registers, a handler.
 template <class Handler>
 struct Registered {
-  static inline const std::uint64_t id =
-      HandlerRegistry::instance().add(typeid(Handler).name(), &Handler::run);
+  static inline const std::uint64_t id = HandlerRegistry::instance().add(typeid(Handler).name(), &Handler::run);
 };
 
 }  // namespace procpool::detail

@@ -42,9 +42,8 @@ namespace procpool::detail {
 
 template <class T>
 struct travels {
-  static constexpr bool value =
-      cereal::traits::is_output_serializable<T, cereal::BinaryOutputArchive>::value &&
-      cereal::traits::is_input_serializable<T, cereal::BinaryInputArchive>::value;
+  static constexpr bool value = cereal::traits::is_output_serializable<T, cereal::BinaryOutputArchive>::value &&
+                                cereal::traits::is_input_serializable<T, cereal::BinaryInputArchive>::value;
 };
 template <class T>
 inline constexpr bool travels_v = travels<std::remove_cvref_t<T>>::value;
@@ -171,8 +170,7 @@ class Decoder {
 
 inline std::string demangle(const char* mangled) {
   int status = 0;
-  std::unique_ptr<char, void (*)(void*)> out(abi::__cxa_demangle(mangled, nullptr, nullptr, &status),
-                                             std::free);
+  std::unique_ptr<char, void (*)(void*)> out(abi::__cxa_demangle(mangled, nullptr, nullptr, &status), std::free);
   return status == 0 && out ? std::string(out.get()) : std::string(mangled);
 }
 

@@ -11,8 +11,8 @@
 
 #include <atomic>
 #include <cerrno>
-#include <cstdio>
 #include <cstddef>
+#include <cstdio>
 #include <mutex>
 #include <set>
 #include <string>
@@ -28,7 +28,6 @@ inline std::atomic<int>& io_thread_count() {
   static std::atomic<int> count{0};
   return count;
 }
-
 
 [[noreturn]] inline void throw_errno(const char* call, int err = errno) {
   throw std::system_error(err, std::generic_category(), call);

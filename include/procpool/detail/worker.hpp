@@ -141,8 +141,7 @@ inline int worker_main(int task_fd, int result_fd) {
       Encoder unused(out);
       entry->fn(decoder, 0, unused);
     } catch (...) {
-      send_failure_frame(result_fd, FrameKind::init_failed, current_exception_type_name(),
-                         current_exception_message());
+      send_failure_frame(result_fd, FrameKind::init_failed, current_exception_type_name(), current_exception_message());
       return exit_initializer_failed;
     }
   }

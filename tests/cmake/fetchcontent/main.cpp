@@ -17,7 +17,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "consumer: pool.map<square> returned the wrong results\n");
     return 1;
   }
-  std::printf("consumer: pool.map<square>({1, 2, 3, 4}) == {1, 4, 9, 16} on %zu worker processes\n",
-              pool.processes());
+  std::printf("consumer: pool.map<square>({1, 2, 3, 4}) == {1, 4, 9, 16} on %zu worker processes\n", pool.processes());
   return 0;
 }
