@@ -3,6 +3,7 @@
 #pragma once
 
 #include "async_result.hpp"
+#include "call_options.hpp"
 #include "cpu_count.hpp"
 #include "errors.hpp"
 #include "imap.hpp"

@@ -1,0 +1,43 @@
+// procpool - settings of one call (map, imap, apply_async, ...).
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <optional>
+
+namespace procpool {
+
+/**
+ * Reports how far a call has got: `done` items of `total` (`total` is empty
+ * when the input's length is not known, as for an imap over a generator).
+ * Called on the pool's I/O thread each time a chunk of results arrives, so
+ * it must be quick and must not call back into the pool. `procpool::ProgressBar`
+ * is one.
+ */
+using ProgressCallback = std::function<void(std::size_t done, std::optional<std::size_t> total)>;
+
+/**
+ * Settings of one call, used with designated initializers as the last
+ * argument of `map`, `imap`, `imap_unordered`, `starmap` and their `_async`
+ * forms; every field has a default:
+ *
+ * @code
+ * auto squares = pool.map<square>(xs, {.chunksize = 64, .progress = procpool::ProgressBar("squares")});
+ * @endcode
+ *
+ * New fields are only ever added at the end.
+ */
+struct CallOptions {
+  /// Items per task; 0 chooses the default (map: Python's ceil(n / (4 *
+  /// processes)); imap and imap_unordered: 1).
+  std::size_t chunksize = 0;
+  /// Told of progress as results arrive; see `ProgressCallback`.
+  ProgressCallback progress{};
+  /// Overrides `Options::retries` for this call's tasks.
+  std::optional<std::size_t> retries{};
+  /// Overrides `Options::task_timeout` for this call's tasks (0: no limit).
+  std::optional<std::chrono::milliseconds> task_timeout{};
+};
+
+}  // namespace procpool
