@@ -1,8 +1,8 @@
 // libFuzzer target for procpool's frame decoding: everything the parent does
 // with bytes a worker sent, plus the worker's blocking FrameReader.
 //
-//   (a) detail::parse_frame over the input, frame after frame, as the
-//       dispatcher's parse_results does, under a few payload limits;
+//   (a) detail::Inbox, the dispatcher's own buffering, fed the input in
+//       pieces of several sizes, frame after frame, under a few payload limits;
 //   (b) each complete result frame's payload through detail::decode_chunk<T>
 //       (T = long, std::string, std::vector<std::string>) with a small item
 //       count, and each init_failed/fatal frame through the two-string decode
@@ -25,11 +25,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
+#include <span>
 #include <string>
 #include <vector>
 
 #include <procpool/detail/frame.hpp>
+#include <procpool/detail/inbox.hpp>
 #include <procpool/detail/job.hpp>
 #include <procpool/detail/worker.hpp>
 
@@ -107,17 +110,33 @@ void handle_frame(const FrameView& frame) {
   }
 }
 
-/// (a) + (b): frames one after another from the start of the buffer, as the
-/// dispatcher parses a worker's inbox.
-void parse_all(const char* data, std::size_t size, std::size_t max_payload) {
-  std::size_t begin = 0;
-  for (;;) {
-    FrameView frame{};
-    Parse parsed = parse_frame(data + begin, size - begin, max_payload, frame);
-    if (parsed != Parse::complete) return;  // need_more: wait for bytes; too_large: protocol violation
-    if (frame.data < data || frame.data + frame.size > data + size) __builtin_trap();  // parse_frame's promise
-    begin += frame_header_size + frame.size;
-    handle_frame(frame);
+/// (a) + (b): the dispatcher's detail::Inbox fed the input in pieces of
+/// `piece` bytes (as read() returns them), every whole frame handled as the
+/// dispatcher does; a large frame's buffer is taken over on every other one.
+void parse_all(const char* data, std::size_t size, std::size_t max_payload, std::size_t piece) {
+  Inbox inbox(max_payload);
+  std::size_t at = 0;
+  bool take = false;
+  while (at < size) {
+    std::span<char> space = inbox.space();
+    if (space.empty()) __builtin_trap();  // space() promises room
+    std::size_t n = std::min({piece, space.size(), size - at});
+    std::memcpy(space.data(), data + at, n);
+    at += n;
+    inbox.commit(n);
+    for (;;) {
+      FrameView frame{};
+      Parse parsed = inbox.next(frame);
+      if (parsed == Parse::too_large) return;  // the dispatcher kills the worker here
+      if (parsed == Parse::need_more) break;
+      handle_frame(frame);
+      if ((take = !take)) {
+        std::vector<char> owned = inbox.take_large();
+        if (!owned.empty() && (frame.data < owned.data() || frame.data + frame.size > owned.data() + owned.size())) {
+          __builtin_trap();  // take_large() hands over the buffer the frame lies in
+        }
+      }
+    }
   }
 }
 
@@ -170,8 +189,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   // a small one here keeps the fuzzer within its memory limit, and a tiny
   // one, chosen by the input, reaches the "too large" path.
   constexpr std::size_t max_payload = std::size_t{1} << 20;
-  parse_all(bytes, size, max_payload);
-  if (size > 0) parse_all(bytes, size, data[size - 1]);
+  parse_all(bytes, size, max_payload, Inbox::read_size);
+  if (size > 0) parse_all(bytes, size, data[size - 1], 1 + data[0] % 7);
   read_from_memfd(data, size, max_payload);
   read_from_packets(data, size, max_payload);
   return 0;

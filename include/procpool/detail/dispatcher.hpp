@@ -24,6 +24,7 @@
 #include "../errors.hpp"
 #include "../options.hpp"
 #include "frame.hpp"
+#include "inbox.hpp"
 #include "job.hpp"
 #include "launcher.hpp"
 #include "system.hpp"
@@ -172,8 +173,7 @@ class Dispatcher {
     std::size_t sent = 0;
     std::deque<std::shared_ptr<std::vector<char>>> outbox;
     std::size_t out_offset = 0;  // bytes of outbox.front() already written
-    std::vector<char> inbox;
-    std::size_t in_begin = 0, in_end = 0;
+    Inbox inbox;
     std::optional<ChunkFailure> failure;       // why its running task fails, if not a plain death
     std::optional<int> status;                 // wait status, once reaped
     bool leaving = false;                      // it said it exits before its queued tasks (memory cap)
@@ -318,6 +318,7 @@ class Dispatcher {
 
   void start_worker(std::size_t slot, std::vector<Delivery>& deliveries) {
     auto w = std::make_unique<Worker>();
+    w->inbox = Inbox(max_message_);
     w->slot = slot;
     try {
       w->proc = launcher_->launch();
@@ -501,30 +502,15 @@ class Dispatcher {
   /// broke the protocol and was killed).
   bool read_results(Worker& w, std::vector<Delivery>& deliveries) {
     for (;;) {
-      if (w.in_begin == w.in_end) w.in_begin = w.in_end = 0;
-      if (w.inbox.size() - w.in_end < 65536) {
-        if (w.in_begin > 0) {
-          std::memmove(w.inbox.data(), w.inbox.data() + w.in_begin, w.in_end - w.in_begin);
-          w.in_end -= w.in_begin;
-          w.in_begin = 0;
-        }
-        std::size_t want = w.in_end + 65536;
-        if (w.in_end >= frame_header_size) {
-          std::size_t whole =
-              frame_header_size + std::min<std::size_t>(get<std::uint32_t>(w.inbox.data()), max_message_);
-          want = std::max(want, whole);
-        }
-        if (w.inbox.size() < want) w.inbox.resize(want);
-      }
-      ssize_t n = retry_eintr(
-          [&] { return ::read(w.proc.result.get(), w.inbox.data() + w.in_end, w.inbox.size() - w.in_end); });
+      std::span<char> space = w.inbox.space();
+      ssize_t n = retry_eintr([&] { return ::read(w.proc.result.get(), space.data(), space.size()); });
       if (n == 0) {
         // Without a pidfd, EOF is the death notice; with one, wait for it.
         if (!w.proc.pidfd) w.exited = true;
         return false;
       }
       if (n < 0) return errno == EAGAIN;
-      w.in_end += static_cast<std::size_t>(n);
+      w.inbox.commit(static_cast<std::size_t>(n));
       if (!parse_results(w, deliveries)) return false;
     }
   }
@@ -534,14 +520,13 @@ class Dispatcher {
   bool parse_results(Worker& w, std::vector<Delivery>& deliveries) {
     for (;;) {
       FrameView frame{};
-      Parse parsed = parse_frame(w.inbox.data() + w.in_begin, w.in_end - w.in_begin, max_message_, frame);
+      Parse parsed = w.inbox.next(frame);
       if (parsed == Parse::need_more) return true;
       if (parsed == Parse::too_large) {
         return protocol_violation(
             w, fmt::format("the worker sent a message of {} bytes, over Options::max_message_bytes ({})",
-                           get<std::uint32_t>(w.inbox.data() + w.in_begin), max_message_));
+                           w.inbox.front_length(), max_message_));
       }
-      w.in_begin += frame_header_size + frame.size;
       switch (frame.kind) {
         case FrameKind::ready:
           w.ready = true;
@@ -560,7 +545,12 @@ class Dispatcher {
           w.front_since = Clock::now();
           record_timing(ns);
           ChunkOutcome outcome;
-          outcome.payload.assign(frame.data + result_prefix_size, frame.data + frame.size);
+          outcome.payload = w.inbox.take_large();  // a large result is not copied again
+          if (outcome.payload.empty()) {
+            outcome.payload.assign(frame.data + result_prefix_size, frame.data + frame.size);
+          } else {
+            outcome.payload_offset = static_cast<std::size_t>(frame.data + result_prefix_size - outcome.payload.data());
+          }
           outcome.pid = w.proc.pid;
           outcome.worker = w.slot;
           deliveries.push_back({std::move(it->second.job), it->second.chunk, std::move(outcome)});
@@ -597,7 +587,7 @@ class Dispatcher {
     w.failure = ChunkFailure{ChunkFailure::Kind::protocol, w.proc.pid, w.slot, 0, std::move(why)};
     launcher_->kill(w.proc, SIGKILL);
     w.eof = true;
-    w.in_begin = w.in_end = 0;
+    w.inbox.clear();
     if (!w.proc.pidfd) w.exited = true;
     return false;
   }

@@ -40,7 +40,8 @@ struct ChunkFailure {
 };
 
 struct ChunkOutcome {
-  std::vector<char> payload;  // per-item outcomes, as the worker encoded them
+  std::vector<char> payload;       // holds the per-item outcomes, as the worker encoded them,
+  std::size_t payload_offset = 0;  // from this offset (a large frame's buffer is taken over whole)
   pid_t pid = 0;
   std::size_t worker = 0;
   std::optional<ChunkFailure> failure;
@@ -181,7 +182,7 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_
     }
     return;
   }
-  Decoder decoder(outcome.payload.data(), outcome.payload.size());
+  Decoder decoder(outcome.payload.data() + outcome.payload_offset, outcome.payload.size() - outcome.payload_offset);
   std::size_t i = 0;
   try {
     for (; i < count; ++i) {
