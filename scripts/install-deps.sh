@@ -2,7 +2,8 @@
 # Installs what procpool's build, tests, examples and benchmarks need on
 # Debian 12, when run as root and something is missing. Safe to re-run.
 set -euo pipefail
-packages=(cmake g++ make libcereal-dev libfmt-dev catch2 libbenchmark-dev python3 clang-format-14)
+packages=(cmake g++ make libcereal-dev libfmt-dev catch2 libbenchmark-dev python3 clang-format-14
+  clang libclang-rt-14-dev tmux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,8 +2,9 @@
 # Builds procpool and runs every test: the normal build, then the whole suite
 # again under AddressSanitizer + UndefinedBehaviorSanitizer and under
 # ThreadSanitizer (the asan and tsan presets; tsan without the fork start
-# method, see below). PROCPOOL_TEST_SANITIZERS=0
-# runs the normal build only.
+# method, see below), then fuzzes the frame decoder for 30 seconds
+# (scripts/fuzz.sh). This is the README's test command and what CI runs.
+# PROCPOOL_TEST_SANITIZERS=0 runs the normal build only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
@@ -21,4 +22,7 @@ if [[ "${PROCPOOL_TEST_SANITIZERS:-1}" != 0 ]]; then
     [[ $preset == tsan ]] && exclude="$exclude|test::Fork\$|^fork in a"
     ctest --preset "$preset" -j2 -E "$exclude"
   done
+fi
+if [[ "${PROCPOOL_TEST_SANITIZERS:-1}" != 0 ]]; then
+  scripts/fuzz.sh "${PROCPOOL_FUZZ_SECONDS:-30}"
 fi

@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -103,6 +104,17 @@ class TempDir {
 /// Appends one line to a file (creating it): how tasks leave a trace.
 inline void append_line(const std::string& file, const std::string& line) {
   std::ofstream(file, std::ios::app) << line << '\n';
+}
+
+/// Crashes (SIGKILL) the first time it sees `x`, then returns it: a marker
+/// file in `dir` remembers. A task for testing retries.
+inline long crash_once(std::string dir, long x) {
+  std::string marker = dir + "/" + std::to_string(x);
+  if (::access(marker.c_str(), F_OK) != 0) {
+    append_line(marker, "crashed once");
+    ::raise(SIGKILL);
+  }
+  return x;
 }
 
 /// The lines of a file.

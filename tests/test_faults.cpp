@@ -29,16 +29,6 @@ long crash_on_five(long x) {
   return x * 2;
 }
 
-/// Crashes the first time it sees x (a marker file remembers), then succeeds.
-long flaky(std::string dir, long x) {
-  std::string marker = dir + "/" + std::to_string(x);
-  if (::access(marker.c_str(), F_OK) != 0) {
-    test::append_line(marker, "crashed once");
-    ::raise(SIGKILL);
-  }
-  return x;
-}
-
 long always_crash(long) {
   ::raise(SIGKILL);
   return 0;
@@ -126,7 +116,7 @@ POOL_TEST("retries run a task lost to a crash again, a bounded number of times",
     procpool::Pool pool(test::options<TestType>({.retries = 1}));
     std::vector<std::tuple<std::string, long>> in;
     for (long x = 0; x < 6; ++x) in.emplace_back(dir.path(), x);
-    CHECK(pool.starmap<flaky>(in, 1) == std::vector<long>{0, 1, 2, 3, 4, 5});
+    CHECK(pool.starmap<test::crash_once>(in, 1) == std::vector<long>{0, 1, 2, 3, 4, 5});
     CHECK(dir.files().size() == 6);  // each crashed once, then ran
   }
   procpool::Pool pool(test::options<TestType>({.retries = 2}));
@@ -136,7 +126,7 @@ POOL_TEST("retries run a task lost to a crash again, a bounded number of times",
   // Without retries, one crash is final.
   procpool::Pool strict(test::options<TestType>());
   test::TempDir fresh;
-  CHECK_THROWS_AS(strict.apply<flaky>(fresh.path(), 1L), procpool::WorkerLost);
+  CHECK_THROWS_AS(strict.apply<test::crash_once>(fresh.path(), 1L), procpool::WorkerLost);
 }
 
 POOL_TEST("a task over task_timeout is stopped and fails with TaskTimeout", "[faults][timeout]") {

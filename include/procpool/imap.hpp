@@ -43,8 +43,9 @@ struct IMapAccess;
 /**
  * The results of `imap` (input order) or `imap_unordered` (completion
  * order), produced lazily: the input is read only as far as needed to keep
- * `Options::imap_prefetch` chunks in flight, so an endless input runs in
- * bounded memory, and a consumer that stops reading stops the work.
+ * `Options::imap_prefetch` chunks in flight (fewer while they hold more than
+ * `Options::imap_prefetch_bytes`), so an endless input runs in bounded
+ * memory, and a consumer that stops reading stops the work.
  *
  * Iterate it with range-for, or call next(). An item whose task failed
  * throws (RemoteError, WorkerLost...) when it is reached; the iteration can
@@ -114,13 +115,15 @@ class IMap {
   friend struct detail::IMapAccess<T>;
 
   IMap(std::shared_ptr<detail::Dispatcher> dispatcher, std::unique_ptr<detail::ChunkSource> source,
-       std::string_view call, bool ordered, std::size_t chunksize, std::size_t prefetch)
+       std::shared_ptr<detail::JobState> job, bool ordered, std::size_t chunksize, std::size_t prefetch,
+       std::size_t prefetch_bytes)
       : dispatcher_(std::move(dispatcher)),
         source_(std::move(source)),
-        job_(std::make_shared<detail::JobState>(call)),
+        job_(std::move(job)),
         ordered_(ordered),
         chunksize_(chunksize),
-        prefetch_(prefetch) {}
+        prefetch_(prefetch),
+        prefetch_bytes_(prefetch_bytes) {}
 
   std::optional<T> next_until(detail::Deadline deadline) {
     if (!has_next()) return std::nullopt;
@@ -148,11 +151,13 @@ class IMap {
     return taken_ < submitted_ || input_error_ != nullptr;
   }
 
-  /// Keeps `prefetch_` chunks in flight, reading the input only that far.
-  /// An input that throws ends the input there: the results before it are
-  /// still yielded, then its exception, in the position where it happened.
+  /// Keeps up to `prefetch_` chunks in flight, reading the input only that
+  /// far, and fewer while their bytes (tasks sent and results not yet taken)
+  /// pass `prefetch_bytes_`. An input that throws ends the input there: the
+  /// results before it are still yielded, then its exception, in the
+  /// position where it happened.
   void top_up() {
-    if (input_done_ || submitted_ - taken_ >= prefetch_) return;
+    if (input_done_ || !room_for_more(0)) return;
     std::vector<detail::Chunk> chunks;
     try {
       pull_chunks(chunks);
@@ -165,8 +170,16 @@ class IMap {
     dispatcher_->submit(std::move(chunks));
   }
 
+  /// Whether one more chunk may be read, with `pending` chunks read but not yet submitted.
+  bool room_for_more(std::size_t pending) const {
+    const std::uint64_t out = submitted_ + pending - taken_;
+    if (out >= prefetch_) return false;
+    // Always one chunk, however large, or nothing would ever run.
+    return out == 0 || prefetch_bytes_ == 0 || bytes_out_ + job_->ready_bytes() < prefetch_bytes_;
+  }
+
   void pull_chunks(std::vector<detail::Chunk>& chunks) {
-    while (!input_done_ && submitted_ + chunks.size() - taken_ < prefetch_) {
+    while (!input_done_ && room_for_more(chunks.size())) {
       detail::Chunk chunk{job_, submitted_ + chunks.size(), {}};
       std::size_t start = detail::begin_task_frame(chunk.frame, source_->handler_id());
       std::uint32_t count = source_->fill(chunk.frame, chunksize_);
@@ -175,7 +188,8 @@ class IMap {
         break;
       }
       detail::finish_task_frame(chunk.frame, start, count);
-      spans_.emplace(chunk.index, std::pair{next_input_, std::size_t{count}});
+      spans_.emplace(chunk.index, Span{next_input_, std::size_t{count}, chunk.frame.size()});
+      bytes_out_ += chunk.frame.size();
       next_input_ += count;
       chunks.push_back(std::move(chunk));
     }
@@ -198,8 +212,9 @@ class IMap {
       if (!got) throw TimeoutError(fmt::format("procpool: no {} result arrived in time", job_->call()));
       ++taken_;
       auto span = spans_.extract(got->first).mapped();
+      bytes_out_ -= span.bytes;
       detail::decode_chunk<T>(
-          got->second, job_->call(), span.first, span.second,
+          got->second, job_->call(), span.first, span.count,
           [&](std::size_t, T&& value) { buffer_.emplace_back(std::in_place_index<0>, std::move(value)); },
           [&](std::size_t, std::exception_ptr error) {
             buffer_.emplace_back(std::in_place_index<1>, std::move(error));
@@ -215,11 +230,18 @@ class IMap {
   bool ordered_;
   std::size_t chunksize_;
   std::size_t prefetch_;
+  std::size_t prefetch_bytes_;
+  std::size_t bytes_out_ = 0;    // task bytes of the chunks submitted and not taken
   std::uint64_t submitted_ = 0;  // chunks handed to the dispatcher
   std::uint64_t taken_ = 0;      // chunks taken from the mailbox
   std::size_t next_input_ = 0;
   bool input_done_ = false;
-  std::unordered_map<std::uint64_t, std::pair<std::size_t, std::size_t>> spans_;  // chunk -> first, count
+  struct Span {
+    std::size_t first;  // index of the chunk's first input
+    std::size_t count;  // its items
+    std::size_t bytes;  // its task frame's size
+  };
+  std::unordered_map<std::uint64_t, Span> spans_;
   std::exception_ptr input_error_;  // the input threw; yielded after what came before it
   std::deque<Item> buffer_;
   std::optional<Item> current_;

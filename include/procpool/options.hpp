@@ -59,6 +59,11 @@ struct Options {
   /// allocation beyond it fails inside the task (`std::bad_alloc`, reported
   /// as RemoteError). 0 means no limit. Does not mix with AddressSanitizer.
   std::size_t memory_limit_per_child = 0;
+  /// `imap`/`imap_unordered` read no further ahead while the tasks they
+  /// sent and the results not yet consumed hold this many bytes (at least
+  /// one chunk is always in flight); bounds their memory with large items,
+  /// where `imap_prefetch` alone counts chunks. 0 means no byte bound.
+  std::size_t imap_prefetch_bytes = std::size_t{64} << 20;
 };
 
 }  // namespace procpool

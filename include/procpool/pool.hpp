@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <ranges>
 #include <string_view>
 #include <tuple>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "async_result.hpp"
+#include "call_options.hpp"
 #include "cpu_count.hpp"
 #include "detail/dispatcher.hpp"
 #include "detail/handlers.hpp"
@@ -92,6 +94,12 @@ inline std::size_t default_chunksize(std::size_t count, std::size_t processes) {
   return chunksize;
 }
 
+/// Whether a call's arguments start with its CallOptions (apply, apply_async).
+template <class... Args>
+inline constexpr bool options_first = false;
+template <class A, class... Rest>
+inline constexpr bool options_first<A, Rest...> = std::is_same_v<std::remove_cvref_t<A>, CallOptions>;
+
 template <class F>
 concept callable_object = std::is_class_v<std::remove_cvref_t<F>> && !std::ranges::range<F>;
 
@@ -137,6 +145,7 @@ class Pool {
     prefetch_ = options.imap_prefetch != 0
                     ? options.imap_prefetch
                     : 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
+    prefetch_bytes_ = options.imap_prefetch_bytes;
   }
 
   Pool(Pool&&) noexcept = default;
@@ -160,12 +169,22 @@ class Pool {
    */
   template <auto Fn, std::ranges::input_range R>
   auto map(R&& items, std::size_t chunksize = 0) {
-    return map(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize);
+    return map(detail::FnConst<Fn>{}, std::forward<R>(items), CallOptions{.chunksize = chunksize});
+  }
+  /// map() with per-call settings: `pool.map<f>(xs, {.chunksize = 8, .progress = bar})`.
+  template <auto Fn, std::ranges::input_range R>
+  auto map(R&& items, const CallOptions& options) {
+    return map(detail::FnConst<Fn>{}, std::forward<R>(items), options);
   }
   /// map() with a captureless lambda or serializable function object.
   template <detail::callable_object F, std::ranges::input_range R>
   auto map(F fn, R&& items, std::size_t chunksize = 0) {
-    return submit_map<false>("map", std::move(fn), std::forward<R>(items), chunksize, nullptr, nullptr)->take_value();
+    return map(std::move(fn), std::forward<R>(items), CallOptions{.chunksize = chunksize});
+  }
+  /// map() with a function object and per-call settings.
+  template <detail::callable_object F, std::ranges::input_range R>
+  auto map(F fn, R&& items, const CallOptions& options) {
+    return submit_map<false>("map", std::move(fn), std::forward<R>(items), options, nullptr, nullptr)->take_value();
   }
 
   /**
@@ -176,7 +195,14 @@ class Pool {
   template <auto Fn, std::ranges::input_range R, class Callback = std::nullptr_t, class ErrorCallback = std::nullptr_t>
   auto map_async(R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
                  ErrorCallback error_callback = nullptr) {
-    return map_async(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize, std::move(callback),
+    return map_async(detail::FnConst<Fn>{}, std::forward<R>(items), CallOptions{.chunksize = chunksize},
+                     std::move(callback), std::move(error_callback));
+  }
+  /// map_async() with per-call settings.
+  template <auto Fn, std::ranges::input_range R, class Callback = std::nullptr_t, class ErrorCallback = std::nullptr_t>
+  auto map_async(R&& items, const CallOptions& options, Callback callback = nullptr,
+                 ErrorCallback error_callback = nullptr) {
+    return map_async(detail::FnConst<Fn>{}, std::forward<R>(items), options, std::move(callback),
                      std::move(error_callback));
   }
   /// map_async() with a captureless lambda or serializable function object.
@@ -184,29 +210,53 @@ class Pool {
             class ErrorCallback = std::nullptr_t>
   auto map_async(F fn, R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
                  ErrorCallback error_callback = nullptr) {
+    return map_async(std::move(fn), std::forward<R>(items), CallOptions{.chunksize = chunksize}, std::move(callback),
+                     std::move(error_callback));
+  }
+  /// map_async() with a function object and per-call settings.
+  template <detail::callable_object F, std::ranges::input_range R, class Callback = std::nullptr_t,
+            class ErrorCallback = std::nullptr_t>
+  auto map_async(F fn, R&& items, const CallOptions& options, Callback callback = nullptr,
+                 ErrorCallback error_callback = nullptr) {
     using T = detail::result_of_t<F, detail::item_t<R>, false>;
     return detail::AsyncAccess<std::vector<T>>::make(
-        submit_map<false>("map_async", std::move(fn), std::forward<R>(items), chunksize,
-                          to_callback(std::move(callback)), to_callback(std::move(error_callback))));
+        submit_map<false>("map_async", std::move(fn), std::forward<R>(items), options, to_callback(std::move(callback)),
+                          to_callback(std::move(error_callback))));
   }
 
   /// map() for functions of several arguments: each item is a tuple (or pair) of them.
   template <auto Fn, std::ranges::input_range R>
   auto starmap(R&& items, std::size_t chunksize = 0) {
-    return starmap(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize);
+    return starmap(detail::FnConst<Fn>{}, std::forward<R>(items), CallOptions{.chunksize = chunksize});
+  }
+  /// starmap() with per-call settings.
+  template <auto Fn, std::ranges::input_range R>
+  auto starmap(R&& items, const CallOptions& options) {
+    return starmap(detail::FnConst<Fn>{}, std::forward<R>(items), options);
   }
   /// starmap() with a captureless lambda or serializable function object.
   template <detail::callable_object F, std::ranges::input_range R>
   auto starmap(F fn, R&& items, std::size_t chunksize = 0) {
-    return submit_map<true>("starmap", std::move(fn), std::forward<R>(items), chunksize, nullptr, nullptr)
-        ->take_value();
+    return starmap(std::move(fn), std::forward<R>(items), CallOptions{.chunksize = chunksize});
+  }
+  /// starmap() with a function object and per-call settings.
+  template <detail::callable_object F, std::ranges::input_range R>
+  auto starmap(F fn, R&& items, const CallOptions& options) {
+    return submit_map<true>("starmap", std::move(fn), std::forward<R>(items), options, nullptr, nullptr)->take_value();
   }
 
   /// starmap() in the background.
   template <auto Fn, std::ranges::input_range R, class Callback = std::nullptr_t, class ErrorCallback = std::nullptr_t>
   auto starmap_async(R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
                      ErrorCallback error_callback = nullptr) {
-    return starmap_async(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize, std::move(callback),
+    return starmap_async(detail::FnConst<Fn>{}, std::forward<R>(items), CallOptions{.chunksize = chunksize},
+                         std::move(callback), std::move(error_callback));
+  }
+  /// starmap_async() with per-call settings.
+  template <auto Fn, std::ranges::input_range R, class Callback = std::nullptr_t, class ErrorCallback = std::nullptr_t>
+  auto starmap_async(R&& items, const CallOptions& options, Callback callback = nullptr,
+                     ErrorCallback error_callback = nullptr) {
+    return starmap_async(detail::FnConst<Fn>{}, std::forward<R>(items), options, std::move(callback),
                          std::move(error_callback));
   }
   /// starmap_async() with a captureless lambda or serializable function object.
@@ -214,9 +264,17 @@ class Pool {
             class ErrorCallback = std::nullptr_t>
   auto starmap_async(F fn, R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
                      ErrorCallback error_callback = nullptr) {
+    return starmap_async(std::move(fn), std::forward<R>(items), CallOptions{.chunksize = chunksize},
+                         std::move(callback), std::move(error_callback));
+  }
+  /// starmap_async() with a function object and per-call settings.
+  template <detail::callable_object F, std::ranges::input_range R, class Callback = std::nullptr_t,
+            class ErrorCallback = std::nullptr_t>
+  auto starmap_async(F fn, R&& items, const CallOptions& options, Callback callback = nullptr,
+                     ErrorCallback error_callback = nullptr) {
     using T = detail::result_of_t<F, detail::item_t<R>, true>;
     return detail::AsyncAccess<std::vector<T>>::make(
-        submit_map<true>("starmap_async", std::move(fn), std::forward<R>(items), chunksize,
+        submit_map<true>("starmap_async", std::move(fn), std::forward<R>(items), options,
                          to_callback(std::move(callback)), to_callback(std::move(error_callback))));
   }
 
@@ -224,56 +282,94 @@ class Pool {
 
   /**
    * Lazy map: results in input order, as they become available. The input
-   * is read only as far as `Options::imap_prefetch` chunks ahead of the
-   * consumer, so it may be endless. An rvalue input is moved into the result.
+   * is read only as far as `Options::imap_prefetch` chunks (and
+   * `Options::imap_prefetch_bytes`) ahead of the consumer, so it may be
+   * endless. An rvalue input is moved into the result.
    * @param chunksize items per task (default 1, as in Python)
    */
   template <auto Fn, std::ranges::input_range R>
   auto imap(R&& items, std::size_t chunksize = 1) {
-    return imap(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize);
+    return imap(detail::FnConst<Fn>{}, std::forward<R>(items), CallOptions{.chunksize = chunksize});
+  }
+  /// imap() with per-call settings.
+  template <auto Fn, std::ranges::input_range R>
+  auto imap(R&& items, const CallOptions& options) {
+    return imap(detail::FnConst<Fn>{}, std::forward<R>(items), options);
   }
   /// imap() with a captureless lambda or serializable function object.
   template <detail::callable_object F, std::ranges::input_range R>
   auto imap(F fn, R&& items, std::size_t chunksize = 1) {
-    return make_imap<false>("imap", true, std::move(fn), std::forward<R>(items), chunksize);
+    return imap(std::move(fn), std::forward<R>(items), CallOptions{.chunksize = chunksize});
+  }
+  /// imap() with a function object and per-call settings.
+  template <detail::callable_object F, std::ranges::input_range R>
+  auto imap(F fn, R&& items, const CallOptions& options) {
+    return make_imap<false>("imap", true, std::move(fn), std::forward<R>(items), options);
   }
 
   /// Like imap(), but yields results in the order they complete.
   template <auto Fn, std::ranges::input_range R>
   auto imap_unordered(R&& items, std::size_t chunksize = 1) {
-    return imap_unordered(detail::FnConst<Fn>{}, std::forward<R>(items), chunksize);
+    return imap_unordered(detail::FnConst<Fn>{}, std::forward<R>(items), CallOptions{.chunksize = chunksize});
+  }
+  /// imap_unordered() with per-call settings.
+  template <auto Fn, std::ranges::input_range R>
+  auto imap_unordered(R&& items, const CallOptions& options) {
+    return imap_unordered(detail::FnConst<Fn>{}, std::forward<R>(items), options);
   }
   /// imap_unordered() with a captureless lambda or serializable function object.
   template <detail::callable_object F, std::ranges::input_range R>
   auto imap_unordered(F fn, R&& items, std::size_t chunksize = 1) {
-    return make_imap<false>("imap_unordered", false, std::move(fn), std::forward<R>(items), chunksize);
+    return imap_unordered(std::move(fn), std::forward<R>(items), CallOptions{.chunksize = chunksize});
+  }
+  /// imap_unordered() with a function object and per-call settings.
+  template <detail::callable_object F, std::ranges::input_range R>
+  auto imap_unordered(F fn, R&& items, const CallOptions& options) {
+    return make_imap<false>("imap_unordered", false, std::move(fn), std::forward<R>(items), options);
   }
 
   // ---- apply ------------------------------------------------------------------
 
   /// Calls `Fn(args...)` in a worker and waits for the result.
   template <auto Fn, class... Args>
-  auto apply(Args&&... args) {
+  requires(!detail::options_first<Args...>) auto apply(Args&&... args) {
     return apply(detail::FnConst<Fn>{}, std::forward<Args>(args)...);
+  }
+  /// apply() with per-call settings first: `pool.apply<f>({.task_timeout = 5s}, x)`.
+  template <auto Fn, class... Args>
+  auto apply(const CallOptions& options, Args&&... args) {
+    return apply(detail::FnConst<Fn>{}, options, std::forward<Args>(args)...);
   }
   /// apply() with a captureless lambda or serializable function object.
   template <detail::callable_object F, class... Args>
-  auto apply(F fn, Args&&... args) {
-    return submit_apply("apply", std::move(fn), std::forward<Args>(args)...)->take_value();
+  requires(!detail::options_first<Args...>) auto apply(F fn, Args&&... args) {
+    return submit_apply("apply", CallOptions{}, std::move(fn), std::forward<Args>(args)...)->take_value();
+  }
+  /// apply() with a function object and per-call settings.
+  template <detail::callable_object F, class... Args>
+  auto apply(F fn, const CallOptions& options, Args&&... args) {
+    return submit_apply("apply", options, std::move(fn), std::forward<Args>(args)...)->take_value();
   }
 
   /// Calls `Fn(args...)` in a worker; returns at once.
   template <auto Fn, class... Args>
-  auto apply_async(Args&&... args) {
+  requires(!detail::options_first<Args...>) auto apply_async(Args&&... args) {
     return apply_async(detail::FnConst<Fn>{}, std::forward<Args>(args)...);
+  }
+  /// apply_async() with per-call settings first.
+  template <auto Fn, class... Args>
+  auto apply_async(const CallOptions& options, Args&&... args) {
+    return apply_async(detail::FnConst<Fn>{}, options, std::forward<Args>(args)...);
   }
   /// apply_async() with a captureless lambda or serializable function object.
   template <detail::callable_object F, class... Args>
-  auto apply_async(F fn, Args&&... args) {
-    using Arg = std::tuple<detail::travel_t<Args>...>;
-    using Raw = typename detail::call_traits<F, Arg, true>::result;
-    using R = std::conditional_t<std::is_void_v<Raw>, void, std::decay_t<Raw>>;
-    return detail::AsyncAccess<R>::make(submit_apply("apply_async", std::move(fn), std::forward<Args>(args)...));
+  requires(!detail::options_first<Args...>) auto apply_async(F fn, Args&&... args) {
+    return make_apply_async("apply_async", CallOptions{}, std::move(fn), std::forward<Args>(args)...);
+  }
+  /// apply_async() with a function object and per-call settings.
+  template <detail::callable_object F, class... Args>
+  auto apply_async(F fn, const CallOptions& options, Args&&... args) {
+    return make_apply_async("apply_async", options, std::move(fn), std::forward<Args>(args)...);
   }
 
   // ---- lifecycle --------------------------------------------------------------
@@ -300,7 +396,7 @@ class Pool {
   }
 
   template <bool Star, class F, class R, class Callback, class ErrorCallback>
-  auto submit_map(std::string_view call, F fn, R&& items, std::size_t chunksize, Callback callback,
+  auto submit_map(std::string_view call, F fn, R&& items, const CallOptions& options, Callback callback,
                   ErrorCallback error_callback) {
     using Arg = detail::item_t<R>;
     using T = detail::result_of_t<F, Arg, Star>;
@@ -308,12 +404,14 @@ class Pool {
       // Python's map reads the whole input first too; imap is the lazy one.
       std::vector<Arg> all;
       for (auto&& item : items) all.emplace_back(std::forward<decltype(item)>(item));
-      return submit_map<Star>(call, std::move(fn), all, chunksize, std::move(callback), std::move(error_callback));
+      return submit_map<Star>(call, std::move(fn), all, options, std::move(callback), std::move(error_callback));
     } else {
       const std::uint64_t handler = detail::call_handler_id<F, Arg, Star>();
       const auto count = static_cast<std::size_t>(std::ranges::size(items));
+      std::size_t chunksize = options.chunksize;
       if (chunksize == 0) chunksize = detail::default_chunksize(count, processes_);
       auto state = std::make_shared<detail::MapState<T>>(call, count, chunksize);
+      state->configure(options, count);
       if constexpr (!std::is_null_pointer_v<Callback> || !std::is_null_pointer_v<ErrorCallback>) {
         typename detail::AsyncState<std::vector<T>>::Callback on_value;
         typename detail::AsyncState<std::vector<T>>::ErrorCallback on_error;
@@ -338,11 +436,20 @@ class Pool {
   }
 
   template <class F, class... Args>
-  auto submit_apply(std::string_view call, F fn, Args&&... args) {
+  auto make_apply_async(std::string_view call, const CallOptions& options, F fn, Args&&... args) {
+    using Arg = std::tuple<detail::travel_t<Args>...>;
+    using Raw = typename detail::call_traits<F, Arg, true>::result;
+    using R = std::conditional_t<std::is_void_v<Raw>, void, std::decay_t<Raw>>;
+    return detail::AsyncAccess<R>::make(submit_apply(call, options, std::move(fn), std::forward<Args>(args)...));
+  }
+
+  template <class F, class... Args>
+  auto submit_apply(std::string_view call, const CallOptions& options, F fn, Args&&... args) {
     using Arg = std::tuple<detail::travel_t<Args>...>;
     using T = detail::result_of_t<F, Arg, true>;
     const std::uint64_t handler = detail::call_handler_id<F, Arg, true>();
     auto state = std::make_shared<detail::ApplyState<T>>(call);
+    state->configure(options, 1);
     detail::Chunk chunk{state, 0, {}};
     std::size_t start = detail::begin_task_frame(chunk.frame, handler);
     {
@@ -358,19 +465,24 @@ class Pool {
   }
 
   template <bool Star, class F, class R>
-  auto make_imap(std::string_view call, bool ordered, F fn, R&& items, std::size_t chunksize) {
+  auto make_imap(std::string_view call, bool ordered, F fn, R&& items, const CallOptions& options) {
     using Arg = detail::item_t<R>;
     using T = detail::result_of_t<F, Arg, Star>;
     using View = std::views::all_t<R>;
+    std::optional<std::size_t> total;
+    if constexpr (std::ranges::sized_range<R>) total = static_cast<std::size_t>(std::ranges::size(items));
     auto source = std::make_unique<detail::RangeSource<View, F, Arg, Star>>(std::views::all(std::forward<R>(items)),
                                                                             std::move(fn));
-    return detail::IMapAccess<T>::make(dispatcher_, std::move(source), call, ordered,
-                                       std::max<std::size_t>(1, chunksize), prefetch_);
+    auto job = std::make_shared<detail::JobState>(call);
+    job->configure(options, total);
+    return detail::IMapAccess<T>::make(dispatcher_, std::move(source), std::move(job), ordered,
+                                       std::max<std::size_t>(1, options.chunksize), prefetch_, prefetch_bytes_);
   }
 
   std::shared_ptr<detail::Dispatcher> dispatcher_;
   std::size_t processes_ = 0;
   std::size_t prefetch_ = 0;
+  std::size_t prefetch_bytes_ = 0;
 };
 
 }  // namespace procpool

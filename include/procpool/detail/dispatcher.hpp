@@ -90,20 +90,22 @@ class Dispatcher {
       }
       for (auto& chunk : chunks) {
         if (broken_) {
-          failed.push_back({std::move(chunk.job), chunk.index, failure_outcome(*broken_)});
+          failed.push_back({std::move(chunk.job), chunk.index, failure_outcome(*broken_), items_in(chunk.frame)});
         } else if (chunk.frame.size() - frame_header_size > max_message_) {
           failed.push_back({std::move(chunk.job), chunk.index,
                             failure_outcome({ChunkFailure::Kind::protocol, 0, 0, 0,
                                              fmt::format("its task message ({} bytes) is larger than "
                                                          "Options::max_message_bytes ({})",
-                                                         chunk.frame.size(), max_message_)})});
+                                                         chunk.frame.size(), max_message_)}),
+                            items_in(chunk.frame)});
         } else {
+          if (chunk.job->task_timeout()) timeouts_used_ = true;
           pending_.push_back(
               Task{std::move(chunk.job), chunk.index, std::make_shared<std::vector<char>>(std::move(chunk.frame)), 0});
         }
       }
     }
-    for (auto& d : failed) d.job->deliver(d.chunk, std::move(d.outcome));
+    for (auto& d : failed) d.job->deliver(d.chunk, std::move(d.outcome), d.items);
     wake();
   }
 
@@ -148,7 +150,12 @@ class Dispatcher {
     std::shared_ptr<JobState> job;
     std::uint64_t chunk;
     ChunkOutcome outcome;
+    std::size_t items;  // in the chunk, for progress reports
   };
+
+  static std::size_t items_in(const std::vector<char>& task_frame) {
+    return get<std::uint32_t>(task_frame.data() + task_prefix_size - 4);
+  }
 
   /// A chunk inside the dispatcher. Its frame is kept until the result
   /// arrives, so a task a dead worker never started can be sent again.
@@ -228,7 +235,7 @@ class Dispatcher {
         }
       }
       lock.unlock();
-      for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome));
+      for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome), d.items);
       deliveries.clear();
       int timeout_ms = need_timeout ? 50 : -1;
       if (next_deadline) {
@@ -265,7 +272,7 @@ class Dispatcher {
     }
     const bool terminating = state_ == State::terminating;
     lock.unlock();
-    for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome));
+    for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome), d.items);
     if (terminating) stop_workers();
   }
 
@@ -385,9 +392,10 @@ class Dispatcher {
       Task task = std::move(it->second);
       in_flight_.erase(it);
       if (k == 0 && front_started) {
-        bool retry = lost.kind == ChunkFailure::Kind::worker_lost && task.attempts < retries_;
+        bool retry =
+            lost.kind == ChunkFailure::Kind::worker_lost && task.attempts < task.job->retries().value_or(retries_);
         if (!retry) {
-          deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(lost)});
+          deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(lost), items_in(*task.frame)});
           continue;
         }
         ++task.attempts;
@@ -415,14 +423,18 @@ class Dispatcher {
         }
         continue;
       }
-      if (task_timeout_.count() == 0 || w->held.empty() || !w->ready || w->failure) continue;
-      auto deadline = w->front_since + task_timeout_;
+      if (!timeouts_used_ || w->held.empty() || !w->ready || w->failure) continue;
+      auto running = in_flight_.find(w->held.front());
+      if (running == in_flight_.end()) continue;
+      const auto limit = running->second.job->task_timeout().value_or(task_timeout_);
+      if (limit.count() <= 0) continue;
+      auto deadline = w->front_since + limit;
       if (now < deadline) {
         sooner(deadline);
         continue;
       }
-      w->failure = ChunkFailure{ChunkFailure::Kind::timeout, w->proc.pid, w->slot, 0,
-                                fmt::format("{} ms", task_timeout_.count())};
+      w->failure =
+          ChunkFailure{ChunkFailure::Kind::timeout, w->proc.pid, w->slot, 0, fmt::format("{} ms", limit.count())};
       launcher_->kill(w->proc, SIGTERM);
       w->kill_at = now + kill_grace;
       sooner(*w->kill_at);
@@ -431,7 +443,9 @@ class Dispatcher {
   }
 
   void fail_all_pending(const ChunkFailure& failure, std::vector<Delivery>& deliveries) {
-    for (auto& task : pending_) deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(failure)});
+    for (auto& task : pending_) {
+      deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(failure), items_in(*task.frame)});
+    }
     pending_.clear();
   }
 
@@ -553,7 +567,8 @@ class Dispatcher {
           }
           outcome.pid = w.proc.pid;
           outcome.worker = w.slot;
-          deliveries.push_back({std::move(it->second.job), it->second.chunk, std::move(outcome)});
+          deliveries.push_back(
+              {std::move(it->second.job), it->second.chunk, std::move(outcome), items_in(*it->second.frame)});
           in_flight_.erase(it);
           break;
         }
@@ -609,7 +624,7 @@ class Dispatcher {
       ChunkFailure terminated{ChunkFailure::Kind::terminated, 0, 0, 0, {}};
       fail_all_pending(terminated, deliveries);
       for (auto& [id, task] : in_flight_) {
-        deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(terminated)});
+        deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(terminated), items_in(*task.frame)});
       }
       in_flight_.clear();
       for (auto& w : workers_) {
@@ -633,7 +648,7 @@ class Dispatcher {
       }
       workers_.clear();
     }
-    for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome));
+    for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome), d.items);
   }
 
   std::unique_ptr<Launcher> launcher_;
@@ -642,6 +657,7 @@ class Dispatcher {
   const std::size_t max_in_flight_;
   const std::size_t retries_;
   const std::chrono::milliseconds task_timeout_;
+  bool timeouts_used_ = task_timeout_.count() > 0;  // some task has a timeout: Options' or its call's
   const std::size_t max_rss_;
   const std::size_t address_space_limit_;
   /// Between SIGTERM and SIGKILL for a task over its timeout.

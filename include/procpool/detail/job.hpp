@@ -19,6 +19,7 @@
 
 #include <fmt/format.h>
 
+#include "../call_options.hpp"
 #include "../errors.hpp"
 #include "handlers.hpp"
 #include "serialize.hpp"
@@ -56,11 +57,28 @@ class JobState {
 
   std::string_view call() const { return call_; }
 
+  /// Takes a call's settings: its retry and timeout overrides, and whom to
+  /// tell of progress (`total` items, if known). Before the first submit only.
+  void configure(const CallOptions& options, std::optional<std::size_t> total) {
+    retries_ = options.retries;
+    task_timeout_ = options.task_timeout;
+    progress_ = options.progress;
+    total_ = total;
+  }
+
   // ---- dispatcher side ----
-  void deliver(std::uint64_t chunk, ChunkOutcome&& outcome) {
+  std::optional<std::size_t> retries() const { return retries_; }
+  std::optional<std::chrono::milliseconds> task_timeout() const { return task_timeout_; }
+
+  /// A chunk of `items` items is settled (results or failure).
+  void deliver(std::uint64_t chunk, ChunkOutcome&& outcome, std::size_t items) {
+    // Reported before the outcome can be taken, so a call that returns has
+    // had its last progress report.
+    if (progress_ && !cancelled()) report_progress(items);
     {
       std::lock_guard lock(mutex_);
       if (cancelled_) return;
+      ready_bytes_ += outcome.payload.size();
       ready_.emplace(chunk, std::move(outcome));
       ++delivered_;
     }
@@ -81,6 +99,7 @@ class JobState {
     std::unique_lock lock(mutex_);
     if (!wait(lock, deadline, [&] { return ready_.count(chunk) != 0; })) return std::nullopt;
     auto node = ready_.extract(chunk);
+    ready_bytes_ -= node.mapped().payload.size();
     return std::move(node.mapped());
   }
 
@@ -88,7 +107,14 @@ class JobState {
     std::unique_lock lock(mutex_);
     if (!wait(lock, deadline, [&] { return !ready_.empty(); })) return std::nullopt;
     auto node = ready_.extract(ready_.begin());
+    ready_bytes_ -= node.mapped().payload.size();
     return std::pair{node.key(), std::move(node.mapped())};
+  }
+
+  /// Bytes of results delivered and not yet taken.
+  std::size_t ready_bytes() const {
+    std::lock_guard lock(mutex_);
+    return ready_bytes_;
   }
 
   bool wait_delivered(std::size_t count, Deadline deadline) {
@@ -104,6 +130,7 @@ class JobState {
   /// All outcomes delivered so far, in chunk order.
   std::map<std::uint64_t, ChunkOutcome> take_all() {
     std::lock_guard lock(mutex_);
+    ready_bytes_ = 0;
     return std::exchange(ready_, {});
   }
 
@@ -122,7 +149,31 @@ class JobState {
     return cv_.wait_until(lock, *deadline, pred);
   }
 
+  /// Called from the I/O thread, and from a submitting thread for tasks
+  /// refused at once: one at a time, with a running count.
+  void report_progress(std::size_t items) {
+    std::lock_guard lock(progress_mutex_);
+    done_ += items;
+    try {
+      progress_(done_, total_);
+    } catch (...) {
+      if (!progress_failed_) {
+        progress_failed_ = true;
+        fmt::print(stderr, "procpool: a {} progress callback threw {}: {}; the pool goes on\n", call_,
+                   current_exception_type_name(), current_exception_message());
+      }
+    }
+  }
+
   std::string call_;
+  std::optional<std::size_t> retries_;
+  std::optional<std::chrono::milliseconds> task_timeout_;
+  ProgressCallback progress_;
+  std::optional<std::size_t> total_;
+  std::mutex progress_mutex_;
+  std::size_t done_ = 0;
+  bool progress_failed_ = false;
+  std::size_t ready_bytes_ = 0;
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::map<std::uint64_t, ChunkOutcome> ready_;
