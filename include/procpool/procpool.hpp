@@ -11,5 +11,6 @@
 #include "initializer.hpp"
 #include "options.hpp"
 #include "pool.hpp"
+#include "progress.hpp"
 #include "start_method.hpp"
 #include "version.hpp"
