@@ -54,24 +54,45 @@ inline bool send_message(int sock, const ForkserverMessage& msg, const int* fds 
 }
 
 /// Receives a message and any fds (close-on-exec). false on EOF.
+///
+/// The fds are registered in FdRegistry under the same hold of its lock in
+/// which recvmsg creates them: a fork() by another pool's I/O thread in
+/// between would otherwise copy them into its worker without knowing to close
+/// them, and that worker would keep, say, our worker's task pipe open, so our
+/// worker would never see EOF. MSG_CMSG_CLOEXEC covers the exec-based start
+/// methods, which never look at the registry. MSG_DONTWAIT keeps the lock from
+/// being held across a wait: if nothing is there after all, we wait unlocked.
 inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& fds) {
   iovec iov{&msg, sizeof(msg)};
   msghdr header{};
   header.msg_iov = &iov;
   header.msg_iovlen = 1;
   alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))];
-  header.msg_control = control;
-  header.msg_controllen = sizeof(control);
-  ssize_t n = retry_eintr([&] { return ::recvmsg(sock, &header, MSG_CMSG_CLOEXEC); });
-  if (n <= 0) return false;
-  for (cmsghdr* cmsg = CMSG_FIRSTHDR(&header); cmsg != nullptr; cmsg = CMSG_NXTHDR(&header, cmsg)) {
-    if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
-    std::size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-    for (std::size_t i = 0; i < count; ++i) {
-      int fd;
-      std::memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
-      fds.emplace_back(fd);
+  ssize_t n;
+  for (;;) {
+    header.msg_control = control;
+    header.msg_controllen = sizeof(control);
+    std::unique_lock lock(FdRegistry::instance().mutex());
+    n = retry_eintr([&] { return ::recvmsg(sock, &header, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); });
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      lock.unlock();
+      pollfd p{sock, POLLIN, 0};
+      retry_eintr([&] { return ::poll(&p, 1, -1); });
+      continue;
     }
+    if (n > 0) {
+      for (cmsghdr* cmsg = CMSG_FIRSTHDR(&header); cmsg != nullptr; cmsg = CMSG_NXTHDR(&header, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        std::size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (std::size_t i = 0; i < count; ++i) {
+          int fd;
+          std::memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+          FdRegistry::instance().add_locked(fd);
+          fds.emplace_back(fd, Fd::Registered{});
+        }
+      }
+    }
+    break;
   }
   return n == static_cast<ssize_t>(sizeof(msg));
 }
