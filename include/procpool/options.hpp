@@ -3,9 +3,11 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 
 #include "initializer.hpp"
 #include "start_method.hpp"
+#include "worker_output.hpp"
 
 namespace procpool {
 
@@ -59,6 +61,19 @@ struct Options {
   /// allocation beyond it fails inside the task (`std::bad_alloc`, reported
   /// as RemoteError). 0 means no limit. Does not mix with AddressSanitizer.
   std::size_t memory_limit_per_child = 0;
+  /// What becomes of the workers' stdout and stderr: `inherit` (the parent's
+  /// own, as any child's; lines of two workers can mix), `lines` (relayed
+  /// through the parent, one whole line at a time) or `prefixed` (relayed,
+  /// each line led by `[worker <slot> pid <pid>] `). See `WorkerOutput`.
+  WorkerOutput worker_output = WorkerOutput::inherit;
+  /// If set, every line a worker prints on stdout or stderr goes to this
+  /// function instead of the parent's stdout and stderr (whatever
+  /// `worker_output` says): the way to route worker output into the
+  /// program's own logger. Called on a thread of the pool, one line at a time;
+  /// keep it short. An exception it throws is reported on stderr and the pool
+  /// goes on. Every line printed before `join()` returns has been delivered
+  /// by then.
+  std::function<void(const WorkerLine&)> on_worker_output{};
 };
 
 }  // namespace procpool

@@ -13,3 +13,4 @@
 #include "pool.hpp"
 #include "start_method.hpp"
 #include "version.hpp"
+#include "worker_output.hpp"
