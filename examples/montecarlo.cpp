@@ -1,9 +1,9 @@
 // montecarlo: estimates pi by throwing random points at the unit square and
 // counting those inside the quarter circle, in many independently seeded
 // batches spread over a procpool::Pool. Shows pool.imap_unordered over a lazy
-// range of batch numbers, a procpool::ProgressBar driven from the consumer
-// loop, and results that do not depend on which worker ran what: each batch's
-// generator is seeded from the run's seed and the batch number, so the same
+// range of batch numbers, a procpool::ProgressBar told of progress by the
+// pool (CallOptions::progress), and results that do not depend on which
+// worker ran what: each batch's generator is seeded from the run's seed and the batch number, so the same
 // arguments always give the same estimate.
 //
 //   ./montecarlo [BATCHES] [--samples S] [--seed N] [--processes P]
@@ -93,12 +93,10 @@ int main(int argc, char** argv) {
   auto inputs = std::views::iota(std::uint64_t{0}, batches) | std::views::transform([&](std::uint64_t i) {
                   return Batch{i, samples, seed};
                 });
-  std::uint64_t hits = 0, done = 0;
+  std::uint64_t hits = 0;
   // Completion order is fine: a sum does not care which batch came first.
-  for (std::uint64_t batch_hits : pool.imap_unordered<count_hits>(inputs)) {
-    hits += batch_hits;
-    bar(++done, batches);
-  }
+  // The pool tells the bar as batches complete (the input's size is its total).
+  for (std::uint64_t batch_hits : pool.imap_unordered<count_hits>(inputs, {.progress = bar})) hits += batch_hits;
   bar.finish();
 
   const double n = static_cast<double>(batches * samples);

@@ -33,7 +33,9 @@ inline void init(int argc, char** argv) {
   ::unsetenv(detail::worker_env);
   if (server) detail::run_forkserver(3, parent);
   detail::prepare_worker_process(parent);
-  detail::run_worker_and_exit(3, 4);
+  const bool relayed = argc > 3 && argv[3] != nullptr && std::strcmp(argv[3], detail::relayed_output_flag) == 0;
+  if (relayed) detail::use_relayed_output();
+  detail::run_worker_and_exit(3, 4, relayed);
 }
 
 }  // namespace procpool

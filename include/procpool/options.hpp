@@ -3,9 +3,11 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 
 #include "initializer.hpp"
 #include "start_method.hpp"
+#include "worker_output.hpp"
 
 namespace procpool {
 
@@ -64,6 +66,19 @@ struct Options {
   /// one chunk is always in flight); bounds their memory with large items,
   /// where `imap_prefetch` alone counts chunks. 0 means no byte bound.
   std::size_t imap_prefetch_bytes = std::size_t{64} << 20;
+  /// What becomes of the workers' stdout and stderr: `inherit` (the parent's
+  /// own, as any child's; lines of two workers can mix), `lines` (relayed
+  /// through the parent, one whole line at a time) or `prefixed` (relayed,
+  /// each line led by `[worker <slot> pid <pid>] `). See `WorkerOutput`.
+  WorkerOutput worker_output = WorkerOutput::inherit;
+  /// If set, every line a worker prints on stdout or stderr goes to this
+  /// function instead of the parent's stdout and stderr (whatever
+  /// `worker_output` says): the way to route worker output into the
+  /// program's own logger. Called on a thread of the pool, one line at a time;
+  /// keep it short. An exception it throws is reported on stderr and the pool
+  /// goes on. Every line printed before `join()` returns has been delivered
+  /// by then.
+  std::function<void(const WorkerLine&)> on_worker_output{};
 };
 
 }  // namespace procpool

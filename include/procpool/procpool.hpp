@@ -14,3 +14,4 @@
 #include "progress.hpp"
 #include "start_method.hpp"
 #include "version.hpp"
+#include "worker_output.hpp"

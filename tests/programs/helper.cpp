@@ -6,8 +6,15 @@
 //   orphan <method>       print "pids <worker pids...>" then SIGKILL itself mid-map
 //   interrupt <method>    own process group; print "pids ..." then run a long map
 //                         (the test sends SIGINT to the group, as Ctrl-C does)
+//   output <method> <lines|prefixed|inherit> <file>
+//                         stderr to <file>; 4 workers print long lines to stdout
+//                         and stderr, each in many small write()s; then "done"
 #include <procpool/procpool.hpp>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <csignal>
@@ -76,6 +83,49 @@ int threaded_fork() {
   return total == 28 ? 0 : 1;
 }
 
+/// Length of line `line` of task `task`: from 1 to about 12 KiB, mostly over PIPE_BUF.
+std::size_t output_line_length(long task, int line) {
+  return 1 + static_cast<std::size_t>((task * 997 + line * 1319) % 12000);
+}
+
+/// Prints 20 lines to stdout and 20 to stderr, "<out|err> <task> <line> <pid> <letters> end",
+/// each in write()s of at most 700 bytes: unrelayed, workers' lines would mix.
+long print_lines_in_pieces(long task) {
+  for (int line = 0; line < 20; ++line) {
+    for (int fd : {1, 2}) {
+      std::string text = std::string(fd == 1 ? "out " : "err ") + std::to_string(task) + " " + std::to_string(line) +
+                         " " + std::to_string(::getpid()) + " " +
+                         std::string(output_line_length(task, line), static_cast<char>('a' + (task + line) % 26)) +
+                         " end\n";
+      for (std::size_t at = 0; at < text.size(); at += 700) {
+        std::size_t n = std::min<std::size_t>(700, text.size() - at);
+        if (::write(fd, text.data() + at, n) != static_cast<ssize_t>(n)) return -1;
+      }
+    }
+  }
+  return task;
+}
+
+int relay_output(const std::string& method, const std::string& mode, const std::string& err_file) {
+  int err = ::open(err_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (err < 0 || ::dup2(err, 2) != 2) return 3;
+  ::close(err);
+  {
+    procpool::Pool pool({.processes = 4,
+                         .start_method = method_named(method),
+                         .worker_output = mode == "prefixed" ? procpool::WorkerOutput::prefixed
+                                          : mode == "lines"  ? procpool::WorkerOutput::lines
+                                                             : procpool::WorkerOutput::inherit});
+    std::vector<long> tasks(24);
+    for (std::size_t i = 0; i < tasks.size(); ++i) tasks[i] = static_cast<long>(i);
+    if (pool.map<print_lines_in_pieces>(tasks, 1) != tasks) return 4;
+    pool.close();
+    pool.join();
+  }
+  std::printf("done\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -83,6 +133,7 @@ int main(int argc, char** argv) {
   std::string mode = argc > 1 ? argv[1] : "";
   if (mode == "threaded-fork") return threaded_fork();
   if (mode == "orphan" && argc > 2) return start_busy_pool(argv[2], true);
+  if (mode == "output" && argc > 4) return relay_output(argv[2], argv[3], argv[4]);
   if (mode == "interrupt" && argc > 2) {
     ::setpgid(0, 0);
     return start_busy_pool(argv[2], false);

@@ -27,6 +27,7 @@
 #include "inbox.hpp"
 #include "job.hpp"
 #include "launcher.hpp"
+#include "output_relay.hpp"
 #include "system.hpp"
 #include "worker.hpp"
 
@@ -55,6 +56,9 @@ class Dispatcher {
         init_id_(InitializerAccess::id(options.initializer)),
         init_state_(InitializerAccess::state(options.initializer)) {
     wake_ = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
+    if (options.worker_output != WorkerOutput::inherit || options.on_worker_output) {
+      relay_ = std::make_unique<OutputRelay>(options.worker_output, options.on_worker_output);
+    }
     ++io_thread_count();
     // The I/O thread blocks every signal: they belong to the program's own
     // threads, and a write to a dead worker's pipe then fails with EPIPE
@@ -128,6 +132,8 @@ class Dispatcher {
     }
     std::lock_guard join_lock(join_mutex_);
     if (thread_.joinable()) thread_.join();
+    // Every worker has exited: what they printed is in the relay's pipes.
+    if (relay_) relay_->finish(std::chrono::seconds(1), std::chrono::seconds(5));
   }
 
   /// Stops the workers now (SIGTERM, then SIGKILL after a short grace) and
@@ -141,6 +147,7 @@ class Dispatcher {
     std::lock_guard join_lock(join_mutex_);
     if (thread_.joinable()) thread_.join();
     stop_workers();
+    if (relay_) relay_->finish(kill_grace, kill_grace);
   }
 
  private:
@@ -328,7 +335,10 @@ class Dispatcher {
     w->inbox = Inbox(max_message_);
     w->slot = slot;
     try {
-      w->proc = launcher_->launch();
+      std::optional<OutputRelay::Pipes> output;
+      if (relay_) output = OutputRelay::open();
+      w->proc = launcher_->launch(output ? output->child() : ChildStdio{});
+      if (output) relay_->attach(slot, w->proc.pid, std::move(*output));
       set_nonblocking(w->proc.task.get());
       set_nonblocking(w->proc.result.get());
     } catch (const std::exception& e) {
@@ -680,6 +690,7 @@ class Dispatcher {
   bool have_timing_ = false;
   Fd wake_;
   std::thread thread_;
+  std::unique_ptr<OutputRelay> relay_;  // only when workers' output is not inherited
 };
 
 }  // namespace procpool::detail

@@ -11,7 +11,7 @@ namespace procpool::detail {
 
 class ForkLauncher final : public ChildLauncher {
  public:
-  LaunchedWorker launch() override {
+  LaunchedWorker launch(const ChildStdio& stdio) override {
     Pipe task = make_pipe();
     Pipe result = make_pipe();
     // Anything buffered now would be written twice: once by each process.
@@ -27,6 +27,11 @@ class ForkLauncher final : public ChildLauncher {
       pid = ::fork();
       if (pid == 0) {
         const int keep_read = task.read.get(), keep_write = result.write.get();
+        if (stdio.relayed()) {
+          // Before the registered fds go: the relay's pipe ends are among them.
+          ::dup2(stdio.out, 1);
+          ::dup2(stdio.err, 2);
+        }
         // Siblings' pipe ends must go, or they never see EOF (see FdRegistry).
         for (int fd : inherited) {
           if (fd != keep_read && fd != keep_write) ::close(fd);
@@ -34,7 +39,8 @@ class ForkLauncher final : public ChildLauncher {
         FdRegistry::instance().clear_locked();
         lock.unlock();
         prepare_worker_process(parent);
-        run_worker_and_exit(keep_read, keep_write);
+        if (stdio.relayed()) use_relayed_output();
+        run_worker_and_exit(keep_read, keep_write, stdio.relayed());
       }
     }
     if (pid < 0) throw_errno("fork");

@@ -2,7 +2,7 @@
 // pool, started like a posix_spawn worker, forks the workers on request and
 // hands their pipes to the parent over a Unix socket (SCM_RIGHTS).
 //
-//   parent -> server : 'L'                          start a worker
+//   parent -> server : 'L' [+ fds[out, err]]         start a worker [with these as its stdout, stderr]
 //   server -> parent : 'W', pid + fds[task, result]  a worker started
 //                      'F', errno                    fork() failed
 //                      'E', pid, wait status         a worker exited
@@ -54,24 +54,45 @@ inline bool send_message(int sock, const ForkserverMessage& msg, const int* fds 
 }
 
 /// Receives a message and any fds (close-on-exec). false on EOF.
+///
+/// The fds are registered in FdRegistry under the same hold of its lock in
+/// which recvmsg creates them: a fork() by another pool's I/O thread in
+/// between would otherwise copy them into its worker without knowing to close
+/// them, and that worker would keep, say, our worker's task pipe open, so our
+/// worker would never see EOF. MSG_CMSG_CLOEXEC covers the exec-based start
+/// methods, which never look at the registry. MSG_DONTWAIT keeps the lock from
+/// being held across a wait: if nothing is there after all, we wait unlocked.
 inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& fds) {
   iovec iov{&msg, sizeof(msg)};
   msghdr header{};
   header.msg_iov = &iov;
   header.msg_iovlen = 1;
   alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))];
-  header.msg_control = control;
-  header.msg_controllen = sizeof(control);
-  ssize_t n = retry_eintr([&] { return ::recvmsg(sock, &header, MSG_CMSG_CLOEXEC); });
-  if (n <= 0) return false;
-  for (cmsghdr* cmsg = CMSG_FIRSTHDR(&header); cmsg != nullptr; cmsg = CMSG_NXTHDR(&header, cmsg)) {
-    if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
-    std::size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-    for (std::size_t i = 0; i < count; ++i) {
-      int fd;
-      std::memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
-      fds.emplace_back(fd);
+  ssize_t n;
+  for (;;) {
+    header.msg_control = control;
+    header.msg_controllen = sizeof(control);
+    std::unique_lock lock(FdRegistry::instance().mutex());
+    n = retry_eintr([&] { return ::recvmsg(sock, &header, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); });
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      lock.unlock();
+      pollfd p{sock, POLLIN, 0};
+      retry_eintr([&] { return ::poll(&p, 1, -1); });
+      continue;
     }
+    if (n > 0) {
+      for (cmsghdr* cmsg = CMSG_FIRSTHDR(&header); cmsg != nullptr; cmsg = CMSG_NXTHDR(&header, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        std::size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (std::size_t i = 0; i < count; ++i) {
+          int fd;
+          std::memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+          FdRegistry::instance().add_locked(fd);
+          fds.emplace_back(fd, Fd::Registered{});
+        }
+      }
+    }
+    break;
   }
   return n == static_cast<ssize_t>(sizeof(msg));
 }
@@ -97,9 +118,10 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
       while ((pid = ::waitpid(-1, &status, WNOHANG)) > 0) send_message(sock, {'E', pid, status});
     }
     if (fds[0].revents == 0) continue;
-    char request = 0;
-    ssize_t n = retry_eintr([&] { return ::recv(sock, &request, 1, 0); });
-    if (n <= 0) break;  // the pool is gone: exiting takes the workers along
+    ForkserverMessage request;
+    std::vector<Fd> stdio;                              // the relay's pipe ends, if the pool relays output
+    if (!receive_message(sock, request, stdio)) break;  // the pool is gone: exiting takes the workers along
+    const bool relayed = stdio.size() == 2;
     int task[2], result[2];
     if (::pipe2(task, O_CLOEXEC) == -1 || ::pipe2(result, O_CLOEXEC) == -1) {
       send_message(sock, {'F', 0, errno});
@@ -111,10 +133,15 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
       // The worker keeps only its own two pipe ends, as fds 3 and 4.
       ::dup2(task[0], 3);
       ::dup2(result[1], 4);
+      if (relayed) {
+        ::dup2(stdio[0].get(), 1);
+        ::dup2(stdio[1].get(), 2);
+      }
       ::close_range(5, ~0U, 0);
       ::sigprocmask(SIG_UNBLOCK, &chld, nullptr);
       prepare_worker_process(server);
-      run_worker_and_exit(3, 4);
+      if (relayed) use_relayed_output();
+      run_worker_and_exit(3, 4, relayed);
     }
     int err = errno;
     ::close(task[0]);
@@ -145,10 +172,11 @@ class ForkserverLauncher final : public Launcher {
     retry_eintr([&] { return ::waitpid(server_pid_, &status, 0); });
   }
 
-  LaunchedWorker launch() override {
+  LaunchedWorker launch(const ChildStdio& stdio) override {
     if (server_pid_ <= 0) start_server();
-    char request = 'L';
-    if (retry_eintr([&] { return ::send(socket_.get(), &request, 1, MSG_NOSIGNAL); }) != 1) {
+    // The server keeps its copies of the stdio fds only until it has forked.
+    const int stdio_fds[2] = {stdio.out, stdio.err};
+    if (!send_message(socket_.get(), {'L', 0, 0}, stdio.relayed() ? stdio_fds : nullptr, stdio.relayed() ? 2 : 0)) {
       throw Error("the fork server is gone (" + server_status() + "). " + missing_init_hint("forkserver"));
     }
     for (;;) {

@@ -32,25 +32,40 @@ inline std::string missing_init_hint(std::string_view method) {
          "over: add `procpool::init(argc, argv);` as the first line of main(), before any other work";
 }
 
+/// argv[3] of a re-executed worker whose stdout and stderr go to the
+/// parent's output relay.
+inline constexpr const char* relayed_output_flag = "--procpool-relayed-output";
+
 /// Starts this program's binary (/proc/self/exe) as `argv[0] <flag> <our pid>`
-/// with `fds[i].first` as fd 3 + i and no other fd but 0, 1 and 2.
-inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds) {
+/// with `fds[i]` as fd 3 + i and no other fd but 0, 1 and 2; with `stdio`'s
+/// fds as its 1 and 2 (and `relayed_output_flag` as argv[3]) if relayed.
+inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds, const ChildStdio& stdio = {}) {
   // Move the fds above the target range first, so one dup2 cannot
   // overwrite another's source.
+  const int first_free = 3 + static_cast<int>(fds.size());
+  auto move_high = [&](int fd) {
+    return make_tracked("fcntl(F_DUPFD_CLOEXEC)", [&] { return ::fcntl(fd, F_DUPFD_CLOEXEC, first_free); });
+  };
   std::vector<Fd> high;
-  for (int fd : fds) {
-    high.push_back(make_tracked("fcntl(F_DUPFD_CLOEXEC)",
-                                [&] { return ::fcntl(fd, F_DUPFD_CLOEXEC, 3 + static_cast<int>(fds.size())); }));
+  for (int fd : fds) high.push_back(move_high(fd));
+  Fd high_out, high_err;
+  if (stdio.relayed()) {
+    high_out = move_high(stdio.out);
+    high_err = move_high(stdio.err);
   }
   posix_spawn_file_actions_t actions;
   posix_spawnattr_t attr;
   ::posix_spawn_file_actions_init(&actions);
   ::posix_spawnattr_init(&attr);
+  if (stdio.relayed()) {
+    ::posix_spawn_file_actions_adddup2(&actions, high_out.get(), 1);
+    ::posix_spawn_file_actions_adddup2(&actions, high_err.get(), 2);
+  }
   for (std::size_t i = 0; i < high.size(); ++i) {
     ::posix_spawn_file_actions_adddup2(&actions, high[i].get(), 3 + static_cast<int>(i));
   }
   // The new process inherits nothing the program left open without O_CLOEXEC.
-  ::posix_spawn_file_actions_addclosefrom_np(&actions, 3 + static_cast<int>(fds.size()));
+  ::posix_spawn_file_actions_addclosefrom_np(&actions, first_free);
   // The I/O thread blocks every signal; the child starts with none blocked
   // and default dispositions.
   sigset_t none, all;
@@ -62,7 +77,8 @@ inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds) {
 
   std::string parent = std::to_string(::getpid());
   std::string argv0 = program_invocation_name;
-  char* argv[] = {argv0.data(), const_cast<char*>(flag), parent.data(), nullptr};
+  char* argv[] = {argv0.data(), const_cast<char*>(flag), parent.data(),
+                  stdio.relayed() ? const_cast<char*>(relayed_output_flag) : nullptr, nullptr};
   std::vector<char*> env;
   std::string marker = std::string(worker_env) + "=1";
   for (char** e = environ; *e != nullptr; ++e) {
@@ -81,10 +97,10 @@ inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds) {
 
 class SpawnLauncher final : public ChildLauncher {
  public:
-  LaunchedWorker launch() override {
+  LaunchedWorker launch(const ChildStdio& stdio) override {
     Pipe task = make_pipe();
     Pipe result = make_pipe();
-    pid_t pid = spawn_self(worker_flag, {task.read.get(), result.write.get()});
+    pid_t pid = spawn_self(worker_flag, {task.read.get(), result.write.get()}, stdio);
     task.read.reset();
     result.write.reset();
     return {pid, std::move(task.write), std::move(result.read), open_pidfd(pid)};

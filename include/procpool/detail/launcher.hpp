@@ -19,12 +19,22 @@ struct LaunchedWorker {
   Fd pidfd;   // readable once the worker has exited; may be empty
 };
 
+/// What a new worker gets as its stdout and stderr: the write ends of the
+/// output relay's pipes, or -1 for both to keep the parent's (inherit).
+struct ChildStdio {
+  int out = -1;
+  int err = -1;
+  bool relayed() const noexcept { return out >= 0 && err >= 0; }
+};
+
 class Launcher {
  public:
   virtual ~Launcher() = default;
-  /// Starts one worker that runs `worker_main` on its ends of two fresh pipes.
-  /// Called only from the dispatcher's I/O thread. Throws std::system_error.
-  virtual LaunchedWorker launch() = 0;
+  /// Starts one worker that runs `worker_main` on its ends of two fresh pipes,
+  /// with `stdio` as its fds 1 and 2 when relayed. The caller keeps `stdio`'s
+  /// fds and closes them after the launch. Called only from the dispatcher's
+  /// I/O thread. Throws std::system_error.
+  virtual LaunchedWorker launch(const ChildStdio& stdio) = 0;
   /// Collects the exit status of a worker that has exited (or is exiting).
   virtual int reap(const LaunchedWorker& worker) = 0;
   /// The exit status if the worker has already exited, without blocking.

@@ -102,6 +102,22 @@ inline void prepare_worker_process(pid_t parent) {
   if (::getppid() != parent) ::_exit(0);
 }
 
+/// In a worker whose fds 1 and 2 are pipes to the parent's output relay:
+/// stdio would buffer a pipe in blocks of 4 KiB, so a line could sit in the
+/// worker for the whole of a long task, or be lost if it crashes. Called
+/// before anything is printed (in a fork, after the parent's fflush).
+inline void use_relayed_output() { std::setvbuf(stdout, nullptr, _IOLBF, BUFSIZ); }
+
+/// Sends on what the task printed without a newline (or through an unsynced
+/// std::cout), before its result: the output relay reads it while the
+/// parent takes the result.
+inline void flush_worker_output() {
+  std::cout.flush();
+  std::cerr.flush();
+  std::fflush(stdout);
+  std::fflush(stderr);
+}
+
 inline bool send_frame(int fd, const std::vector<char>& frame) { return write_all(fd, frame.data(), frame.size()); }
 
 inline void send_failure_frame(int fd, FrameKind kind, const std::string& type, const std::string& message) {
@@ -115,8 +131,9 @@ inline void send_failure_frame(int fd, FrameKind kind, const std::string& type, 
   send_frame(fd, out);
 }
 
-/// Runs the worker protocol on an already-connected pair of fds; returns the exit code.
-inline int worker_main(int task_fd, int result_fd) {
+/// Runs the worker protocol on an already-connected pair of fds; returns the
+/// exit code. `relayed`: stdout and stderr go to the parent's output relay.
+inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   FrameReader reader(task_fd, std::size_t{1} << 31);
   FrameView frame{};
   if (!reader.next(frame)) return 0;
@@ -179,6 +196,7 @@ inline int worker_main(int task_fd, int result_fd) {
       entry->fn(decoder, count, encoder);
     }
     auto elapsed = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - began);
+    if (relayed) flush_worker_output();
     patch<std::uint64_t>(out, start + frame_header_size + 8, static_cast<std::uint64_t>(elapsed.count()));
     if (out.size() - start - frame_header_size > max_message) {
       // Too large to send: report every item as failed instead.
@@ -204,14 +222,13 @@ inline int worker_main(int task_fd, int result_fd) {
 
 /// Runs the worker loop, then leaves without running the parent's atexit
 /// handlers or static destructors (a fork shares them, and must not run them).
-[[noreturn]] inline void run_worker_and_exit(int task_fd, int result_fd) noexcept {
+[[noreturn]] inline void run_worker_and_exit(int task_fd, int result_fd, bool relayed = false) noexcept {
   int code = exit_protocol_error;
   try {
-    code = worker_main(task_fd, result_fd);
+    code = worker_main(task_fd, result_fd, relayed);
   } catch (...) {
   }
-  std::cout.flush();
-  std::cerr.flush();
+  flush_worker_output();
   std::fflush(nullptr);
   ::_exit(code);
 }
