@@ -30,10 +30,12 @@ descendants() {  # every process below $1, depth first
 }
 
 # The pane runs a shell that runs the program, then reports how it ended and
-# stays open so the pane can be read.
+# stays open so the pane can be read. The shell traps SIGINT (a handler, which
+# exec resets for the program; ignoring it would be inherited) so it does not
+# itself end with the program.
 printf -v command '%q ' "$@"
 tmux -L "$socket" new-session -d -x 160 -y 30 \
-  "bash -c '$command; echo \"[exited with status \$?]\"; sleep 60'"
+  "bash -c 'trap : INT; $command; echo \"[exited with status \$?]\"; sleep 60'"
 shell=$(tmux -L "$socket" list-panes -F '#{pane_pid}')
 
 # Wait for the program and its pool: it has started processes of its own.
@@ -58,14 +60,14 @@ tmux -L "$socket" send-keys C-c
 
 status=0
 for _ in $(seq 50); do
-  tmux -L "$socket" capture-pane -p | grep -q '^\[exited with status' && break
+  tmux -L "$socket" capture-pane -p | grep -q '\[exited with status' && break
   sleep 0.1
 done
 pane=$(tmux -L "$socket" capture-pane -p | sed '/^$/d')
 echo "---- the terminal after Ctrl-C ----"
 echo "$pane"
 echo "-----------------------------------"
-if ! grep -q '^\[exited with status 130\]' <<<"$pane"; then
+if ! grep -q '\[exited with status 130\]' <<<"$pane"; then
   echo "ctrl-c-demo: FAILED: the program did not end by SIGINT within 5 s" >&2
   status=1
 fi
