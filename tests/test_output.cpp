@@ -349,3 +349,40 @@ POOL_TEST("an on_worker_output that throws is reported and the pool goes on", "[
   pool.join();
   CHECK(calls == 3);  // "the second half", then the rest joined with the second call's first line, then the last
 }
+
+namespace {
+/// Prints 4 MiB of short lines on stdout.
+long flood_stdout(long) {
+  std::string line(99, 'f');
+  line.push_back('\n');
+  for (int i = 0; i < 40000; ++i) {
+    if (::write(1, line.data(), line.size()) != static_cast<ssize_t>(line.size())) return -1;
+  }
+  return 0;
+}
+}  // namespace
+
+POOL_TEST("a parent stdout that nobody reads does not hang terminate", "[output]") {
+  // The parent's stdout becomes a pipe that is never read: the relay soon
+  // cannot write, and terminate() must still return. (No CHECK while fd 1 is
+  // the pipe: Catch2 reports on stdout.)
+  int saved = ::dup(1);
+  REQUIRE(saved >= 0);
+  int unread[2];
+  REQUIRE(::pipe2(unread, O_CLOEXEC) == 0);
+  ::fflush(stdout);
+  ::dup2(unread[1], 1);
+  auto start = std::chrono::steady_clock::now();
+  {
+    procpool::Pool pool(test::options<TestType>({.worker_output = procpool::WorkerOutput::lines}));
+    auto flood = pool.apply_async<flood_stdout>(0L);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // let the pipe fill up
+    pool.terminate();
+  }
+  auto took = std::chrono::steady_clock::now() - start;
+  ::dup2(saved, 1);
+  ::close(saved);
+  ::close(unread[0]);
+  ::close(unread[1]);
+  CHECK(took < std::chrono::seconds(20));  // a hang would be forever; terminate waits 200 ms
+}

@@ -227,15 +227,29 @@ class OutputRelay {
 
   /// One write() for the line, so it lands whole; a pipe may take less than
   /// all of a line over PIPE_BUF, and the rest follows. One lock for every
-  /// pool's relay, so two pools' lines never mix either.
-  static void write_whole(int fd, std::string_view line) noexcept {
+  /// pool's relay, so two pools' lines never mix either. The wait for room
+  /// gives up once finish()'s time is out: a stdout that nobody reads must
+  /// not hang terminate() or join() (a line longer than the room a full pipe
+  /// frees at once can still block in write()).
+  void write_whole(int fd, std::string_view line) noexcept {
     static std::mutex terminal;
     std::lock_guard lock(terminal);
     while (!line.empty()) {
+      pollfd room{fd, POLLOUT, 0};
+      int ready = retry_eintr([&] { return ::poll(&room, 1, 100); });
+      if (ready == 0) {
+        if (out_of_time()) return;  // the line is dropped
+        continue;
+      }
       ssize_t n = retry_eintr([&] { return ::write(fd, line.data(), line.size()); });
       if (n <= 0) return;  // stdout closed or full of errors: the line is dropped, as a worker's would be
       line.remove_prefix(static_cast<std::size_t>(n));
     }
+  }
+
+  bool out_of_time() {
+    std::lock_guard lock(mutex_);
+    return stop_ && Clock::now() >= stop_->deadline;
   }
 
   const bool prefixed_;
