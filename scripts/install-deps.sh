@@ -3,7 +3,7 @@
 # Debian 12, when run as root and something is missing. Safe to re-run.
 set -euo pipefail
 packages=(cmake g++ make libcereal-dev libfmt-dev catch2 libbenchmark-dev python3 clang-format-14
-  clang libclang-rt-14-dev tmux)
+  clang libclang-rt-14-dev tmux doxygen)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

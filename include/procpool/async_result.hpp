@@ -1,4 +1,5 @@
-// procpool - the handle to a call that runs in the background.
+/// @file
+/// The handle to a call that runs in the background: procpool::AsyncResult.
 #pragma once
 
 #include <chrono>
@@ -178,16 +179,19 @@ class AsyncResult {
   using V = detail::stored_t<R>;
 
  public:
-  /// An empty handle; valid() is false.
+  /// An empty handle; valid() is false. Every other member function needs a valid() handle.
   AsyncResult() = default;
 
-  /// Whether this handle refers to a call.
+  /// Whether this handle refers to a call. @return false for a default-constructed handle.
   bool valid() const noexcept { return state_ != nullptr; }
 
   /**
    * Waits for the call and returns its result.
+   * @return a const reference to the result, valid while this handle or a
+   *         copy of it lives (nothing when `R` is void).
    * @throws RemoteError the task threw (for map_async: the first failed item by input index)
    * @throws WorkerLost the worker running it died
+   * @throws TaskTimeout the task ran longer than its task_timeout
    * @throws PoolNotRunning the pool was terminated first
    */
   decltype(auto) get() const {
@@ -197,7 +201,10 @@ class AsyncResult {
 
   /**
    * Like get(), but gives up after `timeout`.
+   * @param timeout how long to wait at most.
+   * @return as get().
    * @throws TimeoutError the call had not finished in time (it goes on running)
+   * @throws Error as get() if the call failed
    */
   template <class Rep, class Period>
   decltype(auto) get(std::chrono::duration<Rep, Period> timeout) const {
@@ -211,16 +218,24 @@ class AsyncResult {
   /// Waits until the call has finished (successfully or not).
   void wait() const { state_->wait_complete(std::nullopt); }
 
-  /// Waits at most `timeout`; returns whether the call has finished.
+  /**
+   * Waits at most `timeout` for the call to finish.
+   * @param timeout how long to wait at most.
+   * @return whether the call has finished.
+   */
   template <class Rep, class Period>
   bool wait(std::chrono::duration<Rep, Period> timeout) const {
     return state_->wait_complete(detail::Clock::now() + std::chrono::duration_cast<detail::Clock::duration>(timeout));
   }
 
-  /// Whether the call has finished.
+  /// Whether the call has finished (successfully or not), without waiting.
   bool ready() const { return state_->complete(); }
 
-  /// Whether the call finished without an error. @throws Error if not ready().
+  /**
+   * Whether the call finished without an error.
+   * @return false if get() would throw.
+   * @throws Error if not ready().
+   */
   bool successful() const {
     if (!ready()) throw Error(fmt::format("procpool: successful() called before the {} finished", state_->call()));
     return !state_->failed();

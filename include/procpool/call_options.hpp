@@ -1,4 +1,5 @@
-// procpool - settings of one call (map, imap, apply_async, ...).
+/// @file
+/// Settings of one call (map, imap, apply_async, ...): procpool::CallOptions.
 #pragma once
 
 #include <chrono>
@@ -14,6 +15,12 @@ namespace procpool {
  * Called on the pool's I/O thread each time a chunk of results arrives, so
  * it must be quick and must not call back into the pool. `procpool::ProgressBar`
  * is one.
+ *
+ * @code
+ * pool.map<square>(xs, {.progress = [](std::size_t done, std::optional<std::size_t> total) {
+ *   std::fprintf(stderr, "%zu of %zu\n", done, total.value_or(0));
+ * }});
+ * @endcode
  */
 using ProgressCallback = std::function<void(std::size_t done, std::optional<std::size_t> total)>;
 
@@ -27,6 +34,10 @@ using ProgressCallback = std::function<void(std::size_t done, std::optional<std:
  * @endcode
  *
  * New fields are only ever added at the end.
+ *
+ * A plain value without locks. A call copies what it needs when it is made,
+ * so one CallOptions may serve several calls, from several threads, as long
+ * as no thread modifies it meanwhile.
  */
 struct CallOptions {
   /// Items per task; 0 chooses the default (map: Python's ceil(n / (4 *

@@ -1,4 +1,5 @@
-// procpool - how many CPUs this process may use.
+/// @file
+/// How many CPUs this process may use: procpool::cpu_count().
 #pragma once
 
 #include <sched.h>
@@ -190,6 +191,7 @@ inline std::size_t limit_cpu_count(std::size_t cpus, std::optional<double> limit
  * @endcode
  *
  * @return the CPU count; never 0.
+ *
  * This function is thread-safe.
  */
 inline std::size_t cpu_count() noexcept {

@@ -1,4 +1,5 @@
-// procpool - the exceptions a pool reports.
+/// @file
+/// The exceptions a pool reports, all derived from procpool::Error.
 #pragma once
 
 #include <sys/types.h>
@@ -19,6 +20,9 @@ namespace procpool {
  * try { pool.map<parse>(files); }
  * catch (const procpool::RemoteError& e) { std::cerr << e.what() << '\n'; }
  * @endcode
+ *
+ * This and every derived error are immutable once built: all their member
+ * functions are thread-safe.
  */
 class Error : public std::runtime_error {
  public:
@@ -28,10 +32,24 @@ class Error : public std::runtime_error {
 /**
  * A task threw an exception inside a worker. `what()` names the input index,
  * the exception's demangled type and message, the worker slot and its pid.
- * Thread-safe to read from any thread.
+ *
+ * @code
+ * catch (const procpool::RemoteError& e) { log("item {} failed: {}", e.input_index(), e.message()); }
+ * @endcode
+ *
+ * Immutable: all member functions are thread-safe.
  */
 class RemoteError : public Error {
  public:
+  /**
+   * Built by the pool from what the worker reported.
+   * @param what the full message `what()` returns.
+   * @param type_name demangled type of the exception thrown in the worker.
+   * @param message that exception's what().
+   * @param pid pid of the worker that ran the task.
+   * @param worker slot of that worker.
+   * @param input_index position of the failed item in the call's input.
+   */
   RemoteError(std::string what, std::string type_name, std::string message, pid_t pid, std::size_t worker,
               std::size_t input_index)
       : Error(std::move(what)),
@@ -63,9 +81,25 @@ class RemoteError : public Error {
 /**
  * The worker running a task died before returning its result (a crash, a
  * signal, `_exit`). Only the tasks that worker held fail; the pool replaces it.
+ * `Options::retries` runs such tasks again before reporting this.
+ *
+ * @code
+ * catch (const procpool::WorkerLost& e) { log("worker {} died (signal {})", e.pid(), e.signal()); }
+ * @endcode
+ *
+ * Immutable: all member functions are thread-safe.
  */
 class WorkerLost : public Error {
  public:
+  /**
+   * Built by the pool when a worker dies holding a task.
+   * @param what the full message `what()` returns.
+   * @param pid pid of the worker that died.
+   * @param worker slot it occupied.
+   * @param input_index position of the lost item in the call's input.
+   * @param signal the signal that killed it, or 0 if it exited.
+   * @param exit_code its exit code, or -1 if a signal killed it.
+   */
   WorkerLost(std::string what, pid_t pid, std::size_t worker, std::size_t input_index, int signal, int exit_code)
       : Error(std::move(what)),
         pid_(pid),
@@ -94,7 +128,7 @@ class WorkerLost : public Error {
 };
 
 /// A wait with a timeout (`AsyncResult::get(timeout)`, `IMap::next(timeout)`) ran out.
-/// The task itself goes on running.
+/// The task itself goes on running. Immutable: thread-safe.
 class TimeoutError : public Error {
  public:
   using Error::Error;
@@ -102,6 +136,7 @@ class TimeoutError : public Error {
 
 /// A task ran longer than `Options::task_timeout`: its worker was stopped
 /// (SIGTERM, then SIGKILL) and replaced. Unlike TimeoutError, the task is over.
+/// Immutable: thread-safe.
 class TaskTimeout : public Error {
  public:
   using Error::Error;
@@ -109,20 +144,21 @@ class TaskTimeout : public Error {
 
 /// `Options::initializer` threw (or the worker died before it finished). The
 /// pool does not respawn workers to retry it: every pending and later task
-/// fails with this error.
+/// fails with this error. Immutable: thread-safe.
 class InitializerError : public Error {
  public:
   using Error::Error;
 };
 
 /// A worker sent something that is not a valid procpool message, or a
-/// message over `Options::max_message_bytes`.
+/// message over `Options::max_message_bytes`. Immutable: thread-safe.
 class ProtocolError : public Error {
  public:
   using Error::Error;
 };
 
-/// The pool was closed or terminated before the call could run.
+/// The pool was closed or terminated before the call could run (also: join()
+/// on a pool still open). Immutable: thread-safe.
 class PoolNotRunning : public Error {
  public:
   using Error::Error;

@@ -1,4 +1,5 @@
-// procpool - the lazy result range of imap and imap_unordered.
+/// @file
+/// The lazy result range of imap and imap_unordered: procpool::IMap.
 #pragma once
 
 #include <chrono>
@@ -64,24 +65,37 @@ class IMap {
   using Item = std::variant<T, std::exception_ptr>;
 
  public:
+  /// What end() returns: an iterator equals it once every result was consumed.
   struct sentinel {};
 
-  /// Input iterator over the results.
+  /// Input iterator over the results; all iterators of one IMap share its position.
   class iterator {
    public:
+    /// The result type.
     using value_type = T;
+    /// Required of an iterator; iterators of an IMap are never subtracted.
     using difference_type = std::ptrdiff_t;
+    /// A single-pass input iterator.
     using iterator_concept = std::input_iterator_tag;
 
+    /// A singular iterator, only to be assigned to.
     iterator() = default;
-    /// The current result. @throws the task's error if it failed.
+    /**
+     * The current result, waiting for it if needed.
+     * @return a reference valid until the iterator is advanced.
+     * @throws Error the task's error (RemoteError, WorkerLost, ...) if it failed.
+     */
     T& operator*() const { return owner_->current(); }
+    /// Member access to the current result; as operator*().
     T* operator->() const { return &owner_->current(); }
+    /// Moves past the current result, a failed one included. @return `*this`.
     iterator& operator++() {
       owner_->advance();
       return *this;
     }
+    /// As the prefix form; returns nothing, as input iterators may.
     void operator++(int) { ++*this; }
+    /// Whether every result was consumed; may read more of the input to find out.
     friend bool operator==(const iterator& it, sentinel) { return it.at_end(); }
 
    private:
@@ -91,21 +105,40 @@ class IMap {
     IMap* owner_ = nullptr;
   };
 
-  IMap(IMap&&) noexcept = default;
-  IMap& operator=(IMap&&) noexcept = default;
+  /// Takes over `other`'s results; `other` may then only be destroyed or assigned to.
+  IMap(IMap&& other) noexcept = default;
+  /// Takes over `other`'s results. Unlike the destructor, it does not cancel
+  /// the tasks of the results this one held: they run to the end, unread.
+  IMap& operator=(IMap&& other) noexcept = default;
+  /// Not copyable: the results are consumed once.
   IMap(const IMap&) = delete;
+  /// Not copyable: the results are consumed once.
   IMap& operator=(const IMap&) = delete;
+  /// Cancels the tasks not yet started; the input is read no further.
   ~IMap() {
     if (job_) job_->cancel();
   }
 
+  /// An iterator at the current position (results already consumed stay consumed).
   iterator begin() { return iterator(this); }
+  /// The end of the results.
   sentinel end() { return {}; }
 
-  /// The next result, or nullopt after the last. @throws the task's error if it failed.
+  /**
+   * The next result, waiting for it if needed.
+   * @return the result, or nullopt after the last.
+   * @throws Error the task's error (RemoteError, WorkerLost, ...) if it failed;
+   *         the next call goes on with the result after it.
+   */
   std::optional<T> next() { return next_until(std::nullopt); }
 
-  /// Like next(), waiting at most `timeout`. @throws TimeoutError
+  /**
+   * Like next(), waiting at most `timeout`.
+   * @param timeout how long to wait at most.
+   * @return as next().
+   * @throws TimeoutError no result arrived in time (the tasks go on running).
+   * @throws Error the task's error, as next().
+   */
   template <class Rep, class Period>
   std::optional<T> next(std::chrono::duration<Rep, Period> timeout) {
     return next_until(detail::Clock::now() + std::chrono::duration_cast<detail::Clock::duration>(timeout));

@@ -1,4 +1,5 @@
-// procpool - the one line a program's main() needs.
+/// @file
+/// The one line a program's main() needs: procpool::init().
 #pragma once
 
 #include <cstdlib>
@@ -20,6 +21,18 @@ namespace procpool {
  * guard). In a program started normally it does nothing, so it is harmless
  * with `fork`. A program that forgets it gets a clear error, never a storm
  * of processes.
+ *
+ * @code
+ * int main(int argc, char** argv) {
+ *   procpool::init(argc, argv);
+ *   procpool::Pool pool;
+ *   // ...
+ * }
+ * @endcode
+ *
+ * @param argc `main`'s argc.
+ * @param argv `main`'s argv; in a process procpool started, it says which
+ *        role the process plays.
  *
  * This function is thread-safe.
  */

@@ -1,4 +1,5 @@
-// procpool - code that runs once in each worker before its first task.
+/// @file
+/// Code that runs once in each worker before its first task: procpool::Initializer.
 #pragma once
 
 #include <concepts>
@@ -29,14 +30,24 @@ struct InitializerAccess;
  * procpool::Pool pool({.initializer = [] { std::srand(42); }});
  * procpool::Pool pool2({.initializer = procpool::initializer<load_model>("model.bin")});
  * @endcode
+ *
+ * A value type without locks: const member functions may be called from
+ * several threads at once; anything else needs the caller's synchronisation.
  */
 class Initializer {
  public:
   /// No initializer.
   Initializer() = default;
 
-  /// From a captureless lambda or a default-constructible function object
-  /// that is empty or has serialize(); its state is sent to each worker.
+  /**
+   * From a captureless lambda or a default-constructible function object
+   * that is empty or has serialize(); its state is sent to each worker.
+   * @param fn called with no arguments in each worker; a type that cannot
+   *        travel is a compile error.
+   * @throws std::logic_error if `fn`'s type is named the same as another
+   *         function's (internal linkage in two source files), so a worker
+   *         could not tell them apart.
+   */
   template <class F>
   requires(!std::same_as<std::remove_cvref_t<F>, Initializer> && std::invocable<std::remove_cvref_t<F>&>)
       Initializer(F&& fn) {  // NOLINT(google-explicit-constructor): `.initializer = [] {...}`
@@ -48,7 +59,7 @@ class Initializer {
     detail::save_callable(encoder, fn);
   }
 
-  /// Whether an initializer is set.
+  /// Whether an initializer is set. @return false for a default-constructed one.
   explicit operator bool() const noexcept { return id_ != 0; }
 
  private:
@@ -60,6 +71,17 @@ class Initializer {
 /**
  * An initializer that calls `Fn(args...)` in each worker; the arguments are
  * serialized once and sent to every worker (Python's `initargs`).
+ *
+ * @code
+ * procpool::Pool pool({.initializer = procpool::initializer<load_model>("model.bin")});
+ * @endcode
+ *
+ * @tparam Fn the function to call, named at compile time.
+ * @param args its arguments; each must be serializable.
+ * @return the initializer, for `Options::initializer`.
+ * @throws std::logic_error as the `Initializer` constructor does.
+ *
+ * This function is thread-safe.
  */
 template <auto Fn, class... Args>
 Initializer initializer(Args&&... args) {

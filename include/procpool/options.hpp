@@ -1,4 +1,5 @@
-// procpool - the settings of a pool.
+/// @file
+/// The settings of a pool: procpool::Options.
 #pragma once
 
 #include <chrono>
@@ -20,6 +21,9 @@ namespace procpool {
  * @endcode
  *
  * New fields are only ever added at the end.
+ *
+ * A plain value without locks. A pool copies what it needs when it is
+ * constructed; later changes to the Options do not reach it.
  */
 struct Options {
   /// Number of worker processes; 0 means `procpool::cpu_count()`.

@@ -1,4 +1,5 @@
-// procpool - the pool of worker processes.
+/// @file
+/// The pool of worker processes: procpool::Pool.
 #pragma once
 
 #include <cstddef>
@@ -128,13 +129,14 @@ concept callable_object = std::is_class_v<std::remove_cvref_t<F>> && !std::range
  * PoolNotRunning and the workers are stopped (SIGTERM, then SIGKILL after
  * 200 ms). To wait for queued work instead, call close() then join().
  *
- * All member functions are thread-safe: several threads may submit work to
- * one pool at once.
+ * All member functions but the move operations are thread-safe: several
+ * threads may submit work to one pool at once.
  */
 class Pool {
  public:
   /**
    * Starts `options.processes` workers.
+   * @param options the pool's settings; every field has a default.
    * @throws Error if the start method is not available; std::system_error if a
    *         system call fails.
    */
@@ -148,8 +150,11 @@ class Pool {
     prefetch_bytes_ = options.imap_prefetch_bytes;
   }
 
-  Pool(Pool&&) noexcept = default;
-  Pool& operator=(Pool&&) noexcept = default;
+  /// Takes over `other`'s workers; `other` may then only be destroyed or assigned to.
+  Pool(Pool&& other) noexcept = default;
+  /// Takes over `other`'s workers. The pool this one held is terminated once
+  /// nothing refers to it: at once, or when the last IMap it returned is gone.
+  Pool& operator=(Pool&& other) noexcept = default;
 
   /// Terminates the pool unless it was joined; never throws, never hangs.
   ~Pool() {
@@ -163,9 +168,20 @@ class Pool {
 
   /**
    * Calls `Fn` on every item, in parallel; returns the results in input order.
-   * @param items any input range; its items must be serializable
+   *
+   * @code
+   * std::vector<long> squares = pool.map<square>(xs);
+   * @endcode
+   *
+   * @tparam Fn the function to call, named at compile time.
+   * @param items any input range; its items must be serializable. One
+   *        without a size is read whole first.
    * @param chunksize items per task; 0 chooses Python's default, ceil(n / (4 * processes))
-   * @throws RemoteError/WorkerLost the first failed item by input index, after all have run
+   * @return a std::vector of the results, in input order.
+   * @throws RemoteError an item's task threw (the first failed item by input index, after all have run)
+   * @throws WorkerLost a worker died holding an item (likewise)
+   * @throws TaskTimeout an item's task ran longer than its task_timeout (likewise)
+   * @throws PoolNotRunning the pool was closed or terminated
    */
   template <auto Fn, std::ranges::input_range R>
   auto map(R&& items, std::size_t chunksize = 0) {
@@ -189,8 +205,14 @@ class Pool {
 
   /**
    * map() in the background: returns at once.
-   * @param callback called with the results, on the pool's I/O thread
-   * @param error_callback called instead if an item failed
+   * @param items as map().
+   * @param chunksize as map().
+   * @param callback called with the results (`const std::vector<T>&`), on the
+   *        pool's I/O thread; an exception it throws is reported on stderr.
+   * @param error_callback called instead, with the `const Error&` get() would
+   *        throw, if an item failed.
+   * @return an AsyncResult of the std::vector of results.
+   * @throws PoolNotRunning the pool was closed or terminated
    */
   template <auto Fn, std::ranges::input_range R, class Callback = std::nullptr_t, class ErrorCallback = std::nullptr_t>
   auto map_async(R&& items, std::size_t chunksize = 0, Callback callback = nullptr,
@@ -224,7 +246,13 @@ class Pool {
                           to_callback(std::move(error_callback))));
   }
 
-  /// map() for functions of several arguments: each item is a tuple (or pair) of them.
+  /**
+   * map() for functions of several arguments: each item is a tuple (or pair) of them.
+   * @param items a range of tuples or pairs, each unpacked into `Fn`'s arguments.
+   * @param chunksize as map().
+   * @return a std::vector of the results, in input order.
+   * @throws Error as map()
+   */
   template <auto Fn, std::ranges::input_range R>
   auto starmap(R&& items, std::size_t chunksize = 0) {
     return starmap(detail::FnConst<Fn>{}, std::forward<R>(items), CallOptions{.chunksize = chunksize});
@@ -284,8 +312,17 @@ class Pool {
    * Lazy map: results in input order, as they become available. The input
    * is read only as far as `Options::imap_prefetch` chunks (and
    * `Options::imap_prefetch_bytes`) ahead of the consumer, so it may be
-   * endless. An rvalue input is moved into the result.
+   * endless. An rvalue input is moved into the result; an lvalue one must
+   * outlive it.
+   *
+   * @code
+   * for (long v : pool.imap<square>(std::views::iota(0L, 1000L))) use(v);
+   * @endcode
+   *
+   * @param items any input range; its items must be serializable.
    * @param chunksize items per task (default 1, as in Python)
+   * @return an IMap of the results; errors, PoolNotRunning included, surface
+   *         as it is consumed.
    */
   template <auto Fn, std::ranges::input_range R>
   auto imap(R&& items, std::size_t chunksize = 1) {
@@ -330,7 +367,15 @@ class Pool {
 
   // ---- apply ------------------------------------------------------------------
 
-  /// Calls `Fn(args...)` in a worker and waits for the result.
+  /**
+   * Calls `Fn(args...)` in a worker and waits for the result.
+   * @param args `Fn`'s arguments; each must be serializable.
+   * @return what `Fn` returned (a std::monostate if it returns void).
+   * @throws RemoteError `Fn` threw
+   * @throws WorkerLost the worker died running it
+   * @throws TaskTimeout it ran longer than its task_timeout
+   * @throws PoolNotRunning the pool was closed or terminated
+   */
   template <auto Fn, class... Args>
   requires(!detail::options_first<Args...>) auto apply(Args&&... args) {
     return apply(detail::FnConst<Fn>{}, std::forward<Args>(args)...);
@@ -351,7 +396,17 @@ class Pool {
     return submit_apply("apply", options, std::move(fn), std::forward<Args>(args)...)->take_value();
   }
 
-  /// Calls `Fn(args...)` in a worker; returns at once.
+  /**
+   * Calls `Fn(args...)` in a worker; returns at once.
+   *
+   * @code
+   * procpool::AsyncResult<long> r = pool.apply_async<square>(7);
+   * @endcode
+   *
+   * @param args `Fn`'s arguments; each must be serializable.
+   * @return an AsyncResult of what `Fn` returns (`AsyncResult<void>` for void).
+   * @throws PoolNotRunning the pool was closed or terminated
+   */
   template <auto Fn, class... Args>
   requires(!detail::options_first<Args...>) auto apply_async(Args&&... args) {
     return apply_async(detail::FnConst<Fn>{}, std::forward<Args>(args)...);
@@ -374,11 +429,13 @@ class Pool {
 
   // ---- lifecycle --------------------------------------------------------------
 
-  /// Accepts no more work; queued and running tasks still complete.
+  /// Accepts no more work (later calls throw PoolNotRunning); queued and
+  /// running tasks still complete. Calling it again does nothing.
   void close() { dispatcher_->close(); }
 
   /// After close() or terminate(): waits for the queued work and for every
-  /// worker to exit. @throws PoolNotRunning if the pool is still open.
+  /// worker to exit, and for their relayed output to be delivered.
+  /// @throws PoolNotRunning if the pool is still open.
   void join() { dispatcher_->join(); }
 
   /// Stops the workers at once (SIGTERM, SIGKILL after 200 ms); every

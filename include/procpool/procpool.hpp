@@ -1,5 +1,6 @@
-// procpool - a process pool for C++20, the analogue of Python's multiprocessing.Pool.
-// The umbrella header: include this one.
+/// @file
+/// The umbrella header of procpool, a process pool for C++20 (the analogue of
+/// Python's multiprocessing.Pool): include this one.
 #pragma once
 
 #include "async_result.hpp"
@@ -15,3 +16,11 @@
 #include "start_method.hpp"
 #include "version.hpp"
 #include "worker_output.hpp"
+
+/**
+ * @namespace procpool
+ * procpool's public API: `Pool` and its `Options`, the per-call
+ * `CallOptions`, the results `AsyncResult` and `IMap`, the exceptions
+ * derived from `Error`, `init()`, `cpu_count()` and `ProgressBar`.
+ * `procpool::detail` is internal and may change at any time.
+ */

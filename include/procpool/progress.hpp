@@ -1,4 +1,5 @@
-// procpool - a terminal progress bar, usable as a ProgressCallback.
+/// @file
+/// A terminal progress bar, usable as a ProgressCallback: procpool::ProgressBar.
 #pragma once
 
 #include <unistd.h>
@@ -47,6 +48,8 @@ enum class ProgressDraw {
  * @endcode
  *
  * New fields are only ever added at the end.
+ *
+ * A plain value without locks; a ProgressBar keeps its own copy.
  */
 struct ProgressBarOptions {
   /// Printed before the bar, followed by ": "; empty for none.
@@ -246,9 +249,10 @@ class ProgressState {
  *
  * Copies share one bar (a copy is a handle), so the copy a pool stores and
  * calls on its I/O thread and the one the caller keeps draw the same line.
- * Thread-safe: every member function may be called from any thread on any
- * copy. Output from other code to the same terminal while the bar is live
- * lands in the middle of its line; call `finish()` first.
+ * Thread-safe: every const member function may be called from any thread on
+ * any copy; assigning to or moving from one ProgressBar object while another
+ * thread uses that same object is a data race, as for any handle. Output from other code to the same terminal while the
+ * bar is live lands in the middle of its line; call `finish()` first.
  */
 class ProgressBar {
  public:
@@ -275,11 +279,11 @@ class ProgressBar {
 
   /// Another handle to the same bar. Thread-safe.
   ProgressBar(const ProgressBar&) = default;
-  /// Takes over the handle; `other` then does nothing. Thread-safe.
+  /// Takes over the handle; `other` then does nothing.
   ProgressBar(ProgressBar&& other) noexcept = default;
-  /// Makes this a handle to `other`'s bar (releasing its own). Thread-safe.
+  /// Makes this a handle to `other`'s bar (releasing its own).
   ProgressBar& operator=(const ProgressBar&) = default;
-  /// Takes over `other`'s handle (releasing its own). Thread-safe.
+  /// Takes over `other`'s handle (releasing its own).
   ProgressBar& operator=(ProgressBar&& other) noexcept = default;
   /// The last copy to go finishes the bar (see `finish()`). Never throws:
   /// an error from the sink at this point is dropped.
@@ -292,6 +296,7 @@ class ProgressBar {
    * @param total items in all, or empty when unknown.
    * @throws whatever `ProgressBarOptions::sink` throws; errors writing to
    *         `output` are ignored.
+   *
    * Thread-safe.
    */
   void operator()(std::size_t done, std::optional<std::size_t> total) const {
@@ -303,6 +308,7 @@ class ProgressBar {
    * updates and destructor after it, do nothing. Draws nothing if the bar
    * never had an update, or does not draw (see `ProgressDraw`).
    * @throws whatever `ProgressBarOptions::sink` throws.
+   *
    * Thread-safe.
    */
   void finish() const {
@@ -313,6 +319,7 @@ class ProgressBar {
    * The bar's line as it would be drawn now (no `\r`, no newline), whether
    * or not it draws; e.g. to put it in a log message.
    * @return e.g. "squares:  25% [#######-----------------------] 25/100 | 2.5 items/s | 00:10 elapsed | ETA 00:30".
+   *
    * Thread-safe.
    */
   std::string line() const { return state_ ? state_->line() : std::string(); }

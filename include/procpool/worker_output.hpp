@@ -1,4 +1,5 @@
-// procpool - what becomes of what workers print on stdout and stderr.
+/// @file
+/// What becomes of what workers print on stdout and stderr: procpool::WorkerOutput, procpool::WorkerLine.
 #pragma once
 
 #include <sys/types.h>
@@ -12,19 +13,22 @@ namespace procpool {
  * How a pool handles what its workers write to their stdout and stderr
  * (`Options::worker_output`).
  *
- * - `inherit`: workers write straight to the parent's stdout and stderr, as
- *   any child process does. Costs nothing, but two workers printing at once
- *   can interleave in the middle of a line.
- * - `lines`: each worker's stdout and stderr are pipes to the parent, which
- *   writes every line whole, with one `write()`, to its own stdout or stderr.
- *   Lines of different workers never mix.
- * - `prefixed`: as `lines`, each line led by `[worker <slot> pid <pid>] `.
- *
  * @code
  * procpool::Pool pool({.processes = 4, .worker_output = procpool::WorkerOutput::prefixed});
  * @endcode
  */
-enum class WorkerOutput { inherit, lines, prefixed };
+enum class WorkerOutput {
+  /// Workers write straight to the parent's stdout and stderr, as any child
+  /// process does. Costs nothing, but two workers printing at once can
+  /// interleave in the middle of a line. The default.
+  inherit,
+  /// Each worker's stdout and stderr are pipes to the parent, which writes
+  /// every line whole, with one `write()`, to its own stdout or stderr. Lines
+  /// of different workers never mix.
+  lines,
+  /// As `lines`, each line led by `[worker <slot> pid <pid>] `.
+  prefixed,
+};
 
 /// Which of a worker's streams a line came from.
 enum class WorkerStream {
@@ -40,6 +44,9 @@ enum class WorkerStream {
  *   my_logger.info("worker {} (pid {}): {}", line.worker, line.pid, line.text);
  * }});
  * @endcode
+ *
+ * A plain value without locks. The callback's reference is valid only during
+ * the call: copy the line to keep it.
  */
 struct WorkerLine {
   /// The worker's slot, 0 to `processes - 1` (a replacement takes its predecessor's slot).
