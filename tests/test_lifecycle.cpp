@@ -564,3 +564,12 @@ POOL_TEST("several threads can submit to one pool at once", "[lifecycle][threads
     CHECK(applied[t] == std::vector<long>(expected.begin(), expected.begin() + 20));
   }
 }
+
+POOL_TEST("assigning over a pool terminates the old one at once, as destroying it does", "[lifecycle]") {
+  procpool::Pool pool(test::options<TestType>());
+  auto slow = pool.apply_async<nap>(60'000);
+  pool = procpool::Pool(test::options<TestType>());
+  // The old pool's unfinished task fails now, not after its 60 s.
+  CHECK_THROWS_AS(slow.get(std::chrono::seconds(20)), procpool::PoolNotRunning);
+  CHECK(pool.apply<squared>(3L) == 9);
+}

@@ -107,9 +107,30 @@ class IMap {
 
   /// Takes over `other`'s results; `other` may then only be destroyed or assigned to.
   IMap(IMap&& other) noexcept = default;
-  /// Takes over `other`'s results. Unlike the destructor, it does not cancel
-  /// the tasks of the results this one held: they run to the end, unread.
-  IMap& operator=(IMap&& other) noexcept = default;
+  /// Cancels the tasks not yet started of the results this one held, as the
+  /// destructor does, then takes over `other`'s results.
+  IMap& operator=(IMap&& other) noexcept {
+    if (this != &other) {
+      if (job_) job_->cancel();
+      dispatcher_ = std::move(other.dispatcher_);
+      source_ = std::move(other.source_);
+      job_ = std::move(other.job_);
+      ordered_ = other.ordered_;
+      chunksize_ = other.chunksize_;
+      prefetch_ = other.prefetch_;
+      prefetch_bytes_ = other.prefetch_bytes_;
+      bytes_out_ = other.bytes_out_;
+      submitted_ = other.submitted_;
+      taken_ = other.taken_;
+      next_input_ = other.next_input_;
+      input_done_ = other.input_done_;
+      spans_ = std::move(other.spans_);
+      input_error_ = std::move(other.input_error_);
+      buffer_ = std::move(other.buffer_);
+      current_ = std::move(other.current_);
+    }
+    return *this;
+  }
   /// Not copyable: the results are consumed once.
   IMap(const IMap&) = delete;
   /// Not copyable: the results are consumed once.

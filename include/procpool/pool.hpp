@@ -152,9 +152,18 @@ class Pool {
 
   /// Takes over `other`'s workers; `other` may then only be destroyed or assigned to.
   Pool(Pool&& other) noexcept = default;
-  /// Takes over `other`'s workers. The pool this one held is terminated once
-  /// nothing refers to it: at once, or when the last IMap it returned is gone.
-  Pool& operator=(Pool&& other) noexcept = default;
+  /// Terminates the pool this one held unless it was joined, as the
+  /// destructor does, then takes over `other`'s workers.
+  Pool& operator=(Pool&& other) noexcept {
+    if (this != &other) {
+      if (dispatcher_) dispatcher_->terminate();
+      dispatcher_ = std::move(other.dispatcher_);
+      processes_ = other.processes_;
+      prefetch_ = other.prefetch_;
+      prefetch_bytes_ = other.prefetch_bytes_;
+    }
+    return *this;
+  }
 
   /// Terminates the pool unless it was joined; never throws, never hangs.
   ~Pool() {

@@ -236,7 +236,8 @@ class OutputRelay {
     std::lock_guard lock(terminal);
     while (!line.empty()) {
       pollfd room{fd, POLLOUT, 0};
-      int ready = retry_eintr([&] { return ::poll(&room, 1, 100); });
+      const int wait_ms = out_of_time() ? 0 : 100;  // out of time: drop the rest at once
+      int ready = retry_eintr([&] { return ::poll(&room, 1, wait_ms); });
       if (ready == 0) {
         if (out_of_time()) return;  // the line is dropped
         continue;

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "frame.hpp"
+#include "handlers.hpp"
 #include "registry.hpp"
 #include "serialize.hpp"
 #include "system.hpp"
