@@ -11,6 +11,9 @@
 //               each buffer is sent and returned whole; MiB/s counts one direction
 //   cpu         map of ~ms-long CPU-bound tasks, chunksize 1     n=40 ms=20   -> parallel efficiency
 //               = serial time / (pool time * processes)
+//   skewed      map where the first 5% of the items cost us= microseconds n=200000 us=200
+//               of CPU and the rest nothing, with chunksize 1, the default
+//               and procpool::adaptive, on one pool      -> adaptive's speedup over the better other
 //   idle_mem    memory of each idle worker (smaps_rollup)                     -> MiB beyond shared pages
 //   peak_mem    parent's peak RSS (VmHWM) after n imap_unordered items        n=100000 chunksize=1 -> MiB
 //
@@ -20,6 +23,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <ranges>
@@ -64,7 +68,8 @@ void check(bool ok, const char* what) {
 int main(int argc, char** argv) {
   procpool::init(argc, argv);
   if (argc < 2) {
-    fmt::print(stderr, "usage: {} <map1|mapdefault|imapu1|bytes|cpu|idle_mem|peak_mem> [method=...] [key=value...]\n",
+    fmt::print(stderr,
+               "usage: {} <map1|mapdefault|imapu1|bytes|cpu|skewed|idle_mem|peak_mem> [method=...] [key=value...]\n",
                argv[0]);
     return 2;
   }
@@ -152,6 +157,40 @@ int main(int argc, char** argv) {
           .add("pool_s", parallel)
           .add("value", 100 * serial_s / (parallel * static_cast<double>(processes)))
           .add("unit", "% efficiency");
+    } else if (workload == "skewed") {
+      // Skewed task times, the case for adaptive chunking: chunksize 1 pays
+      // per-task overhead on every cheap item, and the default chunking puts
+      // all the costly items in one chunk, which one worker runs alone. The
+      // three run on one pool and one calibration, in rotating order, `rounds`
+      // times; medians.
+      const std::size_t n = args.size("n", 200'000);
+      const std::size_t rounds = args.size("rounds", 3);
+      warm_up(pool);
+      const std::uint64_t costly = bench::calibrate_spin(static_cast<double>(args.num("us", 200)) / 1000);
+      std::vector<std::uint64_t> items(n, 0);
+      for (std::size_t i = 0; i < n / 20; ++i) items[i] = costly;
+      const std::vector<std::pair<std::string, std::size_t>> ways{{"chunksize_1", 1},
+                                                                  {"default", 0},
+                                                                  {"adaptive", procpool::adaptive}};
+      std::vector<std::vector<double>> times(ways.size());
+      for (std::size_t round = 0; round < rounds; ++round) {
+        for (std::size_t k = 0; k < ways.size(); ++k) {
+          const std::size_t w = (k + round) % ways.size();
+          auto start = bench::Clock::now();
+          auto results = pool.map<spin_task>(items, {.chunksize = ways[w].second});
+          times[w].push_back(bench::seconds_since(start));
+          check(results.size() == n && results[0] == bench::spin(costly), "skewed");
+        }
+      }
+      auto median = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v[v.size() / 2];
+      };
+      out.add("n", n);
+      for (std::size_t w = 0; w < ways.size(); ++w) out.add(ways[w].first + "_s", median(times[w]));
+      const double adaptive_s = median(times[2]);
+      out.add("value", std::min(median(times[0]), median(times[1])) / adaptive_s)
+          .add("unit", "x faster than the better of chunksize 1 and default");
     } else if (workload == "idle_mem") {
       warm_up(pool);
       std::set<std::pair<long, long>> seen;

@@ -175,3 +175,53 @@ POOL_TEST("imap reads no further ahead than imap_prefetch_bytes allow", "[call][
   // 16 MiB of 4 MiB tasks: about 4 in flight (chunk counts alone would allow 32).
   CHECK(most_ahead <= 6);
 }
+
+namespace call_options_test {
+long nap_ms(long ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return ms;
+}
+long fail_on_seven(long x) {
+  if (x == 7) throw std::runtime_error("seven");
+  return x;
+}
+}  // namespace call_options_test
+
+POOL_TEST("adaptive chunking batches tiny tasks and sends long ones alone", "[call][adaptive]") {
+  procpool::Pool pool(test::options<TestType>());
+  {
+    // Tiny tasks: after the first timed chunks, chunks of many items.
+    std::vector<long> in(20000);
+    std::iota(in.begin(), in.end(), 0L);
+    Recorder recorder;
+    auto out = pool.map<twice>(in, {.chunksize = procpool::adaptive, .progress = recorder.callback()});
+    REQUIRE(out.size() == in.size());
+    for (std::size_t i = 0; i < in.size(); ++i) CHECK(out[i] == 2 * in[i]);
+    check_reports(recorder, 20000, 20000);
+    CHECK(recorder.reports().size() < 500);  // chunksize 1 would be 20000 chunks
+  }
+  {
+    // Tasks of 5 ms, over the 2 ms a chunk aims at: one item per chunk.
+    Recorder recorder;
+    auto out =
+        pool.map<nap_ms>(std::vector<long>(12, 5L), {.chunksize = procpool::adaptive, .progress = recorder.callback()});
+    CHECK(out == std::vector<long>(12, 5L));
+    CHECK(recorder.reports().size() == 12);
+  }
+  {
+    // imap over a generator of unknown length, in order.
+    auto gen = std::views::iota(0L, 5000L) | std::views::filter([](long) { return true; });
+    long expect = 0;
+    for (long v : pool.imap<twice>(gen, {.chunksize = procpool::adaptive})) {
+      CHECK(v == 2 * expect);
+      ++expect;
+    }
+    CHECK(expect == 5000);
+  }
+  // Errors: every item runs, then the first failed one's error, as map does.
+  std::vector<long> in(100);
+  std::iota(in.begin(), in.end(), 0L);
+  auto error =
+      test::thrown<procpool::RemoteError>([&] { pool.map<fail_on_seven>(in, {.chunksize = procpool::adaptive}); });
+  CHECK(error.input_index() == 7);
+}

@@ -25,6 +25,23 @@ namespace procpool {
 using ProgressCallback = std::function<void(std::size_t done, std::optional<std::size_t> total)>;
 
 /**
+ * A chunksize that sizes chunks from measured task durations: tiny tasks are
+ * batched so per-task overhead vanishes, long ones go one at a time so none
+ * straggles. Each chunk aims at about 2 ms of work (`adaptive_chunk_time`),
+ * never more than a share of what is left of a sized input. For `map`,
+ * `starmap`, `imap` and `imap_unordered`; `map_async` and `starmap_async`
+ * use the default chunking instead.
+ *
+ * @code
+ * auto out = pool.map<f>(xs, {.chunksize = procpool::adaptive});
+ * @endcode
+ */
+inline constexpr std::size_t adaptive = static_cast<std::size_t>(-1);
+
+/// The work adaptive chunking puts in one chunk.
+inline constexpr std::chrono::microseconds adaptive_chunk_time{2000};
+
+/**
  * Settings of one call, used with designated initializers as the last
  * argument of `map`, `imap`, `imap_unordered`, `starmap` and their `_async`
  * forms; every field has a default:
@@ -41,7 +58,8 @@ using ProgressCallback = std::function<void(std::size_t done, std::optional<std:
  */
 struct CallOptions {
   /// Items per task; 0 chooses the default (map: Python's ceil(n / (4 *
-  /// processes)); imap and imap_unordered: 1).
+  /// processes)); imap and imap_unordered: 1); `procpool::adaptive` sizes
+  /// chunks from measured task durations.
   std::size_t chunksize = 0;
   /// Told of progress as results arrive; see `ProgressCallback`.
   ProgressCallback progress{};

@@ -17,6 +17,7 @@
 
 #include <fmt/format.h>
 
+#include "call_options.hpp"
 #include "detail/dispatcher.hpp"
 #include "detail/job.hpp"
 #include "errors.hpp"
@@ -119,6 +120,7 @@ class IMap {
       chunksize_ = other.chunksize_;
       prefetch_ = other.prefetch_;
       prefetch_bytes_ = other.prefetch_bytes_;
+      total_ = other.total_;
       bytes_out_ = other.bytes_out_;
       submitted_ = other.submitted_;
       taken_ = other.taken_;
@@ -170,14 +172,15 @@ class IMap {
 
   IMap(std::shared_ptr<detail::Dispatcher> dispatcher, std::unique_ptr<detail::ChunkSource> source,
        std::shared_ptr<detail::JobState> job, bool ordered, std::size_t chunksize, std::size_t prefetch,
-       std::size_t prefetch_bytes)
+       std::size_t prefetch_bytes, std::optional<std::size_t> total)
       : dispatcher_(std::move(dispatcher)),
         source_(std::move(source)),
         job_(std::move(job)),
         ordered_(ordered),
         chunksize_(chunksize),
         prefetch_(prefetch),
-        prefetch_bytes_(prefetch_bytes) {}
+        prefetch_bytes_(prefetch_bytes),
+        total_(total) {}
 
   std::optional<T> next_until(detail::Deadline deadline) {
     if (!has_next()) return std::nullopt;
@@ -228,6 +231,9 @@ class IMap {
   bool room_for_more(std::size_t pending) const {
     const std::uint64_t out = submitted_ + pending - taken_;
     if (out >= prefetch_) return false;
+    // Adaptive chunks of one item until a first chunk has been timed, and
+    // only a few of them: chunks sized blind would be sized wrong.
+    if (chunksize_ == adaptive && out >= 2 * dispatcher_->processes() && !job_->item_ns()) return false;
     // Always one chunk, however large, or nothing would ever run.
     return out == 0 || prefetch_bytes_ == 0 || bytes_out_ + job_->ready_bytes() < prefetch_bytes_;
   }
@@ -236,7 +242,7 @@ class IMap {
     while (!input_done_ && room_for_more(chunks.size())) {
       detail::Chunk chunk{job_, submitted_ + chunks.size(), {}};
       std::size_t start = detail::begin_task_frame(chunk.frame, source_->handler_id());
-      std::uint32_t count = source_->fill(chunk.frame, chunksize_);
+      std::uint32_t count = source_->fill(chunk.frame, next_chunksize());
       if (count == 0) {
         input_done_ = true;
         break;
@@ -247,6 +253,25 @@ class IMap {
       next_input_ += count;
       chunks.push_back(std::move(chunk));
     }
+  }
+
+  /// The size of the next chunk: the fixed chunksize, or with adaptive
+  /// chunking about `adaptive_chunk_time` of work at the recent time per
+  /// item, and at most half a worker's share of what is left of a sized input.
+  std::size_t next_chunksize() const {
+    if (chunksize_ != adaptive) return chunksize_;
+    constexpr std::size_t most = std::size_t{1} << 16;
+    const auto per_item = job_->item_ns();
+    if (!per_item) return 1;
+    const double target = std::chrono::duration<double, std::nano>(adaptive_chunk_time).count();
+    std::size_t size = *per_item * static_cast<double>(most) <= target
+                           ? most
+                           : std::max<std::size_t>(1, static_cast<std::size_t>(target / *per_item));
+    if (total_ && *total_ > next_input_) {
+      const std::size_t share = (*total_ - next_input_) / (2 * dispatcher_->processes());
+      size = std::min(size, std::max<std::size_t>(1, share));
+    }
+    return size;
   }
 
   void fetch(detail::Deadline deadline) {
@@ -285,9 +310,10 @@ class IMap {
   std::size_t chunksize_;
   std::size_t prefetch_;
   std::size_t prefetch_bytes_;
-  std::size_t bytes_out_ = 0;    // task bytes of the chunks submitted and not taken
-  std::uint64_t submitted_ = 0;  // chunks handed to the dispatcher
-  std::uint64_t taken_ = 0;      // chunks taken from the mailbox
+  std::optional<std::size_t> total_;  // the input's length, if known
+  std::size_t bytes_out_ = 0;         // task bytes of the chunks submitted and not taken
+  std::uint64_t submitted_ = 0;       // chunks handed to the dispatcher
+  std::uint64_t taken_ = 0;           // chunks taken from the mailbox
   std::size_t next_input_ = 0;
   bool input_done_ = false;
   struct Span {

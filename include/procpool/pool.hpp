@@ -209,6 +209,9 @@ class Pool {
   /// map() with a function object and per-call settings.
   template <detail::callable_object F, std::ranges::input_range R>
   auto map(F fn, R&& items, const CallOptions& options) {
+    if (options.chunksize == adaptive) {
+      return collect_adaptive<false>("map", std::move(fn), std::forward<R>(items), options);
+    }
     return submit_map<false>("map", std::move(fn), std::forward<R>(items), options, nullptr, nullptr)->take_value();
   }
 
@@ -279,6 +282,9 @@ class Pool {
   /// starmap() with a function object and per-call settings.
   template <detail::callable_object F, std::ranges::input_range R>
   auto starmap(F fn, R&& items, const CallOptions& options) {
+    if (options.chunksize == adaptive) {
+      return collect_adaptive<true>("starmap", std::move(fn), std::forward<R>(items), options);
+    }
     return submit_map<true>("starmap", std::move(fn), std::forward<R>(items), options, nullptr, nullptr)->take_value();
   }
 
@@ -475,7 +481,8 @@ class Pool {
       const std::uint64_t handler = detail::call_handler_id<F, Arg, Star>();
       const auto count = static_cast<std::size_t>(std::ranges::size(items));
       std::size_t chunksize = options.chunksize;
-      if (chunksize == 0) chunksize = detail::default_chunksize(count, processes_);
+      // map_async has no thread to size chunks as results come: adaptive means the default there.
+      if (chunksize == 0 || chunksize == adaptive) chunksize = detail::default_chunksize(count, processes_);
       auto state = std::make_shared<detail::MapState<T>>(call, count, chunksize);
       state->configure(options, count);
       if constexpr (!std::is_null_pointer_v<Callback> || !std::is_null_pointer_v<ErrorCallback>) {
@@ -530,6 +537,32 @@ class Pool {
     return state;
   }
 
+  /// map/starmap with adaptive chunking: chunks are sized as results come
+  /// in, so the input goes through imap's lazy path; the results are
+  /// collected in order, and the first failed item's error is thrown after
+  /// all have run, as map does.
+  template <bool Star, class F, class R>
+  auto collect_adaptive(std::string_view call, F fn, R&& items, const CallOptions& options) {
+    using T = detail::result_of_t<F, detail::item_t<R>, Star>;
+    std::vector<T> values;
+    if constexpr (std::ranges::sized_range<R>) values.reserve(static_cast<std::size_t>(std::ranges::size(items)));
+    auto results = make_imap<Star>(call, true, std::move(fn), std::forward<R>(items), options);
+    std::exception_ptr first_error;
+    for (;;) {
+      try {
+        auto value = results.next();
+        if (!value) break;
+        values.push_back(std::move(*value));
+      } catch (const PoolNotRunning&) {
+        throw;  // nothing after it can run either
+      } catch (...) {
+        if (!first_error) first_error = std::current_exception();
+      }
+    }
+    if (first_error) std::rethrow_exception(first_error);
+    return values;
+  }
+
   template <bool Star, class F, class R>
   auto make_imap(std::string_view call, bool ordered, F fn, R&& items, const CallOptions& options) {
     using Arg = detail::item_t<R>;
@@ -542,7 +575,7 @@ class Pool {
     auto job = std::make_shared<detail::JobState>(call);
     job->configure(options, total);
     return detail::IMapAccess<T>::make(dispatcher_, std::move(source), std::move(job), ordered,
-                                       std::max<std::size_t>(1, options.chunksize), prefetch_, prefetch_bytes_);
+                                       std::max<std::size_t>(1, options.chunksize), prefetch_, prefetch_bytes_, total);
   }
 
   std::shared_ptr<detail::Dispatcher> dispatcher_;

@@ -569,6 +569,7 @@ class Dispatcher {
           w.front_since = Clock::now();
           record_timing(ns);
           ChunkOutcome outcome;
+          outcome.run_ns = ns;
           outcome.payload = w.inbox.take_large();  // a large result is not copied again
           if (outcome.payload.empty()) {
             outcome.payload.assign(frame.data + result_prefix_size, frame.data + frame.size);

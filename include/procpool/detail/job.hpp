@@ -43,6 +43,7 @@ struct ChunkFailure {
 struct ChunkOutcome {
   std::vector<char> payload;       // holds the per-item outcomes, as the worker encoded them,
   std::size_t payload_offset = 0;  // from this offset (a large frame's buffer is taken over whole)
+  std::uint64_t run_ns = 0;        // how long the worker ran the chunk
   pid_t pid = 0;
   std::size_t worker = 0;
   std::optional<ChunkFailure> failure;
@@ -78,6 +79,11 @@ class JobState {
     {
       std::lock_guard lock(mutex_);
       if (cancelled_) return;
+      if (!outcome.failure && items != 0) {
+        // Per-item run time, smoothed over the last few chunks: adaptive chunking's measure.
+        const double per_item = static_cast<double>(outcome.run_ns) / static_cast<double>(items);
+        item_ns_ = item_ns_ ? 0.7 * *item_ns_ + 0.3 * per_item : per_item;
+      }
       ready_bytes_ += outcome.payload.size();
       ready_.emplace(chunk, std::move(outcome));
       ++delivered_;
@@ -109,6 +115,12 @@ class JobState {
     auto node = ready_.extract(ready_.begin());
     ready_bytes_ -= node.mapped().payload.size();
     return std::pair{node.key(), std::move(node.mapped())};
+  }
+
+  /// Recent run time per item, in ns, once a chunk has succeeded.
+  std::optional<double> item_ns() const {
+    std::lock_guard lock(mutex_);
+    return item_ns_;
   }
 
   /// Bytes of results delivered and not yet taken.
@@ -174,6 +186,7 @@ class JobState {
   std::size_t done_ = 0;
   bool progress_failed_ = false;
   std::size_t ready_bytes_ = 0;
+  std::optional<double> item_ns_;
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::map<std::uint64_t, ChunkOutcome> ready_;
