@@ -1,8 +1,10 @@
 // What distinguishes the start methods: threads in the parent, and the
 // procpool::init line that the exec-based methods depend on.
+#include <atomic>
 #include <condition_variable>
 #include <csignal>
 #include <mutex>
+#include <ranges>
 #include <set>
 #include <thread>
 
@@ -92,6 +94,30 @@ TEST_CASE("fork in a threaded program warns once on stderr", "[start]") {
   }
   CHECK(warnings == 1);
   CHECK_THAT(run.output, Catch::Contains("StartMethod::forkserver"));
+}
+
+TEST_CASE("fork in a threaded program: the pool's own locks are never copied locked", "[start]") {
+  // Another thread keeps taking the lock of the table workers look their
+  // code up in (naming a function takes it); a worker forked while it was
+  // held used to wait for it for ever. The task timeout turns such a worker
+  // into an error instead of a hang.
+  struct Naming {
+    std::atomic<bool> stop{false};
+    std::thread thread{[this] {
+      while (!stop) procpool::Initializer named([] {});
+    }};
+    ~Naming() {
+      stop = true;
+      thread.join();
+    }
+  } naming;
+  procpool::Pool pool({.processes = 2,
+                       .start_method = procpool::StartMethod::fork,
+                       .maxtasksperchild = 1,
+                       .task_timeout = std::chrono::seconds(2)});
+  long expected = 0;
+  for (long got : pool.imap<lock_and_return>(std::views::iota(0L, 300L), 1)) CHECK(got == expected++);
+  CHECK(expected == 300);
 }
 
 TEST_CASE("fork in a single-threaded program does not warn", "[start]") {

@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include "launcher.hpp"
+#include "registry.hpp"
 #include "worker.hpp"
 
 namespace procpool::detail {
@@ -19,10 +20,11 @@ class ForkLauncher final : public ChildLauncher {
     const pid_t parent = ::getpid();
     pid_t pid;
     {
-      // Holding the registry across fork() makes the child's list of fds to
-      // close exact, and keeps the lock from being copied in a locked state
-      // owned by some other thread.
+      // Holding the fd registry across fork() makes the child's list of fds
+      // to close exact. Both registries' locks are held so that neither is
+      // copied locked by some other thread: the child needs both.
       std::unique_lock lock(FdRegistry::instance().mutex());
+      std::unique_lock handlers_lock(HandlerRegistry::instance().mutex());
       std::vector<int> inherited = FdRegistry::instance().snapshot_locked();
       pid = ::fork();
       if (pid == 0) {
@@ -37,6 +39,7 @@ class ForkLauncher final : public ChildLauncher {
           if (fd != keep_read && fd != keep_write) ::close(fd);
         }
         FdRegistry::instance().clear_locked();
+        handlers_lock.unlock();
         lock.unlock();
         prepare_worker_process(parent);
         if (stdio.relayed()) use_relayed_output();

@@ -66,6 +66,11 @@ class HandlerRegistry {
     }
   }
 
+  /// Held across fork() by the fork launcher: a worker looks its handlers up
+  /// here, and a copy of this lock taken while another thread held it would
+  /// stay locked in the child for ever.
+  std::mutex& mutex() const { return mutex_; }
+
   /// nullptr if unknown.
   const Entry* find(std::uint64_t id) const {
     std::lock_guard lock(mutex_);
