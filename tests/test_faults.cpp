@@ -71,6 +71,7 @@ long scribble(long) {
   return 0;
 }
 
+std::size_t string_length(const std::string& s) { return s.size(); }
 long twice(long x) { return 2 * x; }
 
 /// Outcome of each item of an imap, in order: the value, or the error type.
@@ -202,6 +203,16 @@ POOL_TEST("an imap input that throws yields what came before, then its error", "
                  });
   CHECK_THROWS_WITH(pool.map<twice>(failing), "filter broke");
   CHECK(pool.apply<twice>(2L) == 4);
+  // A sized input is sent in batches as it is encoded: here the first
+  // batches are already running when the input breaks. The caller gets the
+  // input's error; what was sent is dropped, and the pool goes on.
+  auto breaks_late = std::views::iota(0, 8) | std::views::transform([](int x) {
+                       if (x == 5) throw std::runtime_error("input broke at 5");
+                       return std::string(std::size_t{512} << 10, static_cast<char>('a' + x));
+                     });
+  CHECK_THROWS_WITH(pool.map<string_length>(breaks_late, 1), "input broke at 5");
+  CHECK(pool.map<string_length>(std::vector<std::string>{"ab", "c"}, 1) == std::vector<std::size_t>{2, 1});
+  CHECK(pool.map<twice>(std::vector<long>{1, 2, 3}) == std::vector<long>{2, 4, 6});
 }
 
 POOL_TEST("1,000 pool lifecycles leave no fd and no child behind", "[faults][lifecycle]") {

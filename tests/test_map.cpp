@@ -1,9 +1,13 @@
 // map, starmap, imap, imap_unordered and apply against a serial reference.
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <map>
 #include <numeric>
 #include <ranges>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -43,6 +47,22 @@ struct Scale {
   }
 };
 
+/// Leaves a marker file (if given a path), then measures the payload.
+std::size_t mark_and_measure(const std::pair<std::string, std::string>& item) {
+  if (!item.first.empty()) test::append_line(item.first, "ran");
+  return item.second.size();
+}
+
+/// Waits up to `limit` for `file` to exist.
+bool wait_for_file(const std::string& file, std::chrono::milliseconds limit) {
+  const auto until = std::chrono::steady_clock::now() + limit;
+  while (::access(file.c_str(), F_OK) != 0) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
+
 std::vector<long> iota_vec(long n) {
   std::vector<long> v(static_cast<std::size_t>(n));
   std::iota(v.begin(), v.end(), 0L);
@@ -73,6 +93,23 @@ POOL_TEST("map handles empty and single-item input", "[map]") {
   CHECK(pool.map<square>(std::vector<long>{}).empty());
   CHECK(pool.map<square>(std::vector<long>{9}) == std::vector<long>{81});
   CHECK(pool.map<square>(std::vector<long>{9}, 100) == std::vector<long>{81});
+}
+
+POOL_TEST("map sends work while it is still encoding the rest of its input", "[map]") {
+  // The first item (2 MiB) is a batch of its own; the second item is made
+  // only once a worker has run the first. A map that encoded its whole input
+  // before sending any would wait here in vain.
+  procpool::Pool pool(test::options<TestType>());
+  test::TempDir dir;
+  const std::string marker = dir / "first-ran";
+  bool first_ran_before_second_made = false;
+  auto items = std::views::iota(0, 2) | std::views::transform([&](int i) {
+                 if (i == 0) return std::pair{marker, std::string(std::size_t{2} << 20, 'x')};
+                 first_ran_before_second_made = wait_for_file(marker, std::chrono::seconds(20));
+                 return std::pair{std::string(), std::string("y")};
+               });
+  CHECK(pool.map<mark_and_measure>(items, 1) == std::vector<std::size_t>{std::size_t{2} << 20, 1});
+  CHECK(first_ran_before_second_made);
 }
 
 POOL_TEST("map over 200,000 items matches the serial result", "[map]") {

@@ -2,6 +2,7 @@
 /// The handle to a call that runs in the background: procpool::AsyncResult.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <exception>
 #include <functional>
@@ -33,6 +34,7 @@ class AsyncState : public JobState {
 
   AsyncState(std::string_view call, std::size_t chunks) : JobState(call), chunks_(chunks) {}
 
+  std::size_t chunk_count() const { return chunks_; }
   bool complete() const { return delivered() >= chunks_; }
   bool wait_complete(Deadline deadline) { return wait_delivered(chunks_, deadline); }
 
@@ -118,19 +120,51 @@ class MapState final : public AsyncState<std::vector<T>> {
     values.reserve(count_);
     std::exception_ptr first_error;
     for (auto& [chunk, outcome] : outcomes) {
-      std::size_t first = chunk * chunksize_;
-      decode_chunk<T>(
-          outcome, this->call(), first, std::min(chunksize_, count_ - first),
-          [&](std::size_t, T&& value) { values.push_back(std::move(value)); },
-          [&](std::size_t, std::exception_ptr error) {
-            if (!first_error) first_error = std::move(error);
-          });
+      decode_into(chunk, outcome, values, first_error);
       if (first_error) std::rethrow_exception(first_error);
     }
     return values;
   }
 
+ public:
+  /**
+   * The synchronous map's way to its value, instead of take_value(): decodes
+   * the chunks in order while later ones still run, and frees each result
+   * message once decoded. Like decode(), throws the first failed item's
+   * error, but only after every chunk has arrived.
+   */
+  std::vector<T> collect() {
+    const std::size_t chunks = this->chunk_count();
+    // Wakes up for a batch of chunks rather than for each: a wake-up costs
+    // more than decoding a chunk of small items.
+    const std::size_t step = std::max<std::size_t>(1, chunks / 16);
+    std::vector<T> values;
+    values.reserve(count_);
+    std::exception_ptr first_error;
+    for (std::size_t next = 0; next < chunks;) {
+      for (auto& outcome : this->take_run(next, std::min(chunks, next + step))) {
+        // After a failure the rest only has to arrive.
+        if (!first_error) decode_into(next, outcome, values, first_error);
+        ++next;
+      }
+    }
+    if (first_error) std::rethrow_exception(first_error);
+    return values;
+  }
+
  private:
+  /// Appends chunk `chunk`'s values; keeps the first error seen.
+  void decode_into(std::uint64_t chunk, const ChunkOutcome& outcome, std::vector<T>& values,
+                   std::exception_ptr& first_error) {
+    const std::size_t first = chunk * chunksize_;
+    decode_chunk<T>(
+        outcome, this->call(), first, std::min(chunksize_, count_ - first),
+        [&](std::size_t, T&& value) { values.push_back(std::move(value)); },
+        [&](std::size_t, std::exception_ptr error) {
+          if (!first_error) first_error = std::move(error);
+        });
+  }
+
   std::size_t count_;
   std::size_t chunksize_;
 };

@@ -212,7 +212,7 @@ class Pool {
     if (options.chunksize == adaptive) {
       return collect_adaptive<false>("map", std::move(fn), std::forward<R>(items), options);
     }
-    return submit_map<false>("map", std::move(fn), std::forward<R>(items), options, nullptr, nullptr)->take_value();
+    return submit_map<false>("map", std::move(fn), std::forward<R>(items), options, nullptr, nullptr)->collect();
   }
 
   /**
@@ -285,7 +285,7 @@ class Pool {
     if (options.chunksize == adaptive) {
       return collect_adaptive<true>("starmap", std::move(fn), std::forward<R>(items), options);
     }
-    return submit_map<true>("starmap", std::move(fn), std::forward<R>(items), options, nullptr, nullptr)->take_value();
+    return submit_map<true>("starmap", std::move(fn), std::forward<R>(items), options, nullptr, nullptr)->collect();
   }
 
   /// starmap() in the background.
@@ -492,18 +492,36 @@ class Pool {
         if constexpr (!std::is_null_pointer_v<ErrorCallback>) on_error = std::move(error_callback);
         state->set_callbacks(std::move(on_value), std::move(on_error));
       }
-      std::vector<detail::Chunk> chunks;
-      chunks.reserve(count / chunksize + 1);
-      auto it = std::ranges::begin(items);
-      auto end = std::ranges::end(items);
-      for (std::uint64_t index = 0; it != end; ++index) {
-        detail::Chunk chunk{state, index, {}};
-        std::size_t start = detail::begin_task_frame(chunk.frame, handler);
-        auto n = detail::encode_items<F, Arg>(chunk.frame, fn, it, end, chunksize);
-        detail::finish_task_frame(chunk.frame, start, n);
-        chunks.push_back(std::move(chunk));
+      // Chunks go to the workers in batches as they are encoded, so the
+      // first run while the rest are still being encoded.
+      constexpr std::size_t batch_bytes = std::size_t{1} << 20;
+      std::vector<detail::Chunk> batch;
+      std::size_t bytes = 0;
+      bool submitted = false;
+      try {
+        auto it = std::ranges::begin(items);
+        auto end = std::ranges::end(items);
+        for (std::uint64_t index = 0; it != end; ++index) {
+          detail::Chunk chunk{state, index, {}};
+          std::size_t start = detail::begin_task_frame(chunk.frame, handler);
+          auto n = detail::encode_items<F, Arg>(chunk.frame, fn, it, end, chunksize);
+          detail::finish_task_frame(chunk.frame, start, n);
+          bytes += chunk.frame.size();
+          batch.push_back(std::move(chunk));
+          if (bytes >= batch_bytes) {
+            dispatcher_->submit(std::exchange(batch, {}));
+            submitted = true;
+            bytes = 0;
+          }
+        }
+        // An empty batch still asks: a closed pool refuses even an empty map.
+        if (!batch.empty() || !submitted) dispatcher_->submit(std::move(batch));
+      } catch (...) {
+        // An item that failed to encode, or a pool terminated meanwhile: the
+        // chunks already queued are dropped, and the caller gets the error.
+        if (submitted) state->cancel();
+        throw;
       }
-      dispatcher_->submit(std::move(chunks));
       return state;
     }
   }

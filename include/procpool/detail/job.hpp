@@ -117,6 +117,23 @@ class JobState {
     return std::pair{node.key(), std::move(node.mapped())};
   }
 
+  /**
+   * Waits until chunk `first` has arrived and at least `min_delivered` chunks
+   * have, then takes the outcomes of `first`, `first + 1`, ... up to the
+   * first one still missing: how the synchronous map decodes while later
+   * chunks still run. Must not be used on a cancelled job.
+   */
+  std::vector<ChunkOutcome> take_run(std::uint64_t first, std::size_t min_delivered) {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return delivered_ >= min_delivered && ready_.count(first) != 0; });
+    std::vector<ChunkOutcome> run;
+    for (auto it = ready_.find(first); it != ready_.end() && it->first == first + run.size(); it = ready_.erase(it)) {
+      ready_bytes_ -= it->second.payload.size();
+      run.push_back(std::move(it->second));
+    }
+    return run;
+  }
+
   /// Recent run time per item, in ns, once a chunk has succeeded.
   std::optional<double> item_ns() const {
     std::lock_guard lock(mutex_);
