@@ -16,10 +16,14 @@ if [[ "${PROCPOOL_TEST_SANITIZERS:-1}" != 0 ]]; then
     cmake --preset "$preset" -DPROCPOOL_BUILD_BENCHMARKS=OFF
     cmake --build --preset "$preset" -j2
     exclude='^consumer\.'
-    # ThreadSanitizer runs a thread of its own, so under it every program is
-    # threaded and forking one may deadlock inside the sanitizer itself:
-    # under tsan, the fork start method is left to the other runs.
-    [[ $preset == tsan ]] && exclude="$exclude|test::Fork\$|^fork in a"
+    # Neither sanitizer runtime (GCC 12's libsanitizer) is safe to fork() in
+    # a threaded program: TSan runs a thread of its own, and ASan's allocator
+    # takes a lock that fork() does not hold, so a worker forked while another
+    # thread allocates can wait for it for ever (seen: the output relay test,
+    # about 1 run in 15 under load). Every pool has an I/O thread, so the fork
+    # start method is left to the normal run; the code it shares with the
+    # other start methods (the worker loop, the dispatcher) is covered here.
+    exclude="$exclude|test::Fork\$|^fork in a"
     ctest --preset "$preset" -j2 -E "$exclude"
   done
 fi

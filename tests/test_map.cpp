@@ -2,9 +2,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <limits>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <ranges>
 #include <string>
 #include <thread>
@@ -110,6 +113,54 @@ POOL_TEST("map sends work while it is still encoding the rest of its input", "[m
                });
   CHECK(pool.map<mark_and_measure>(items, 1) == std::vector<std::size_t>{std::size_t{2} << 20, 1});
   CHECK(first_ran_before_second_made);
+}
+
+POOL_TEST("a map streaming its input is not cut short by a close() meanwhile", "[map][lifecycle]") {
+  // The first item goes out as a batch of its own; the pool is closed while
+  // the second is being made. The map still gets every result, then the
+  // pool winds down as a closed pool does.
+  procpool::Pool pool(test::options<TestType>());
+  auto items = std::views::iota(0, 3) | std::views::transform([&](int i) {
+                 if (i == 1) pool.close();
+                 return std::pair{std::string(), std::string(i == 0 ? std::size_t{2} << 20 : 1, 'x')};
+               });
+  CHECK(pool.map<mark_and_measure>(items, 1) == std::vector<std::size_t>{std::size_t{2} << 20, 1, 1});
+  CHECK_THROWS_AS(pool.map<square>(std::vector<long>{1}), procpool::PoolNotRunning);
+  pool.join();
+}
+
+POOL_TEST("a map that fails midway returns only after its progress callback", "[map][progress]") {
+  // The callback for the first item is still running when the input breaks:
+  // map must not throw (and end the life of what the callback uses) before
+  // the callback is done, nor call it afterwards.
+  procpool::Pool pool(test::options<TestType>());
+  std::atomic<bool> started{false}, finished{false}, returned{false}, called_late{false};
+  auto progress = [&](std::size_t, std::optional<std::size_t>) {
+    if (returned) called_late = true;
+    started = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    finished = true;
+  };
+  auto items = std::views::iota(0, 3) | std::views::transform([&](int i) {
+                 if (i == 1) {
+                   for (int k = 0; k < 2000 && !started; ++k) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+                   throw std::runtime_error("input broke at 1");
+                 }
+                 return std::pair{std::string(), std::string(std::size_t{2} << 20, 'x')};
+               });
+  CHECK_THROWS_WITH(pool.map<mark_and_measure>(items, {.chunksize = 1, .progress = progress}), "input broke at 1");
+  returned = true;
+  CHECK(started);
+  CHECK(finished);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK_FALSE(called_late);
+}
+
+POOL_TEST("map with a chunksize larger than any input sends one chunk", "[map][chunks]") {
+  procpool::Pool pool(test::options<TestType>());
+  const std::size_t huge = std::numeric_limits<std::size_t>::max() - 1;  // not procpool::adaptive
+  CHECK(pool.map<square>(iota_vec(5), huge) == serial(square, iota_vec(5)));
+  CHECK(pool.map<square>(std::vector<long>{}, huge).empty());
 }
 
 POOL_TEST("map over 200,000 items matches the serial result", "[map]") {

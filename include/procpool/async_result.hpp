@@ -110,7 +110,7 @@ template <class T>
 class MapState final : public AsyncState<std::vector<T>> {
  public:
   MapState(std::string_view call, std::size_t count, std::size_t chunksize)
-      : AsyncState<std::vector<T>>(call, chunksize == 0 ? 0 : (count + chunksize - 1) / chunksize),
+      : AsyncState<std::vector<T>>(call, chunksize == 0 || count == 0 ? 0 : (count - 1) / chunksize + 1),
         count_(count),
         chunksize_(chunksize) {}
 
@@ -141,12 +141,17 @@ class MapState final : public AsyncState<std::vector<T>> {
     std::vector<T> values;
     values.reserve(count_);
     std::exception_ptr first_error;
-    for (std::size_t next = 0; next < chunks;) {
-      for (auto& outcome : this->take_run(next, std::min(chunks, next + step))) {
-        // After a failure the rest only has to arrive.
-        if (!first_error) decode_into(next, outcome, values, first_error);
-        ++next;
+    try {
+      for (std::size_t next = 0; next < chunks;) {
+        for (auto& outcome : this->take_run(next, std::min(chunks, next + step))) {
+          // After a failure the rest only has to arrive.
+          if (!first_error) decode_into(next, outcome, values, first_error);
+          ++next;
+        }
       }
+    } catch (...) {
+      this->cancel();  // out of memory, say: the rest is of no use to anyone
+      throw;
     }
     if (first_error) std::rethrow_exception(first_error);
     return values;

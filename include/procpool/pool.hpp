@@ -445,7 +445,9 @@ class Pool {
   // ---- lifecycle --------------------------------------------------------------
 
   /// Accepts no more work (later calls throw PoolNotRunning); queued and
-  /// running tasks still complete. Calling it again does nothing.
+  /// running tasks still complete, and so does a map that another thread
+  /// had started (it may still be sending its input). Calling it again does
+  /// nothing.
   void close() { dispatcher_->close(); }
 
   /// After close() or terminate(): waits for the queued work and for every
@@ -493,8 +495,14 @@ class Pool {
         state->set_callbacks(std::move(on_value), std::move(on_error));
       }
       // Chunks go to the workers in batches as they are encoded, so the
-      // first run while the rest are still being encoded.
+      // first run while the rest are still being encoded. The stream keeps
+      // a close() from another thread from refusing the later batches.
       constexpr std::size_t batch_bytes = std::size_t{1} << 20;
+      dispatcher_->open_stream();
+      struct StreamEnd {
+        detail::Dispatcher& dispatcher;
+        ~StreamEnd() { dispatcher.close_stream(); }
+      } stream_end{*dispatcher_};
       std::vector<detail::Chunk> batch;
       std::size_t bytes = 0;
       bool submitted = false;
@@ -509,13 +517,12 @@ class Pool {
           bytes += chunk.frame.size();
           batch.push_back(std::move(chunk));
           if (bytes >= batch_bytes) {
-            dispatcher_->submit(std::exchange(batch, {}));
+            dispatcher_->submit(std::exchange(batch, {}), true);
             submitted = true;
             bytes = 0;
           }
         }
-        // An empty batch still asks: a closed pool refuses even an empty map.
-        if (!batch.empty() || !submitted) dispatcher_->submit(std::move(batch));
+        if (!batch.empty()) dispatcher_->submit(std::move(batch), true);
       } catch (...) {
         // An item that failed to encode, or a pool terminated meanwhile: the
         // chunks already queued are dropped, and the caller gets the error.

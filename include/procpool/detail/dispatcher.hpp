@@ -84,14 +84,31 @@ class Dispatcher {
 
   std::size_t processes() const { return processes_; }
 
+  /**
+   * For a call that submits its chunks in several batches: once it has
+   * opened a stream, close() refuses none of its later batches (submitted
+   * with `in_stream`), and the pool does not wind down before it is closed.
+   * Every open_stream() needs its close_stream().
+   */
+  void open_stream() {
+    std::lock_guard lock(mutex_);
+    if (state_ != State::running) throw_not_running();
+    ++streams_;
+  }
+  void close_stream() noexcept {
+    {
+      std::lock_guard lock(mutex_);
+      --streams_;
+    }
+    wake();
+  }
+
   /// Queues chunks; they are failed at once if the pool can no longer run them.
-  void submit(std::vector<Chunk> chunks) {
+  void submit(std::vector<Chunk> chunks, bool in_stream = false) {
     std::vector<Delivery> failed;
     {
       std::lock_guard lock(mutex_);
-      if (state_ != State::running) {
-        throw PoolNotRunning("procpool: the pool is closed or terminated; it accepts no new work");
-      }
+      if (state_ != State::running && !(in_stream && state_ == State::closed)) throw_not_running();
       for (auto& chunk : chunks) {
         if (broken_) {
           failed.push_back({std::move(chunk.job), chunk.index, failure_outcome(*broken_), items_in(chunk.frame)});
@@ -152,6 +169,10 @@ class Dispatcher {
 
  private:
   enum class State { running, closed, terminating, stopped };
+
+  [[noreturn]] static void throw_not_running() {
+    throw PoolNotRunning("procpool: the pool is closed or terminated; it accepts no new work");
+  }
 
   struct Delivery {
     std::shared_ptr<JobState> job;
@@ -219,7 +240,9 @@ class Dispatcher {
     for (;;) {
       if (state_ == State::terminating) break;
       maintain(deliveries);
-      if (state_ == State::closed && pending_.empty() && in_flight_.empty() && workers_.empty()) break;
+      if (state_ == State::closed && streams_ == 0 && pending_.empty() && in_flight_.empty() && workers_.empty()) {
+        break;
+      }
 
       fds.assign(1, {wake_.get(), POLLIN, 0});
       owners.assign(1, {nullptr, death});
@@ -304,7 +327,7 @@ class Dispatcher {
     for (auto& w : workers_) {
       if (!w->outbox.empty()) flush_outbox(*w);
     }
-    if (state_ == State::closed && pending_.empty()) {
+    if (state_ == State::closed && streams_ == 0 && pending_.empty()) {
       // Closing the task pipe is how a worker learns to exit.
       for (auto& w : workers_) {
         if (w->held.empty() && w->outbox.empty()) w->proc.task.reset();
@@ -313,7 +336,8 @@ class Dispatcher {
   }
 
   void start_missing_workers(std::vector<Delivery>& deliveries) {
-    bool want = !broken_ && (state_ == State::running || (state_ == State::closed && !pending_.empty()));
+    bool want =
+        !broken_ && (state_ == State::running || (state_ == State::closed && (streams_ > 0 || !pending_.empty())));
     if (!want) return;
     for (std::size_t slot = 0; slot < processes_ && !broken_; ++slot) {
       std::size_t in_slot = 0;
@@ -680,6 +704,7 @@ class Dispatcher {
   std::mutex mutex_;
   std::mutex join_mutex_;
   State state_ = State::running;
+  std::size_t streams_ = 0;  // calls still submitting their batches (open_stream)
   std::vector<std::unique_ptr<Worker>> workers_;
   std::deque<Task> pending_;
   std::unordered_map<std::uint64_t, Task> in_flight_;

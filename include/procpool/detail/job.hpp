@@ -94,11 +94,16 @@ class JobState {
   bool cancelled() const { return cancelled_.load(std::memory_order_relaxed); }
 
   // ---- caller side ----
-  /// Drops undelivered and future outcomes: the caller lost interest.
+  /// Drops undelivered and future outcomes: the caller lost interest. Once
+  /// it returns, the progress callback is not running and is never called
+  /// again, so whatever it refers to may go.
   void cancel() {
-    std::lock_guard lock(mutex_);
-    cancelled_ = true;
-    ready_.clear();
+    {
+      std::lock_guard lock(mutex_);
+      cancelled_ = true;
+      ready_.clear();
+    }
+    std::lock_guard wait_for_report(progress_mutex_);
   }
 
   std::optional<ChunkOutcome> take(std::uint64_t chunk, Deadline deadline) {
@@ -182,6 +187,7 @@ class JobState {
   /// refused at once: one at a time, with a running count.
   void report_progress(std::size_t items) {
     std::lock_guard lock(progress_mutex_);
+    if (cancelled()) return;
     done_ += items;
     try {
       progress_(done_, total_);
