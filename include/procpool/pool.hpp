@@ -505,7 +505,6 @@ class Pool {
       } stream_end{*dispatcher_};
       std::vector<detail::Chunk> batch;
       std::size_t bytes = 0;
-      bool submitted = false;
       try {
         auto it = std::ranges::begin(items);
         auto end = std::ranges::end(items);
@@ -518,7 +517,6 @@ class Pool {
           batch.push_back(std::move(chunk));
           if (bytes >= batch_bytes) {
             dispatcher_->submit(std::exchange(batch, {}), true);
-            submitted = true;
             bytes = 0;
           }
         }
@@ -526,7 +524,7 @@ class Pool {
       } catch (...) {
         // An item that failed to encode, or a pool terminated meanwhile: the
         // chunks already queued are dropped, and the caller gets the error.
-        if (submitted) state->cancel();
+        state->cancel();
         throw;
       }
       return state;

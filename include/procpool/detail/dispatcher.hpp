@@ -96,11 +96,13 @@ class Dispatcher {
     ++streams_;
   }
   void close_stream() noexcept {
+    bool last_on_closed_pool;
     {
       std::lock_guard lock(mutex_);
-      --streams_;
+      last_on_closed_pool = --streams_ == 0 && state_ == State::closed;
     }
-    wake();
+    // Only a closed pool waits for its streams to wind down.
+    if (last_on_closed_pool) wake();
   }
 
   /// Queues chunks; they are failed at once if the pool can no longer run them.
