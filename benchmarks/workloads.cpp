@@ -80,7 +80,10 @@ int main(int argc, char** argv) {
     const std::size_t processes = args.size("processes", 2);
     bench::Json out("procpool", workload);
     out.add("method", method).add("processes", processes);
-    procpool::Pool pool({.processes = processes, .start_method = parse_method(method)});
+    procpool::Options options{.processes = processes, .start_method = parse_method(method)};
+    options.shared_memory_threshold = args.size("shm", options.shared_memory_threshold);
+    out.add("shm", options.shared_memory_threshold);
+    procpool::Pool pool(options);
 
     if (workload == "map1" || workload == "mapdefault") {
       const bool one = workload == "map1";

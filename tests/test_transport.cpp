@@ -1,11 +1,20 @@
 // The transport's promises: one pipe pair per worker and nothing else of
 // the parent's, close-on-exec everywhere, bounded messages.
-#include <fmt/format.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <ranges>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <fmt/format.h>
 
 #include "common.hpp"
 
@@ -90,4 +99,180 @@ POOL_TEST("payloads of several megabytes travel intact both ways", "[transport]"
   for (char c : {'a', 'b', 'c', 'd'}) blobs.push_back(std::string(3 << 20, c));
   auto back = pool.map<echo>(blobs, 1);
   CHECK(back == blobs);
+}
+
+// ---- large messages through shared memory -----------------------------------
+
+namespace {
+
+/// Mappings of this process whose memfd is called `name` (procpool-task: the
+/// pool's task buffers; procpool-result: a worker's result buffers).
+std::size_t memfd_mappings(const std::string& name) {
+  std::ifstream maps("/proc/self/maps");
+  std::size_t count = 0;
+  for (std::string line; std::getline(maps, line);) {
+    count += line.find("/memfd:" + name + " ") != std::string::npos ? 1 : 0;
+  }
+  return count;
+}
+
+/// In the worker: its buffers of either kind, after echoing `s`.
+struct Seen {
+  std::string echoed;
+  std::size_t task_mappings = 0;
+  std::size_t result_mappings = 0;
+  template <class A>
+  void serialize(A& ar) {
+    ar(echoed, task_mappings, result_mappings);
+  }
+};
+Seen echo_and_look(std::string s) {
+  return {std::move(s), memfd_mappings("procpool-task"), memfd_mappings("procpool-result")};
+}
+
+std::string big(std::size_t size, char fill) {
+  std::string s(size, fill);
+  for (std::size_t i = 0; i < size; i += 4096) s[i] = static_cast<char>('a' + (i / 4096) % 26);
+  return s;
+}
+
+}  // namespace
+
+POOL_TEST("a message over shared_memory_threshold goes through shared memory, a smaller one through the pipe",
+          "[transport][shm]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  // Small: nothing is mapped on either side.
+  Seen small = pool.apply<echo_and_look>(std::string(1000, 's'));
+  CHECK(small.echoed == std::string(1000, 's'));
+  CHECK(small.task_mappings == 0);
+  CHECK(small.result_mappings == 0);
+  CHECK(memfd_mappings("procpool-result") == 0);
+  // Large: the worker read the task from the pool's buffer, and wrote the
+  // previous (large) result into one of its own, which the parent mapped.
+  const std::string one = big(std::size_t{1} << 20, 'x');
+  CHECK(pool.apply<echo_and_look>(one).echoed == one);
+  Seen second = pool.apply<echo_and_look>(big(3 << 20, 'y'));
+  CHECK(second.echoed == big(3 << 20, 'y'));
+  CHECK(second.task_mappings >= 1);
+  CHECK(second.result_mappings >= 1);
+  CHECK(memfd_mappings("procpool-result") >= 1);
+  // Sizes around the threshold, and many at once, arrive intact and in order.
+  std::vector<std::string> mixed;
+  for (std::size_t size : {std::size_t{256} << 10, (std::size_t{256} << 10) + 1, std::size_t{5} << 20, std::size_t{7},
+                           std::size_t{2} << 20}) {
+    mixed.push_back(big(size, static_cast<char>('0' + mixed.size())));
+  }
+  for (int i = 0; i < 3; ++i) mixed.insert(mixed.end(), mixed.begin(), mixed.begin() + 5);
+  CHECK(pool.map<echo>(mixed, 1) == mixed);
+  CHECK(pool.map<echo>(mixed, 4) == mixed);
+}
+
+POOL_TEST("shared_memory_threshold 0 sends everything through the pipes", "[transport][shm]") {
+  procpool::Options o = test::options<TestType>({.processes = 1});
+  o.shared_memory_threshold = 0;
+  procpool::Pool pool(o);
+  const std::string one = big(std::size_t{2} << 20, 'z');
+  CHECK(pool.apply<echo_and_look>(one).echoed == one);
+  Seen second = pool.apply<echo_and_look>(one);
+  CHECK(second.echoed == one);
+  CHECK(second.task_mappings == 0);
+  CHECK(second.result_mappings == 0);
+  CHECK(memfd_mappings("procpool-result") == 0);
+  CHECK(memfd_mappings("procpool-task") == 0);
+}
+
+POOL_TEST("shared-memory buffers are reused: their number follows the messages outstanding, not those sent",
+          "[transport][shm]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  // One at a time: each buffer is free again before the next task.
+  for (int i = 0; i < 60; ++i) {
+    std::string blob = big((std::size_t{1} << 20) + static_cast<std::size_t>(i), static_cast<char>('a' + i % 26));
+    Seen seen = pool.apply<echo_and_look>(blob);
+    REQUIRE(seen.echoed == blob);
+    CHECK(seen.task_mappings <= 1);
+    CHECK(seen.result_mappings <= 1);
+  }
+  CHECK(memfd_mappings("procpool-task") <= 2);  // one buffer and the probe
+  CHECK(memfd_mappings("procpool-result") <= 1);
+  // Streaming: what is outstanding is bounded by the in-flight window and
+  // imap's read-ahead, whatever the number of items.
+  procpool::Options o = test::options<TestType>({.processes = 2, .max_tasks_in_flight = 2, .imap_prefetch = 4});
+  procpool::Pool streaming(o);
+  std::size_t most_task = 0, most_result = 0, count = 0;
+  for (const Seen& seen : streaming.imap<echo_and_look>(std::views::iota(0, 150) | std::views::transform([](int i) {
+                                                          return big(std::size_t{1} << 20,
+                                                                     static_cast<char>('a' + i % 26));
+                                                        }))) {
+    CHECK(seen.echoed == big(std::size_t{1} << 20, static_cast<char>('a' + count++ % 26)));
+    most_task = std::max(most_task, seen.task_mappings);
+    most_result = std::max(most_result, seen.result_mappings);
+  }
+  CHECK(count == 150);
+  // Without reuse, each task would leave a buffer behind on each side: 150.
+  CHECK(most_task <= 8);
+  CHECK(most_result <= 8);
+  CHECK(memfd_mappings("procpool-task") <= 10);
+  CHECK(memfd_mappings("procpool-result") <= 16);
+}
+
+namespace {
+
+/// Dies after reading a large task from shared memory.
+std::size_t die_on_x(const std::string& s) {
+  if (!s.empty() && s.back() == 'X') ::kill(::getpid(), SIGKILL);
+  return s.size();
+}
+
+}  // namespace
+
+POOL_TEST("a worker that dies holding a task in shared memory costs that task only", "[transport][shm][faults]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  // A worker's first tasks may go out before it said it can reach shared memory.
+  CHECK(pool.apply<die_on_x>(std::string("ready")) == 5);
+  std::string doomed = big(std::size_t{2} << 20, 'd');
+  doomed.back() = 'X';
+  auto lost = test::thrown<procpool::WorkerLost>([&] { pool.apply<die_on_x>(doomed); });
+  CHECK(lost.signal() == SIGKILL);
+  // The replacement reads large tasks as before, and the dead worker's
+  // buffer is free again: one at a time, one buffer serves them all.
+  for (int i = 0; i < 20; ++i) CHECK(pool.apply<die_on_x>(big(std::size_t{2} << 20, 'e')) == std::size_t{2} << 20);
+  CHECK(memfd_mappings("procpool-task") <= 2);  // one buffer and the probe
+}
+
+namespace {
+
+/// Sends the parent a reference to shared memory that is not a procpool buffer.
+long forge_reference(long) {
+  int fake = ::memfd_create("not-procpool", MFD_CLOEXEC);
+  if (fake < 0 || ::ftruncate(fake, 1 << 20) != 0) return -1;
+  for (int fd = 3; fd < 256; ++fd) {
+    int flags = ::fcntl(fd, F_GETFL);
+    if (flags == -1 || (flags & O_ACCMODE) != O_WRONLY) continue;
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode)) continue;
+    char frame[32];
+    const std::uint32_t length = 24, kind = 8;  // a shm_ref frame
+    const std::int32_t pid = ::getpid();
+    const std::uint64_t id = 1, size = 4096;
+    std::memcpy(frame, &length, 4);
+    std::memcpy(frame + 4, &kind, 4);
+    std::memcpy(frame + 8, &pid, 4);
+    std::memcpy(frame + 12, &fake, 4);
+    std::memcpy(frame + 16, &id, 8);
+    std::memcpy(frame + 24, &size, 8);
+    [[maybe_unused]] auto n = ::write(fd, frame, sizeof(frame));
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(60));
+  return 0;
+}
+
+}  // namespace
+
+POOL_TEST("a forged shared-memory reference is a ProtocolError, and the pool goes on", "[transport][shm][faults]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  auto error = test::thrown<procpool::ProtocolError>([&] { pool.apply<forge_reference>(0L); });
+  CHECK_THAT(error.what(), Catch::Contains("shared memory"));
+  CHECK_THAT(error.what(), Catch::Contains("not the procpool buffer"));
+  const std::string one = big(std::size_t{1} << 20, 'g');
+  CHECK(pool.apply<echo>(one) == one);
 }

@@ -83,6 +83,16 @@ struct Options {
   /// goes on. Every line printed before `join()` returns has been delivered
   /// by then.
   std::function<void(const WorkerLine&)> on_worker_output{};
+  /// A task or result message larger than this many bytes travels through
+  /// shared memory instead of its worker's pipe: the sender copies it into a
+  /// memory file (memfd) it keeps for reuse, and the receiver reads it in
+  /// place, which saves two copies and the pipe's many wake-ups. Needs
+  /// memfd_create and /proc; where a worker cannot open the pool's memory
+  /// (another user, /proc not mounted), that worker's messages go through its
+  /// pipe. Each side keeps up to a few idle buffers for reuse, so a worker
+  /// that returned a large result holds that much shared memory. 0 sends
+  /// everything through the pipes.
+  std::size_t shared_memory_threshold = std::size_t{256} << 10;
 };
 
 }  // namespace procpool

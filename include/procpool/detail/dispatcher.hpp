@@ -28,6 +28,7 @@
 #include "job.hpp"
 #include "launcher.hpp"
 #include "output_relay.hpp"
+#include "shm.hpp"
 #include "system.hpp"
 #include "worker.hpp"
 
@@ -53,9 +54,12 @@ class Dispatcher {
         max_rss_(options.max_memory_per_child),
         address_space_limit_(options.memory_limit_per_child),
         max_message_(std::min<std::size_t>(options.max_message_bytes, 0xffffffffu)),
+        shm_threshold_(options.shared_memory_threshold),
         init_id_(InitializerAccess::id(options.initializer)),
         init_state_(InitializerAccess::state(options.initializer)) {
     wake_ = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
+    // Without a memfd to show the workers, large messages use the pipes.
+    if (shm_threshold_ != 0 && shm_writer_.probe() == nullptr) shm_threshold_ = 0;
     if (options.worker_output != WorkerOutput::inherit || options.on_worker_output) {
       relay_ = std::make_unique<OutputRelay>(options.worker_output, options.on_worker_output);
     }
@@ -123,8 +127,8 @@ class Dispatcher {
                             items_in(chunk.frame)});
         } else {
           if (chunk.job->task_timeout()) timeouts_used_ = true;
-          pending_.push_back(
-              Task{std::move(chunk.job), chunk.index, std::make_shared<std::vector<char>>(std::move(chunk.frame)), 0});
+          pending_.push_back(Task{
+              std::move(chunk.job), chunk.index, std::make_shared<std::vector<char>>(std::move(chunk.frame)), 0, {}});
         }
       }
     }
@@ -194,6 +198,7 @@ class Dispatcher {
     std::uint64_t chunk = 0;
     std::shared_ptr<std::vector<char>> frame;
     std::size_t attempts = 0;  // how often a worker died running it
+    ShmLease shm;              // the shared memory its frame went through, until the worker is done with it
   };
 
   /// One worker process. A slot (0 .. processes-1) has one worker taking
@@ -203,6 +208,8 @@ class Dispatcher {
     std::size_t slot = 0;
     LaunchedWorker proc;
     bool ready = false;              // it finished its initializer
+    bool shm = false;                // it can reach the pool's shared memory (said so when ready)
+    ShmReader shm_reader{true};      // its result buffers, mapped
     bool retiring = false;           // it was sent its last task
     bool eof = false;                // its result pipe is closed
     bool exited = false;             // its process is gone (pidfd fired, or found by waitpid)
@@ -385,6 +392,11 @@ class Dispatcher {
     put<std::uint64_t>(config, max_message_);
     put<std::uint64_t>(config, max_rss_);
     put<std::uint64_t>(config, address_space_limit_);
+    put<std::uint64_t>(config, shm_threshold_);
+    const ShmBuffer* probe = shm_threshold_ != 0 ? shm_writer_.probe() : nullptr;
+    put<std::int32_t>(config, static_cast<std::int32_t>(::getpid()));
+    put<std::int32_t>(config, probe != nullptr ? probe->fd.get() : -1);
+    put<std::uint64_t>(config, probe != nullptr ? probe->id : 0);
     config.insert(config.end(), init_state_.begin(), init_state_.end());
     finish_frame(config, start);
     w->outbox.push_back(std::make_shared<std::vector<char>>(std::move(config)));
@@ -427,6 +439,7 @@ class Dispatcher {
       if (it == in_flight_.end()) continue;
       Task task = std::move(it->second);
       in_flight_.erase(it);
+      task.shm.reset();  // the worker is gone: its buffer is free
       if (k == 0 && front_started) {
         bool retry =
             lost.kind == ChunkFailure::Kind::worker_lost && task.attempts < task.job->retries().value_or(retries_);
@@ -510,11 +523,25 @@ class Dispatcher {
       patch<std::uint64_t>(*task.frame, task_id_offset, id);
       if (best->held.empty()) best->front_since = Clock::now();
       best->held.push_back(id);
-      best->outbox.push_back(task.frame);
+      send_task(*best, task);
       in_flight_.emplace(id, std::move(task));
       if (max_tasks_per_child_ != 0 && ++best->sent >= max_tasks_per_child_) best->retiring = true;
       pending_.pop_front();
     }
+  }
+
+  /// Queues a task's frame for its worker, through shared memory if it is large.
+  void send_task(Worker& w, Task& task) {
+    if (w.shm && task.frame->size() > shm_threshold_) {
+      ShmBuffer* used = nullptr;
+      std::vector<char> ref = shm_writer_.pass(task.frame->data(), task.frame->size(), &used);
+      if (!ref.empty()) {
+        task.shm = ShmLease(used);
+        w.outbox.push_back(std::make_shared<std::vector<char>>(std::move(ref)));
+        return;
+      }
+    }
+    w.outbox.push_back(task.frame);
   }
 
   void flush_outbox(Worker& w) {
@@ -580,33 +607,25 @@ class Dispatcher {
       switch (frame.kind) {
         case FrameKind::ready:
           w.ready = true;
+          w.shm = shm_threshold_ != 0 && frame.size >= 8 && get<std::uint32_t>(frame.data + 4) == 1;
           w.front_since = Clock::now();  // its initializer's time is not its first task's
           break;
-        case FrameKind::result: {
-          if (frame.size < result_prefix_size) return protocol_violation(w, "the worker sent a truncated result");
-          auto id = get<std::uint64_t>(frame.data);
-          auto ns = get<std::uint64_t>(frame.data + 8);
-          auto held = std::find(w.held.begin(), w.held.end(), id);
-          auto it = in_flight_.find(id);
-          if (held == w.held.end() || it == in_flight_.end()) {
-            return protocol_violation(w, "the worker answered a task it was not given");
+        case FrameKind::result:
+          if (!take_result(w, frame, nullptr, deliveries)) return false;
+          break;
+        case FrameKind::shm_ref: {
+          if (!w.shm) return protocol_violation(w, "the worker sent a shared-memory message it was not to send");
+          ShmReader::Resolved resolved;
+          try {
+            resolved = w.shm_reader.resolve(frame, max_message_);
+          } catch (const std::exception& e) {
+            return protocol_violation(w, fmt::format("the worker's result in shared memory could not be read: {}",
+                                                     e.what()));
           }
-          w.held.erase(held);
-          w.front_since = Clock::now();
-          record_timing(ns);
-          ChunkOutcome outcome;
-          outcome.run_ns = ns;
-          outcome.payload = w.inbox.take_large();  // a large result is not copied again
-          if (outcome.payload.empty()) {
-            outcome.payload.assign(frame.data + result_prefix_size, frame.data + frame.size);
-          } else {
-            outcome.payload_offset = static_cast<std::size_t>(frame.data + result_prefix_size - outcome.payload.data());
+          if (resolved.frame.kind != FrameKind::result) {
+            return protocol_violation(w, "the worker sent something other than a result through shared memory");
           }
-          outcome.pid = w.proc.pid;
-          outcome.worker = w.slot;
-          deliveries.push_back(
-              {std::move(it->second.job), it->second.chunk, std::move(outcome), items_in(*it->second.frame)});
-          in_flight_.erase(it);
+          if (!take_result(w, resolved.frame, std::move(resolved.mapping), deliveries)) return false;
           break;
         }
         case FrameKind::leaving:
@@ -633,6 +652,43 @@ class Dispatcher {
                                                    static_cast<std::uint32_t>(frame.kind)));
       }
     }
+  }
+
+  /// Settles the task a result frame answers. `shared`: the mapping the frame
+  /// is in, if it came through shared memory (the outcome then reads it in
+  /// place and frees it for the worker once decoded).
+  bool take_result(Worker& w, const FrameView& frame, std::shared_ptr<ShmMapping> shared,
+                   std::vector<Delivery>& deliveries) {
+    if (frame.size < result_prefix_size) return protocol_violation(w, "the worker sent a truncated result");
+    auto id = get<std::uint64_t>(frame.data);
+    auto ns = get<std::uint64_t>(frame.data + 8);
+    auto held = std::find(w.held.begin(), w.held.end(), id);
+    auto it = in_flight_.find(id);
+    if (held == w.held.end() || it == in_flight_.end()) {
+      return protocol_violation(w, "the worker answered a task it was not given");
+    }
+    w.held.erase(held);
+    w.front_since = Clock::now();
+    record_timing(ns);
+    ChunkOutcome outcome;
+    outcome.run_ns = ns;
+    if (shared) {
+      outcome.shm = std::make_unique<ShmSlice>(std::move(shared), frame.data + result_prefix_size,
+                                               frame.size - result_prefix_size);
+    } else {
+      outcome.payload = w.inbox.take_large();  // a large result is not copied again
+      if (outcome.payload.empty()) {
+        outcome.payload.assign(frame.data + result_prefix_size, frame.data + frame.size);
+      } else {
+        outcome.payload_offset = static_cast<std::size_t>(frame.data + result_prefix_size - outcome.payload.data());
+      }
+    }
+    outcome.pid = w.proc.pid;
+    outcome.worker = w.slot;
+    deliveries.push_back(
+        {std::move(it->second.job), it->second.chunk, std::move(outcome), items_in(*it->second.frame)});
+    in_flight_.erase(it);  // frees the task's shared memory, if it used some
+    return true;
   }
 
   bool protocol_violation(Worker& w, std::string why) {
@@ -700,6 +756,8 @@ class Dispatcher {
   /// Between SIGTERM and SIGKILL for a task over its timeout.
   static constexpr std::chrono::milliseconds kill_grace{200};
   const std::size_t max_message_;
+  std::size_t shm_threshold_;              // 0: no shared memory (none asked for, or none to be had)
+  ShmWriter shm_writer_{"procpool-task"};  // the tasks' buffers; before the tasks, which lease them
   const std::uint64_t init_id_;
   const std::vector<char> init_state_;
 

@@ -4,12 +4,14 @@
 //   frame   := u32 payload length, u32 kind, payload
 //   config  := u64 worker slot, u64 maxtasksperchild, u64 initializer id,
 //              u64 max message bytes, u64 max resident bytes, u64 address-space
-//              limit, initializer state
+//              limit, u64 shared-memory threshold (0: none), i32 pool pid,
+//              i32 probe fd, u64 probe id, initializer state
 //   task    := u64 task id, u64 handler id, u32 item count, callable state, items (cereal)
-//   ready   := i32 pid
+//   ready   := i32 pid, u32 1 if the worker can reach the pool's shared memory
 //   result  := u64 task id, u64 run time in ns, per item (cereal): bool ok, value | type, message
 //   init_failed / fatal := cereal strings: type, message
 //   leaving := (empty)
+//   shm_ref := where a frame too large for the pipe is (see shm.hpp)
 #pragma once
 
 #include <cstdint>
@@ -27,6 +29,7 @@ enum class FrameKind : std::uint32_t {
   init_failed = 5,
   fatal = 6,
   leaving = 7,  // worker -> parent: I exit now, before the tasks I was sent after the last result
+  shm_ref = 8,  // either way: the frame is in the sender's shared memory (shm.hpp)
 };
 
 inline constexpr std::size_t frame_header_size = 8;

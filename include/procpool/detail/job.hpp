@@ -10,8 +10,10 @@
 #include <cstdint>
 #include <exception>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -23,6 +25,7 @@
 #include "../errors.hpp"
 #include "handlers.hpp"
 #include "serialize.hpp"
+#include "shm.hpp"
 #include "system.hpp"
 
 namespace procpool::detail {
@@ -43,10 +46,19 @@ struct ChunkFailure {
 struct ChunkOutcome {
   std::vector<char> payload;       // holds the per-item outcomes, as the worker encoded them,
   std::size_t payload_offset = 0;  // from this offset (a large frame's buffer is taken over whole)
+  std::unique_ptr<ShmSlice> shm;   // or they are in the worker's shared memory (then payload is empty)
   std::uint64_t run_ns = 0;        // how long the worker ran the chunk
   pid_t pid = 0;
   std::size_t worker = 0;
   std::optional<ChunkFailure> failure;
+
+  /// The encoded per-item outcomes.
+  std::span<const char> bytes() const {
+    if (shm) return {shm->data(), shm->size()};
+    return {payload.data() + payload_offset, payload.size() - payload_offset};
+  }
+  /// Memory the outcome holds until decoded.
+  std::size_t held_bytes() const { return shm ? shm->size() : payload.size(); }
 };
 
 class JobState {
@@ -84,7 +96,7 @@ class JobState {
         const double per_item = static_cast<double>(outcome.run_ns) / static_cast<double>(items);
         item_ns_ = item_ns_ ? 0.7 * *item_ns_ + 0.3 * per_item : per_item;
       }
-      ready_bytes_ += outcome.payload.size();
+      ready_bytes_ += outcome.held_bytes();
       ready_.emplace(chunk, std::move(outcome));
       ++delivered_;
     }
@@ -110,7 +122,7 @@ class JobState {
     std::unique_lock lock(mutex_);
     if (!wait(lock, deadline, [&] { return ready_.count(chunk) != 0; })) return std::nullopt;
     auto node = ready_.extract(chunk);
-    ready_bytes_ -= node.mapped().payload.size();
+    ready_bytes_ -= node.mapped().held_bytes();
     return std::move(node.mapped());
   }
 
@@ -118,7 +130,7 @@ class JobState {
     std::unique_lock lock(mutex_);
     if (!wait(lock, deadline, [&] { return !ready_.empty(); })) return std::nullopt;
     auto node = ready_.extract(ready_.begin());
-    ready_bytes_ -= node.mapped().payload.size();
+    ready_bytes_ -= node.mapped().held_bytes();
     return std::pair{node.key(), std::move(node.mapped())};
   }
 
@@ -133,7 +145,7 @@ class JobState {
     cv_.wait(lock, [&] { return delivered_ >= min_delivered && ready_.count(first) != 0; });
     std::vector<ChunkOutcome> run;
     for (auto it = ready_.find(first); it != ready_.end() && it->first == first + run.size(); it = ready_.erase(it)) {
-      ready_bytes_ -= it->second.payload.size();
+      ready_bytes_ -= it->second.held_bytes();
       run.push_back(std::move(it->second));
     }
     return run;
@@ -269,7 +281,8 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_
     }
     return;
   }
-  Decoder decoder(outcome.payload.data() + outcome.payload_offset, outcome.payload.size() - outcome.payload_offset);
+  const std::span<const char> bytes = outcome.bytes();
+  Decoder decoder(bytes.data(), bytes.size());
   std::size_t i = 0;
   try {
     for (; i < count; ++i) {

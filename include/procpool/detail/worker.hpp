@@ -15,6 +15,7 @@
 #include "handlers.hpp"
 #include "registry.hpp"
 #include "serialize.hpp"
+#include "shm.hpp"
 #include "system.hpp"
 
 namespace procpool::detail {
@@ -138,13 +139,21 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   FrameReader reader(task_fd, std::size_t{1} << 31);
   FrameView frame{};
   if (!reader.next(frame)) return 0;
-  constexpr std::size_t config_size = 48;
+  constexpr std::size_t config_size = 72;
   if (frame.kind != FrameKind::config || frame.size < config_size) return exit_protocol_error;
   const auto max_tasks = get<std::uint64_t>(frame.data + 8);
   const auto init_id = get<std::uint64_t>(frame.data + 16);
   const auto max_message = get<std::uint64_t>(frame.data + 24);
   const auto max_rss = get<std::uint64_t>(frame.data + 32);
   const auto address_space_limit = get<std::uint64_t>(frame.data + 40);
+  const auto shm_threshold = get<std::uint64_t>(frame.data + 48);
+  // Large results go through shared memory only if this worker can open the
+  // pool's (the parent then opens ours the same way).
+  const bool shm =
+      shm_threshold != 0 && can_reach_shm(get<std::int32_t>(frame.data + 56), get<std::int32_t>(frame.data + 60),
+                                          get<std::uint64_t>(frame.data + 64));
+  ShmReader shm_reader;
+  ShmWriter shm_writer("procpool-result");
   std::vector<char> out;
   if (address_space_limit != 0) {
     rlimit limit{address_space_limit, address_space_limit};
@@ -166,12 +175,23 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   out.clear();
   std::size_t start = begin_frame(out, FrameKind::ready);
   put<std::int32_t>(out, static_cast<std::int32_t>(::getpid()));
+  put<std::uint32_t>(out, shm ? 1 : 0);
   finish_frame(out, start);
   if (!send_frame(result_fd, out)) return 0;
 
   std::uint64_t done = 0;
   for (;;) {
     if (!reader.next(frame)) return 0;  // the parent closed our pipe: exit quietly
+    if (frame.kind == FrameKind::shm_ref) {
+      try {
+        // The mapping stays in shm_reader's cache while the frame is read.
+        frame = shm_reader.resolve(frame, max_message).frame;
+      } catch (const std::exception& e) {
+        send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError",
+                           std::string("the worker could not read a task from shared memory: ") + e.what());
+        return exit_protocol_error;
+      }
+    }
     if (frame.kind != FrameKind::task || frame.size < task_prefix_size - frame_header_size) {
       send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError", "unexpected frame kind");
       return exit_protocol_error;
@@ -208,7 +228,9 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
       for (std::uint32_t i = 0; i < count; ++i) encoder(false, std::string("procpool::ProtocolError"), why);
     }
     finish_frame(out, start);
-    if (!send_frame(result_fd, out)) return 0;
+    std::vector<char> ref;  // out stays as it is: its capacity serves the next task
+    if (shm && out.size() > shm_threshold) ref = shm_writer.pass(out.data(), out.size());
+    if (!send_frame(result_fd, ref.empty() ? out : ref)) return 0;
     if (max_tasks != 0 && ++done >= max_tasks) return 0;
     if (max_rss != 0 && resident_bytes() > max_rss) {
       // Too big to keep: tell the parent that the tasks queued behind this

@@ -1,0 +1,372 @@
+// procpool - large frames through shared memory instead of the pipe.
+//
+// A frame larger than Options::shared_memory_threshold is copied into a
+// memfd its sender keeps mapped for reuse; only a reference to it goes
+// through the pipe. The receiver opens the sender's memfd through
+// /proc/<pid>/fd/<fd> (no fd needs to travel, so every start method works
+// unchanged), maps it once, keeps the mapping, and reads the frame in place.
+//
+//   buffer   := header (shm_header_size bytes), the frame as it would have
+//               gone through the pipe (frame header included)
+//   shm_ref  := i32 pid, i32 fd, u64 buffer id, u64 frame size
+//
+// A buffer is busy from the moment its writer fills it until the reader
+// releases it: a worker's result buffers are released by the parent once it
+// has decoded them (it clears `busy` in the shared header); the parent's task
+// buffers are released by the parent itself once the task's result arrived or
+// its worker died. A writer reuses only buffers that are not busy.
+#pragma once
+
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include "frame.hpp"
+#include "system.hpp"
+
+namespace procpool::detail {
+
+inline constexpr std::uint64_t shm_magic = 0x6c6f6f70636f7270ULL;  // "procpool"
+inline constexpr std::size_t shm_header_size = 64;
+inline constexpr std::size_t shm_ref_size = 4 + 4 + 8 + 8;
+
+struct ShmHeader {
+  std::uint64_t magic;
+  std::uint64_t id;
+  std::uint64_t capacity;           // bytes after the header
+  std::atomic<std::uint32_t> busy;  // 1 from the writer's fill to the reader's release
+};
+static_assert(sizeof(ShmHeader) <= shm_header_size);
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free, "busy is shared between processes");
+
+/// A shared mapping of a whole memfd, unmapped on destruction.
+class ShmMapping {
+ public:
+  ShmMapping(void* base, std::size_t size) : base_(static_cast<char*>(base)), size_(size) {
+    // A worker forked later must not carry the pool's buffers.
+    ::madvise(base_, size_, MADV_DONTFORK);
+  }
+  ShmMapping(const ShmMapping&) = delete;
+  ShmMapping& operator=(const ShmMapping&) = delete;
+  ~ShmMapping() { ::munmap(base_, size_); }
+
+  ShmHeader& header() const { return *reinterpret_cast<ShmHeader*>(base_); }
+  char* data() const { return base_ + shm_header_size; }
+  std::size_t capacity() const { return size_ - shm_header_size; }
+
+ private:
+  char* base_;
+  std::size_t size_;
+};
+
+/// Part of another process's buffer this process is reading; releases the
+/// buffer (clears its busy flag) on destruction.
+class ShmSlice {
+ public:
+  ShmSlice(std::shared_ptr<ShmMapping> mapping, const char* data, std::size_t size)
+      : mapping_(std::move(mapping)), data_(data), size_(size) {}
+  ShmSlice(const ShmSlice&) = delete;
+  ShmSlice& operator=(const ShmSlice&) = delete;
+  ~ShmSlice() { mapping_->header().busy.store(0, std::memory_order_release); }
+
+  const char* data() const { return data_; }
+  std::size_t size() const { return size_; }
+
+ private:
+  std::shared_ptr<ShmMapping> mapping_;
+  const char* data_;
+  std::size_t size_;
+};
+
+/// A buffer this process writes into.
+struct ShmBuffer {
+  Fd fd;
+  ShmMapping mapping;
+  std::uint64_t id;
+  std::uint64_t last_used = 0;  // the writer's acquisition count when last handed out
+};
+
+/// Marks a buffer of the writer's own free again when it goes (the parent's
+/// task buffers: the reader never writes into them).
+class ShmLease {
+ public:
+  ShmLease() = default;
+  explicit ShmLease(ShmBuffer* buffer) : buffer_(buffer) {}
+  ShmLease(ShmLease&& other) noexcept : buffer_(std::exchange(other.buffer_, nullptr)) {}
+  ShmLease& operator=(ShmLease&& other) noexcept {
+    if (this != &other) {
+      reset();
+      buffer_ = std::exchange(other.buffer_, nullptr);
+    }
+    return *this;
+  }
+  ~ShmLease() { reset(); }
+  void reset() noexcept {
+    if (buffer_ != nullptr) std::exchange(buffer_, nullptr)->mapping.header().busy.store(0, std::memory_order_release);
+  }
+
+ private:
+  ShmBuffer* buffer_ = nullptr;
+};
+
+/// Ids of buffers: unique within a process (readers key them by pid too).
+inline std::uint64_t next_shm_id() {
+  static std::atomic<std::uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+/// Creates a memfd of `capacity` bytes after the header, mapped; throws
+/// std::system_error where memfd_create or mmap fail.
+inline std::unique_ptr<ShmBuffer> create_shm_buffer(const char* name, std::size_t capacity) {
+  Fd fd = make_tracked("memfd_create", [&] { return ::memfd_create(name, MFD_CLOEXEC); });
+  const std::size_t size = shm_header_size + capacity;
+  if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) throw_errno("ftruncate(memfd)");
+  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  if (base == MAP_FAILED) throw_errno("mmap(memfd)");
+  const std::uint64_t id = next_shm_id();
+  auto buffer = std::unique_ptr<ShmBuffer>(new ShmBuffer{std::move(fd), ShmMapping(base, size), id});
+  ShmHeader& header = buffer->mapping.header();
+  header.magic = shm_magic;
+  header.id = id;
+  header.capacity = capacity;
+  header.busy.store(0, std::memory_order_relaxed);
+  return buffer;
+}
+
+/// The sending side: the buffers this process filled, kept for reuse while
+/// few. Not thread-safe.
+class ShmWriter {
+ public:
+  /// `name`: what its memfds are called (shown in /proc/<pid>/maps).
+  explicit ShmWriter(const char* name) : name_(name) {}
+
+  /// Idle buffers are kept for reuse (their pages stay in place, which is
+  /// most of the gain) up to this many bytes; beyond it the least recently
+  /// used are unmapped.
+  static constexpr std::size_t keep_idle_bytes = std::size_t{256} << 20;
+  /// An idle buffer not reused in this many acquisitions is unmapped.
+  static constexpr std::uint64_t idle_acquisitions = 64;
+  /// Buffers are sized in steps of this many bytes, so one serves messages
+  /// of nearly the same size.
+  static constexpr std::size_t capacity_step = std::size_t{1} << 20;
+  /// Busy buffers (sent, not yet released by their reader) hold at most this
+  /// many bytes; a message beyond it goes through the pipe instead, so a
+  /// reader that holds many messages unread does not make its writer's
+  /// shared memory grow without bound.
+  static constexpr std::size_t max_busy_bytes = std::size_t{256} << 20;
+
+  /**
+   * Copies `frame` (a whole frame, header included) into an idle buffer,
+   * marks it busy and returns the reference frame to send in its place; an
+   * empty vector if no shared memory can be had (the caller then sends the
+   * frame itself). `*used` is set to the buffer.
+   */
+  std::vector<char> pass(const char* frame, std::size_t size, ShmBuffer** used = nullptr) {
+    ShmBuffer* buffer = acquire(size);
+    if (buffer == nullptr) return {};
+    std::memcpy(buffer->mapping.data(), frame, size);
+    if (used != nullptr) *used = buffer;
+    return reference(*buffer, size);
+  }
+
+  /// A buffer kept busy for good: the probe a worker opens to tell whether it
+  /// can reach this process's memory. nullptr if there is no shared memory.
+  const ShmBuffer* probe() {
+    if (probe_ == nullptr) {
+      try {
+        probe_ = create_shm_buffer(name_, 4096);
+        probe_->mapping.header().busy.store(1, std::memory_order_relaxed);
+      } catch (const std::system_error&) {
+        return nullptr;
+      }
+    }
+    return probe_.get();
+  }
+
+  /// Buffers currently mapped (for tests and diagnostics).
+  std::size_t buffers() const { return buffers_.size(); }
+
+ private:
+  static bool idle(const ShmBuffer& buffer) {
+    return buffer.mapping.header().busy.load(std::memory_order_acquire) == 0;
+  }
+
+  ShmBuffer* acquire(std::size_t size) {
+    ++acquisitions_;
+    ShmBuffer* best = nullptr;
+    std::size_t busy_bytes = 0;
+    for (auto& buffer : buffers_) {
+      if (!idle(*buffer)) {
+        busy_bytes += buffer->mapping.capacity();
+        continue;
+      }
+      if (buffer->mapping.capacity() < size) continue;
+      if (best == nullptr || buffer->mapping.capacity() < best->mapping.capacity()) best = buffer.get();
+    }
+    if (busy_bytes != 0 && busy_bytes + size > max_busy_bytes) return nullptr;
+    if (best == nullptr) {
+      const std::size_t capacity = (size + capacity_step - 1) / capacity_step * capacity_step;
+      try {
+        buffers_.push_back(create_shm_buffer(name_, capacity));
+      } catch (const std::system_error&) {
+        return nullptr;
+      }
+      best = buffers_.back().get();
+    }
+    best->last_used = acquisitions_;
+    best->mapping.header().busy.store(1, std::memory_order_relaxed);
+    prune();
+    return best;
+  }
+
+  /// Unmaps idle buffers unused for long, then the least recently used
+  /// while the idle ones hold more than keep_idle_bytes.
+  void prune() {
+    std::erase_if(buffers_, [&](const std::unique_ptr<ShmBuffer>& buffer) {
+      return idle(*buffer) && acquisitions_ - buffer->last_used > idle_acquisitions;
+    });
+    for (;;) {
+      std::size_t idle_bytes = 0;
+      auto oldest = buffers_.end();
+      for (auto it = buffers_.begin(); it != buffers_.end(); ++it) {
+        if (!idle(**it)) continue;
+        idle_bytes += (*it)->mapping.capacity();
+        if (oldest == buffers_.end() || (*it)->last_used < (*oldest)->last_used) oldest = it;
+      }
+      if (idle_bytes <= keep_idle_bytes) return;
+      buffers_.erase(oldest);
+    }
+  }
+
+  static std::vector<char> reference(const ShmBuffer& buffer, std::size_t size) {
+    std::vector<char> ref;
+    std::size_t start = begin_frame(ref, FrameKind::shm_ref);
+    put<std::int32_t>(ref, static_cast<std::int32_t>(::getpid()));
+    put<std::int32_t>(ref, buffer.fd.get());
+    put<std::uint64_t>(ref, buffer.id);
+    put<std::uint64_t>(ref, size);
+    finish_frame(ref, start);
+    return ref;
+  }
+
+  const char* name_;
+  std::vector<std::unique_ptr<ShmBuffer>> buffers_;
+  std::unique_ptr<ShmBuffer> probe_;
+  std::uint64_t acquisitions_ = 0;
+};
+
+/// Maps another process's buffer: opens /proc/<pid>/fd/<fd>, checks that it
+/// is the buffer `id` names, maps it whole. Throws std::runtime_error naming
+/// what failed.
+inline std::shared_ptr<ShmMapping> map_foreign_buffer(std::int32_t pid, std::int32_t fd, std::uint64_t id,
+                                                      bool writable) {
+  const std::string path = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
+  int raw = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+  if (raw < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
+  Fd file(raw);
+  struct stat st {};
+  if (::fstat(file.get(), &st) != 0 || static_cast<std::size_t>(st.st_size) < shm_header_size) {
+    throw std::runtime_error(path + " is not a procpool buffer");
+  }
+  const auto size = static_cast<std::size_t>(st.st_size);
+  void* base = ::mmap(nullptr, size, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, file.get(), 0);
+  if (base == MAP_FAILED) throw std::runtime_error("cannot map " + path + ": " + std::strerror(errno));
+  auto mapping = std::make_shared<ShmMapping>(base, size);
+  const ShmHeader& header = mapping->header();
+  if (header.magic != shm_magic || header.id != id || header.capacity != size - shm_header_size) {
+    throw std::runtime_error(path + " is not the procpool buffer the message names");
+  }
+  return mapping;
+}
+
+/// The receiving side: the other process's buffers, each mapped once and
+/// kept while its writer keeps it. Not thread-safe.
+class ShmReader {
+ public:
+  explicit ShmReader(bool writable = false) : writable_(writable) {}
+
+  struct Resolved {
+    std::shared_ptr<ShmMapping> mapping;
+    FrameView frame;  // the frame inside the buffer
+  };
+
+  /// Resolves a shm_ref frame's payload to the frame it refers to. Throws
+  /// std::runtime_error naming what is wrong.
+  Resolved resolve(const FrameView& ref, std::size_t max_payload) {
+    if (ref.size != shm_ref_size) throw std::runtime_error("a shared-memory reference of the wrong size");
+    const auto pid = get<std::int32_t>(ref.data);
+    const auto fd = get<std::int32_t>(ref.data + 4);
+    const auto id = get<std::uint64_t>(ref.data + 8);
+    const auto size = get<std::uint64_t>(ref.data + 16);
+    std::shared_ptr<ShmMapping> mapping;
+    auto same_fd =
+        std::find_if(cache_.begin(), cache_.end(), [&](const Entry& e) { return e.pid == pid && e.fd == fd; });
+    ++uses_;
+    if (same_fd != cache_.end() && same_fd->id == id) {
+      same_fd->last_use = uses_;
+      mapping = same_fd->mapping;
+    } else {
+      // A new buffer; one under the same fd number was closed by its writer.
+      if (same_fd != cache_.end()) cache_.erase(same_fd);
+      mapping = map_foreign_buffer(pid, fd, id, writable_);
+      if (cache_.size() >= max_cached) {
+        // Forget the least recently used (a slice still being read keeps its mapping).
+        cache_.erase(std::min_element(cache_.begin(), cache_.end(),
+                                      [](const Entry& a, const Entry& b) { return a.last_use < b.last_use; }));
+      }
+      cache_.push_back({pid, fd, id, uses_, mapping});
+    }
+    if (size < frame_header_size || size > mapping->capacity()) {
+      throw std::runtime_error("a shared-memory reference larger than its buffer");
+    }
+    const char* data = mapping->data();
+    const auto length = get<std::uint32_t>(data);
+    if (length != size - frame_header_size) throw std::runtime_error("a shared-memory frame of inconsistent length");
+    if (length > max_payload) {
+      throw std::runtime_error("a message of " + std::to_string(length) + " bytes, over Options::max_message_bytes (" +
+                               std::to_string(max_payload) + ")");
+    }
+    return {std::move(mapping),
+            FrameView{static_cast<FrameKind>(get<std::uint32_t>(data + 4)), data + frame_header_size, length}};
+  }
+
+ private:
+  /// Mappings kept at most: more than a writer keeps buffers in use.
+  static constexpr std::size_t max_cached = 32;
+
+  struct Entry {
+    std::int32_t pid;
+    std::int32_t fd;
+    std::uint64_t id;
+    std::uint64_t last_use;
+    std::shared_ptr<ShmMapping> mapping;
+  };
+  bool writable_;
+  std::uint64_t uses_ = 0;
+  std::vector<Entry> cache_;
+};
+
+/// In a worker: whether it can open the pool's probe buffer, i.e. whether
+/// shared memory works between the two (same user, /proc mounted, memfd).
+inline bool can_reach_shm(std::int32_t pid, std::int32_t fd, std::uint64_t id) {
+  if (pid <= 0 || fd < 0) return false;
+  try {
+    map_foreign_buffer(pid, fd, id, false);
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace procpool::detail
