@@ -147,8 +147,8 @@ POOL_TEST("a message over shared_memory_threshold goes through shared memory, a 
   CHECK(small.task_mappings == 0);
   CHECK(small.result_mappings == 0);
   CHECK(memfd_mappings("procpool-result") == 0);
-  // Large: the worker read the task from the pool's buffer, and wrote the
-  // previous (large) result into one of its own, which the parent mapped.
+  // Large: the worker read the task from the pool's buffer; its first large
+  // result announced a buffer of its own, which the parent mapped.
   const std::string one = big(std::size_t{1} << 20, 'x');
   CHECK(pool.apply<echo_and_look>(one).echoed == one);
   Seen second = pool.apply<echo_and_look>(big(3 << 20, 'y'));
@@ -272,7 +272,45 @@ POOL_TEST("a forged shared-memory reference is a ProtocolError, and the pool goe
   procpool::Pool pool(test::options<TestType>({.processes = 1}));
   auto error = test::thrown<procpool::ProtocolError>([&] { pool.apply<forge_reference>(0L); });
   CHECK_THAT(error.what(), Catch::Contains("shared memory"));
-  CHECK_THAT(error.what(), Catch::Contains("not the procpool buffer"));
+  CHECK_THAT(error.what(), Catch::Contains("not announced"));
   const std::string one = big(std::size_t{1} << 20, 'g');
   CHECK(pool.apply<echo>(one) == one);
+}
+
+POOL_TEST("a worker that exits right after a large result loses nothing", "[transport][shm]") {
+  std::vector<std::string> blobs;
+  for (int i = 0; i < 24; ++i) blobs.push_back(big(std::size_t{1} << 20, static_cast<char>('a' + i)));
+  // maxtasksperchild: each worker exits as soon as its last result is sent,
+  // with its second one in shared memory (the first announced the buffer).
+  for (std::size_t max_tasks : {std::size_t{1}, std::size_t{2}, std::size_t{3}}) {
+    CAPTURE(max_tasks);
+    procpool::Pool pool(test::options<TestType>({.processes = 2, .maxtasksperchild = max_tasks}));
+    CHECK(pool.map<echo>(blobs, 1) == blobs);
+  }
+}
+
+namespace {
+
+std::string echo_or_die(std::string s) {
+  if (s == "die") ::kill(::getpid(), SIGKILL);
+  return s;
+}
+
+}  // namespace
+
+POOL_TEST("large results sent just before their worker died arrive whole", "[transport][shm][faults]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  const std::string warm = big(std::size_t{1} << 20, 'w');
+  CHECK(pool.apply<echo_or_die>(warm) == warm);  // the worker can reach shared memory, and has a buffer
+  // Sent together: the worker answers the three, each in shared memory or
+  // announcing a new buffer, and dies at the fourth, likely before the
+  // parent has read any of it.
+  std::vector<std::string> blobs{big(std::size_t{1} << 20, 'x'), big(std::size_t{2} << 20, 'y'),
+                                 big(std::size_t{1} << 20, 'z')};
+  std::vector<procpool::AsyncResult<std::string>> results;
+  for (const auto& blob : blobs) results.push_back(pool.apply_async<echo_or_die>(blob));
+  auto death = pool.apply_async<echo_or_die>(std::string("die"));
+  for (std::size_t i = 0; i < blobs.size(); ++i) CHECK(results[i].get() == blobs[i]);
+  CHECK_THROWS_AS(death.get(), procpool::WorkerLost);
+  CHECK(pool.apply<echo_or_die>(warm) == warm);
 }

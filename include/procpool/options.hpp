@@ -58,8 +58,9 @@ struct Options {
   /// (SIGTERM, SIGKILL 200 ms later) and fails with `procpool::TaskTimeout`;
   /// the worker is replaced. 0 means no limit.
   std::chrono::milliseconds task_timeout{0};
-  /// A worker whose resident memory exceeds this many bytes after a task
-  /// exits and is replaced (its queued tasks run elsewhere). 0 means no limit.
+  /// A worker whose resident memory of its own (heap and stacks, not pages
+  /// of files or shared memory) exceeds this many bytes after a task exits
+  /// and is replaced (its queued tasks run elsewhere). 0 means no limit.
   std::size_t max_memory_per_child = 0;
   /// Hard limit on each worker's address space in bytes (RLIMIT_AS): an
   /// allocation beyond it fails inside the task (`std::bad_alloc`, reported

@@ -209,7 +209,7 @@ class Dispatcher {
     LaunchedWorker proc;
     bool ready = false;              // it finished its initializer
     bool shm = false;                // it can reach the pool's shared memory (said so when ready)
-    ShmReader shm_reader{true};      // its result buffers, mapped
+    ShmReader shm_reader{true};      // its result buffers it announced, mapped
     bool retiring = false;           // it was sent its last task
     bool eof = false;                // its result pipe is closed
     bool exited = false;             // its process is gone (pidfd fired, or found by waitpid)
@@ -612,6 +612,13 @@ class Dispatcher {
           break;
         case FrameKind::result:
           if (!take_result(w, frame, nullptr, deliveries)) return false;
+          break;
+        case FrameKind::shm_announce:
+          if (!w.shm) return protocol_violation(w, "the worker sent a shared-memory message it was not to send");
+          w.shm_reader.adopt(frame);  // if it cannot be mapped, the worker goes on using its pipe
+          break;
+        case FrameKind::shm_drop:
+          w.shm_reader.forget(frame);
           break;
         case FrameKind::shm_ref: {
           if (!w.shm) return protocol_violation(w, "the worker sent a shared-memory message it was not to send");

@@ -12,6 +12,7 @@
 //   init_failed / fatal := cereal strings: type, message
 //   leaving := (empty)
 //   shm_ref := where a frame too large for the pipe is (see shm.hpp)
+//   shm_announce, shm_drop := a worker's result buffers coming and going (shm.hpp)
 #pragma once
 
 #include <cstdint>
@@ -28,8 +29,10 @@ enum class FrameKind : std::uint32_t {
   result = 4,
   init_failed = 5,
   fatal = 6,
-  leaving = 7,  // worker -> parent: I exit now, before the tasks I was sent after the last result
-  shm_ref = 8,  // either way: the frame is in the sender's shared memory (shm.hpp)
+  leaving = 7,       // worker -> parent: I exit now, before the tasks I was sent after the last result
+  shm_ref = 8,       // either way: the frame is in the sender's shared memory (shm.hpp)
+  shm_announce = 9,  // worker -> parent: map this new result buffer of mine
+  shm_drop = 10,     // worker -> parent: I unmapped this result buffer
 };
 
 inline constexpr std::size_t frame_header_size = 8;

@@ -6,9 +6,24 @@
 // /proc/<pid>/fd/<fd> (no fd needs to travel, so every start method works
 // unchanged), maps it once, keeps the mapping, and reads the frame in place.
 //
-//   buffer   := header (shm_header_size bytes), the frame as it would have
-//               gone through the pipe (frame header included)
-//   shm_ref  := i32 pid, i32 fd, u64 buffer id, u64 frame size
+//   buffer       := header (shm_header_size bytes), the frame as it would
+//                   have gone through the pipe (frame header included)
+//   shm_ref      := i32 pid, i32 fd, u64 buffer id, u64 frame size
+//   shm_announce := i32 pid, i32 fd, u64 buffer id   (worker -> parent)
+//   shm_drop     := u64 buffer id                    (worker -> parent)
+//
+// Tasks (parent -> worker): the worker opens a buffer of the parent's when a
+// reference first names it. The parent outlives its workers, so the buffer is
+// always there to open.
+//
+// Results (worker -> parent): a worker can die or exit right after sending,
+// and a dead process's /proc/<pid>/fd is empty, so the parent must have a
+// buffer mapped before the worker sends a reference to it. A worker announces
+// each new buffer, fills it, and waits (briefly) for the parent to map it and
+// set `mapped` in its header before it sends the reference; if the parent
+// has not, the result goes through the pipe. The parent keeps the mapping
+// until the worker says it dropped the buffer (shm_drop) or the worker is
+// gone. A buffer the parent cannot map is never referred to.
 //
 // A buffer is busy from the moment its writer fills it until the reader
 // releases it: a worker's result buffers are released by the parent once it
@@ -23,12 +38,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -40,12 +57,14 @@ namespace procpool::detail {
 inline constexpr std::uint64_t shm_magic = 0x6c6f6f70636f7270ULL;  // "procpool"
 inline constexpr std::size_t shm_header_size = 64;
 inline constexpr std::size_t shm_ref_size = 4 + 4 + 8 + 8;
+inline constexpr std::size_t shm_announce_size = 4 + 4 + 8;
 
 struct ShmHeader {
   std::uint64_t magic;
   std::uint64_t id;
-  std::uint64_t capacity;           // bytes after the header
-  std::atomic<std::uint32_t> busy;  // 1 from the writer's fill to the reader's release
+  std::uint64_t capacity;             // bytes after the header
+  std::atomic<std::uint32_t> busy;    // 1 from the writer's fill to the reader's release
+  std::atomic<std::uint32_t> mapped;  // 1 once the reader holds a mapping (announced buffers)
 };
 static_assert(sizeof(ShmHeader) <= shm_header_size);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free, "busy is shared between processes");
@@ -141,6 +160,7 @@ inline std::unique_ptr<ShmBuffer> create_shm_buffer(const char* name, std::size_
   header.id = id;
   header.capacity = capacity;
   header.busy.store(0, std::memory_order_relaxed);
+  header.mapped.store(0, std::memory_order_relaxed);
   return buffer;
 }
 
@@ -149,7 +169,9 @@ inline std::unique_ptr<ShmBuffer> create_shm_buffer(const char* name, std::size_
 class ShmWriter {
  public:
   /// `name`: what its memfds are called (shown in /proc/<pid>/maps).
-  explicit ShmWriter(const char* name) : name_(name) {}
+  /// `announce`: a new buffer is announced to the reader and used only once
+  /// the reader has mapped it (a worker's results; see the top of this file).
+  explicit ShmWriter(const char* name, bool announce = false) : name_(name), announce_(announce) {}
 
   /// Idle buffers are kept for reuse (their pages stay in place, which is
   /// most of the gain) up to this many bytes; beyond it the least recently
@@ -169,16 +191,79 @@ class ShmWriter {
   /**
    * Copies `frame` (a whole frame, header included) into an idle buffer,
    * marks it busy and returns the reference frame to send in its place; an
-   * empty vector if no shared memory can be had (the caller then sends the
-   * frame itself). `*used` is set to the buffer.
+   * empty vector if no buffer can take it now (the caller then sends the
+   * frame itself). `*used` is set to the buffer. Not for an announcing writer.
    */
   std::vector<char> pass(const char* frame, std::size_t size, ShmBuffer** used = nullptr) {
-    ShmBuffer* buffer = acquire(size);
+    ShmBuffer* buffer = acquire(size, nullptr);
     if (buffer == nullptr) return {};
-    std::memcpy(buffer->mapping.data(), frame, size);
     if (used != nullptr) *used = buffer;
-    return reference(*buffer, size);
+    return fill(*buffer, frame, size);
   }
+
+  /**
+   * An idle buffer of at least `size` bytes, marked busy; nullptr if none can
+   * be had now. An announcing writer may return a new buffer, whose
+   * announcement it appends to `control` (with the drops of old buffers):
+   * send `control` first, then fill() the buffer, and send its reference
+   * only if wait_mapped() says the reader has mapped it (else release() it).
+   */
+  ShmBuffer* acquire(std::size_t size, std::vector<char>* control) {
+    ++acquisitions_;
+    ShmBuffer* best = nullptr;
+    std::size_t busy_bytes = 0;
+    bool waiting = false;  // an announced buffer that would do is not mapped yet
+    for (auto& buffer : buffers_) {
+      if (!idle(*buffer)) {
+        busy_bytes += buffer->mapping.capacity();
+        continue;
+      }
+      if (buffer->mapping.capacity() < size) continue;
+      if (announce_ && !mapped(*buffer)) {
+        waiting = true;
+        continue;
+      }
+      if (best == nullptr || buffer->mapping.capacity() < best->mapping.capacity()) best = buffer.get();
+    }
+    if (busy_bytes != 0 && busy_bytes + size > max_busy_bytes) return nullptr;
+    if (best == nullptr) {
+      if (waiting) return nullptr;
+      const std::size_t capacity = (size + capacity_step - 1) / capacity_step * capacity_step;
+      try {
+        buffers_.push_back(create_shm_buffer(name_, capacity));
+      } catch (const std::system_error&) {
+        return nullptr;
+      }
+      best = buffers_.back().get();
+      if (announce_) announce(*best, *control);
+    }
+    best->last_used = acquisitions_;
+    best->mapping.header().busy.store(1, std::memory_order_relaxed);
+    prune(control);
+    return best;
+  }
+
+  /// Copies `frame` (`size` bytes, header included) into `buffer`; returns
+  /// the reference frame to send in its place.
+  static std::vector<char> fill(ShmBuffer& buffer, const char* frame, std::size_t size) {
+    std::memcpy(buffer.mapping.data(), frame, size);
+    return reference(buffer, size);
+  }
+
+  /// Whether the reader has mapped `buffer`, waiting up to `timeout` for it.
+  static bool wait_mapped(const ShmBuffer& buffer, std::chrono::microseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::chrono::microseconds nap{5};
+    while (!mapped(buffer)) {
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(nap);
+      nap = std::min(2 * nap, std::chrono::microseconds{1000});
+    }
+    return true;
+  }
+
+  /// Gives back a buffer acquire() returned, unused.
+  static void release(ShmBuffer& buffer) { buffer.mapping.header().busy.store(0, std::memory_order_release); }
 
   /// A buffer kept busy for good: the probe a worker opens to tell whether it
   /// can reach this process's memory. nullptr if there is no shared memory.
@@ -194,58 +279,55 @@ class ShmWriter {
     return probe_.get();
   }
 
-  /// Buffers currently mapped (for tests and diagnostics).
-  std::size_t buffers() const { return buffers_.size(); }
-
  private:
   static bool idle(const ShmBuffer& buffer) {
     return buffer.mapping.header().busy.load(std::memory_order_acquire) == 0;
   }
 
-  ShmBuffer* acquire(std::size_t size) {
-    ++acquisitions_;
-    ShmBuffer* best = nullptr;
-    std::size_t busy_bytes = 0;
-    for (auto& buffer : buffers_) {
-      if (!idle(*buffer)) {
-        busy_bytes += buffer->mapping.capacity();
-        continue;
-      }
-      if (buffer->mapping.capacity() < size) continue;
-      if (best == nullptr || buffer->mapping.capacity() < best->mapping.capacity()) best = buffer.get();
+  static bool mapped(const ShmBuffer& buffer) {
+    return buffer.mapping.header().mapped.load(std::memory_order_acquire) != 0;
+  }
+
+  static void announce(const ShmBuffer& buffer, std::vector<char>& control) {
+    std::size_t start = begin_frame(control, FrameKind::shm_announce);
+    put<std::int32_t>(control, static_cast<std::int32_t>(::getpid()));
+    put<std::int32_t>(control, buffer.fd.get());
+    put<std::uint64_t>(control, buffer.id);
+    finish_frame(control, start);
+  }
+
+  /// Unmaps a buffer (announced ones: and tells the reader).
+  void drop(std::vector<std::unique_ptr<ShmBuffer>>::iterator it, std::vector<char>* control) {
+    if (announce_) {
+      std::size_t start = begin_frame(*control, FrameKind::shm_drop);
+      put<std::uint64_t>(*control, (*it)->id);
+      finish_frame(*control, start);
     }
-    if (busy_bytes != 0 && busy_bytes + size > max_busy_bytes) return nullptr;
-    if (best == nullptr) {
-      const std::size_t capacity = (size + capacity_step - 1) / capacity_step * capacity_step;
-      try {
-        buffers_.push_back(create_shm_buffer(name_, capacity));
-      } catch (const std::system_error&) {
-        return nullptr;
-      }
-      best = buffers_.back().get();
-    }
-    best->last_used = acquisitions_;
-    best->mapping.header().busy.store(1, std::memory_order_relaxed);
-    prune();
-    return best;
+    buffers_.erase(it);
   }
 
   /// Unmaps idle buffers unused for long, then the least recently used
-  /// while the idle ones hold more than keep_idle_bytes.
-  void prune() {
-    std::erase_if(buffers_, [&](const std::unique_ptr<ShmBuffer>& buffer) {
-      return idle(*buffer) && acquisitions_ - buffer->last_used > idle_acquisitions;
-    });
+  /// while the idle ones hold more than keep_idle_bytes (keeping at least one).
+  void prune(std::vector<char>* control) {
+    for (auto it = buffers_.begin(); it != buffers_.end();) {
+      if (idle(**it) && acquisitions_ - (*it)->last_used > idle_acquisitions) {
+        drop(it, control);
+        it = buffers_.begin();
+      } else {
+        ++it;
+      }
+    }
     for (;;) {
-      std::size_t idle_bytes = 0;
+      std::size_t idle_bytes = 0, idle_count = 0;
       auto oldest = buffers_.end();
       for (auto it = buffers_.begin(); it != buffers_.end(); ++it) {
         if (!idle(**it)) continue;
         idle_bytes += (*it)->mapping.capacity();
+        ++idle_count;
         if (oldest == buffers_.end() || (*it)->last_used < (*oldest)->last_used) oldest = it;
       }
-      if (idle_bytes <= keep_idle_bytes) return;
-      buffers_.erase(oldest);
+      if (idle_bytes <= keep_idle_bytes || idle_count <= 1) return;
+      drop(oldest, control);
     }
   }
 
@@ -261,6 +343,7 @@ class ShmWriter {
   }
 
   const char* name_;
+  bool announce_;
   std::vector<std::unique_ptr<ShmBuffer>> buffers_;
   std::unique_ptr<ShmBuffer> probe_;
   std::uint64_t acquisitions_ = 0;
@@ -291,10 +374,14 @@ inline std::shared_ptr<ShmMapping> map_foreign_buffer(std::int32_t pid, std::int
 }
 
 /// The receiving side: the other process's buffers, each mapped once and
-/// kept while its writer keeps it. Not thread-safe.
+/// kept. Not thread-safe.
 class ShmReader {
  public:
-  explicit ShmReader(bool writable = false) : writable_(writable) {}
+  /// `announced`: only buffers announced (adopt()) are read, mapped writable
+  /// (to confirm and release them) and kept until forget(); otherwise a
+  /// reference maps the buffer it names on first sight, read-only, and the
+  /// least recently used mappings beyond max_cached are let go.
+  explicit ShmReader(bool announced = false) : announced_(announced) {}
 
   struct Resolved {
     std::shared_ptr<ShmMapping> mapping;
@@ -310,22 +397,28 @@ class ShmReader {
     const auto id = get<std::uint64_t>(ref.data + 8);
     const auto size = get<std::uint64_t>(ref.data + 16);
     std::shared_ptr<ShmMapping> mapping;
-    auto same_fd =
-        std::find_if(cache_.begin(), cache_.end(), [&](const Entry& e) { return e.pid == pid && e.fd == fd; });
     ++uses_;
-    if (same_fd != cache_.end() && same_fd->id == id) {
-      same_fd->last_use = uses_;
-      mapping = same_fd->mapping;
+    if (announced_) {
+      auto it = std::find_if(cache_.begin(), cache_.end(), [&](const Entry& e) { return e.id == id; });
+      if (it == cache_.end()) throw std::runtime_error("a reference to a buffer that was not announced");
+      mapping = it->mapping;
     } else {
-      // A new buffer; one under the same fd number was closed by its writer.
-      if (same_fd != cache_.end()) cache_.erase(same_fd);
-      mapping = map_foreign_buffer(pid, fd, id, writable_);
-      if (cache_.size() >= max_cached) {
-        // Forget the least recently used (a slice still being read keeps its mapping).
-        cache_.erase(std::min_element(cache_.begin(), cache_.end(),
-                                      [](const Entry& a, const Entry& b) { return a.last_use < b.last_use; }));
+      auto same_fd =
+          std::find_if(cache_.begin(), cache_.end(), [&](const Entry& e) { return e.pid == pid && e.fd == fd; });
+      if (same_fd != cache_.end() && same_fd->id == id) {
+        same_fd->last_use = uses_;
+        mapping = same_fd->mapping;
+      } else {
+        // A new buffer; one under the same fd number was closed by its writer.
+        if (same_fd != cache_.end()) cache_.erase(same_fd);
+        mapping = map_foreign_buffer(pid, fd, id, false);
+        if (cache_.size() >= max_cached) {
+          // Forget the least recently used (a frame still being read keeps its mapping).
+          cache_.erase(std::min_element(cache_.begin(), cache_.end(),
+                                        [](const Entry& a, const Entry& b) { return a.last_use < b.last_use; }));
+        }
+        cache_.push_back({pid, fd, id, uses_, mapping});
       }
-      cache_.push_back({pid, fd, id, uses_, mapping});
     }
     if (size < frame_header_size || size > mapping->capacity()) {
       throw std::runtime_error("a shared-memory reference larger than its buffer");
@@ -341,9 +434,38 @@ class ShmReader {
             FrameView{static_cast<FrameKind>(get<std::uint32_t>(data + 4)), data + frame_header_size, length}};
   }
 
+  /// A shm_announce frame: maps the buffer and tells its writer it may use
+  /// it. False if it cannot be mapped (the writer then never uses it).
+  bool adopt(const FrameView& announce) {
+    if (announce.size != shm_announce_size) return false;
+    const auto pid = get<std::int32_t>(announce.data);
+    const auto fd = get<std::int32_t>(announce.data + 4);
+    const auto id = get<std::uint64_t>(announce.data + 8);
+    try {
+      auto mapping = map_foreign_buffer(pid, fd, id, true);
+      mapping->header().mapped.store(1, std::memory_order_release);
+      std::erase_if(cache_, [&](const Entry& e) { return e.id == id; });
+      cache_.push_back({pid, fd, id, ++uses_, std::move(mapping)});
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }
+
+  /// A shm_drop frame: its writer unmapped the buffer; so does this side
+  /// (once no outcome read from it is left).
+  void forget(const FrameView& drop) {
+    if (drop.size != 8) return;
+    const auto id = get<std::uint64_t>(drop.data);
+    std::erase_if(cache_, [&](const Entry& e) { return e.id == id; });
+  }
+
+  /// Buffers mapped (for tests and diagnostics).
+  std::size_t mapped() const { return cache_.size(); }
+
  private:
-  /// Mappings kept at most: more than a writer keeps buffers in use.
-  static constexpr std::size_t max_cached = 32;
+  /// Mappings of first-sight buffers kept at most.
+  static constexpr std::size_t max_cached = 16;
 
   struct Entry {
     std::int32_t pid;
@@ -352,7 +474,7 @@ class ShmReader {
     std::uint64_t last_use;
     std::shared_ptr<ShmMapping> mapping;
   };
-  bool writable_;
+  bool announced_;
   std::uint64_t uses_ = 0;
   std::vector<Entry> cache_;
 };

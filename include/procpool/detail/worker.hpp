@@ -74,14 +74,16 @@ class FrameReader {
   std::size_t begin_ = 0, end_ = 0, pending_ = 0;
 };
 
-/// This process's resident memory, from /proc/self/statm.
+/// This process's resident memory of its own (heap, stacks), from
+/// /proc/self/statm: resident pages less those backed by a file or shared
+/// memory (the binary, libraries, procpool's shared buffers).
 inline std::size_t resident_bytes() {
-  std::size_t pages_total = 0, pages_resident = 0;
+  std::size_t pages_total = 0, pages_resident = 0, pages_shared = 0;
   if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-    if (std::fscanf(f, "%zu %zu", &pages_total, &pages_resident) != 2) pages_resident = 0;
+    if (std::fscanf(f, "%zu %zu %zu", &pages_total, &pages_resident, &pages_shared) != 3) pages_resident = 0;
     std::fclose(f);
   }
-  return pages_resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  return (pages_resident - std::min(pages_shared, pages_resident)) * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
 }
 
 /// Signals and parent-death handling every worker needs, whatever started it.
@@ -153,7 +155,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
       shm_threshold != 0 && can_reach_shm(get<std::int32_t>(frame.data + 56), get<std::int32_t>(frame.data + 60),
                                           get<std::uint64_t>(frame.data + 64));
   ShmReader shm_reader;
-  ShmWriter shm_writer("procpool-result");
+  ShmWriter shm_writer("procpool-result", true);
   std::vector<char> out;
   if (address_space_limit != 0) {
     rlimit limit{address_space_limit, address_space_limit};
@@ -228,8 +230,19 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
       for (std::uint32_t i = 0; i < count; ++i) encoder(false, std::string("procpool::ProtocolError"), why);
     }
     finish_frame(out, start);
-    std::vector<char> ref;  // out stays as it is: its capacity serves the next task
-    if (shm && out.size() > shm_threshold) ref = shm_writer.pass(out.data(), out.size());
+    std::vector<char> ref, control;  // out stays as it is: its capacity serves the next task
+    ShmBuffer* buffer = nullptr;
+    if (shm && out.size() > shm_threshold) buffer = shm_writer.acquire(out.size(), &control);
+    if (!control.empty() && !send_frame(result_fd, control)) return 0;
+    if (buffer != nullptr) {
+      ref = ShmWriter::fill(*buffer, out.data(), out.size());
+      // A new buffer is referred to only once the parent has it mapped: then
+      // the result survives this process.
+      if (!ShmWriter::wait_mapped(*buffer, std::chrono::milliseconds(50))) {
+        ShmWriter::release(*buffer);
+        ref.clear();
+      }
+    }
     if (!send_frame(result_fd, ref.empty() ? out : ref)) return 0;
     if (max_tasks != 0 && ++done >= max_tasks) return 0;
     if (max_rss != 0 && resident_bytes() > max_rss) {
