@@ -280,8 +280,8 @@ POOL_TEST("a forged shared-memory reference is a ProtocolError, and the pool goe
 POOL_TEST("a worker that exits right after a large result loses nothing", "[transport][shm]") {
   std::vector<std::string> blobs;
   for (int i = 0; i < 24; ++i) blobs.push_back(big(std::size_t{1} << 20, static_cast<char>('a' + i)));
-  // maxtasksperchild: each worker exits as soon as its last result is sent,
-  // with its second one in shared memory (the first announced the buffer).
+  // maxtasksperchild: each worker exits as soon as its last result is sent
+  // (in shared memory), and its buffers go with it unless the parent holds them.
   for (std::size_t max_tasks : {std::size_t{1}, std::size_t{2}, std::size_t{3}}) {
     CAPTURE(max_tasks);
     procpool::Pool pool(test::options<TestType>({.processes = 2, .maxtasksperchild = max_tasks}));
@@ -302,9 +302,9 @@ POOL_TEST("large results sent just before their worker died arrive whole", "[tra
   procpool::Pool pool(test::options<TestType>({.processes = 1}));
   const std::string warm = big(std::size_t{1} << 20, 'w');
   CHECK(pool.apply<echo_or_die>(warm) == warm);  // the worker can reach shared memory, and has a buffer
-  // Sent together: the worker answers the three, each in shared memory or
-  // announcing a new buffer, and dies at the fourth, likely before the
-  // parent has read any of it.
+  // Sent together: the worker answers the three, in shared memory (the
+  // second needs a new buffer while the first is still undecoded), and dies
+  // at the fourth, possibly before the parent has decoded any of them.
   std::vector<std::string> blobs{big(std::size_t{1} << 20, 'x'), big(std::size_t{2} << 20, 'y'),
                                  big(std::size_t{1} << 20, 'z')};
   std::vector<procpool::AsyncResult<std::string>> results;

@@ -210,6 +210,7 @@ class Dispatcher {
     bool ready = false;              // it finished its initializer
     bool shm = false;                // it can reach the pool's shared memory (said so when ready)
     ShmReader shm_reader{true};      // its result buffers it announced, mapped
+    bool shm_refused = false;        // one of them could not be mapped: it was told to stop (shm_off)
     bool retiring = false;           // it was sent its last task
     bool eof = false;                // its result pipe is closed
     bool exited = false;             // its process is gone (pidfd fired, or found by waitpid)
@@ -615,7 +616,13 @@ class Dispatcher {
           break;
         case FrameKind::shm_announce:
           if (!w.shm) return protocol_violation(w, "the worker sent a shared-memory message it was not to send");
-          w.shm_reader.adopt(frame);  // if it cannot be mapped, the worker goes on using its pipe
+          if (!w.shm_reader.adopt(frame, w.proc.pid) && !w.shm_refused) {
+            // Tell it once, so it stops waiting for us to map its buffers.
+            w.shm_refused = true;
+            std::vector<char> off;
+            finish_frame(off, begin_frame(off, FrameKind::shm_off));
+            w.outbox.push_back(std::make_shared<std::vector<char>>(std::move(off)));
+          }
           break;
         case FrameKind::shm_drop:
           w.shm_reader.forget(frame);

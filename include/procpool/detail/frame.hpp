@@ -13,6 +13,7 @@
 //   leaving := (empty)
 //   shm_ref := where a frame too large for the pipe is (see shm.hpp)
 //   shm_announce, shm_drop := a worker's result buffers coming and going (shm.hpp)
+//   shm_off := (empty) the parent cannot map the worker's buffers
 #pragma once
 
 #include <cstdint>
@@ -33,6 +34,7 @@ enum class FrameKind : std::uint32_t {
   shm_ref = 8,       // either way: the frame is in the sender's shared memory (shm.hpp)
   shm_announce = 9,  // worker -> parent: map this new result buffer of mine
   shm_drop = 10,     // worker -> parent: I unmapped this result buffer
+  shm_off = 11,      // parent -> worker: I cannot map your buffers; send results through the pipe
 };
 
 inline constexpr std::size_t frame_header_size = 8;

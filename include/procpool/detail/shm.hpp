@@ -44,6 +44,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <thread>
 #include <utility>
@@ -225,9 +226,12 @@ class ShmWriter {
       }
       if (best == nullptr || buffer->mapping.capacity() < best->mapping.capacity()) best = buffer.get();
     }
-    if (busy_bytes != 0 && busy_bytes + size > max_busy_bytes) return nullptr;
+    if ((busy_bytes != 0 && busy_bytes + size > max_busy_bytes) || (best == nullptr && waiting)) {
+      // The pipe this time; an announced buffer never mapped ages out like an idle one.
+      prune(control);
+      return nullptr;
+    }
     if (best == nullptr) {
-      if (waiting) return nullptr;
       const std::size_t capacity = (size + capacity_step - 1) / capacity_step * capacity_step;
       try {
         buffers_.push_back(create_shm_buffer(name_, capacity));
@@ -355,7 +359,15 @@ class ShmWriter {
 inline std::shared_ptr<ShmMapping> map_foreign_buffer(std::int32_t pid, std::int32_t fd, std::uint64_t id,
                                                       bool writable) {
   const std::string path = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
-  int raw = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+  // Only a procpool memfd is opened: whatever else that fd may be by now (a
+  // terminal, a FIFO) could block the open or become a controlling terminal.
+  char target[64] = {};
+  const ssize_t length = ::readlink(path.c_str(), target, sizeof(target) - 1);
+  if (length < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
+  if (std::string_view(target, static_cast<std::size_t>(length)).rfind("/memfd:procpool-", 0) != 0) {
+    throw std::runtime_error(path + " is not the procpool buffer the message names");
+  }
+  int raw = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (raw < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
   Fd file(raw);
   struct stat st {};
@@ -434,11 +446,13 @@ class ShmReader {
             FrameView{static_cast<FrameKind>(get<std::uint32_t>(data + 4)), data + frame_header_size, length}};
   }
 
-  /// A shm_announce frame: maps the buffer and tells its writer it may use
-  /// it. False if it cannot be mapped (the writer then never uses it).
-  bool adopt(const FrameView& announce) {
+  /// A shm_announce frame from process `writer`: maps the buffer and tells
+  /// the writer it may use it. False if it cannot be mapped (the writer then
+  /// never refers to it).
+  bool adopt(const FrameView& announce, pid_t writer) {
     if (announce.size != shm_announce_size) return false;
     const auto pid = get<std::int32_t>(announce.data);
+    if (pid != writer) return false;
     const auto fd = get<std::int32_t>(announce.data + 4);
     const auto id = get<std::uint64_t>(announce.data + 8);
     try {

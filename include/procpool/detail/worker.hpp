@@ -151,9 +151,8 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   const auto shm_threshold = get<std::uint64_t>(frame.data + 48);
   // Large results go through shared memory only if this worker can open the
   // pool's (the parent then opens ours the same way).
-  const bool shm =
-      shm_threshold != 0 && can_reach_shm(get<std::int32_t>(frame.data + 56), get<std::int32_t>(frame.data + 60),
-                                          get<std::uint64_t>(frame.data + 64));
+  bool shm = shm_threshold != 0 && can_reach_shm(get<std::int32_t>(frame.data + 56), get<std::int32_t>(frame.data + 60),
+                                                 get<std::uint64_t>(frame.data + 64));
   ShmReader shm_reader;
   ShmWriter shm_writer("procpool-result", true);
   std::vector<char> out;
@@ -184,6 +183,10 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   std::uint64_t done = 0;
   for (;;) {
     if (!reader.next(frame)) return 0;  // the parent closed our pipe: exit quietly
+    if (frame.kind == FrameKind::shm_off) {
+      shm = false;  // the parent cannot map our buffers: results take the pipe from now on
+      continue;
+    }
     if (frame.kind == FrameKind::shm_ref) {
       try {
         // The mapping stays in shm_reader's cache while the frame is read.
