@@ -168,6 +168,45 @@ TEST_CASE("the archives round-trip what cereal's binary archives do", "[wire]") 
   CHECK(decoder.remaining() == 0);
 }
 
+TEST_CASE("byte strings and byte vectors decode straight from the message, bounded by it", "[wire]") {
+  std::vector<char> bytes;
+  const std::vector<unsigned char> u{1, 2, 255};
+  const std::vector<signed char> sc{-1, 0, 1};
+  const std::vector<char> empty;
+  {
+    procpool::detail::Encoder encoder(bytes);
+    encoder(std::string("hello"), u, sc, empty, std::string());
+  }
+  procpool::detail::Decoder decoder(bytes.data(), bytes.size());
+  std::string hello, nothing = "not cleared";
+  std::vector<unsigned char> u2;
+  std::vector<signed char> sc2;
+  std::vector<char> empty2{'x'};
+  decoder(hello, u2, sc2, empty2, nothing);
+  CHECK(hello == "hello");
+  CHECK(u2 == u);
+  CHECK(sc2 == sc);
+  CHECK(empty2.empty());
+  CHECK(nothing.empty());
+  CHECK(decoder.remaining() == 0);
+  // A length that passes the prefix check but runs past the end is refused.
+  std::vector<char> short_message(8 + 10, 'z');
+  const std::uint64_t claimed = 100;
+  std::memcpy(short_message.data(), &claimed, sizeof(claimed));
+  for (int kind = 0; kind < 2; ++kind) {
+    procpool::detail::Decoder truncated(short_message.data(), short_message.size());
+    std::string s;
+    std::vector<char> v;
+    try {
+      if (kind == 0) truncated(s);
+      if (kind == 1) truncated(v);
+      FAIL("decoded 100 bytes from 10");
+    } catch (const cereal::Exception& e) {
+      CHECK_THAT(e.what(), Catch::Contains("message truncated"));
+    }
+  }
+}
+
 POOL_TEST("a result that claims more than it holds is a ProtocolError, not an allocation", "[wire][faults]") {
   procpool::Pool pool(test::options<TestType>());
   auto error = test::thrown<procpool::ProtocolError>([&] { pool.apply<lie>(1L); });

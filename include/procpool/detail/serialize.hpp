@@ -141,6 +141,16 @@ class InputArchive : public cereal::InputArchive<InputArchive, cereal::AllowEmpt
     if (size != 0) std::memcpy(data, next_, size);
     next_ += size;
   }
+  /// The next `size` bytes, in place; they are consumed.
+  const char* take(std::size_t size) {
+    if (size > remaining()) {
+      throw cereal::Exception("message truncated: " + std::to_string(size) + " bytes expected, " +
+                              std::to_string(remaining()) + " left");
+    }
+    const char* bytes = next_;
+    next_ += size;
+    return bytes;
+  }
   /// Refuses a length prefix that cannot be true, before the container is sized.
   void check_length(std::uint64_t elements) const {
     if (elements > remaining() + empty_element_allowance) {
@@ -229,6 +239,28 @@ template <class T>
 inline void CEREAL_LOAD_FUNCTION_NAME(procpool::detail::InputArchive& ar, SizeTag<T>& tag) {
   ar(tag.size);
   ar.check_length(static_cast<std::uint64_t>(tag.size));
+}
+
+// Vectors and strings of single-byte values are built straight from the
+// message's bytes: cereal's own loads size them first (zero-filling every
+// byte, a whole extra pass over a large payload) and then copy over it.
+template <class T>
+inline constexpr bool procpool_byte_sized = std::is_arithmetic_v<T> && sizeof(T) == 1 && !std::is_same_v<T, bool>;
+
+template <class T, class A>
+inline std::enable_if_t<procpool_byte_sized<T>> CEREAL_LOAD_FUNCTION_NAME(procpool::detail::InputArchive& ar,
+                                                                          std::vector<T, A>& vector) {
+  size_type size;
+  ar(make_size_tag(size));
+  const auto* bytes = reinterpret_cast<const T*>(ar.take(static_cast<std::size_t>(size)));
+  vector.assign(bytes, bytes + size);
+}
+template <class CharT, class Traits, class Alloc>
+inline std::enable_if_t<procpool_byte_sized<CharT>> CEREAL_LOAD_FUNCTION_NAME(
+    procpool::detail::InputArchive& ar, std::basic_string<CharT, Traits, Alloc>& str) {
+  size_type size;
+  ar(make_size_tag(size));
+  str.assign(reinterpret_cast<const CharT*>(ar.take(static_cast<std::size_t>(size))), static_cast<std::size_t>(size));
 }
 
 template <class T>
