@@ -134,12 +134,8 @@ class InputArchive : public cereal::InputArchive<InputArchive, cereal::AllowEmpt
   InputArchive(const char* data, std::size_t size)
       : cereal::InputArchive<InputArchive, cereal::AllowEmptyClassElision>(this), next_(data), end_(data + size) {}
   void load_binary(void* data, std::size_t size) {
-    if (size > remaining()) {
-      throw cereal::Exception("message truncated: " + std::to_string(size) + " bytes expected, " +
-                              std::to_string(remaining()) + " left");
-    }
-    if (size != 0) std::memcpy(data, next_, size);
-    next_ += size;
+    const char* bytes = take(size);
+    if (size != 0) std::memcpy(data, bytes, size);
   }
   /// The next `size` bytes, in place; they are consumed.
   const char* take(std::size_t size) {

@@ -82,6 +82,8 @@ class ShmMapping {
   ~ShmMapping() { ::munmap(base_, size_); }
 
   ShmHeader& header() const { return *reinterpret_cast<ShmHeader*>(base_); }
+  /// Its reader is done with it: its writer may fill it again.
+  void release() const { header().busy.store(0, std::memory_order_release); }
   char* data() const { return base_ + shm_header_size; }
   std::size_t capacity() const { return size_ - shm_header_size; }
 
@@ -98,7 +100,7 @@ class ShmSlice {
       : mapping_(std::move(mapping)), data_(data), size_(size) {}
   ShmSlice(const ShmSlice&) = delete;
   ShmSlice& operator=(const ShmSlice&) = delete;
-  ~ShmSlice() { mapping_->header().busy.store(0, std::memory_order_release); }
+  ~ShmSlice() { mapping_->release(); }
 
   const char* data() const { return data_; }
   std::size_t size() const { return size_; }
@@ -133,7 +135,7 @@ class ShmLease {
   }
   ~ShmLease() { reset(); }
   void reset() noexcept {
-    if (buffer_ != nullptr) std::exchange(buffer_, nullptr)->mapping.header().busy.store(0, std::memory_order_release);
+    if (buffer_ != nullptr) std::exchange(buffer_, nullptr)->mapping.release();
   }
 
  private:
@@ -267,7 +269,7 @@ class ShmWriter {
   }
 
   /// Gives back a buffer acquire() returned, unused.
-  static void release(ShmBuffer& buffer) { buffer.mapping.header().busy.store(0, std::memory_order_release); }
+  static void release(ShmBuffer& buffer) { buffer.mapping.release(); }
 
   /// A buffer kept busy for good: the probe a worker opens to tell whether it
   /// can reach this process's memory. nullptr if there is no shared memory.
@@ -473,9 +475,6 @@ class ShmReader {
     const auto id = get<std::uint64_t>(drop.data);
     std::erase_if(cache_, [&](const Entry& e) { return e.id == id; });
   }
-
-  /// Buffers mapped (for tests and diagnostics).
-  std::size_t mapped() const { return cache_.size(); }
 
  private:
   /// Mappings of first-sight buffers kept at most.
