@@ -215,6 +215,10 @@ class IMap {
   /// position where it happened.
   void top_up() {
     if (input_done_ || !room_for_more(0)) return;
+    // Refills in batches of a quarter of the prefetch: one submission (and
+    // one wake-up of the I/O thread) per batch, not per chunk taken.
+    const std::uint64_t out = submitted_ - taken_;
+    if (out != 0 && out + std::max<std::size_t>(1, prefetch_ / 4) > prefetch_) return;
     std::vector<detail::Chunk> chunks;
     try {
       pull_chunks(chunks);
@@ -282,22 +286,24 @@ class IMap {
         buffer_.emplace_back(std::in_place_index<1>, std::exchange(input_error_, nullptr));
         break;
       }
-      std::optional<std::pair<std::uint64_t, detail::ChunkOutcome>> got;
-      if (ordered_) {
-        if (auto outcome = job_->take(taken_, deadline)) got.emplace(taken_, std::move(*outcome));
-      } else {
-        got = job_->take_any(deadline);
+      // A batch of what is ready at once, bounded like the prefetch.
+      auto got = job_->take_some(ordered_ ? std::optional<std::uint64_t>(taken_) : std::nullopt, deadline,
+                                 std::max<std::size_t>(1, prefetch_ / 4),
+                                 prefetch_bytes_ == 0 ? SIZE_MAX : prefetch_bytes_ / 4);
+      if (got.empty()) throw TimeoutError(fmt::format("procpool: no {} result arrived in time", job_->call()));
+      for (auto& [index, outcome] : got) {
+        ++taken_;
+        auto span = spans_.extract(index).mapped();
+        bytes_out_ -= span.bytes;
+        detail::decode_chunk<T>(
+            outcome, job_->call(), span.first, span.count,
+            [&](std::size_t, T&& value) { buffer_.emplace_back(std::in_place_index<0>, std::move(value)); },
+            [&](std::size_t, std::exception_ptr error) {
+              buffer_.emplace_back(std::in_place_index<1>, std::move(error));
+            });
+        // Each decoded outcome's memory goes now, not with the batch.
+        outcome = detail::ChunkOutcome{};
       }
-      if (!got) throw TimeoutError(fmt::format("procpool: no {} result arrived in time", job_->call()));
-      ++taken_;
-      auto span = spans_.extract(got->first).mapped();
-      bytes_out_ -= span.bytes;
-      detail::decode_chunk<T>(
-          got->second, job_->call(), span.first, span.count,
-          [&](std::size_t, T&& value) { buffer_.emplace_back(std::in_place_index<0>, std::move(value)); },
-          [&](std::size_t, std::exception_ptr error) {
-            buffer_.emplace_back(std::in_place_index<1>, std::move(error));
-          });
     }
     current_.emplace(std::move(buffer_.front()));
     buffer_.pop_front();

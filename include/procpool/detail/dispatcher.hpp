@@ -132,7 +132,7 @@ class Dispatcher {
         }
       }
     }
-    for (auto& d : failed) d.job->deliver(d.chunk, std::move(d.outcome), d.items);
+    deliver_all(failed);
     wake();
   }
 
@@ -186,6 +186,17 @@ class Dispatcher {
     ChunkOutcome outcome;
     std::size_t items;  // in the chunk, for progress reports
   };
+
+  /// Hands each job its outcomes, a run of one job's at a time (one lock
+  /// and one wake-up per run), outside the dispatcher's lock; empties `deliveries`.
+  static void deliver_all(std::vector<Delivery>& deliveries) {
+    for (auto run = deliveries.begin(); run != deliveries.end();) {
+      auto end = std::find_if(run, deliveries.end(), [&](const Delivery& d) { return d.job != run->job; });
+      run->job->deliver(run, end);
+      run = end;
+    }
+    deliveries.clear();
+  }
 
   static std::size_t items_in(const std::vector<char>& task_frame) {
     return get<std::uint32_t>(task_frame.data() + task_prefix_size - 4);
@@ -275,8 +286,7 @@ class Dispatcher {
         }
       }
       lock.unlock();
-      for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome), d.items);
-      deliveries.clear();
+      deliver_all(deliveries);
       int timeout_ms = need_timeout ? 50 : -1;
       if (next_deadline) {
         auto until = std::chrono::ceil<std::chrono::milliseconds>(*next_deadline - Clock::now()).count();
@@ -312,7 +322,7 @@ class Dispatcher {
     }
     const bool terminating = state_ == State::terminating;
     lock.unlock();
-    for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome), d.items);
+    deliver_all(deliveries);
     if (terminating) stop_workers();
   }
 
@@ -755,7 +765,7 @@ class Dispatcher {
       }
       workers_.clear();
     }
-    for (auto& d : deliveries) d.job->deliver(d.chunk, std::move(d.outcome), d.items);
+    deliver_all(deliveries);
   }
 
   std::unique_ptr<Launcher> launcher_;

@@ -4,6 +4,7 @@
 
 #include <sys/types.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -85,22 +86,47 @@ class JobState {
 
   /// A chunk of `items` items is settled (results or failure).
   void deliver(std::uint64_t chunk, ChunkOutcome&& outcome, std::size_t items) {
-    // Reported before the outcome can be taken, so a call that returns has
+    struct One {
+      std::uint64_t chunk;
+      ChunkOutcome outcome;
+      std::size_t items;
+    } one{chunk, std::move(outcome), items};
+    deliver(&one, &one + 1);
+  }
+
+  /**
+   * Several chunks settled at once: each element of [first, last) has
+   * `chunk`, `outcome` and `items`, as deliver()'s arguments. One lock and
+   * at most one wake-up of the caller for them all.
+   */
+  template <class It>
+  void deliver(It first, It last) {
+    // Reported before the outcomes can be taken, so a call that returns has
     // had its last progress report.
-    if (progress_ && !cancelled()) report_progress(items);
+    if (progress_ && !cancelled()) {
+      for (It d = first; d != last; ++d) report_progress(d->items);
+    }
+    bool wanted = false;
     {
       std::lock_guard lock(mutex_);
       if (cancelled_) return;
-      if (!outcome.failure && items != 0) {
-        // Per-item run time, smoothed over the last few chunks: adaptive chunking's measure.
-        const double per_item = static_cast<double>(outcome.run_ns) / static_cast<double>(items);
-        item_ns_ = item_ns_ ? 0.7 * *item_ns_ + 0.3 * per_item : per_item;
+      for (It d = first; d != last; ++d) {
+        if (!d->outcome.failure && d->items != 0) {
+          // Per-item run time, smoothed over the last few chunks: adaptive chunking's measure.
+          const double per_item = static_cast<double>(d->outcome.run_ns) / static_cast<double>(d->items);
+          item_ns_ = item_ns_ ? 0.7 * *item_ns_ + 0.3 * per_item : per_item;
+        }
+        ready_bytes_ += d->outcome.held_bytes();
+        ready_.emplace(d->chunk, std::move(d->outcome));
+        ++delivered_;
       }
-      ready_bytes_ += outcome.held_bytes();
-      ready_.emplace(chunk, std::move(outcome));
-      ++delivered_;
+      // Wakes the caller only when what it waits for is there: a map waiting
+      // for a batch of chunks is not woken for each (a wake-up costs more
+      // than a small chunk's decoding).
+      wanted = std::any_of(waiters_.begin(), waiters_.end(), [](const Waiter& w) { return w.ready(w.pred); });
+      if (wanted) ++wakeups_;
     }
-    cv_.notify_all();
+    if (wanted) cv_.notify_all();
     on_delivered();
   }
   bool cancelled() const { return cancelled_.load(std::memory_order_relaxed); }
@@ -118,20 +144,30 @@ class JobState {
     std::lock_guard wait_for_report(progress_mutex_);
   }
 
-  std::optional<ChunkOutcome> take(std::uint64_t chunk, Deadline deadline) {
+  /**
+   * Waits for an outcome, then takes it and those ready after it, at most
+   * `most` of them and, past the first, while they hold under `most_bytes`:
+   * with `first`, chunk `first` and the chunks after it up to the first one
+   * missing (imap); without, any (imap_unordered). Taking a batch at once
+   * spares the caller a wait, and a lock, per chunk. Empty if the deadline
+   * passed first.
+   */
+  std::vector<std::pair<std::uint64_t, ChunkOutcome>> take_some(std::optional<std::uint64_t> first, Deadline deadline,
+                                                                std::size_t most, std::size_t most_bytes) {
     std::unique_lock lock(mutex_);
-    if (!wait(lock, deadline, [&] { return ready_.count(chunk) != 0; })) return std::nullopt;
-    auto node = ready_.extract(chunk);
-    ready_bytes_ -= node.mapped().held_bytes();
-    return std::move(node.mapped());
-  }
-
-  std::optional<std::pair<std::uint64_t, ChunkOutcome>> take_any(Deadline deadline) {
-    std::unique_lock lock(mutex_);
-    if (!wait(lock, deadline, [&] { return !ready_.empty(); })) return std::nullopt;
-    auto node = ready_.extract(ready_.begin());
-    ready_bytes_ -= node.mapped().held_bytes();
-    return std::pair{node.key(), std::move(node.mapped())};
+    std::vector<std::pair<std::uint64_t, ChunkOutcome>> taken;
+    if (!wait(lock, deadline, [&] { return first ? ready_.count(*first) != 0 : !ready_.empty(); })) return taken;
+    std::size_t bytes = 0;
+    auto it = first ? ready_.find(*first) : ready_.begin();
+    while (it != ready_.end() && taken.size() < std::max<std::size_t>(1, most) &&
+           (taken.empty() || bytes + it->second.held_bytes() <= most_bytes) &&
+           (!first || it->first == *first + taken.size())) {
+      bytes += it->second.held_bytes();
+      ready_bytes_ -= it->second.held_bytes();
+      taken.emplace_back(it->first, std::move(it->second));
+      it = ready_.erase(it);
+    }
+    return taken;
   }
 
   /**
@@ -142,7 +178,7 @@ class JobState {
    */
   std::vector<ChunkOutcome> take_run(std::uint64_t first, std::size_t min_delivered) {
     std::unique_lock lock(mutex_);
-    cv_.wait(lock, [&] { return delivered_ >= min_delivered && ready_.count(first) != 0; });
+    wait(lock, std::nullopt, [&] { return delivered_ >= min_delivered && ready_.count(first) != 0; });
     std::vector<ChunkOutcome> run;
     for (auto it = ready_.find(first); it != ready_.end() && it->first == first + run.size(); it = ready_.erase(it)) {
       ready_bytes_ -= it->second.held_bytes();
@@ -155,6 +191,12 @@ class JobState {
   std::optional<double> item_ns() const {
     std::lock_guard lock(mutex_);
     return item_ns_;
+  }
+
+  /// How often a delivery woke a waiting caller (for tests).
+  std::size_t wakeups() const {
+    std::lock_guard lock(mutex_);
+    return wakeups_;
   }
 
   /// Bytes of results delivered and not yet taken.
@@ -186,13 +228,34 @@ class JobState {
   virtual void on_delivered() {}
 
  private:
+  /// A thread in wait(): deliver() notifies only when one of their
+  /// predicates has become true.
+  struct Waiter {
+    const void* pred;
+    bool (*ready)(const void*);
+  };
+
   template <class Pred>
   bool wait(std::unique_lock<std::mutex>& lock, Deadline deadline, Pred pred) {
-    if (!deadline) {
-      cv_.wait(lock, pred);
-      return true;
+    if (pred()) return true;
+    waiters_.push_back({&pred, [](const void* p) { return (*static_cast<const Pred*>(p))(); }});
+    bool ok = true;
+    try {
+      if (!deadline) {
+        cv_.wait(lock, pred);
+      } else {
+        ok = cv_.wait_until(lock, *deadline, pred);
+      }
+    } catch (...) {
+      unregister(&pred);
+      throw;
     }
-    return cv_.wait_until(lock, *deadline, pred);
+    unregister(&pred);
+    return ok;
+  }
+
+  void unregister(const void* pred) {
+    waiters_.erase(std::find_if(waiters_.begin(), waiters_.end(), [&](const Waiter& w) { return w.pred == pred; }));
   }
 
   /// Called from the I/O thread, and from a submitting thread for tasks
@@ -224,8 +287,10 @@ class JobState {
   std::optional<double> item_ns_;
   mutable std::mutex mutex_;
   std::condition_variable cv_;
+  std::vector<Waiter> waiters_;
   std::map<std::uint64_t, ChunkOutcome> ready_;
   std::size_t delivered_ = 0;
+  std::size_t wakeups_ = 0;
   std::atomic<bool> cancelled_{false};
 };
 

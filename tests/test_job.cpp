@@ -1,0 +1,111 @@
+// A call's mailbox (JobState) on its own: which deliveries wake the caller,
+// and how imap takes what is ready; then imap's refills through a real pool.
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <ranges>
+#include <thread>
+#include <vector>
+
+#include "common.hpp"
+
+namespace {
+
+using procpool::detail::ChunkOutcome;
+using procpool::detail::JobState;
+
+struct Arrival {
+  std::uint64_t chunk;
+  ChunkOutcome outcome;
+  std::size_t items;
+};
+
+ChunkOutcome outcome_of(std::size_t bytes) {
+  ChunkOutcome outcome;
+  outcome.payload.assign(bytes, 'x');
+  return outcome;
+}
+
+long job_square(long x) { return x * x; }
+
+}  // namespace
+
+TEST_CASE("a caller waiting for a batch of chunks is woken once, not for each chunk", "[job]") {
+  JobState job("map");
+  std::size_t taken = 0;
+  std::thread caller([&] { taken = job.take_run(0, 40).size(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let it wait
+  for (std::uint64_t chunk = 0; chunk < 40; ++chunk) {
+    job.deliver(chunk, outcome_of(8), 1);
+    std::this_thread::sleep_for(std::chrono::microseconds(500));
+  }
+  caller.join();
+  CHECK(taken == 40);
+  CHECK(job.wakeups() <= 1);
+}
+
+TEST_CASE("outcomes delivered together reach a waiting imap caller together", "[job]") {
+  JobState job("imap_unordered");
+  std::vector<std::pair<std::uint64_t, ChunkOutcome>> got;
+  std::thread caller([&] { got = job.take_some(std::nullopt, std::nullopt, 100, SIZE_MAX); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::vector<Arrival> batch;
+  for (std::uint64_t chunk = 0; chunk < 10; ++chunk) batch.push_back({chunk, outcome_of(8), 1});
+  job.deliver(batch.begin(), batch.end());
+  caller.join();
+  REQUIRE(got.size() == 10);
+  for (std::uint64_t chunk = 0; chunk < 10; ++chunk) CHECK(got[chunk].first == chunk);
+  CHECK(job.wakeups() <= 1);
+  CHECK(job.delivered() == 10);
+  CHECK(job.ready_bytes() == 0);
+}
+
+TEST_CASE("imap takes ready outcomes in order up to a gap, a count and a byte bound", "[job]") {
+  JobState job("imap");
+  for (std::uint64_t chunk : {0, 1, 2, 4, 5}) job.deliver(chunk, outcome_of(100), 1);
+  const auto now = procpool::detail::Clock::now();
+
+  SECTION("ordered: from the first asked for up to the first missing") {
+    auto got = job.take_some(0, now, 100, SIZE_MAX);
+    REQUIRE(got.size() == 3);
+    CHECK(got[2].first == 2);
+    CHECK(job.take_some(3, now, 100, SIZE_MAX).empty());  // chunk 3 never came: the deadline passed
+    got = job.take_some(4, now, 100, SIZE_MAX);
+    REQUIRE(got.size() == 2);
+    CHECK(got[1].first == 5);
+  }
+  SECTION("at most `most`, and past the first only while under the byte bound") {
+    CHECK(job.take_some(std::nullopt, now, 2, SIZE_MAX).size() == 2);
+    CHECK(job.take_some(std::nullopt, now, 100, 250).size() == 2);  // 200 bytes, not 300
+    CHECK(job.take_some(std::nullopt, now, 100, 10).size() == 1);   // the first, however large
+    CHECK(job.ready_bytes() == 0);
+    CHECK(job.take_some(std::nullopt, now, 100, SIZE_MAX).empty());
+  }
+}
+
+POOL_TEST("imap refills its prefetch in batches, not one chunk per result", "[imap]") {
+  procpool::Pool pool(test::options<TestType>({.imap_prefetch = 8}));
+  long pulled = 0;
+  auto counting = std::views::iota(0L, 400L) | std::views::transform([&pulled](long x) {
+                    ++pulled;
+                    return x;
+                  });
+  std::vector<long> steps;  // how many inputs each refill read
+  long before = 0;
+  long seen = 0;
+  for (long v : pool.imap<job_square>(counting, 1)) {
+    CHECK(v == seen * seen);
+    ++seen;
+    if (pulled != before) steps.push_back(pulled - before);
+    before = pulled;
+  }
+  CHECK(seen == 400);
+  REQUIRE(steps.size() > 1);
+  CHECK(steps.front() == 8);  // the first fill: the whole prefetch
+  // Every later refill reads at least a quarter of the prefetch, except the
+  // last, which can stop at the input's end.
+  for (std::size_t k = 1; k + 1 < steps.size(); ++k) {
+    CAPTURE(k, steps[k]);
+    CHECK(steps[k] >= 2);
+  }
+}
