@@ -23,6 +23,10 @@ std::string g_prefix;
 void set_prefix(const std::string& p) { g_prefix = p; }
 std::string prefixed(const std::string& s) { return g_prefix + s; }
 long add(long a, long b) { return a + b; }
+std::size_t slow_size(const std::string& s) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  return s.size();
+}
 std::string shout(const std::string& s) { return s + "!"; }
 std::size_t total_size(const std::vector<std::vector<std::string>>& v) {
   std::size_t n = 0;
@@ -113,6 +117,26 @@ POOL_TEST("map sends work while it is still encoding the rest of its input", "[m
                });
   CHECK(pool.map<mark_and_measure>(items, 1) == std::vector<std::size_t>{std::size_t{2} << 20, 1});
   CHECK(first_ran_before_second_made);
+}
+
+POOL_TEST("map keeps at most imap_prefetch_bytes of task messages ahead of the workers", "[map]") {
+  // 48 items of 1 MiB, a 4 MiB bound, 2 workers: each item is made only once
+  // at most 4 chunks are out (3 fit under 4 MiB; 4 are two a worker). A map
+  // that encoded its whole input first would make all 48 long before the
+  // slow tasks are done.
+  procpool::Pool pool(test::options<TestType>({.processes = 2, .imap_prefetch_bytes = std::size_t{4} << 20}));
+  std::atomic<std::size_t> done{0};
+  std::size_t pulled = 0;
+  std::size_t most_ahead = 0;
+  auto items = std::views::iota(0, 48) | std::views::transform([&](int) {
+                 most_ahead = std::max(most_ahead, pulled - done.load());
+                 ++pulled;
+                 return std::string(std::size_t{1} << 20, 'x');
+               });
+  procpool::CallOptions options{.chunksize = 1,
+                                .progress = [&](std::size_t n, std::optional<std::size_t>) { done = n; }};
+  CHECK(pool.map<slow_size>(items, options) == std::vector<std::size_t>(48, std::size_t{1} << 20));
+  CHECK(most_ahead <= 4);
 }
 
 POOL_TEST("a map streaming its input is not cut short by a close() meanwhile", "[map][lifecycle]") {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -127,6 +128,21 @@ class MapState final : public AsyncState<std::vector<T>> {
   }
 
  public:
+  /// The synchronous map: a chunk of `bytes` task bytes was submitted.
+  void submitted(std::size_t bytes) {
+    out_bytes_.push_back(bytes);
+    out_total_ += bytes;
+  }
+
+  /**
+   * The synchronous map, while it still encodes: decodes results in order,
+   * waiting for them, until the chunks submitted and not yet decoded hold at
+   * most `most_bytes` of task messages or number at most `least_chunks`.
+   */
+  void collect_until(std::size_t most_bytes, std::size_t least_chunks) {
+    while (out_total_ > most_bytes && out_bytes_.size() > least_chunks) collect_run(next_ + 1);
+  }
+
   /**
    * The synchronous map's way to its value, instead of take_value(): decodes
    * the chunks in order while later ones still run, and frees each result
@@ -138,26 +154,32 @@ class MapState final : public AsyncState<std::vector<T>> {
     // Wakes up for a batch of chunks rather than for each: a wake-up costs
     // more than decoding a chunk of small items.
     const std::size_t step = std::max<std::size_t>(1, chunks / 16);
-    std::vector<T> values;
-    values.reserve(count_);
-    std::exception_ptr first_error;
+    while (next_ < chunks) collect_run(std::min(chunks, next_ + step));
+    if (first_error_) std::rethrow_exception(first_error_);
+    return std::move(values_);
+  }
+
+ private:
+  /// Decodes chunk next_ and those ready after it, once at least `min_delivered` chunks have arrived.
+  void collect_run(std::size_t min_delivered) {
+    if (values_.capacity() == 0) values_.reserve(count_);
     try {
-      for (std::size_t next = 0; next < chunks;) {
-        for (auto& outcome : this->take_run(next, std::min(chunks, next + step))) {
-          // After a failure the rest only has to arrive.
-          if (!first_error) decode_into(next, outcome, values, first_error);
-          ++next;
+      for (auto& outcome : this->take_run(next_, min_delivered)) {
+        // After a failure the rest only has to arrive.
+        if (!first_error_) decode_into(next_, outcome, values_, first_error_);
+        outcome = ChunkOutcome{};  // its memory goes now
+        ++next_;
+        if (!out_bytes_.empty()) {
+          out_total_ -= out_bytes_.front();
+          out_bytes_.pop_front();
         }
       }
     } catch (...) {
       this->cancel();  // out of memory, say: the rest is of no use to anyone
       throw;
     }
-    if (first_error) std::rethrow_exception(first_error);
-    return values;
   }
 
- private:
   /// Appends chunk `chunk`'s values; keeps the first error seen.
   void decode_into(std::uint64_t chunk, const ChunkOutcome& outcome, std::vector<T>& values,
                    std::exception_ptr& first_error) {
@@ -172,6 +194,13 @@ class MapState final : public AsyncState<std::vector<T>> {
 
   std::size_t count_;
   std::size_t chunksize_;
+  // The synchronous map's collection: results so far, the next chunk to
+  // decode, and the task bytes of the chunks submitted and not yet decoded.
+  std::vector<T> values_;
+  std::exception_ptr first_error_;
+  std::size_t next_ = 0;
+  std::deque<std::size_t> out_bytes_;
+  std::size_t out_total_ = 0;
 };
 
 /// apply_async: one task, one value.

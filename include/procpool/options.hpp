@@ -69,7 +69,9 @@ struct Options {
   /// `imap`/`imap_unordered` read no further ahead while the tasks they
   /// sent and the results not yet consumed hold this many bytes (at least
   /// one chunk is always in flight); bounds their memory with large items,
-  /// where `imap_prefetch` alone counts chunks. 0 means no byte bound.
+  /// where `imap_prefetch` alone counts chunks. `map`/`starmap` encode no
+  /// further ahead while their tasks not yet answered hold this many bytes
+  /// (at least two chunks a worker). 0 means no byte bound.
   std::size_t imap_prefetch_bytes = std::size_t{64} << 20;
   /// What becomes of the workers' stdout and stderr: `inherit` (the parent's
   /// own, as any child's; lines of two workers can mix), `lines` (relayed

@@ -212,7 +212,7 @@ class Pool {
     if (options.chunksize == adaptive) {
       return collect_adaptive<false>("map", std::move(fn), std::forward<R>(items), options);
     }
-    return submit_map<false>("map", std::move(fn), std::forward<R>(items), options, nullptr, nullptr)->collect();
+    return submit_map<false>("map", std::move(fn), std::forward<R>(items), options, nullptr, nullptr, true)->collect();
   }
 
   /**
@@ -285,7 +285,8 @@ class Pool {
     if (options.chunksize == adaptive) {
       return collect_adaptive<true>("starmap", std::move(fn), std::forward<R>(items), options);
     }
-    return submit_map<true>("starmap", std::move(fn), std::forward<R>(items), options, nullptr, nullptr)->collect();
+    return submit_map<true>("starmap", std::move(fn), std::forward<R>(items), options, nullptr, nullptr, true)
+        ->collect();
   }
 
   /// starmap() in the background.
@@ -469,16 +470,33 @@ class Pool {
     }
   }
 
+  /// Submits a batch of a map's chunks; for a synchronous map, then decodes
+  /// results in order until its task messages waiting ahead of the workers
+  /// hold at most `imap_prefetch_bytes`, or only two chunks a worker are out.
+  template <class T>
+  void submit_batch(detail::MapState<T>& state, std::vector<detail::Chunk>& batch, bool synchronous) {
+    if (synchronous) {
+      for (const auto& chunk : batch) state.submitted(chunk.frame.size());
+    }
+    dispatcher_->submit(std::exchange(batch, {}), true);
+    if (synchronous && prefetch_bytes_ != 0) state.collect_until(prefetch_bytes_, 2 * processes_);
+  }
+
+  /// Encodes and submits a map's chunks. `synchronous`: for map/starmap,
+  /// which collect() next; they decode results while still encoding, so that
+  /// no more than `imap_prefetch_bytes` of task messages wait ahead of the
+  /// workers (map_async returns once all are submitted).
   template <bool Star, class F, class R, class Callback, class ErrorCallback>
   auto submit_map(std::string_view call, F fn, R&& items, const CallOptions& options, Callback callback,
-                  ErrorCallback error_callback) {
+                  ErrorCallback error_callback, bool synchronous = false) {
     using Arg = detail::item_t<R>;
     using T = detail::result_of_t<F, Arg, Star>;
     if constexpr (!std::ranges::sized_range<R>) {
       // Python's map reads the whole input first too; imap is the lazy one.
       std::vector<Arg> all;
       for (auto&& item : items) all.emplace_back(std::forward<decltype(item)>(item));
-      return submit_map<Star>(call, std::move(fn), all, options, std::move(callback), std::move(error_callback));
+      return submit_map<Star>(call, std::move(fn), all, options, std::move(callback), std::move(error_callback),
+                              synchronous);
     } else {
       const std::uint64_t handler = detail::call_handler_id<F, Arg, Star>();
       const auto count = static_cast<std::size_t>(std::ranges::size(items));
@@ -516,11 +534,11 @@ class Pool {
           bytes += chunk.frame.size();
           batch.push_back(std::move(chunk));
           if (bytes >= batch_bytes) {
-            dispatcher_->submit(std::exchange(batch, {}), true);
+            submit_batch(*state, batch, synchronous);
             bytes = 0;
           }
         }
-        if (!batch.empty()) dispatcher_->submit(std::move(batch), true);
+        if (!batch.empty()) submit_batch(*state, batch, synchronous);
       } catch (...) {
         // An item that failed to encode, or a pool terminated meanwhile: the
         // chunks already queued are dropped, and the caller gets the error.
