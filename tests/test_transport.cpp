@@ -167,6 +167,34 @@ POOL_TEST("a message over shared_memory_threshold goes through shared memory, a 
   CHECK(pool.map<echo>(mixed, 4) == mixed);
 }
 
+POOL_TEST("a pool done with large messages lets go of its shared memory a little later", "[transport][shm]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  const std::string one = big(std::size_t{2} << 20, 'q');
+  CHECK(pool.apply<echo_and_look>(one).echoed == one);
+  Seen seen = pool.apply<echo_and_look>(one);
+  CHECK(seen.task_mappings >= 1);
+  CHECK(seen.result_mappings >= 1);
+  CHECK(memfd_mappings("procpool-task") >= 2);  // the probe and a buffer
+  CHECK(memfd_mappings("procpool-result") >= 1);
+  // Idle for ShmWriter::keep_idle_for: the pool unmaps its task buffers, the
+  // worker its result buffers (telling the pool, which unmaps them too) and
+  // its mappings of the pool's.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while ((memfd_mappings("procpool-task") > 1 || memfd_mappings("procpool-result") > 0) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  CHECK(memfd_mappings("procpool-task") == 1);
+  CHECK(memfd_mappings("procpool-result") == 0);
+  Seen after = pool.apply<echo_and_look>(std::string("small"));
+  CHECK(after.task_mappings == 0);
+  CHECK(after.result_mappings == 0);
+  // Large messages still go through shared memory afterwards.
+  Seen again = pool.apply<echo_and_look>(one);
+  CHECK(again.echoed == one);
+  CHECK(again.task_mappings >= 1);
+}
+
 POOL_TEST("shared_memory_threshold 0 sends everything through the pipes", "[transport][shm]") {
   procpool::Options o = test::options<TestType>({.processes = 1});
   o.shared_memory_threshold = 0;

@@ -288,6 +288,8 @@ class Dispatcher {
       lock.unlock();
       deliver_all(deliveries);
       int timeout_ms = need_timeout ? 50 : -1;
+      // Idle shared buffers are let go of after a while, busy or not.
+      if (!shm_writer_.empty()) timeout_ms = timeout_ms < 0 ? 1000 : std::min(timeout_ms, 1000);
       if (next_deadline) {
         auto until = std::chrono::ceil<std::chrono::milliseconds>(*next_deadline - Clock::now()).count();
         int ms = static_cast<int>(std::clamp<long long>(until, 0, 60'000));
@@ -295,6 +297,13 @@ class Dispatcher {
       }
       int ready = retry_eintr([&] { return ::poll(fds.data(), fds.size(), timeout_ms); });
       lock.lock();
+      if (!shm_writer_.empty()) {
+        const auto now = Clock::now();
+        if (now >= next_trim_) {
+          shm_writer_.trim(now - ShmWriter::keep_idle_for, nullptr);
+          next_trim_ = now + std::chrono::milliseconds(500);
+        }
+      }
       if (ready < 0) continue;
       if (fds[0].revents != 0) {
         std::uint64_t drained;
@@ -798,6 +807,7 @@ class Dispatcher {
   std::uint64_t next_task_id_ = 1;
   double task_ns_ = 0;
   bool have_timing_ = false;
+  Clock::time_point next_trim_{};  // when to look for idle shared buffers again
   Fd wake_;
   std::thread thread_;
   std::unique_ptr<OutputRelay> relay_;  // only when workers' output is not inherited

@@ -116,7 +116,8 @@ struct ShmBuffer {
   Fd fd;
   ShmMapping mapping;
   std::uint64_t id;
-  std::uint64_t last_used = 0;  // the writer's acquisition count when last handed out
+  std::uint64_t last_used = 0;                      // the writer's acquisition count when last handed out
+  std::chrono::steady_clock::time_point used_at{};  // and when
 };
 
 /// Marks a buffer of the writer's own free again when it goes (the parent's
@@ -182,6 +183,10 @@ class ShmWriter {
   static constexpr std::size_t keep_idle_bytes = std::size_t{256} << 20;
   /// An idle buffer not reused in this many acquisitions is unmapped.
   static constexpr std::uint64_t idle_acquisitions = 64;
+  /// An idle buffer unused this long is unmapped by trim(), which the pool
+  /// and its workers call while they wait: a pool done with large messages
+  /// does not keep their memory.
+  static constexpr std::chrono::seconds keep_idle_for{2};
   /// Buffers are sized in steps of this many bytes, so one serves messages
   /// of nearly the same size.
   static constexpr std::size_t capacity_step = std::size_t{1} << 20;
@@ -244,6 +249,7 @@ class ShmWriter {
       if (announce_) announce(*best, *control);
     }
     best->last_used = acquisitions_;
+    best->used_at = std::chrono::steady_clock::now();
     best->mapping.header().busy.store(1, std::memory_order_relaxed);
     prune(control);
     return best;
@@ -266,6 +272,22 @@ class ShmWriter {
       nap = std::min(2 * nap, std::chrono::microseconds{1000});
     }
     return true;
+  }
+
+  /// Whether it holds any buffer (the probe aside).
+  bool empty() const { return buffers_.empty(); }
+
+  /// Unmaps the idle buffers last handed out before `before` (an announcing
+  /// writer appends their drops to `control`, to send).
+  void trim(std::chrono::steady_clock::time_point before, std::vector<char>* control) {
+    for (auto it = buffers_.begin(); it != buffers_.end();) {
+      if (idle(**it) && (*it)->used_at < before) {
+        drop(it, control);
+        it = buffers_.begin();
+      } else {
+        ++it;
+      }
+    }
   }
 
   /// Gives back a buffer acquire() returned, unused.
@@ -467,6 +489,13 @@ class ShmReader {
       return false;
     }
   }
+
+  /// Whether it holds any mapping.
+  bool empty() const { return cache_.empty(); }
+
+  /// Lets go of every mapping (a frame still being read keeps its own).
+  /// Not for an announced reader, whose writer decides.
+  void clear() { cache_.clear(); }
 
   /// A shm_drop frame: its writer unmapped the buffer; so does this side
   /// (once no outcome read from it is left).

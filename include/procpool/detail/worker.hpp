@@ -1,12 +1,14 @@
 // procpool - the loop a worker process runs, whatever started it.
 #pragma once
 
+#include <poll.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -28,6 +30,14 @@ inline constexpr int exit_protocol_error = 4;
 class FrameReader {
  public:
   FrameReader(int fd, std::size_t max_payload) : fd_(fd), max_payload_(max_payload) {}
+
+  /// Before a read would block: while `wanted()`, waits up to `after` for
+  /// bytes, and each time none came calls `idle()`; then blocks as usual.
+  void on_idle(std::function<bool()> wanted, std::function<void()> idle, std::chrono::milliseconds after) {
+    idle_wanted_ = std::move(wanted);
+    idle_ = std::move(idle);
+    idle_after_ = after;
+  }
 
   /// false on a clean EOF between frames; throws ProtocolError-worthy
   /// std::runtime_error on a truncated or oversized frame.
@@ -61,6 +71,14 @@ class FrameReader {
       want = std::max(want, frame_header_size + get<std::uint32_t>(buffer_.data()));
     }
     if (buffer_.size() < want) buffer_.resize(want);
+    // Again while there is still something to let go of (a buffer the
+    // parent was still reading last time).
+    while (idle_ && idle_wanted_()) {
+      pollfd p{fd_, POLLIN, 0};
+      const int ms = static_cast<int>(idle_after_.count());
+      if (retry_eintr([&] { return ::poll(&p, 1, ms); }) != 0) break;
+      idle_();
+    }
     ssize_t n = retry_eintr([&] { return ::read(fd_, buffer_.data() + end_, buffer_.size() - end_); });
     if (n < 0) throw_errno("read");
     if (n == 0) return false;
@@ -70,6 +88,9 @@ class FrameReader {
 
   int fd_;
   std::size_t max_payload_;
+  std::function<bool()> idle_wanted_;
+  std::function<void()> idle_;
+  std::chrono::milliseconds idle_after_{0};
   std::vector<char> buffer_;
   std::size_t begin_ = 0, end_ = 0, pending_ = 0;
 };
@@ -156,6 +177,16 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   ShmReader shm_reader;
   ShmWriter shm_writer("procpool-result", true);
   std::vector<char> out;
+  // Waiting for work with shared memory in hand: after a while, let go of
+  // the idle result buffers (telling the parent) and of the pool's buffers.
+  reader.on_idle([&] { return !shm_writer.empty() || !shm_reader.empty(); },
+                 [&] {
+                   std::vector<char> drops;
+                   shm_writer.trim(std::chrono::steady_clock::now(), &drops);
+                   shm_reader.clear();
+                   if (!drops.empty()) send_frame(result_fd, drops);
+                 },
+                 ShmWriter::keep_idle_for);
   if (address_space_limit != 0) {
     rlimit limit{address_space_limit, address_space_limit};
     ::setrlimit(RLIMIT_AS, &limit);
