@@ -70,6 +70,31 @@ bool wait_for_file(const std::string& file, std::chrono::milliseconds limit) {
   return true;
 }
 
+/// Given a path, waits up to 10 s for that file: the size, or -1 if it never came.
+long wait_then_measure(const std::pair<std::string, std::string>& item) {
+  if (!item.first.empty() && !wait_for_file(item.first, std::chrono::seconds(10))) return -1;
+  return static_cast<long>(item.second.size());
+}
+
+/// A value whose decoding in the parent throws something that is not a
+/// std::exception when it holds 0.
+struct Touchy {
+  long v = 0;
+  template <class Archive>
+  void save(Archive& ar) const {
+    ar(v);
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    ar(v);
+    if (v == 0) throw 42;
+  }
+};
+Touchy touchy_slow_first(long x) {
+  if (x == 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  return {x};
+}
+
 std::vector<long> iota_vec(long n) {
   std::vector<long> v(static_cast<std::size_t>(n));
   std::iota(v.begin(), v.end(), 0L);
@@ -137,6 +162,29 @@ POOL_TEST("map keeps at most imap_prefetch_bytes of task messages ahead of the w
                                 .progress = [&](std::size_t n, std::optional<std::size_t>) { done = n; }};
   CHECK(pool.map<slow_size>(items, options) == std::vector<std::size_t>(48, std::size_t{1} << 20));
   CHECK(most_ahead <= 4);
+}
+
+POOL_TEST("a long task does not hold back a byte-bounded map's other work", "[map]") {
+  // 200 items of 64 KiB under a 256 KiB bound. Item 0 runs until the other
+  // workers' progress lets it go: 150 items must finish while it runs,
+  // though tasks queued behind it on its worker hold more than the bound.
+  procpool::Pool pool(test::options<TestType>({.processes = 2, .imap_prefetch_bytes = std::size_t{256} << 10}));
+  test::TempDir dir;
+  const std::string go = dir / "go";
+  auto items = std::views::iota(0, 200) | std::views::transform([&](int i) {
+                 return std::pair{i == 0 ? go : std::string(), std::string(std::size_t{64} << 10, 'x')};
+               });
+  bool released = false;
+  procpool::CallOptions options{.chunksize = 1, .progress = [&](std::size_t n, std::optional<std::size_t>) {
+                                  if (n >= 150 && !released) {
+                                    released = true;
+                                    test::append_line(go, "go");
+                                  }
+                                }};
+  auto sizes = pool.map<wait_then_measure>(items, options);
+  REQUIRE(sizes.size() == 200);
+  CHECK(sizes[0] == 64 << 10);  // -1: it waited in vain, the others never got to 150
+  CHECK(std::count(sizes.begin(), sizes.end(), 64 << 10) == 200);
 }
 
 POOL_TEST("a map streaming its input is not cut short by a close() meanwhile", "[map][lifecycle]") {
@@ -296,6 +344,54 @@ POOL_TEST("imap_unordered yields every result exactly once", "[imap]") {
     std::sort(got.begin(), got.end());
     CHECK(got == serial(square, in));
   }
+}
+
+POOL_TEST("a result that throws while imap decodes it loses none of the results after it", "[imap]") {
+  // Item 0 comes last and its decoding throws an int; results 1-7 wait
+  // ready beside it and are taken in the same batch.
+  procpool::Pool pool(test::options<TestType>({.processes = 2, .imap_prefetch = 8}));
+  for (bool ordered : {true, false}) {
+    CAPTURE(ordered);
+    auto in = iota_vec(8);
+    auto results = ordered ? pool.imap<touchy_slow_first>(in) : pool.imap_unordered<touchy_slow_first>(in);
+    std::vector<long> got;
+    int thrown = 0;
+    for (;;) {
+      try {
+        auto v = results.next(std::chrono::seconds(20));
+        if (!v) break;
+        got.push_back(v->v);
+      } catch (int) {
+        ++thrown;
+      }
+    }
+    std::sort(got.begin(), got.end());
+    CHECK(thrown == 1);
+    CHECK(got == std::vector<long>{1, 2, 3, 4, 5, 6, 7});
+  }
+}
+
+POOL_TEST("an imap whose pool is closed while it reads ends with PoolNotRunning after what was sent", "[imap]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 2, .imap_prefetch = 8}));
+  auto results = pool.imap<square>(std::views::iota(0L, 1000L), 1);
+  CHECK(results.next() == 0);
+  pool.close();
+  long next = 1;
+  bool refused = false;
+  for (;;) {
+    try {
+      auto v = results.next(std::chrono::seconds(20));
+      if (!v) break;
+      CHECK(*v == next * next);
+      ++next;
+    } catch (const procpool::PoolNotRunning&) {
+      refused = true;
+    }
+  }
+  CHECK(refused);
+  CHECK(next > 1);     // what was sent before the close came
+  CHECK(next < 1000);  // and nothing after it
+  pool.join();
 }
 
 POOL_TEST("imap's next() returns nullopt at the end", "[imap]") {

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -128,19 +127,10 @@ class MapState final : public AsyncState<std::vector<T>> {
   }
 
  public:
-  /// The synchronous map: a chunk of `bytes` task bytes was submitted.
-  void submitted(std::size_t bytes) {
-    out_bytes_.push_back(bytes);
-    out_total_ += bytes;
-  }
-
-  /**
-   * The synchronous map, while it still encodes: decodes results in order,
-   * waiting for them, until the chunks submitted and not yet decoded hold at
-   * most `most_bytes` of task messages or number at most `least_chunks`.
-   */
-  void collect_until(std::size_t most_bytes, std::size_t least_chunks) {
-    while (out_total_ > most_bytes && out_bytes_.size() > least_chunks) collect_run(next_ + 1);
+  /// The synchronous map, while it still encodes: decodes the results ready
+  /// in order, without waiting, so their memory goes early.
+  void collect_ready() {
+    if (next_ < this->chunk_count() && this->ready_bytes() != 0) collect_run(next_ + 1, Clock::now());
   }
 
   /**
@@ -154,25 +144,31 @@ class MapState final : public AsyncState<std::vector<T>> {
     // Wakes up for a batch of chunks rather than for each: a wake-up costs
     // more than decoding a chunk of small items.
     const std::size_t step = std::max<std::size_t>(1, chunks / 16);
-    while (next_ < chunks) collect_run(std::min(chunks, next_ + step));
+    while (next_ < chunks) collect_run(std::min(chunks, next_ + step), std::nullopt);
     if (first_error_) std::rethrow_exception(first_error_);
     return std::move(values_);
   }
 
  private:
-  /// Decodes chunk next_ and those ready after it, once at least `min_delivered` chunks have arrived.
-  void collect_run(std::size_t min_delivered) {
+  /// Decodes chunk next_ and those ready after it, once at least
+  /// `min_delivered` chunks have arrived; with a `deadline`, only what is
+  /// there by then.
+  void collect_run(std::size_t min_delivered, Deadline deadline) {
     if (values_.capacity() == 0) values_.reserve(count_);
     try {
-      for (auto& outcome : this->take_run(next_, min_delivered)) {
+      std::vector<ChunkOutcome> run;
+      if (deadline) {
+        for (auto& [chunk, outcome] : this->take_some(next_, deadline, SIZE_MAX, SIZE_MAX)) {
+          run.push_back(std::move(outcome));
+        }
+      } else {
+        run = this->take_run(next_, min_delivered);
+      }
+      for (auto& outcome : run) {
         // After a failure the rest only has to arrive.
         if (!first_error_) decode_into(next_, outcome, values_, first_error_);
         outcome = ChunkOutcome{};  // its memory goes now
         ++next_;
-        if (!out_bytes_.empty()) {
-          out_total_ -= out_bytes_.front();
-          out_bytes_.pop_front();
-        }
       }
     } catch (...) {
       this->cancel();  // out of memory, say: the rest is of no use to anyone
@@ -194,13 +190,10 @@ class MapState final : public AsyncState<std::vector<T>> {
 
   std::size_t count_;
   std::size_t chunksize_;
-  // The synchronous map's collection: results so far, the next chunk to
-  // decode, and the task bytes of the chunks submitted and not yet decoded.
+  // The synchronous map's collection: results so far, the next chunk to decode.
   std::vector<T> values_;
   std::exception_ptr first_error_;
   std::size_t next_ = 0;
-  std::deque<std::size_t> out_bytes_;
-  std::size_t out_total_ = 0;
 };
 
 /// apply_async: one task, one value.

@@ -128,6 +128,7 @@ class IMap {
       input_done_ = other.input_done_;
       spans_ = std::move(other.spans_);
       input_error_ = std::move(other.input_error_);
+      batch_ = std::move(other.batch_);
       buffer_ = std::move(other.buffer_);
       current_ = std::move(other.current_);
     }
@@ -203,7 +204,7 @@ class IMap {
   }
 
   bool has_next() {
-    if (current_ || !buffer_.empty()) return true;
+    if (current_ || !buffer_.empty() || !batch_.empty()) return true;
     top_up();
     return taken_ < submitted_ || input_error_ != nullptr;
   }
@@ -227,8 +228,21 @@ class IMap {
       input_error_ = std::current_exception();
     }
     if (chunks.empty()) return;
-    submitted_ += chunks.size();
-    dispatcher_->submit(std::move(chunks));
+    const std::size_t count = chunks.size();
+    try {
+      dispatcher_->submit(std::move(chunks));
+    } catch (...) {
+      // Refused (the pool was closed meanwhile): they are not waited for,
+      // the input is read no further, and the refusal comes after the
+      // results submitted before it, as an input's own exception would.
+      for (std::uint64_t index = submitted_; index < submitted_ + count; ++index) {
+        if (auto span = spans_.extract(index)) bytes_out_ -= span.mapped().bytes;
+      }
+      input_done_ = true;
+      input_error_ = std::current_exception();  // it comes before any error the input raised after
+      return;
+    }
+    submitted_ += count;
   }
 
   /// Whether one more chunk may be read, with `pending` chunks read but not yet submitted.
@@ -280,19 +294,26 @@ class IMap {
 
   void fetch(detail::Deadline deadline) {
     while (buffer_.empty()) {
-      top_up();
-      if (taken_ == submitted_ && input_error_) {
-        // Everything read before the failure has been yielded: now the failure.
-        buffer_.emplace_back(std::in_place_index<1>, std::exchange(input_error_, nullptr));
-        break;
+      if (batch_.empty()) {
+        top_up();
+        if (taken_ == submitted_ && input_error_) {
+          // Everything read before the failure has been yielded: now the failure.
+          buffer_.emplace_back(std::in_place_index<1>, std::exchange(input_error_, nullptr));
+          break;
+        }
+        // A batch of what is ready at once, bounded like the prefetch.
+        auto got = job_->take_some(ordered_ ? std::optional<std::uint64_t>(taken_) : std::nullopt, deadline,
+                                   std::max<std::size_t>(1, prefetch_ / 4),
+                                   prefetch_bytes_ == 0 ? SIZE_MAX : prefetch_bytes_ / 4);
+        if (got.empty()) throw TimeoutError(fmt::format("procpool: no {} result arrived in time", job_->call()));
+        taken_ += got.size();
+        for (auto& taken : got) batch_.push_back(std::move(taken));
       }
-      // A batch of what is ready at once, bounded like the prefetch.
-      auto got = job_->take_some(ordered_ ? std::optional<std::uint64_t>(taken_) : std::nullopt, deadline,
-                                 std::max<std::size_t>(1, prefetch_ / 4),
-                                 prefetch_bytes_ == 0 ? SIZE_MAX : prefetch_bytes_ / 4);
-      if (got.empty()) throw TimeoutError(fmt::format("procpool: no {} result arrived in time", job_->call()));
-      for (auto& [index, outcome] : got) {
-        ++taken_;
+      // One at a time: if a decode throws, the rest of the batch is still
+      // there for the next call.
+      while (!batch_.empty()) {
+        auto [index, outcome] = std::move(batch_.front());
+        batch_.pop_front();
         auto span = spans_.extract(index).mapped();
         bytes_out_ -= span.bytes;
         detail::decode_chunk<T>(
@@ -301,8 +322,6 @@ class IMap {
             [&](std::size_t, std::exception_ptr error) {
               buffer_.emplace_back(std::in_place_index<1>, std::move(error));
             });
-        // Each decoded outcome's memory goes now, not with the batch.
-        outcome = detail::ChunkOutcome{};
       }
     }
     current_.emplace(std::move(buffer_.front()));
@@ -329,6 +348,7 @@ class IMap {
   };
   std::unordered_map<std::uint64_t, Span> spans_;
   std::exception_ptr input_error_;  // the input threw; yielded after what came before it
+  std::deque<std::pair<std::uint64_t, detail::ChunkOutcome>> batch_;  // taken, not yet decoded
   std::deque<Item> buffer_;
   std::optional<Item> current_;
 };

@@ -470,22 +470,33 @@ class Pool {
     }
   }
 
-  /// Submits a batch of a map's chunks; for a synchronous map, then decodes
-  /// results in order until its task messages waiting ahead of the workers
-  /// hold at most `imap_prefetch_bytes`, or only two chunks a worker are out.
+  /// Submits a batch of a map's chunks. A synchronous map first decodes the
+  /// results ready, then waits until the batch fits beside its chunks not yet
+  /// answered under `imap_prefetch_bytes`, or fewer chunks are out than the
+  /// workers may hold plus one each.
   template <class T>
   void submit_batch(detail::MapState<T>& state, std::vector<detail::Chunk>& batch, bool synchronous) {
-    if (synchronous) {
-      for (const auto& chunk : batch) state.submitted(chunk.frame.size());
+    if (synchronous && prefetch_bytes_ != 0) {
+      std::vector<std::size_t> sizes;
+      std::size_t total = 0;
+      for (const auto& chunk : batch) {
+        sizes.push_back(chunk.frame.size());
+        total += chunk.frame.size();
+      }
+      state.collect_ready();
+      // Beyond the bound, still one chunk a worker more than the workers may
+      // hold: tasks queued behind a long one never stop the others' work.
+      state.wait_expected(prefetch_bytes_ - std::min(total, prefetch_bytes_),
+                          processes_ * (dispatcher_->tasks_per_worker() + 1));
+      state.expect(batch.front().index, sizes);
     }
     dispatcher_->submit(std::exchange(batch, {}), true);
-    if (synchronous && prefetch_bytes_ != 0) state.collect_until(prefetch_bytes_, 2 * processes_);
   }
 
   /// Encodes and submits a map's chunks. `synchronous`: for map/starmap,
-  /// which collect() next; they decode results while still encoding, so that
-  /// no more than `imap_prefetch_bytes` of task messages wait ahead of the
-  /// workers (map_async returns once all are submitted).
+  /// which collect() next; they keep at most `imap_prefetch_bytes` of task
+  /// messages waiting for their results (map_async returns once all are
+  /// submitted).
   template <bool Star, class F, class R, class Callback, class ErrorCallback>
   auto submit_map(std::string_view call, F fn, R&& items, const CallOptions& options, Callback callback,
                   ErrorCallback error_callback, bool synchronous = false) {
@@ -515,7 +526,9 @@ class Pool {
       // Chunks go to the workers in batches as they are encoded, so the
       // first run while the rest are still being encoded. The stream keeps
       // a close() from another thread from refusing the later batches.
-      constexpr std::size_t batch_bytes = std::size_t{1} << 20;
+      // A synchronous map's batches also stay under its byte bound.
+      const std::size_t batch_bytes =
+          synchronous && prefetch_bytes_ != 0 ? std::min(std::size_t{1} << 20, prefetch_bytes_) : std::size_t{1} << 20;
       dispatcher_->open_stream();
       struct StreamEnd {
         detail::Dispatcher& dispatcher;

@@ -88,6 +88,9 @@ class Dispatcher {
 
   std::size_t processes() const { return processes_; }
 
+  /// Tasks each worker may hold now (see window()).
+  std::size_t tasks_per_worker() const { return window_now_.load(std::memory_order_relaxed); }
+
   /**
    * For a call that submits its chunks in several batches: once it has
    * opened a stream, close() refuses none of its later batches (submitted
@@ -187,11 +190,13 @@ class Dispatcher {
     std::size_t items;  // in the chunk, for progress reports
   };
 
-  /// Hands each job its outcomes, a run of one job's at a time (one lock
-  /// and one wake-up per run), outside the dispatcher's lock; empties `deliveries`.
+  /// Hands each job all its outcomes at once, in the order they came (one
+  /// lock and at most one wake-up per job), outside the dispatcher's lock;
+  /// empties `deliveries`.
   static void deliver_all(std::vector<Delivery>& deliveries) {
     for (auto run = deliveries.begin(); run != deliveries.end();) {
-      auto end = std::find_if(run, deliveries.end(), [&](const Delivery& d) { return d.job != run->job; });
+      const JobState* job = run->job.get();
+      auto end = std::stable_partition(run, deliveries.end(), [&](const Delivery& d) { return d.job.get() == job; });
       run->job->deliver(run, end);
       run = end;
     }
@@ -737,6 +742,7 @@ class Dispatcher {
     constexpr double alpha = 0.2;
     task_ns_ = have_timing_ ? (1 - alpha) * task_ns_ + alpha * static_cast<double>(ns) : static_cast<double>(ns);
     have_timing_ = true;
+    window_now_.store(window(), std::memory_order_relaxed);
   }
 
   /// Stops every worker and fails every unfinished task; on the I/O thread,
@@ -807,7 +813,8 @@ class Dispatcher {
   std::uint64_t next_task_id_ = 1;
   double task_ns_ = 0;
   bool have_timing_ = false;
-  Clock::time_point next_trim_{};  // when to look for idle shared buffers again
+  std::atomic<std::size_t> window_now_{1};  // window(), for callers outside the lock
+  Clock::time_point next_trim_{};           // when to look for idle shared buffers again
   Fd wake_;
   std::thread thread_;
   std::unique_ptr<OutputRelay> relay_;  // only when workers' output is not inherited

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <exception>
 #include <map>
 #include <memory>
@@ -119,6 +120,7 @@ class JobState {
         ready_bytes_ += d->outcome.held_bytes();
         ready_.emplace(d->chunk, std::move(d->outcome));
         ++delivered_;
+        settle_expected(d->chunk);
       }
       // Wakes the caller only when what it waits for is there: a map waiting
       // for a batch of chunks is not woken for each (a wake-up costs more
@@ -146,7 +148,7 @@ class JobState {
 
   /**
    * Waits for an outcome, then takes it and those ready after it, at most
-   * `most` of them and, past the first, while they hold under `most_bytes`:
+   * `most` of them and, past the first, while they hold at most `most_bytes`:
    * with `first`, chunk `first` and the chunks after it up to the first one
    * missing (imap); without, any (imap_unordered). Taking a batch at once
    * spares the caller a wait, and a lock, per chunk. Empty if the deadline
@@ -185,6 +187,27 @@ class JobState {
       run.push_back(std::move(it->second));
     }
     return run;
+  }
+
+  /**
+   * The synchronous map, before submitting chunks `first`, `first + 1`, ...
+   * with task messages of `bytes[i]` bytes (chunks numbered on from those
+   * expected before): counts them as out until delivered.
+   */
+  void expect(std::uint64_t first, const std::vector<std::size_t>& bytes) {
+    std::lock_guard lock(mutex_);
+    if (expected_.empty()) expected_base_ = first;
+    for (std::size_t b : bytes) {
+      expected_.push_back(b);
+      expected_bytes_ += b;
+      ++expected_out_;
+    }
+  }
+
+  /// Waits until the expected chunks not yet delivered hold at most `most_bytes`, or number under `fewer_than`.
+  void wait_expected(std::size_t most_bytes, std::size_t fewer_than) {
+    std::unique_lock lock(mutex_);
+    wait(lock, std::nullopt, [&] { return expected_bytes_ <= most_bytes || expected_out_ < fewer_than; });
   }
 
   /// Recent run time per item, in ns, once a chunk has succeeded.
@@ -228,6 +251,20 @@ class JobState {
   virtual void on_delivered() {}
 
  private:
+  /// Chunk `chunk` arrived: it is no longer out (see expect()). With mutex_ held.
+  void settle_expected(std::uint64_t chunk) {
+    if (chunk < expected_base_ || chunk - expected_base_ >= expected_.size()) return;
+    std::size_t& bytes = expected_[chunk - expected_base_];
+    if (bytes == 0) return;
+    expected_bytes_ -= bytes;
+    --expected_out_;
+    bytes = 0;
+    while (!expected_.empty() && expected_.front() == 0) {
+      expected_.pop_front();
+      ++expected_base_;
+    }
+  }
+
   /// A thread in wait(): deliver() notifies only when one of their
   /// predicates has become true.
   struct Waiter {
@@ -291,6 +328,12 @@ class JobState {
   std::map<std::uint64_t, ChunkOutcome> ready_;
   std::size_t delivered_ = 0;
   std::size_t wakeups_ = 0;
+  // expect(): task bytes of chunks expected_base_, expected_base_ + 1, ...
+  // (0 once delivered, and popped from the front), their sum and count.
+  std::deque<std::size_t> expected_;
+  std::uint64_t expected_base_ = 0;
+  std::size_t expected_bytes_ = 0;
+  std::size_t expected_out_ = 0;
   std::atomic<bool> cancelled_{false};
 };
 
