@@ -195,6 +195,22 @@ POOL_TEST("a pool done with large messages lets go of its shared memory a little
   CHECK(again.task_mappings >= 1);
 }
 
+TEST_CASE("a task buffer's idle time counts from when its task gave it back", "[transport][shm]") {
+  procpool::detail::ShmWriter writer("procpool-test");
+  const std::string frame(std::size_t{300} << 10, 'f');
+  procpool::detail::ShmBuffer* used = nullptr;
+  REQUIRE_FALSE(writer.pass(frame.data(), frame.size(), &used).empty());
+  procpool::detail::ShmLease lease(used);
+  const auto handed_out = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a task that ran a while
+  lease.reset();
+  // Idle only since the reset: a trim of buffers idle since before then keeps it.
+  writer.trim(handed_out + std::chrono::milliseconds(10), nullptr);
+  CHECK_FALSE(writer.empty());
+  writer.trim(std::chrono::steady_clock::now() + std::chrono::milliseconds(1), nullptr);
+  CHECK(writer.empty());
+}
+
 POOL_TEST("shared_memory_threshold 0 sends everything through the pipes", "[transport][shm]") {
   procpool::Options o = test::options<TestType>({.processes = 1});
   o.shared_memory_threshold = 0;

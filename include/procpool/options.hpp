@@ -69,8 +69,8 @@ struct Options {
   /// `imap`/`imap_unordered` read no further ahead while the tasks they
   /// sent and the results not yet consumed hold this many bytes (at least
   /// one chunk is always in flight); bounds their memory with large items,
-  /// where `imap_prefetch` alone counts chunks. `map`/`starmap` encode no
-  /// further ahead while their tasks not yet answered (sent or queued) hold
+  /// where `imap_prefetch` alone counts chunks. `map`/`starmap` start no
+  /// further batch of tasks while their tasks not yet answered (sent or queued) hold
   /// this many bytes, unless fewer are out than the workers may hold (one
   /// each for long tasks, `max_tasks_in_flight` for short ones) plus one
   /// each. 0 means no byte bound.

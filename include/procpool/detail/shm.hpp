@@ -117,7 +117,7 @@ struct ShmBuffer {
   ShmMapping mapping;
   std::uint64_t id;
   std::uint64_t last_used = 0;                      // the writer's acquisition count when last handed out
-  std::chrono::steady_clock::time_point used_at{};  // and when
+  std::chrono::steady_clock::time_point used_at{};  // when last handed out, or given back through a ShmLease
 };
 
 /// Marks a buffer of the writer's own free again when it goes (the parent's
@@ -136,7 +136,9 @@ class ShmLease {
   }
   ~ShmLease() { reset(); }
   void reset() noexcept {
-    if (buffer_ != nullptr) std::exchange(buffer_, nullptr)->mapping.release();
+    if (buffer_ == nullptr) return;
+    buffer_->used_at = std::chrono::steady_clock::now();  // idle from now: trim() counts from here
+    std::exchange(buffer_, nullptr)->mapping.release();
   }
 
  private:
@@ -493,7 +495,8 @@ class ShmReader {
   /// Whether it holds any mapping.
   bool empty() const { return cache_.empty(); }
 
-  /// Lets go of every mapping (a frame still being read keeps its own).
+  /// Lets go of every mapping: only between frames, as a frame resolve()
+  /// returned points into one (unless its caller kept Resolved::mapping).
   /// Not for an announced reader, whose writer decides.
   void clear() { cache_.clear(); }
 
