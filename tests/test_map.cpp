@@ -145,11 +145,12 @@ POOL_TEST("map sends work while it is still encoding the rest of its input", "[m
 }
 
 POOL_TEST("map keeps at most imap_prefetch_bytes of task messages ahead of the workers", "[map]") {
-  // 48 items of 1 MiB, a 4 MiB bound, 2 workers: each item is made only once
-  // at most 4 chunks are out (3 fit under 4 MiB; 4 are two a worker). A map
-  // that encoded its whole input first would make all 48 long before the
-  // slow tasks are done.
-  procpool::Pool pool(test::options<TestType>({.processes = 2, .imap_prefetch_bytes = std::size_t{4} << 20}));
+  // 48 items of 1 MiB, a 4 MiB bound, 2 workers holding one task each: each
+  // item is made only once at most 4 chunks are out (3 fit under 4 MiB; 4 are
+  // what the workers may hold plus one each). A map that encoded its whole
+  // input first would make all 48 long before the slow tasks are done.
+  procpool::Pool pool(
+      test::options<TestType>({.processes = 2, .max_tasks_in_flight = 1, .imap_prefetch_bytes = std::size_t{4} << 20}));
   std::atomic<std::size_t> done{0};
   std::size_t pulled = 0;
   std::size_t most_ahead = 0;

@@ -71,9 +71,8 @@ struct Options {
   /// one chunk is always in flight); bounds their memory with large items,
   /// where `imap_prefetch` alone counts chunks. `map`/`starmap` start no
   /// further batch of tasks while their tasks not yet answered (sent or queued) hold
-  /// this many bytes, unless fewer are out than the workers may hold (one
-  /// each for long tasks, `max_tasks_in_flight` for short ones) plus one
-  /// each. 0 means no byte bound.
+  /// this many bytes, unless fewer are out than `processes *
+  /// (max_tasks_in_flight + 1)`. 0 means no byte bound.
   std::size_t imap_prefetch_bytes = std::size_t{64} << 20;
   /// What becomes of the workers' stdout and stderr: `inherit` (the parent's
   /// own, as any child's; lines of two workers can mix), `lines` (relayed

@@ -487,7 +487,7 @@ class Pool {
       // Beyond the bound, still one chunk a worker more than the workers may
       // hold: tasks queued behind a long one never stop the others' work.
       state.wait_expected(prefetch_bytes_ - std::min(total, prefetch_bytes_),
-                          processes_ * (dispatcher_->tasks_per_worker() + 1));
+                          processes_ * (dispatcher_->max_tasks_per_worker() + 1));
       state.expect(batch.front().index, sizes);
     }
     dispatcher_->submit(std::exchange(batch, {}), true);

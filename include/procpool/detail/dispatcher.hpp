@@ -88,8 +88,8 @@ class Dispatcher {
 
   std::size_t processes() const { return processes_; }
 
-  /// Tasks each worker may hold now (see window()).
-  std::size_t tasks_per_worker() const { return window_now_.load(std::memory_order_relaxed); }
+  /// Most tasks a worker may hold at once (Options::max_tasks_in_flight).
+  std::size_t max_tasks_per_worker() const { return max_in_flight_; }
 
   /**
    * For a call that submits its chunks in several batches: once it has
@@ -742,7 +742,6 @@ class Dispatcher {
     constexpr double alpha = 0.2;
     task_ns_ = have_timing_ ? (1 - alpha) * task_ns_ + alpha * static_cast<double>(ns) : static_cast<double>(ns);
     have_timing_ = true;
-    window_now_.store(window(), std::memory_order_relaxed);
   }
 
   /// Stops every worker and fails every unfinished task; on the I/O thread,
@@ -813,8 +812,7 @@ class Dispatcher {
   std::uint64_t next_task_id_ = 1;
   double task_ns_ = 0;
   bool have_timing_ = false;
-  std::atomic<std::size_t> window_now_{1};  // window(), for callers outside the lock
-  Clock::time_point next_trim_{};           // when to look for idle shared buffers again
+  Clock::time_point next_trim_{};  // when to look for idle shared buffers again
   Fd wake_;
   std::thread thread_;
   std::unique_ptr<OutputRelay> relay_;  // only when workers' output is not inherited
