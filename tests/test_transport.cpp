@@ -4,11 +4,13 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <ranges>
 #include <string>
 #include <thread>
@@ -209,6 +211,110 @@ TEST_CASE("a task buffer's idle time counts from when its task gave it back", "[
   CHECK_FALSE(writer.empty());
   writer.trim(std::chrono::steady_clock::now() + std::chrono::milliseconds(1), nullptr);
   CHECK(writer.empty());
+}
+
+namespace {
+
+using procpool::detail::TaskAllocator;
+using procpool::detail::TaskBytes;
+using procpool::detail::TaskMemory;
+
+/// A task frame of one string item, encoded the way a pool encodes one.
+TaskBytes encode_task(const std::shared_ptr<TaskMemory>& memory, const std::string& item) {
+  TaskBytes frame{TaskAllocator<char>(memory)};
+  std::size_t start = procpool::detail::begin_task_frame(frame, 7);
+  procpool::detail::Encoder encoder(frame);
+  encoder(item);
+  procpool::detail::finish_task_frame(frame, start, 1);
+  return frame;
+}
+
+}  // namespace
+
+TEST_CASE("a large task frame is encoded straight into the pool's shared memory", "[transport][shm]") {
+  auto memory = std::make_shared<TaskMemory>(std::size_t{256} << 10);
+  REQUIRE(memory->threshold() != 0);
+  // Small: on the heap; the dispatcher sends it through the pipe.
+  TaskBytes small = encode_task(memory, std::string(1000, 's'));
+  CHECK(memory->reference(small.data(), small.size()).empty());
+  // Large: its storage is a shared buffer, which a reference frame names.
+  const std::string item = big(std::size_t{1} << 20, 'x');
+  TaskBytes large = encode_task(memory, item);
+  std::vector<char> ref = memory->reference(large.data(), large.size());
+  REQUIRE(ref.size() == procpool::detail::frame_header_size + procpool::detail::shm_ref_size);
+  CHECK(procpool::detail::get<std::uint64_t>(ref.data() + procpool::detail::frame_header_size + 16) == large.size());
+  std::string decoded;
+  procpool::detail::Decoder(large.data() + procpool::detail::task_prefix_size,
+                            large.size() - procpool::detail::task_prefix_size)(decoded);
+  CHECK(decoded == item);
+  // It is busy while the frame lives, free again when it goes: the next
+  // large frame reuses it rather than mapping another.
+  const char* where = large.data();
+  TaskBytes other = encode_task(memory, big(std::size_t{1} << 20, 'y'));
+  CHECK(other.data() != where);
+  large = TaskBytes{TaskAllocator<char>(memory)};
+  TaskBytes again = encode_task(memory, big(std::size_t{1} << 20, 'z'));
+  CHECK(again.data() == where);
+  // Without shared memory every frame stays on the heap.
+  auto none = std::make_shared<TaskMemory>(0);
+  TaskBytes heap = encode_task(none, item);
+  CHECK(none->reference(heap.data(), heap.size()).empty());
+  CHECK(none->empty());
+}
+
+TEST_CASE("a task frame stays on the heap while the shared buffers are full, and is copied over later",
+          "[transport][shm]") {
+  auto memory = std::make_shared<TaskMemory>(std::size_t{256} << 10);
+  // Busy buffers hold at most ShmWriter::max_busy_bytes; storage is only
+  // reserved, not touched.
+  const std::size_t each = std::size_t{60} << 20;
+  std::vector<TaskBytes> held;
+  for (std::size_t total = 0; total + each <= procpool::detail::ShmWriter::max_busy_bytes; total += each) {
+    held.emplace_back(TaskAllocator<char>(memory));
+    held.back().reserve(each);
+    REQUIRE_FALSE(memory->reference(held.back().data(), 1).empty());
+  }
+  TaskBytes overflow = encode_task(memory, big(each, 'o'));
+  CHECK(memory->reference(overflow.data(), overflow.size()).empty());
+  procpool::detail::ShmLease lease;
+  CHECK(memory->pass(overflow.data(), overflow.size(), lease).empty());  // still full
+  held.clear();
+  std::vector<char> ref = memory->pass(overflow.data(), overflow.size(), lease);
+  CHECK_FALSE(ref.empty());
+  // The lease keeps its buffer busy: a frame encoded now gets another one.
+  TaskBytes next = encode_task(memory, big(each, 'n'));
+  CHECK_FALSE(memory->reference(next.data(), next.size()).empty());
+  lease.reset();
+  memory->trim(std::chrono::steady_clock::now() + std::chrono::milliseconds(1));
+  CHECK_FALSE(memory->empty());  // `next` still holds its buffer
+  next = TaskBytes{};
+  memory->trim(std::chrono::steady_clock::now() + std::chrono::milliseconds(1));
+  CHECK(memory->empty());
+}
+
+TEST_CASE("threads encoding large tasks at once share the pool's buffers safely", "[transport][shm]") {
+  auto memory = std::make_shared<TaskMemory>(std::size_t{256} << 10);
+  std::atomic<int> placed{0}, intact{0};
+  auto encode_many = [&](char fill) {
+    for (int i = 0; i < 40; ++i) {
+      const std::string item = big((std::size_t{300} << 10) + static_cast<std::size_t>(i) * 4096, fill);
+      TaskBytes frame = encode_task(memory, item);
+      if (!memory->reference(frame.data(), frame.size()).empty()) ++placed;
+      std::string decoded;
+      procpool::detail::Decoder(frame.data() + procpool::detail::task_prefix_size,
+                                frame.size() - procpool::detail::task_prefix_size)(decoded);
+      if (decoded == item) ++intact;
+    }
+  };
+  std::thread a(encode_many, 'a'), b(encode_many, 'b');
+  for (int i = 0; i < 20; ++i) {
+    memory->trim(std::chrono::steady_clock::now());  // the I/O thread's trim, meanwhile
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  a.join();
+  b.join();
+  CHECK(intact == 80);
+  CHECK(placed == 80);
 }
 
 POOL_TEST("shared_memory_threshold 0 sends everything through the pipes", "[transport][shm]") {

@@ -88,9 +88,10 @@ struct Options {
   /// by then.
   std::function<void(const WorkerLine&)> on_worker_output{};
   /// A task or result message larger than this many bytes travels through
-  /// shared memory instead of its worker's pipe: the sender copies it into a
-  /// memory file (memfd) it keeps for reuse, and the receiver reads it in
-  /// place, which saves two copies and the pipe's many wake-ups. Needs
+  /// shared memory instead of its worker's pipe: it is put in a memory file
+  /// (memfd) its sender keeps for reuse (a task message is encoded straight
+  /// into the pool's), and the receiver reads it in place, which saves two
+  /// copies and the pipe's many wake-ups. Needs
   /// memfd_create and /proc; where a worker cannot open the pool's memory
   /// (another user, /proc not mounted), that worker's messages go through its
   /// pipe. Each side keeps up to a few idle buffers for reuse, so a worker

@@ -40,7 +40,7 @@ using result_of_t = stored_t<typename call_traits<F, Arg, Star>::result>;
 /// exception is stored in `error` (or rethrown when `error` is null and no
 /// item was read).
 template <class F, class Arg, class It, class End>
-std::uint32_t encode_items(std::vector<char>& frame, const F& fn, It& it, const End& end, std::size_t max_items,
+std::uint32_t encode_items(TaskBytes& frame, const F& fn, It& it, const End& end, std::size_t max_items,
                            std::exception_ptr* error = nullptr) {
   std::uint32_t count = 0;
   Encoder encoder(frame);
@@ -70,7 +70,7 @@ template <class View, class F, class Arg, bool Star>
 class RangeSource final : public ChunkSource {
  public:
   RangeSource(View view, F fn) : view_(std::move(view)), fn_(std::move(fn)) {}
-  std::uint32_t fill(std::vector<char>& frame, std::size_t max_items) override {
+  std::uint32_t fill(TaskBytes& frame, std::size_t max_items) override {
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
     if (!it_) it_.emplace(std::ranges::begin(view_));
     auto count = encode_items<F, Arg>(frame, fn_, *it_, std::ranges::end(view_), max_items, &error_);
@@ -540,7 +540,7 @@ class Pool {
         auto it = std::ranges::begin(items);
         auto end = std::ranges::end(items);
         for (std::uint64_t index = 0; it != end; ++index) {
-          detail::Chunk chunk{state, index, {}};
+          detail::Chunk chunk{state, index, dispatcher_->new_frame()};
           std::size_t start = detail::begin_task_frame(chunk.frame, handler);
           auto n = detail::encode_items<F, Arg>(chunk.frame, fn, it, end, chunksize);
           detail::finish_task_frame(chunk.frame, start, n);
@@ -577,7 +577,7 @@ class Pool {
     const std::uint64_t handler = detail::call_handler_id<F, Arg, true>();
     auto state = std::make_shared<detail::ApplyState<T>>(call);
     state->configure(options, 1);
-    detail::Chunk chunk{state, 0, {}};
+    detail::Chunk chunk{state, 0, dispatcher_->new_frame()};
     std::size_t start = detail::begin_task_frame(chunk.frame, handler);
     {
       detail::Encoder encoder(chunk.frame);

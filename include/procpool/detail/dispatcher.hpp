@@ -39,7 +39,7 @@ namespace procpool::detail {
 struct Chunk {
   std::shared_ptr<JobState> job;
   std::uint64_t index = 0;  // the chunk's number within its job
-  std::vector<char> frame;  // a task frame; the dispatcher stamps the task id
+  TaskBytes frame;          // a task frame (from Dispatcher::new_frame()); the dispatcher stamps the task id
 };
 
 class Dispatcher {
@@ -54,12 +54,11 @@ class Dispatcher {
         max_rss_(options.max_memory_per_child),
         address_space_limit_(options.memory_limit_per_child),
         max_message_(std::min<std::size_t>(options.max_message_bytes, 0xffffffffu)),
-        shm_threshold_(options.shared_memory_threshold),
+        task_memory_(std::make_shared<TaskMemory>(options.shared_memory_threshold)),
+        shm_threshold_(task_memory_->threshold()),
         init_id_(InitializerAccess::id(options.initializer)),
         init_state_(InitializerAccess::state(options.initializer)) {
     wake_ = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
-    // Without a memfd to show the workers, large messages use the pipes.
-    if (shm_threshold_ != 0 && shm_writer_.probe() == nullptr) shm_threshold_ = 0;
     if (options.worker_output != WorkerOutput::inherit || options.on_worker_output) {
       relay_ = std::make_unique<OutputRelay>(options.worker_output, options.on_worker_output);
     }
@@ -87,6 +86,10 @@ class Dispatcher {
   }
 
   std::size_t processes() const { return processes_; }
+
+  /// An empty task frame to encode a chunk into: once large, it grows in the
+  /// pool's shared memory, where the worker will read it.
+  TaskBytes new_frame() const { return TaskBytes(TaskAllocator<char>(task_memory_)); }
 
   /// Most tasks a worker may hold at once (Options::max_tasks_in_flight).
   std::size_t max_tasks_per_worker() const { return max_in_flight_; }
@@ -130,8 +133,8 @@ class Dispatcher {
                             items_in(chunk.frame)});
         } else {
           if (chunk.job->task_timeout()) timeouts_used_ = true;
-          pending_.push_back(Task{
-              std::move(chunk.job), chunk.index, std::make_shared<std::vector<char>>(std::move(chunk.frame)), 0, {}});
+          pending_.push_back(
+              Task{std::move(chunk.job), chunk.index, std::make_shared<TaskBytes>(std::move(chunk.frame)), 0, {}});
         }
       }
     }
@@ -203,7 +206,7 @@ class Dispatcher {
     deliveries.clear();
   }
 
-  static std::size_t items_in(const std::vector<char>& task_frame) {
+  static std::size_t items_in(const TaskBytes& task_frame) {
     return get<std::uint32_t>(task_frame.data() + task_prefix_size - 4);
   }
 
@@ -212,9 +215,9 @@ class Dispatcher {
   struct Task {
     std::shared_ptr<JobState> job;
     std::uint64_t chunk = 0;
-    std::shared_ptr<std::vector<char>> frame;
+    std::shared_ptr<TaskBytes> frame;
     std::size_t attempts = 0;  // how often a worker died running it
-    ShmLease shm;              // the shared memory its frame went through, until the worker is done with it
+    ShmLease shm;  // the shared memory a frame on the heap was copied into, until the worker is done with it
   };
 
   /// One worker process. A slot (0 .. processes-1) has one worker taking
@@ -232,7 +235,7 @@ class Dispatcher {
     bool exited = false;             // its process is gone (pidfd fired, or found by waitpid)
     std::deque<std::uint64_t> held;  // task ids sent and not answered, in order
     std::size_t sent = 0;
-    std::deque<std::shared_ptr<std::vector<char>>> outbox;
+    std::deque<std::shared_ptr<TaskBytes>> outbox;
     std::size_t out_offset = 0;  // bytes of outbox.front() already written
     Inbox inbox;
     std::optional<ChunkFailure> failure;       // why its running task fails, if not a plain death
@@ -294,7 +297,7 @@ class Dispatcher {
       deliver_all(deliveries);
       int timeout_ms = need_timeout ? 50 : -1;
       // Idle shared buffers are let go of after a while, busy or not.
-      if (!shm_writer_.empty()) timeout_ms = timeout_ms < 0 ? 1000 : std::min(timeout_ms, 1000);
+      if (!task_memory_->empty()) timeout_ms = timeout_ms < 0 ? 1000 : std::min(timeout_ms, 1000);
       if (next_deadline) {
         auto until = std::chrono::ceil<std::chrono::milliseconds>(*next_deadline - Clock::now()).count();
         int ms = static_cast<int>(std::clamp<long long>(until, 0, 60'000));
@@ -302,10 +305,10 @@ class Dispatcher {
       }
       int ready = retry_eintr([&] { return ::poll(fds.data(), fds.size(), timeout_ms); });
       lock.lock();
-      if (!shm_writer_.empty()) {
+      if (!task_memory_->empty()) {
         const auto now = Clock::now();
         if (now >= next_trim_) {
-          shm_writer_.trim(now - ShmWriter::keep_idle_for, nullptr);
+          task_memory_->trim(now - ShmWriter::keep_idle_for);
           next_trim_ = now + std::chrono::milliseconds(500);
         }
       }
@@ -409,7 +412,7 @@ class Dispatcher {
       fail_all_pending(*broken_, deliveries);
       return;
     }
-    std::vector<char> config;
+    TaskBytes config;
     std::size_t start = begin_frame(config, FrameKind::config);
     put<std::uint64_t>(config, slot);
     put<std::uint64_t>(config, max_tasks_per_child_);
@@ -418,13 +421,13 @@ class Dispatcher {
     put<std::uint64_t>(config, max_rss_);
     put<std::uint64_t>(config, address_space_limit_);
     put<std::uint64_t>(config, shm_threshold_);
-    const ShmBuffer* probe = shm_threshold_ != 0 ? shm_writer_.probe() : nullptr;
+    const ShmBuffer* probe = task_memory_->probe();
     put<std::int32_t>(config, static_cast<std::int32_t>(::getpid()));
     put<std::int32_t>(config, probe != nullptr ? probe->fd.get() : -1);
     put<std::uint64_t>(config, probe != nullptr ? probe->id : 0);
     config.insert(config.end(), init_state_.begin(), init_state_.end());
     finish_frame(config, start);
-    w->outbox.push_back(std::make_shared<std::vector<char>>(std::move(config)));
+    w->outbox.push_back(std::make_shared<TaskBytes>(std::move(config)));
     workers_.push_back(std::move(w));
   }
 
@@ -555,14 +558,15 @@ class Dispatcher {
     }
   }
 
-  /// Queues a task's frame for its worker, through shared memory if it is large.
+  /// Queues a task's frame for its worker, through shared memory if it is
+  /// large: where it was encoded (TaskMemory), or else copied there now.
   void send_task(Worker& w, Task& task) {
-    if (w.shm && task.frame->size() > shm_threshold_) {
-      ShmBuffer* used = nullptr;
-      std::vector<char> ref = shm_writer_.pass(task.frame->data(), task.frame->size(), &used);
+    const TaskBytes& frame = *task.frame;
+    if (w.shm && frame.size() > shm_threshold_) {
+      std::vector<char> ref = task_memory_->reference(frame.data(), frame.size());
+      if (ref.empty()) ref = task_memory_->pass(frame.data(), frame.size(), task.shm);
       if (!ref.empty()) {
-        task.shm = ShmLease(used);
-        w.outbox.push_back(std::make_shared<std::vector<char>>(std::move(ref)));
+        w.outbox.push_back(std::make_shared<TaskBytes>(ref.begin(), ref.end()));
         return;
       }
     }
@@ -643,9 +647,9 @@ class Dispatcher {
           if (!w.shm_reader.adopt(frame, w.proc.pid) && !w.shm_refused) {
             // Tell it once, so it stops waiting for us to map its buffers.
             w.shm_refused = true;
-            std::vector<char> off;
+            TaskBytes off;
             finish_frame(off, begin_frame(off, FrameKind::shm_off));
-            w.outbox.push_back(std::make_shared<std::vector<char>>(std::move(off)));
+            w.outbox.push_back(std::make_shared<TaskBytes>(std::move(off)));
           }
           break;
         case FrameKind::shm_drop:
@@ -794,8 +798,10 @@ class Dispatcher {
   /// Between SIGTERM and SIGKILL for a task over its timeout.
   static constexpr std::chrono::milliseconds kill_grace{200};
   const std::size_t max_message_;
-  std::size_t shm_threshold_;              // 0: no shared memory (none asked for, or none to be had)
-  ShmWriter shm_writer_{"procpool-task"};  // the tasks' buffers; before the tasks, which lease them
+  // The tasks' buffers, shared with the frames that live in them (TaskBytes);
+  // before the tasks, which lease them.
+  std::shared_ptr<TaskMemory> task_memory_;
+  std::size_t shm_threshold_;  // 0: no shared memory (none asked for, or none to be had)
   const std::uint64_t init_id_;
   const std::vector<char> init_state_;
 

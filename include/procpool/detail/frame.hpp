@@ -42,8 +42,11 @@ inline constexpr std::size_t task_id_offset = frame_header_size;  // where the d
 inline constexpr std::size_t task_prefix_size = frame_header_size + 8 + 8 + 4;
 inline constexpr std::size_t result_prefix_size = 8 + 8;
 
-template <class T>
-void put(std::vector<char>& out, T value) {
+// The writers below take any vector of bytes: a std::vector<char>, or a
+// task frame being encoded into the pool's shared memory (TaskBytes).
+
+template <class T, class Bytes>
+void put(Bytes& out, T value) {
   const char* bytes = reinterpret_cast<const char*>(&value);
   out.insert(out.end(), bytes, bytes + sizeof(T));
 }
@@ -55,25 +58,28 @@ T get(const char* data) {
   return value;
 }
 
-template <class T>
-void patch(std::vector<char>& out, std::size_t offset, T value) {
+template <class T, class Bytes>
+void patch(Bytes& out, std::size_t offset, T value) {
   std::memcpy(out.data() + offset, &value, sizeof(T));
 }
 
 /// Starts a frame: reserves the header, to be filled by finish_frame().
-inline std::size_t begin_frame(std::vector<char>& out, FrameKind kind) {
+template <class Bytes>
+std::size_t begin_frame(Bytes& out, FrameKind kind) {
   std::size_t start = out.size();
   put<std::uint32_t>(out, 0);
   put<std::uint32_t>(out, static_cast<std::uint32_t>(kind));
   return start;
 }
 
-inline void finish_frame(std::vector<char>& out, std::size_t start) {
+template <class Bytes>
+void finish_frame(Bytes& out, std::size_t start) {
   patch<std::uint32_t>(out, start, static_cast<std::uint32_t>(out.size() - start - frame_header_size));
 }
 
 /// Starts a task frame; the dispatcher stamps the task id when it sends it.
-inline std::size_t begin_task_frame(std::vector<char>& frame, std::uint64_t handler) {
+template <class Bytes>
+std::size_t begin_task_frame(Bytes& frame, std::uint64_t handler) {
   std::size_t start = begin_frame(frame, FrameKind::task);
   put<std::uint64_t>(frame, 0);
   put<std::uint64_t>(frame, handler);
@@ -81,7 +87,8 @@ inline std::size_t begin_task_frame(std::vector<char>& frame, std::uint64_t hand
   return start;
 }
 
-inline void finish_task_frame(std::vector<char>& frame, std::size_t start, std::uint32_t count) {
+template <class Bytes>
+void finish_task_frame(Bytes& frame, std::size_t start, std::uint32_t count) {
   patch<std::uint32_t>(frame, start + task_prefix_size - 4, count);
   finish_frame(frame, start);
 }

@@ -105,7 +105,7 @@ struct CallHandler {
       for (; i < count; ++i) {
         Arg arg{};
         in(arg);  // a decode failure leaves the stream unusable: fail the rest below
-        std::size_t mark = out.buffer().size();
+        std::size_t mark = out.size();
         try {
           if constexpr (std::is_void_v<Result>) {
             invoke(fn, std::move(arg));
@@ -116,7 +116,7 @@ struct CallHandler {
             out(static_cast<const stored_t<Result>&>(result));
           }
         } catch (...) {
-          out.buffer().resize(mark);  // drop a half-written result
+          out.truncate(mark);  // drop a half-written result
           write_current_failure(out);
         }
       }

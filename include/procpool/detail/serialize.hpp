@@ -31,6 +31,8 @@
 #include <typeinfo>
 #include <vector>
 
+#include "shm.hpp"
+
 namespace procpool::detail {
 
 // ---- can a type travel? ----------------------------------------------------
@@ -110,18 +112,37 @@ struct require_serializable {
 // than there are bytes left is refused before anything is allocated, so a
 // corrupt or hostile message cannot make the parent allocate what it claims.
 
-/// Serializes onto the end of a byte buffer; the only copy between a value and its frame.
+/// Serializes onto the end of a byte buffer (a std::vector<char>, or a task
+/// frame, whose storage may be the pool's shared memory); the only copy
+/// between a value and its frame.
 class OutputArchive : public cereal::OutputArchive<OutputArchive, cereal::AllowEmptyClassElision> {
  public:
   explicit OutputArchive(std::vector<char>& out)
       : cereal::OutputArchive<OutputArchive, cereal::AllowEmptyClassElision>(this), out_(&out) {}
+  explicit OutputArchive(TaskBytes& out)
+      : cereal::OutputArchive<OutputArchive, cereal::AllowEmptyClassElision>(this), task_(&out) {}
   void save_binary(const void* data, std::size_t size) {
     const char* bytes = static_cast<const char*>(data);
-    out_->insert(out_->end(), bytes, bytes + size);
+    if (out_ != nullptr) {
+      out_->insert(out_->end(), bytes, bytes + size);
+    } else {
+      task_->insert(task_->end(), bytes, bytes + size);
+    }
+  }
+  /// Bytes in the buffer.
+  std::size_t size() const { return out_ != nullptr ? out_->size() : task_->size(); }
+  /// Drops what was written after the buffer held `size` bytes.
+  void truncate(std::size_t size) {
+    if (out_ != nullptr) {
+      out_->resize(size);
+    } else {
+      task_->resize(size);
+    }
   }
 
  private:
-  std::vector<char>* out_;
+  std::vector<char>* out_ = nullptr;
+  TaskBytes* task_ = nullptr;
 };
 
 /// Deserializes from a byte range without copying it first.
@@ -164,15 +185,18 @@ class InputArchive : public cereal::InputArchive<InputArchive, cereal::AllowEmpt
 /// Serializes values onto the end of a byte buffer.
 class Encoder {
  public:
-  explicit Encoder(std::vector<char>& out) : out_(out), archive_(out) {}
+  explicit Encoder(std::vector<char>& out) : archive_(out) {}
+  explicit Encoder(TaskBytes& out) : archive_(out) {}
   template <class... T>
   void operator()(const T&... values) {
     archive_(values...);
   }
-  std::vector<char>& buffer() { return out_; }
+  /// Bytes in the buffer (a mark for truncate()).
+  std::size_t size() const { return archive_.size(); }
+  /// Drops what was written after size() was `mark`.
+  void truncate(std::size_t mark) { archive_.truncate(mark); }
 
  private:
-  std::vector<char>& out_;
   OutputArchive archive_;
 };
 

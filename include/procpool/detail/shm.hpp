@@ -1,7 +1,8 @@
 // procpool - large frames through shared memory instead of the pipe.
 //
-// A frame larger than Options::shared_memory_threshold is copied into a
-// memfd its sender keeps mapped for reuse; only a reference to it goes
+// A frame larger than Options::shared_memory_threshold is put in a memfd
+// its sender keeps mapped for reuse (a task frame is encoded straight into
+// one: TaskMemory, at the end of this file); only a reference to it goes
 // through the pipe. The receiver opens the sender's memfd through
 // /proc/<pid>/fd/<fd> (no fd needs to travel, so every start method works
 // unchanged), maps it once, keeps the mapping, and reads the frame in place.
@@ -12,7 +13,8 @@
 //   shm_announce := i32 pid, i32 fd, u64 buffer id   (worker -> parent)
 //   shm_drop     := u64 buffer id                    (worker -> parent)
 //
-// Tasks (parent -> worker): the worker opens a buffer of the parent's when a
+// Tasks (parent -> worker): a buffer is busy from the frame's encoding until
+// its result arrives. The worker opens a buffer of the parent's when a
 // reference first names it. The parent outlives its workers, so the buffer is
 // always there to open.
 //
@@ -28,8 +30,9 @@
 // A buffer is busy from the moment its writer fills it until the reader
 // releases it: a worker's result buffers are released by the parent once it
 // has decoded them (it clears `busy` in the shared header); the parent's task
-// buffers are released by the parent itself once the task's result arrived or
-// its worker died. A writer reuses only buffers that are not busy.
+// buffers are released by the parent itself once the task is settled (a task
+// whose worker died may be sent again, from the same buffer). A writer reuses
+// only buffers that are not busy.
 #pragma once
 
 #include <sys/mman.h>
@@ -42,11 +45,13 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -121,28 +126,38 @@ struct ShmBuffer {
 };
 
 /// Marks a buffer of the writer's own free again when it goes (the parent's
-/// task buffers: the reader never writes into them).
+/// task buffers: the reader never writes into them). `mutex`: the writer's
+/// lock, where other threads use the writer too (TaskMemory).
 class ShmLease {
  public:
   ShmLease() = default;
-  explicit ShmLease(ShmBuffer* buffer) : buffer_(buffer) {}
-  ShmLease(ShmLease&& other) noexcept : buffer_(std::exchange(other.buffer_, nullptr)) {}
+  explicit ShmLease(ShmBuffer* buffer, std::mutex* mutex = nullptr) : buffer_(buffer), mutex_(mutex) {}
+  ShmLease(ShmLease&& other) noexcept
+      : buffer_(std::exchange(other.buffer_, nullptr)), mutex_(std::exchange(other.mutex_, nullptr)) {}
   ShmLease& operator=(ShmLease&& other) noexcept {
     if (this != &other) {
       reset();
       buffer_ = std::exchange(other.buffer_, nullptr);
+      mutex_ = std::exchange(other.mutex_, nullptr);
     }
     return *this;
   }
   ~ShmLease() { reset(); }
   void reset() noexcept {
     if (buffer_ == nullptr) return;
-    buffer_->used_at = std::chrono::steady_clock::now();  // idle from now: trim() counts from here
-    std::exchange(buffer_, nullptr)->mapping.release();
+    std::unique_lock<std::mutex> lock;
+    if (mutex_ != nullptr) lock = std::unique_lock(*mutex_);
+    give_back(*std::exchange(buffer_, nullptr));
+  }
+  /// Marks `buffer` idle from now (trim() counts from here).
+  static void give_back(ShmBuffer& buffer) noexcept {
+    buffer.used_at = std::chrono::steady_clock::now();
+    buffer.mapping.release();
   }
 
  private:
   ShmBuffer* buffer_ = nullptr;
+  std::mutex* mutex_ = nullptr;
 };
 
 /// Ids of buffers: unique within a process (readers key them by pid too).
@@ -264,6 +279,18 @@ class ShmWriter {
     return reference(buffer, size);
   }
 
+  /// The frame that refers the reader to the first `size` bytes of `buffer`.
+  static std::vector<char> reference(const ShmBuffer& buffer, std::size_t size) {
+    std::vector<char> ref;
+    std::size_t start = begin_frame(ref, FrameKind::shm_ref);
+    put<std::int32_t>(ref, static_cast<std::int32_t>(::getpid()));
+    put<std::int32_t>(ref, buffer.fd.get());
+    put<std::uint64_t>(ref, buffer.id);
+    put<std::uint64_t>(ref, size);
+    finish_frame(ref, start);
+    return ref;
+  }
+
   /// Whether the reader has mapped `buffer`, waiting up to `timeout` for it.
   static bool wait_mapped(const ShmBuffer& buffer, std::chrono::microseconds timeout) {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -278,6 +305,14 @@ class ShmWriter {
 
   /// Whether it holds any buffer (the probe aside).
   bool empty() const { return buffers_.empty(); }
+
+  /// The buffer whose data starts at `data`, or nullptr.
+  ShmBuffer* find(const char* data) const {
+    for (const auto& buffer : buffers_) {
+      if (buffer->mapping.data() == data) return buffer.get();
+    }
+    return nullptr;
+  }
 
   /// Unmaps the idle buffers last handed out before `before` (an announcing
   /// writer appends their drops to `control`, to send).
@@ -328,7 +363,7 @@ class ShmWriter {
 
   /// Unmaps a buffer (announced ones: and tells the reader).
   void drop(std::vector<std::unique_ptr<ShmBuffer>>::iterator it, std::vector<char>* control) {
-    if (announce_) {
+    if (announce_ && control != nullptr) {  // an announcing writer always passes `control`
       std::size_t start = begin_frame(*control, FrameKind::shm_drop);
       put<std::uint64_t>(*control, (*it)->id);
       finish_frame(*control, start);
@@ -359,17 +394,6 @@ class ShmWriter {
       if (idle_bytes <= keep_idle_bytes || idle_count <= 1) return;
       drop(oldest, control);
     }
-  }
-
-  static std::vector<char> reference(const ShmBuffer& buffer, std::size_t size) {
-    std::vector<char> ref;
-    std::size_t start = begin_frame(ref, FrameKind::shm_ref);
-    put<std::int32_t>(ref, static_cast<std::int32_t>(::getpid()));
-    put<std::int32_t>(ref, buffer.fd.get());
-    put<std::uint64_t>(ref, buffer.id);
-    put<std::uint64_t>(ref, size);
-    finish_frame(ref, start);
-    return ref;
   }
 
   const char* name_;
@@ -535,5 +559,128 @@ inline bool can_reach_shm(std::int32_t pid, std::int32_t fd, std::uint64_t id) {
     return false;
   }
 }
+
+/// The pool's buffers for task frames, shared by the threads that encode
+/// tasks and the pool's I/O thread. A task frame grows into one of them as
+/// soon as it passes the threshold (TaskAllocator), so a large argument is
+/// encoded once, straight where the worker reads it, instead of into the
+/// heap and then copied over. Thread-safe.
+class TaskMemory {
+ public:
+  /// `threshold`: frames larger than this many bytes go into shared memory
+  /// (0: none); none either where no memfd can be had.
+  explicit TaskMemory(std::size_t threshold) : threshold_(threshold) {
+    if (threshold_ != 0 && writer_.probe() == nullptr) threshold_ = 0;
+  }
+
+  /// Frames larger than this go into shared memory; 0: none do.
+  std::size_t threshold() const { return threshold_; }
+  /// Whether a frame storage of `size` bytes may be in shared memory.
+  bool may_place(std::size_t size) const { return threshold_ != 0 && size > threshold_; }
+
+  /// The buffer a worker opens to tell whether it can reach this memory.
+  const ShmBuffer* probe() {
+    std::lock_guard lock(mutex_);
+    return threshold_ != 0 ? writer_.probe() : nullptr;
+  }
+
+  /// Storage for `size` bytes of a frame, at the start of an idle buffer now
+  /// marked busy; nullptr where it stays on the heap (small, shared memory
+  /// off, or the busy buffers already hold ShmWriter::max_busy_bytes).
+  char* allocate(std::size_t size) {
+    if (!may_place(size)) return nullptr;
+    std::lock_guard lock(mutex_);
+    ShmBuffer* buffer = writer_.acquire(size, nullptr);
+    return buffer != nullptr ? buffer->mapping.data() : nullptr;
+  }
+  /// Gives back storage allocate() returned; false if `data` is not from here.
+  bool deallocate(const char* data) noexcept {
+    std::lock_guard lock(mutex_);
+    ShmBuffer* buffer = writer_.find(data);
+    if (buffer == nullptr) return false;
+    ShmLease::give_back(*buffer);
+    return true;
+  }
+
+  /// The reference frame that points a worker at a frame allocate() placed,
+  /// `size` bytes from its start; empty if `frame` is not in shared memory.
+  std::vector<char> reference(const char* frame, std::size_t size) {
+    std::lock_guard lock(mutex_);
+    const ShmBuffer* buffer = writer_.find(frame);
+    return buffer != nullptr ? ShmWriter::reference(*buffer, size) : std::vector<char>{};
+  }
+
+  /// Copies a frame on the heap into an idle buffer (see ShmWriter::pass);
+  /// `lease` keeps the buffer busy until the worker is done with it. An
+  /// empty vector if none can take it now.
+  std::vector<char> pass(const char* frame, std::size_t size, ShmLease& lease) {
+    ShmBuffer* used = nullptr;
+    std::vector<char> ref;
+    {
+      std::lock_guard lock(mutex_);
+      ref = writer_.pass(frame, size, &used);
+    }
+    if (!ref.empty()) lease = ShmLease(used, &mutex_);  // outside the lock: it gives back what `lease` held
+    return ref;
+  }
+
+  /// Whether it holds any buffer (the probe aside).
+  bool empty() {
+    std::lock_guard lock(mutex_);
+    return writer_.empty();
+  }
+  /// Unmaps the buffers idle since before `before`.
+  void trim(std::chrono::steady_clock::time_point before) {
+    std::lock_guard lock(mutex_);
+    writer_.trim(before, nullptr);
+  }
+
+ private:
+  std::mutex mutex_;
+  ShmWriter writer_{"procpool-task"};
+  std::size_t threshold_;
+};
+
+/// Allocates the storage of task frames: past the pool's threshold, in its
+/// shared memory (TaskMemory); otherwise, or without a TaskMemory, on the heap.
+template <class T>
+class TaskAllocator {
+  static_assert(sizeof(T) == 1, "task frames are bytes");
+
+ public:
+  using value_type = T;
+  using propagate_on_container_move_assignment = std::true_type;
+  using propagate_on_container_swap = std::true_type;
+
+  TaskAllocator() = default;
+  explicit TaskAllocator(std::shared_ptr<TaskMemory> memory) : memory_(std::move(memory)) {}
+  template <class U>
+  TaskAllocator(const TaskAllocator<U>& other) : memory_(other.memory()) {}  // NOLINT: rebinding converts implicitly
+
+  T* allocate(std::size_t n) {
+    if (memory_ != nullptr) {
+      if (char* placed = memory_->allocate(n)) return reinterpret_cast<T*>(placed);
+    }
+    return std::allocator<T>().allocate(n);
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    // Only storage larger than the threshold may have been placed.
+    if (memory_ != nullptr && memory_->may_place(n) && memory_->deallocate(reinterpret_cast<const char*>(p))) return;
+    std::allocator<T>().deallocate(p, n);
+  }
+
+  const std::shared_ptr<TaskMemory>& memory() const { return memory_; }
+  template <class U>
+  bool operator==(const TaskAllocator<U>& other) const {
+    return memory_ == other.memory();
+  }
+
+ private:
+  std::shared_ptr<TaskMemory> memory_;
+};
+
+/// A task frame being encoded: a vector of bytes whose storage moves into the
+/// pool's shared memory once it is large (see TaskMemory).
+using TaskBytes = std::vector<char, TaskAllocator<char>>;
 
 }  // namespace procpool::detail
