@@ -68,10 +68,10 @@ std::size_t payload_bytes(const std::vector<typename Kind::Arg>& items) {
 
 /// What the parent does per chunk in Pool::map: a fresh frame, header, callable, items.
 template <class Kind>
-std::vector<char> encode_task(const std::vector<typename Kind::Arg>& items) {
+TaskBytes encode_task(const std::vector<typename Kind::Arg>& items) {
   using Arg = typename Kind::Arg;
   using F = typename Kind::F;
-  std::vector<char> frame;
+  TaskBytes frame;  // as a pool's, on the heap: no shared memory here
   std::size_t start = begin_task_frame(frame, 1234);
   {
     Encoder encoder(frame);
@@ -85,7 +85,7 @@ std::vector<char> encode_task(const std::vector<typename Kind::Arg>& items) {
 /// What the worker does per task (worker_main): parse, decode, call, encode
 /// into its reused output buffer.
 template <class Kind>
-void run_task(const std::vector<char>& task, std::vector<char>& out) {
+void run_task(const TaskBytes& task, std::vector<char>& out) {
   FrameView frame{};
   if (parse_frame(task.data(), task.size(), std::size_t{1} << 31, frame) != Parse::complete) std::abort();
   const auto count = get<std::uint32_t>(frame.data + 16);

@@ -1,6 +1,7 @@
 // The transport's promises: one pipe pair per worker and nothing else of
 // the parent's, close-on-exec everywhere, bounded messages.
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <fstream>
 #include <memory>
 #include <ranges>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -315,6 +317,84 @@ TEST_CASE("threads encoding large tasks at once share the pool's buffers safely"
   b.join();
   CHECK(intact == 80);
   CHECK(placed == 80);
+}
+
+namespace {
+
+/// In the worker: minor page faults since its previous call (0 the first time).
+long faults_since_last_call() {
+  static long previous = -1;
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  const long since = previous < 0 ? 0 : usage.ru_minflt - previous;
+  previous = usage.ru_minflt;
+  return since;
+}
+
+long faults_reading(const std::vector<char>& buffer) {
+  if (buffer.empty()) throw std::invalid_argument("empty");
+  return faults_since_last_call();
+}
+
+/// Echoes the buffer, its first bytes replaced by the faults since the last call.
+std::vector<char> echo_with_faults(std::vector<char> buffer) {
+  const long faults = faults_since_last_call();
+  std::memcpy(buffer.data(), &faults, sizeof(faults));
+  return buffer;
+}
+
+/// Larger than glibc's largest mmap threshold: without reuse, each is fresh memory.
+constexpr std::size_t fresh_size = std::size_t{40} << 20;
+constexpr long fresh_faults = static_cast<long>(fresh_size / 4096);
+
+/// One worker and every message through the pipes, so that decoding the
+/// argument is the only fresh memory a task needs.
+template <class Method>
+procpool::Options one_worker_through_pipes() {
+  procpool::Options o = test::options<Method>({.processes = 1});
+  o.shared_memory_threshold = 0;
+  return o;
+}
+
+}  // namespace
+
+POOL_TEST("a worker decodes a large argument into the storage the previous one left", "[transport][reuse]") {
+  procpool::Pool pool(one_worker_through_pipes<TestType>());
+  const std::vector<std::vector<char>> buffers(5, std::vector<char>(fresh_size, 'r'));
+  // Taken by reference: the argument itself is kept.
+  std::vector<long> faults = pool.map<faults_reading>(buffers, 1);
+  for (std::size_t i = 2; i < faults.size(); ++i) {
+    INFO("item " << i);
+    CHECK(faults[i] < fresh_faults / 4);
+  }
+  // Taken by value and returned: the result's storage is kept.
+  std::vector<std::vector<char>> echoed = pool.map<echo_with_faults>(buffers, 1);
+  REQUIRE(echoed.size() == buffers.size());
+  for (std::size_t i = 2; i < echoed.size(); ++i) {
+    long seen = 0;
+    std::memcpy(&seen, echoed[i].data(), sizeof(seen));
+    INFO("item " << i);
+    CHECK(seen < fresh_faults / 4);
+    CHECK(std::equal(echoed[i].begin() + sizeof(seen), echoed[i].end(), buffers[i].begin() + sizeof(seen)));
+  }
+  // Smaller arguments decode into the kept storage just as well, whole.
+  const std::vector<std::vector<char>> mixed{std::vector<char>(1000, 's'), buffers[0], std::vector<char>(9, 't')};
+  std::vector<std::vector<char>> again = pool.map<echo_with_faults>(mixed, 1);
+  REQUIRE(again.size() == mixed.size());
+  for (std::size_t i = 0; i < mixed.size(); ++i) {
+    CHECK(again[i].size() == mixed[i].size());
+    CHECK(std::equal(again[i].begin() + sizeof(long), again[i].end(), mixed[i].begin() + sizeof(long)));
+  }
+}
+
+POOL_TEST("a worker idle for a while lets go of the argument storage it kept", "[transport][reuse]") {
+  procpool::Pool pool(one_worker_through_pipes<TestType>());
+  const std::vector<std::vector<char>> buffers(3, std::vector<char>(fresh_size, 'i'));
+  std::vector<long> faults = pool.map<faults_reading>(buffers, 1);
+  CHECK(faults[2] < fresh_faults / 4);  // kept
+  // Idle past ShmWriter::keep_idle_for: the next argument is fresh memory again.
+  std::this_thread::sleep_for(procpool::detail::ShmWriter::keep_idle_for + std::chrono::seconds(1));
+  CHECK(pool.map<faults_reading>(std::vector<std::vector<char>>{buffers[0]}).at(0) >= fresh_faults / 2);
 }
 
 POOL_TEST("shared_memory_threshold 0 sends everything through the pipes", "[transport][shm]") {

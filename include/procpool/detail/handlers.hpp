@@ -6,11 +6,13 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 #include <variant>
+#include <vector>
 
 #include "registry.hpp"
 #include "serialize.hpp"
@@ -94,9 +96,76 @@ inline void write_current_failure(Encoder& out) {
   out(false, current_exception_type_name(), current_exception_message());
 }
 
+// ---- argument storage kept for the next item ----------------------------------
+// A worker decodes each item into a new argument. For a large byte buffer
+// that is fresh memory every time: each page faults and is zeroed before the
+// copy lands, which costs several times the copy. Arguments that are vectors
+// of numbers or byte strings (whose loads overwrite them whole, so no state
+// of the previous item can leak into the next) are instead decoded into the
+// storage the last item left behind: the argument itself, if the function
+// took it by reference, or the result, if the function returned that type
+// (an echo, a buffer transformed in place).
+
+/// Storage smaller than this is not kept: the heap reuses it as cheaply.
+inline constexpr std::size_t spare_min_bytes = std::size_t{64} << 10;
+/// Nor larger than this, so a worker holds at most this much per argument type.
+inline constexpr std::size_t spare_max_bytes = std::size_t{256} << 20;
+
+template <class T>
+struct keeps_storage : std::false_type {};
+template <class T, class A>
+struct keeps_storage<std::vector<T, A>> : std::bool_constant<std::is_arithmetic_v<T> && !std::is_same_v<T, bool>> {};
+template <class C, class Tr, class A>
+struct keeps_storage<std::basic_string<C, Tr, A>> : std::bool_constant<cereal::procpool_byte_sized<C>> {};
+
+/// How to let go of each argument type's kept storage (see spare_slot).
+struct SpareReleasers {
+  std::mutex mutex;
+  std::vector<void (*)()> releasers;
+};
+inline SpareReleasers& spare_releasers() {
+  static SpareReleasers releasers;
+  return releasers;
+}
+/// Whether any argument storage may be kept.
+inline bool have_spares() {
+  std::lock_guard lock(spare_releasers().mutex);
+  return !spare_releasers().releasers.empty();
+}
+/// Lets go of every argument's kept storage: when the worker has waited a
+/// while for work, and before it measures itself against max_memory_per_child.
+inline void release_spares() {
+  std::lock_guard lock(spare_releasers().mutex);
+  for (auto release : spare_releasers().releasers) release();
+}
+
+/// The storage kept for the next argument of type Arg (a keeps_storage
+/// type). A worker runs one task at a time; so does each slot's user.
+template <class Arg>
+Arg& spare_slot() {
+  static Arg& slot = []() -> Arg& {
+    static Arg storage;
+    std::lock_guard lock(spare_releasers().mutex);
+    spare_releasers().releasers.push_back([] { Arg().swap(spare_slot<Arg>()); });
+    return storage;
+  }();
+  return slot;
+}
+
+/// Keeps `value`'s storage for the next argument if it is worth keeping and
+/// larger than what is kept.
+template <class Arg>
+void keep_spare(Arg& value) {
+  const std::size_t bytes = value.capacity() * sizeof(typename Arg::value_type);
+  if (bytes < spare_min_bytes || bytes > spare_max_bytes) return;
+  Arg& slot = spare_slot<Arg>();
+  if (value.capacity() > slot.capacity()) slot.swap(value);
+}
+
 template <class F, class Arg, bool Star>
 struct CallHandler {
   using Result = typename call_traits<F, Arg, Star>::result;
+  static constexpr bool reuse = keeps_storage<Arg>::value;
 
   static void run(Decoder& in, std::uint32_t count, Encoder& out) {
     std::uint32_t i = 0;
@@ -104,6 +173,7 @@ struct CallHandler {
       F fn = load_callable<F>(in);
       for (; i < count; ++i) {
         Arg arg{};
+        if constexpr (reuse) arg.swap(spare_slot<Arg>());
         in(arg);  // a decode failure leaves the stream unusable: fail the rest below
         std::size_t mark = out.size();
         try {
@@ -114,7 +184,9 @@ struct CallHandler {
             Result result = invoke(fn, std::move(arg));
             out(true);
             out(static_cast<const stored_t<Result>&>(result));
+            if constexpr (reuse && std::is_same_v<Result, Arg>) keep_spare(result);
           }
+          if constexpr (reuse) keep_spare(arg);  // still whole if the function took a reference
         } catch (...) {
           out.truncate(mark);  // drop a half-written result
           write_current_failure(out);

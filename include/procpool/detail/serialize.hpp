@@ -4,6 +4,7 @@
 
 #include <cxxabi.h>
 
+#include <algorithm>
 #include <cereal/archives/binary.hpp>
 #include <cereal/types/array.hpp>
 #include <cereal/types/bitset.hpp>
@@ -126,7 +127,12 @@ class OutputArchive : public cereal::OutputArchive<OutputArchive, cereal::AllowE
     if (out_ != nullptr) {
       out_->insert(out_->end(), bytes, bytes + size);
     } else {
-      task_->insert(task_->end(), bytes, bytes + size);
+      // insert() would copy byte by byte through the allocator: grow (as
+      // insert would) without touching the new bytes, then copy them at once.
+      const std::size_t old = task_->size();
+      if (old + size > task_->capacity()) task_->reserve(std::max(old + size, 2 * task_->capacity()));
+      task_->resize(old + size);
+      if (size != 0) std::memcpy(task_->data() + old, bytes, size);
     }
   }
   /// Bytes in the buffer.

@@ -46,6 +46,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -667,6 +668,17 @@ class TaskAllocator {
     // Only storage larger than the threshold may have been placed.
     if (memory_ != nullptr && memory_->may_place(n) && memory_->deallocate(reinterpret_cast<const char*>(p))) return;
     std::allocator<T>().deallocate(p, n);
+  }
+
+  /// Bytes made by resize() are left as they are (the encoder writes them
+  /// next), not zeroed one by one.
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... A>
+  void construct(U* p, A&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<A>(args)...);
   }
 
   const std::shared_ptr<TaskMemory>& memory() const { return memory_; }

@@ -177,13 +177,17 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   ShmReader shm_reader;
   ShmWriter shm_writer("procpool-result", true);
   std::vector<char> out;
-  // Waiting for work with shared memory in hand: after a while, let go of
-  // the idle result buffers (telling the parent) and of the pool's buffers.
-  reader.on_idle([&] { return !shm_writer.empty() || !shm_reader.empty(); },
+  // Waiting for work with shared memory or kept argument storage in hand:
+  // after a while, let go of the idle result buffers (telling the parent),
+  // of the pool's buffers and of the arguments' storage.
+  bool spares = false;  // some argument storage may be kept (a task ran since the last release)
+  reader.on_idle([&] { return spares || !shm_writer.empty() || !shm_reader.empty(); },
                  [&] {
                    std::vector<char> drops;
                    shm_writer.trim(std::chrono::steady_clock::now(), &drops);
                    shm_reader.clear();
+                   release_spares();
+                   spares = false;
                    if (!drops.empty()) send_frame(result_fd, drops);
                  },
                  ShmWriter::keep_idle_for);
@@ -252,6 +256,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
       Encoder encoder(out);
       entry->fn(decoder, count, encoder);
     }
+    spares = have_spares();
     auto elapsed = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - began);
     if (relayed) flush_worker_output();
     patch<std::uint64_t>(out, start + frame_header_size + 8, static_cast<std::uint64_t>(elapsed.count()));
@@ -279,6 +284,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     }
     if (!send_frame(result_fd, ref.empty() ? out : ref)) return 0;
     if (max_tasks != 0 && ++done >= max_tasks) return 0;
+    if (max_rss != 0) release_spares();  // the cap is on what the tasks hold, not on procpool's cache
     if (max_rss != 0 && resident_bytes() > max_rss) {
       // Too big to keep: tell the parent that the tasks queued behind this
       // one never started, so it runs them elsewhere.
