@@ -343,6 +343,8 @@ std::vector<char> echo_with_faults(std::vector<char> buffer) {
   return buffer;
 }
 
+std::size_t capacity_given(const std::vector<char>& buffer) { return buffer.capacity(); }
+
 /// Larger than glibc's largest mmap threshold: without reuse, each is fresh memory.
 constexpr std::size_t fresh_size = std::size_t{40} << 20;
 constexpr long fresh_faults = static_cast<long>(fresh_size / 4096);
@@ -377,6 +379,12 @@ POOL_TEST("a worker decodes a large argument into the storage the previous one l
     CHECK(seen < fresh_faults / 4);
     CHECK(std::equal(echoed[i].begin() + sizeof(seen), echoed[i].end(), buffers[i].begin() + sizeof(seen)));
   }
+  // A small argument gets storage of its own, not the kept one, which stays
+  // kept for the next large argument.
+  const std::vector<std::vector<char>> small_between{buffers[0], std::vector<char>(1000, 'c'), buffers[1]};
+  std::vector<std::size_t> capacities = pool.map<capacity_given>(small_between, 1);
+  CHECK(capacities.at(1) < 4096);
+  CHECK(pool.map<faults_reading>(small_between, 1).at(2) < fresh_faults / 4);
   // Smaller arguments decode into the kept storage just as well, whole.
   const std::vector<std::vector<char>> mixed{std::vector<char>(1000, 's'), buffers[0], std::vector<char>(9, 't')};
   std::vector<std::vector<char>> again = pool.map<echo_with_faults>(mixed, 1);
@@ -395,6 +403,24 @@ POOL_TEST("a worker idle for a while lets go of the argument storage it kept", "
   // Idle past ShmWriter::keep_idle_for: the next argument is fresh memory again.
   std::this_thread::sleep_for(procpool::detail::ShmWriter::keep_idle_for + std::chrono::seconds(1));
   CHECK(pool.map<faults_reading>(std::vector<std::vector<char>>{buffers[0]}).at(0) >= fresh_faults / 2);
+}
+
+namespace {
+
+Seen look_after(std::string s, int) { return echo_and_look(std::move(s)); }
+
+}  // namespace
+
+POOL_TEST("a task frame under the threshold whose storage grew into shared memory is sent from there",
+          "[transport][shm]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  CHECK(pool.apply<echo_and_look>(std::string("ready")).task_mappings == 0);  // the worker said it can map ours
+  // The string fits the frame's storage exactly; the int after it doubles
+  // the storage past the threshold, though the frame stays under it.
+  const std::string item = big(std::size_t{150} << 10, 'u');
+  Seen seen = pool.apply<look_after>(item, 1);
+  CHECK(seen.echoed == item);
+  CHECK(seen.task_mappings >= 1);
 }
 
 POOL_TEST("shared_memory_threshold 0 sends everything through the pipes", "[transport][shm]") {

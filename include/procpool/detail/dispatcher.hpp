@@ -562,13 +562,15 @@ class Dispatcher {
   /// large: where it was encoded (TaskMemory), or else copied there now.
   void send_task(Worker& w, Task& task) {
     const TaskBytes& frame = *task.frame;
-    if (w.shm && frame.size() > shm_threshold_) {
-      std::vector<char> ref = task_memory_->reference(frame.data(), frame.size());
-      if (ref.empty()) ref = task_memory_->pass(frame.data(), frame.size(), task.shm);
-      if (!ref.empty()) {
-        w.outbox.push_back(std::make_shared<TaskBytes>(ref.begin(), ref.end()));
-        return;
-      }
+    // Storage over the threshold may be in shared memory (even when the frame
+    // is smaller: its vector grew past it); then a reference is all it takes.
+    std::vector<char> ref;
+    if (w.shm && task_memory_->may_place(frame.capacity())) ref = task_memory_->reference(frame.data(), frame.size());
+    if (w.shm && ref.empty() && frame.size() > shm_threshold_)
+      ref = task_memory_->pass(frame.data(), frame.size(), task.shm);
+    if (!ref.empty()) {
+      w.outbox.push_back(std::make_shared<TaskBytes>(ref.begin(), ref.end()));
+      return;
     }
     w.outbox.push_back(task.frame);
   }
@@ -752,6 +754,7 @@ class Dispatcher {
   /// so the workers' parent-death signal is still armed as a backstop.
   void stop_workers() noexcept {
     std::vector<Delivery> deliveries;
+    std::unordered_map<std::uint64_t, Task> held;  // the tasks the workers held, until they are gone
     {
       std::lock_guard lock(mutex_);
       if (state_ == State::stopped) return;
@@ -761,6 +764,9 @@ class Dispatcher {
       for (auto& [id, task] : in_flight_) {
         deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(terminated), items_in(*task.frame)});
       }
+      // Their frames (and shared buffers, which a worker may still be
+      // reading) are let go of only once the workers are gone below.
+      held = std::move(in_flight_);
       in_flight_.clear();
       for (auto& w : workers_) {
         w->proc.task.reset();  // an idle worker exits on EOF at once

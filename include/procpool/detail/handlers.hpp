@@ -113,10 +113,10 @@ inline constexpr std::size_t spare_max_bytes = std::size_t{256} << 20;
 
 template <class T>
 struct keeps_storage : std::false_type {};
-template <class T, class A>
-struct keeps_storage<std::vector<T, A>> : std::bool_constant<std::is_arithmetic_v<T> && !std::is_same_v<T, bool>> {};
-template <class C, class Tr, class A>
-struct keeps_storage<std::basic_string<C, Tr, A>> : std::bool_constant<cereal::procpool_byte_sized<C>> {};
+template <class T>
+struct keeps_storage<std::vector<T>> : std::bool_constant<std::is_arithmetic_v<T> && !std::is_same_v<T, bool>> {};
+template <class C, class Tr>
+struct keeps_storage<std::basic_string<C, Tr>> : std::bool_constant<cereal::procpool_byte_sized<C>> {};
 
 /// How to let go of each argument type's kept storage (see spare_slot).
 struct SpareReleasers {
@@ -152,6 +152,20 @@ Arg& spare_slot() {
   return slot;
 }
 
+/// Decodes the next argument into the kept storage. An item much smaller than
+/// that storage gets storage of its own, and the large one stays kept: the
+/// function never sees more capacity than about twice what it was given.
+template <class Arg>
+void decode_into_spare(Decoder& in, Arg& arg) {
+  arg.swap(spare_slot<Arg>());
+  in(arg);
+  if (arg.capacity() * sizeof(typename Arg::value_type) >= spare_min_bytes && arg.capacity() / 2 > arg.size()) {
+    Arg own(arg.begin(), arg.end());
+    arg.swap(own);
+    spare_slot<Arg>().swap(own);
+  }
+}
+
 /// Keeps `value`'s storage for the next argument if it is worth keeping and
 /// larger than what is kept.
 template <class Arg>
@@ -173,8 +187,12 @@ struct CallHandler {
       F fn = load_callable<F>(in);
       for (; i < count; ++i) {
         Arg arg{};
-        if constexpr (reuse) arg.swap(spare_slot<Arg>());
-        in(arg);  // a decode failure leaves the stream unusable: fail the rest below
+        // A decode failure leaves the stream unusable: fail the rest below.
+        if constexpr (reuse) {
+          decode_into_spare(in, arg);
+        } else {
+          in(arg);
+        }
         std::size_t mark = out.size();
         try {
           if constexpr (std::is_void_v<Result>) {

@@ -13,9 +13,10 @@
 //   shm_announce := i32 pid, i32 fd, u64 buffer id   (worker -> parent)
 //   shm_drop     := u64 buffer id                    (worker -> parent)
 //
-// Tasks (parent -> worker): a buffer is busy from the frame's encoding until
-// its result arrives. The worker opens a buffer of the parent's when a
-// reference first names it. The parent outlives its workers, so the buffer is
+// Tasks (parent -> worker): a buffer holding a frame encoded into it is busy
+// from the encoding until the task is settled (one a frame on the heap was
+// copied into: from the copy). The worker opens a buffer of the parent's when
+// a reference first names it. The parent outlives its workers, so the buffer is
 // always there to open.
 //
 // Results (worker -> parent): a worker can die or exit right after sending,
@@ -173,7 +174,15 @@ inline std::unique_ptr<ShmBuffer> create_shm_buffer(const char* name, std::size_
   Fd fd = make_tracked("memfd_create", [&] { return ::memfd_create(name, MFD_CLOEXEC); });
   const std::size_t size = shm_header_size + capacity;
   if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) throw_errno("ftruncate(memfd)");
-  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  void* base;
+  {
+    // Task buffers are made on the threads that encode tasks: a fork() (which
+    // holds this lock) between mmap and MADV_DONTFORK would give its worker
+    // the mapping.
+    std::lock_guard lock(FdRegistry::instance().mutex());
+    base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    if (base != MAP_FAILED) ::madvise(base, size, MADV_DONTFORK);
+  }
   if (base == MAP_FAILED) throw_errno("mmap(memfd)");
   const std::uint64_t id = next_shm_id();
   auto buffer = std::unique_ptr<ShmBuffer>(new ShmBuffer{std::move(fd), ShmMapping(base, size), id});
@@ -655,6 +664,9 @@ class TaskAllocator {
 
   TaskAllocator() = default;
   explicit TaskAllocator(std::shared_ptr<TaskMemory> memory) : memory_(std::move(memory)) {}
+  // No move constructor: a moved-from allocator keeps its memory, as allocators must.
+  TaskAllocator(const TaskAllocator&) = default;
+  TaskAllocator& operator=(const TaskAllocator&) = default;
   template <class U>
   TaskAllocator(const TaskAllocator<U>& other) : memory_(other.memory()) {}  // NOLINT: rebinding converts implicitly
 
