@@ -1,7 +1,6 @@
 // The transport's promises: one pipe pair per worker and nothing else of
 // the parent's, close-on-exec everywhere, bounded messages.
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -13,7 +12,6 @@
 #include <fstream>
 #include <memory>
 #include <ranges>
-#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -321,88 +319,68 @@ TEST_CASE("threads encoding large tasks at once share the pool's buffers safely"
 
 namespace {
 
-/// In the worker: minor page faults since its previous call (0 the first time).
-long faults_since_last_call() {
-  static long previous = -1;
-  rusage usage{};
-  ::getrusage(RUSAGE_SELF, &usage);
-  const long since = previous < 0 ? 0 : usage.ru_minflt - previous;
-  previous = usage.ru_minflt;
-  return since;
-}
+/// In the worker: the capacity of the argument it was given.
+std::size_t capacity_given(const std::vector<char>& buffer) { return buffer.capacity(); }
 
-long faults_reading(const std::vector<char>& buffer) {
-  if (buffer.empty()) throw std::invalid_argument("empty");
-  return faults_since_last_call();
-}
-
-/// Echoes the buffer, its first bytes replaced by the faults since the last call.
-std::vector<char> echo_with_faults(std::vector<char> buffer) {
-  const long faults = faults_since_last_call();
-  std::memcpy(buffer.data(), &faults, sizeof(faults));
+/// Echoes the buffer, its first bytes replaced by the capacity it came with.
+std::vector<char> echo_with_capacity(std::vector<char> buffer) {
+  const std::size_t capacity = buffer.capacity();
+  std::memcpy(buffer.data(), &capacity, sizeof(capacity));
   return buffer;
 }
 
-std::size_t capacity_given(const std::vector<char>& buffer) { return buffer.capacity(); }
-
-/// Larger than glibc's largest mmap threshold: without reuse, each is fresh memory.
-constexpr std::size_t fresh_size = std::size_t{40} << 20;
-constexpr long fresh_faults = static_cast<long>(fresh_size / 4096);
-
-/// One worker and every message through the pipes, so that decoding the
-/// argument is the only fresh memory a task needs.
-template <class Method>
-procpool::Options one_worker_through_pipes() {
-  procpool::Options o = test::options<Method>({.processes = 1});
-  o.shared_memory_threshold = 0;
-  return o;
+/// `count` buffers, the first of 8 MiB, each 64 KiB smaller than the one before.
+std::vector<std::vector<char>> shrinking_buffers(std::size_t count, char fill) {
+  std::vector<std::vector<char>> buffers;
+  for (std::size_t i = 0; i < count; ++i) buffers.emplace_back((std::size_t{8} << 20) - i * (64 << 10), fill);
+  return buffers;
 }
 
 }  // namespace
 
+// A fresh argument has exactly its size as capacity; one decoded into kept
+// storage has the capacity of the largest before it.
 POOL_TEST("a worker decodes a large argument into the storage the previous one left", "[transport][reuse]") {
-  procpool::Pool pool(one_worker_through_pipes<TestType>());
-  const std::vector<std::vector<char>> buffers(5, std::vector<char>(fresh_size, 'r'));
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  const std::vector<std::vector<char>> buffers = shrinking_buffers(4, 'r');
+  const std::size_t largest = buffers[0].size();
   // Taken by reference: the argument itself is kept.
-  std::vector<long> faults = pool.map<faults_reading>(buffers, 1);
-  for (std::size_t i = 2; i < faults.size(); ++i) {
-    INFO("item " << i);
-    CHECK(faults[i] < fresh_faults / 4);
-  }
+  std::vector<std::size_t> capacities = pool.map<capacity_given>(buffers, 1);
+  for (std::size_t capacity : capacities) CHECK(capacity == largest);
   // Taken by value and returned: the result's storage is kept.
-  std::vector<std::vector<char>> echoed = pool.map<echo_with_faults>(buffers, 1);
+  std::vector<std::vector<char>> echoed = pool.map<echo_with_capacity>(buffers, 1);
   REQUIRE(echoed.size() == buffers.size());
-  for (std::size_t i = 2; i < echoed.size(); ++i) {
-    long seen = 0;
-    std::memcpy(&seen, echoed[i].data(), sizeof(seen));
+  for (std::size_t i = 0; i < echoed.size(); ++i) {
+    std::size_t capacity = 0;
+    std::memcpy(&capacity, echoed[i].data(), sizeof(capacity));
     INFO("item " << i);
-    CHECK(seen < fresh_faults / 4);
-    CHECK(std::equal(echoed[i].begin() + sizeof(seen), echoed[i].end(), buffers[i].begin() + sizeof(seen)));
+    CHECK(capacity == largest);
+    CHECK(echoed[i].size() == buffers[i].size());
+    CHECK(std::equal(echoed[i].begin() + sizeof(capacity), echoed[i].end(), buffers[i].begin() + sizeof(capacity)));
   }
-  // A small argument gets storage of its own, not the kept one, which stays
-  // kept for the next large argument.
-  const std::vector<std::vector<char>> small_between{buffers[0], std::vector<char>(1000, 'c'), buffers[1]};
-  std::vector<std::size_t> capacities = pool.map<capacity_given>(small_between, 1);
+  // A small argument gets storage of its own; the kept one stays kept for
+  // the next large argument.
+  const std::vector<std::vector<char>> small_between{buffers[1], std::vector<char>(1000, 'c'), buffers[2]};
+  capacities = pool.map<capacity_given>(small_between, 1);
   CHECK(capacities.at(1) < 4096);
-  CHECK(pool.map<faults_reading>(small_between, 1).at(2) < fresh_faults / 4);
+  CHECK(capacities.at(2) == largest);
   // Smaller arguments decode into the kept storage just as well, whole.
-  const std::vector<std::vector<char>> mixed{std::vector<char>(1000, 's'), buffers[0], std::vector<char>(9, 't')};
-  std::vector<std::vector<char>> again = pool.map<echo_with_faults>(mixed, 1);
+  const std::vector<std::vector<char>> mixed{std::vector<char>(1000, 's'), buffers[3], std::vector<char>(9, 't')};
+  std::vector<std::vector<char>> again = pool.map<echo_with_capacity>(mixed, 1);
   REQUIRE(again.size() == mixed.size());
   for (std::size_t i = 0; i < mixed.size(); ++i) {
     CHECK(again[i].size() == mixed[i].size());
-    CHECK(std::equal(again[i].begin() + sizeof(long), again[i].end(), mixed[i].begin() + sizeof(long)));
+    CHECK(std::equal(again[i].begin() + sizeof(std::size_t), again[i].end(), mixed[i].begin() + sizeof(std::size_t)));
   }
 }
 
 POOL_TEST("a worker idle for a while lets go of the argument storage it kept", "[transport][reuse]") {
-  procpool::Pool pool(one_worker_through_pipes<TestType>());
-  const std::vector<std::vector<char>> buffers(3, std::vector<char>(fresh_size, 'i'));
-  std::vector<long> faults = pool.map<faults_reading>(buffers, 1);
-  CHECK(faults[2] < fresh_faults / 4);  // kept
-  // Idle past ShmWriter::keep_idle_for: the next argument is fresh memory again.
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  const std::vector<std::vector<char>> buffers = shrinking_buffers(3, 'i');
+  CHECK(pool.map<capacity_given>(buffers, 1).at(1) == buffers[0].size());  // kept
+  // Idle past ShmWriter::keep_idle_for: the next argument is fresh storage again.
   std::this_thread::sleep_for(procpool::detail::ShmWriter::keep_idle_for + std::chrono::seconds(1));
-  CHECK(pool.map<faults_reading>(std::vector<std::vector<char>>{buffers[0]}).at(0) >= fresh_faults / 2);
+  CHECK(pool.map<capacity_given>(std::vector<std::vector<char>>{buffers[2]}).at(0) == buffers[2].size());
 }
 
 namespace {
