@@ -10,10 +10,10 @@ table shows medians over the rounds and the ratios between them.
 usage: python3 benchmarks/compare.py [--build BUILD_DIR] [--suite SUITE] [--rounds N] [--quick] [-v]
 
 suites: all (the default; ~7-10 minutes on a 2-core machine), tasks (1-3),
-payloads (4-5), cpu (6), lifecycle (7-8), memory (9-10), or start (the older
-start-method table, procpool against Python only). --workloads 1,4,7 picks
-workloads by number instead. --quick shrinks every size for a run of about a
-minute (CI): its figures are rougher.
+payloads (4-5, with 5b), cpu (6), lifecycle (7-8), memory (9-10), or start (the
+older start-method table, procpool against Python only). --workloads 1,4,7 picks
+workloads by number instead (5 brings 5b). --quick shrinks every size for a run
+of about a minute (CI): its figures are rougher.
 
 Build first: cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2
 """
@@ -223,12 +223,20 @@ def build_rows(args):
         "ppe": Cell(py + ["ppe", "bytes", f"size={1 << 20}", f"n={n4}"]),
         "raw": Cell([raw, "bytes", f"size={1 << 20}", f"n={n4}"]),
     }, ">= 90% of raw", need(0.90, "raw")))
+    raw_64 = [raw, "bytes", f"size={64 << 20}", f"n={n5}"]
     add(Row(5, f"(5) 64 MiB buffers echoed, {n5} tasks", "MiB/s", {
         "procpool": Cell([pp, "bytes", f"size={64 << 20}", f"n={n5}"]),
         "python": Cell(py + ["pool", "bytes", f"size={64 << 20}", f"n={n5}"]),
         "ppe": Cell(py + ["ppe", "bytes", f"size={64 << 20}", f"n={n5}"]),
-        "raw": Cell([raw, "bytes", f"size={64 << 20}", f"n={n5}"]),
+        "raw": Cell(raw_64),
     }, ">= 2x raw", need(2, "raw")))
+    # 5b: workload 5 through shared memory, in 5's group (run with it, interleaved); its raw cell is
+    # (5)'s own run (one run per command and round serves both), the pipe bandwidth it is set against.
+    add(Row(5, f"(5b) 64 MiB SharedMemory, worker writes every byte, {n5} tasks", "MiB/s", {
+        "procpool": Cell([pp, "shared", f"size={64 << 20}", f"n={n5}"]),
+        "python": Cell(py + ["pool", "shared", f"size={64 << 20}", f"n={n5}"]),
+        "raw": Cell(raw_64, note="ᵉ"),
+    }, "report ((5)'s is >= 2x raw)"))
 
     def efficiency(fig):
         v = fig.get("procpool")
@@ -393,15 +401,20 @@ def run_table(args):
           "pipe pair per worker, fixed-size binary messages, no serialization, up to 8 messages in flight per "
           "worker (procpool's default max_tasks_in_flight), one write per answer; for (6) one task in flight, "
           "as procpool sends long tasks one at a time. (4)/(5): each buffer is sent to a worker and the worker "
-          "returns it whole (the raw workers too); MiB/s counts one direction. (2) raw sends the same chunks "
-          "(ceil(n / 8) ints) as binary arrays. (6): serial time in the parent / (pool time x 2), serial "
-          "measured before and after the pool run; efficiency needs two idle cores. (9): private = Private_Clean"
-          " + Private_Dirty of smaps_rollup, the memory a worker costs beyond pages it shares; Pss and Rss in "
-          "parentheses. (10): VmHWM of the parent after the loop, the workers not counted.")
+          "returns it whole (the raw workers too); MiB/s counts one direction. (5b): blocks of "
+          "procpool::SharedMemory (Python: multiprocessing.shared_memory.SharedMemory), made and filled before the "
+          "clock starts; each task gets a reference (Python: the name, which the worker attaches), adds 1 to every "
+          "byte in place (Python: bytes.translate, at C speed) and returns the block (Python: the name); MiB/s = "
+          "tasks x 64 MiB / time. (2) raw sends the same chunks (ceil(n / 8) ints) as binary arrays. (6): serial "
+          "time in the parent / (pool time x 2), serial measured before and after the pool run; efficiency needs "
+          "two idle cores. (9): private = Private_Clean + Private_Dirty of smaps_rollup, the memory a worker costs "
+          "beyond pages it shares; Pss and Rss in parentheses. (10): VmHWM of the parent after the loop, the "
+          "workers not counted.")
     print("ᵃ ProcessPoolExecutor.map's default chunksize is 1 (hours here); it gets Pool's default, "
           "ceil(n / (4 x 2)). ᵇ it has no imap_unordered: submit() each item, then as_completed(). "
           f"ᶜ its map() submits every item at once. ᵈ {args.n_ppe:,} tasks (it runs a few thousand a second); the rate "
-          "is per task.")
+          "is per task. ᵉ (5)'s raw pipes, the same run: 64 MiB echoed through pipes, the copying shared "
+          "memory does without.")
 
 
 def main():

@@ -12,6 +12,9 @@ usage: python3 py_workloads.py <pool|ppe> <workload> [method=fork] [processes=2]
               (ppe has none: submit() every item, then as_completed())
   bytes       map of echo over bytes objects, chunksize 1 size=1048576 n=256 -> MiB/s
               (each buffer is sent and returned whole; MiB/s counts one direction)
+  shared      map of bump_shared over multiprocessing.shared_memory blocks, size=67108864 n=4 -> MiB/s
+              chunksize 1: the worker attaches by name, adds 1 to every byte in
+              place, closes and returns the name; MiB/s = n * size / time
   cpu         map of ~ms-long CPU-bound tasks, chunksize 1  n=40 ms=20  -> % parallel efficiency
   idle_mem    memory of each idle worker (smaps_rollup)                 -> MiB beyond shared pages
   peak_mem    peak RSS (VmHWM) after n imap_unordered items n=100000 chunksize=1 -> MiB
@@ -29,8 +32,10 @@ import os
 import statistics
 import sys
 import time
+from multiprocessing import resource_tracker, shared_memory
 
 MIB = 1024 * 1024
+BUMP = bytes((b + 1) % 256 for b in range(256))  # translate() table: b -> b + 1, mod 256
 
 
 def identity(x):
@@ -39,6 +44,13 @@ def identity(x):
 
 def echo(b):
     return b
+
+
+def bump_shared(name):
+    shm = shared_memory.SharedMemory(name=name)
+    shm.buf[:] = bytes(shm.buf).translate(BUMP)  # every byte + 1, at C speed
+    shm.close()
+    return name
 
 
 def spin(iterations):
@@ -153,6 +165,11 @@ def main():
         out.update(n=n, seconds=s, value=n / s, unit="workers/s")
         return out
 
+    if workload == "shared":
+        # A worker attaching a block registers it with the resource tracker (Python < 3.13). Started
+        # here, before the workers, the parent's tracker is theirs too; otherwise each starts its own,
+        # which warns at exit of "leaked" blocks the parent has unlinked.
+        resource_tracker.ensure_running()
     impl = Impl(kind, ctx, processes)
     impl.warm_up()
     if workload in ("map1", "mapdefault"):
@@ -184,6 +201,27 @@ def main():
         results = impl.map(echo, [buffer] * n, 1)
         s = time.perf_counter() - start
         assert len(results) == n and all(len(r) == size and r[size // 2] == buffer[size // 2] for r in results)
+        out.update(n=n, size=size, seconds=s, value=n * size / MIB / s, unit="MiB/s")
+    elif workload == "shared":
+        size, n = num("size", 64 * MIB), num("n", 4)
+        pattern = (bytes(range(256)) * (size // 256 + 1))[:size]
+        blocks = []
+        try:
+            for _ in range(n):  # made and filled before the clock starts, as bytes' buffer is
+                blocks.append(shared_memory.SharedMemory(create=True, size=size))
+                blocks[-1].buf[:size] = pattern
+            probes = (0, size // 2, size - 1)
+            expected = [[(b.buf[p] + 1) % 256 for p in probes] for b in blocks]
+            names = [b.name for b in blocks]
+            start = time.perf_counter()
+            results = impl.map(bump_shared, names, 1)
+            s = time.perf_counter() - start
+            assert results == names
+            assert all([b.buf[p] for p in probes] == e for b, e in zip(blocks, expected))
+        finally:
+            for b in blocks:
+                b.close()
+                b.unlink()
         out.update(n=n, size=size, seconds=s, value=n * size / MIB / s, unit="MiB/s")
     elif workload == "cpu":
         n, ms = num("n", 40), float(args.get("ms", 20))

@@ -9,6 +9,9 @@
 //   imapu1      imap_unordered, chunksize 1                      n=20000      -> tasks/s
 //   bytes       map of echo over byte buffers, one per task;     size=1048576 n=256 -> MiB/s
 //               each buffer is sent and returned whole; MiB/s counts one direction
+//   shared      map of bump over procpool::SharedMemory blocks,  size=67108864 n=4 -> MiB/s
+//               one per task; the worker adds 1 to every byte in place and
+//               returns the block: only references travel; MiB/s = n * size / time
 //   cpu         map of ~ms-long CPU-bound tasks, chunksize 1     n=40 ms=20   -> parallel efficiency
 //               = serial time / (pool time * processes)
 //   skewed      map where the first 5% of the items cost us= microseconds n=200000 us=200
@@ -24,6 +27,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <ranges>
@@ -42,6 +46,12 @@ namespace {
 long identity(long x) { return x; }
 
 std::vector<char> echo(std::vector<char> buffer) { return buffer; }
+
+// Adds 1 to every byte of the block, in place, and returns it: the parent gets the same block back.
+procpool::SharedMemory bump(procpool::SharedMemory block) {
+  for (auto& b : block.as<unsigned char>()) ++b;
+  return block;
+}
 
 std::uint64_t spin_task(std::uint64_t iterations) { return bench::spin(iterations); }
 
@@ -69,7 +79,8 @@ int main(int argc, char** argv) {
   procpool::init(argc, argv);
   if (argc < 2) {
     fmt::print(stderr,
-               "usage: {} <map1|mapdefault|imapu1|bytes|cpu|skewed|idle_mem|peak_mem> [method=...] [key=value...]\n",
+               "usage: {} <map1|mapdefault|imapu1|bytes|shared|cpu|skewed|idle_mem|peak_mem> "
+               "[method=...] [key=value...]\n",
                argv[0]);
     return 2;
   }
@@ -128,6 +139,43 @@ int main(int argc, char** argv) {
       double s = bench::seconds_since(start);
       check(results.size() == n, "bytes: count");
       for (auto& r : results) check(r.size() == size && r[size / 2] == buffer[size / 2], "bytes: echo");
+      out.add("n", n)
+          .add("size", size)
+          .add("seconds", s)
+          .add("value", static_cast<double>(n) * static_cast<double>(size) / bench::mib / s)
+          .add("unit", "MiB/s");
+    } else if (workload == "shared") {
+      const std::size_t size = args.size("size", std::size_t{64} << 20);
+      const std::size_t n = args.size("n", 4);
+      check(size > 0, "shared: size must be positive");
+      warm_up(pool);
+      // The blocks are made and filled before the clock starts, as bytes' buffer is: their pages exist.
+      std::vector<procpool::SharedMemory> inputs;
+      inputs.reserve(n);
+      for (std::size_t k = 0; k < n; ++k) {
+        auto bytes = inputs.emplace_back(size).as<unsigned char>();
+        for (std::size_t i = 0; i < size; ++i) bytes[i] = static_cast<unsigned char>(i * 7 + k);
+      }
+      // What the first, middle and last byte of each block must read after one bump.
+      const std::array<std::size_t, 3> probes{0, size / 2, size - 1};
+      auto sample = [&probes](const procpool::SharedMemory& block) {
+        std::array<unsigned char, 3> got{};
+        for (std::size_t j = 0; j < probes.size(); ++j) got[j] = block.as<unsigned char>()[probes[j]];
+        return got;
+      };
+      std::vector<std::array<unsigned char, 3>> expected(n);
+      for (std::size_t k = 0; k < n; ++k) {
+        expected[k] = sample(inputs[k]);
+        for (auto& e : expected[k]) ++e;
+      }
+      auto start = bench::Clock::now();
+      auto results = pool.map<bump>(inputs, 1);
+      double s = bench::seconds_since(start);
+      check(results.size() == n, "shared: count");
+      for (std::size_t k = 0; k < n; ++k) {
+        check(results[k].shares_with(inputs[k]) && results[k].size() == size, "shared: not the same block");
+        check(sample(results[k]) == expected[k], "shared: bytes not bumped exactly once");
+      }
       out.add("n", n)
           .add("size", size)
           .add("seconds", s)

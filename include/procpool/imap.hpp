@@ -32,8 +32,9 @@ class ChunkSource {
  public:
   virtual ~ChunkSource() = default;
   /// Appends up to `max_items` items (with the callable) to a task frame
-  /// body; returns how many. 0 means the input is exhausted.
-  virtual std::uint32_t fill(TaskBytes& frame, std::size_t max_items) = 0;
+  /// body, listing the SharedMemory blocks they refer to in `shares`;
+  /// returns how many. 0 means the input is exhausted.
+  virtual std::uint32_t fill(TaskBytes& frame, SharedStates& shares, std::size_t max_items) = 0;
   virtual std::uint64_t handler_id() const = 0;
 };
 
@@ -258,9 +259,9 @@ class IMap {
 
   void pull_chunks(std::vector<detail::Chunk>& chunks) {
     while (!input_done_ && room_for_more(chunks.size())) {
-      detail::Chunk chunk{job_, submitted_ + chunks.size(), dispatcher_->new_frame()};
+      detail::Chunk chunk{job_, submitted_ + chunks.size(), dispatcher_->new_frame(), {}};
       std::size_t start = detail::begin_task_frame(chunk.frame, source_->handler_id());
-      std::uint32_t count = source_->fill(chunk.frame, next_chunksize());
+      std::uint32_t count = source_->fill(chunk.frame, chunk.shares, next_chunksize());
       if (count == 0) {
         input_done_ = true;
         break;

@@ -55,7 +55,7 @@ class Initializer {
     static_assert(detail::require_travelling_callable<Fn>::value);
     id_ = detail::Registered<detail::InitHandler<Fn>>::id;
     detail::HandlerRegistry::instance().require_unambiguous(id_);
-    detail::Encoder encoder(state_);
+    detail::Encoder encoder(state_, &shares_);
     detail::save_callable(encoder, fn);
   }
 
@@ -66,6 +66,7 @@ class Initializer {
   friend struct detail::InitializerAccess;
   std::uint64_t id_ = 0;
   std::vector<char> state_;
+  detail::SharedStates shares_;  // SharedMemory blocks its arguments refer to
 };
 
 /**
@@ -92,6 +93,7 @@ namespace detail {
 struct InitializerAccess {
   static std::uint64_t id(const Initializer& init) { return init.id_; }
   static const std::vector<char>& state(const Initializer& init) { return init.state_; }
+  static const SharedStates& shares(const Initializer& init) { return init.shares_; }
 };
 }  // namespace detail
 

@@ -40,10 +40,10 @@ using result_of_t = stored_t<typename call_traits<F, Arg, Star>::result>;
 /// exception is stored in `error` (or rethrown when `error` is null and no
 /// item was read).
 template <class F, class Arg, class It, class End>
-std::uint32_t encode_items(TaskBytes& frame, const F& fn, It& it, const End& end, std::size_t max_items,
-                           std::exception_ptr* error = nullptr) {
+std::uint32_t encode_items(TaskBytes& frame, SharedStates& shares, const F& fn, It& it, const End& end,
+                           std::size_t max_items, std::exception_ptr* error = nullptr) {
   std::uint32_t count = 0;
-  Encoder encoder(frame);
+  Encoder encoder(frame, &shares);
   save_callable(encoder, fn);
   std::size_t mark = frame.size();
   try {
@@ -70,10 +70,10 @@ template <class View, class F, class Arg, bool Star>
 class RangeSource final : public ChunkSource {
  public:
   RangeSource(View view, F fn) : view_(std::move(view)), fn_(std::move(fn)) {}
-  std::uint32_t fill(TaskBytes& frame, std::size_t max_items) override {
+  std::uint32_t fill(TaskBytes& frame, SharedStates& shares, std::size_t max_items) override {
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
     if (!it_) it_.emplace(std::ranges::begin(view_));
-    auto count = encode_items<F, Arg>(frame, fn_, *it_, std::ranges::end(view_), max_items, &error_);
+    auto count = encode_items<F, Arg>(frame, shares, fn_, *it_, std::ranges::end(view_), max_items, &error_);
     // Items read before a failure are sent; the failure surfaces next time.
     if (count == 0 && error_) std::rethrow_exception(std::exchange(error_, nullptr));
     return count;
@@ -540,9 +540,9 @@ class Pool {
         auto it = std::ranges::begin(items);
         auto end = std::ranges::end(items);
         for (std::uint64_t index = 0; it != end; ++index) {
-          detail::Chunk chunk{state, index, dispatcher_->new_frame()};
+          detail::Chunk chunk{state, index, dispatcher_->new_frame(), {}};
           std::size_t start = detail::begin_task_frame(chunk.frame, handler);
-          auto n = detail::encode_items<F, Arg>(chunk.frame, fn, it, end, chunksize);
+          auto n = detail::encode_items<F, Arg>(chunk.frame, chunk.shares, fn, it, end, chunksize);
           detail::finish_task_frame(chunk.frame, start, n);
           bytes += chunk.frame.size();
           batch.push_back(std::move(chunk));
@@ -577,10 +577,10 @@ class Pool {
     const std::uint64_t handler = detail::call_handler_id<F, Arg, true>();
     auto state = std::make_shared<detail::ApplyState<T>>(call);
     state->configure(options, 1);
-    detail::Chunk chunk{state, 0, dispatcher_->new_frame()};
+    detail::Chunk chunk{state, 0, dispatcher_->new_frame(), {}};
     std::size_t start = detail::begin_task_frame(chunk.frame, handler);
     {
-      detail::Encoder encoder(chunk.frame);
+      detail::Encoder encoder(chunk.frame, &chunk.shares);
       detail::save_callable(encoder, fn);
       encoder(Arg(std::forward<Args>(args)...));
     }

@@ -13,6 +13,7 @@
 #include "options.hpp"
 #include "pool.hpp"
 #include "progress.hpp"
+#include "shared_memory.hpp"
 #include "start_method.hpp"
 #include "version.hpp"
 #include "worker_output.hpp"

@@ -40,6 +40,7 @@ struct Chunk {
   std::shared_ptr<JobState> job;
   std::uint64_t index = 0;  // the chunk's number within its job
   TaskBytes frame;          // a task frame (from Dispatcher::new_frame()); the dispatcher stamps the task id
+  SharedStates shares;      // the SharedMemory blocks the frame refers to: held until its result is decoded
 };
 
 class Dispatcher {
@@ -57,7 +58,8 @@ class Dispatcher {
         task_memory_(std::make_shared<TaskMemory>(options.shared_memory_threshold)),
         shm_threshold_(task_memory_->threshold()),
         init_id_(InitializerAccess::id(options.initializer)),
-        init_state_(InitializerAccess::state(options.initializer)) {
+        init_state_(InitializerAccess::state(options.initializer)),
+        init_shares_(InitializerAccess::shares(options.initializer)) {
     wake_ = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
     if (options.worker_output != WorkerOutput::inherit || options.on_worker_output) {
       relay_ = std::make_unique<OutputRelay>(options.worker_output, options.on_worker_output);
@@ -133,8 +135,12 @@ class Dispatcher {
                             items_in(chunk.frame)});
         } else {
           if (chunk.job->task_timeout()) timeouts_used_ = true;
-          pending_.push_back(
-              Task{std::move(chunk.job), chunk.index, std::make_shared<TaskBytes>(std::move(chunk.frame)), 0, {}});
+          pending_.push_back(Task{std::move(chunk.job),
+                                  chunk.index,
+                                  std::make_shared<TaskBytes>(std::move(chunk.frame)),
+                                  0,
+                                  {},
+                                  std::move(chunk.shares)});
         }
       }
     }
@@ -217,7 +223,8 @@ class Dispatcher {
     std::uint64_t chunk = 0;
     std::shared_ptr<TaskBytes> frame;
     std::size_t attempts = 0;  // how often a worker died running it
-    ShmLease shm;  // the shared memory a frame on the heap was copied into, until the worker is done with it
+    ShmLease shm;         // the shared memory a frame on the heap was copied into, until the worker is done with it
+    SharedStates shares;  // the SharedMemory blocks the frame refers to
   };
 
   /// One worker process. A slot (0 .. processes-1) has one worker taking
@@ -229,6 +236,7 @@ class Dispatcher {
     bool ready = false;              // it finished its initializer
     bool shm = false;                // it can reach the pool's shared memory (said so when ready)
     ShmReader shm_reader{true};      // its result buffers it announced, mapped
+    SharedStates shared;             // SharedMemory blocks it shared (shm_share) for its next result
     bool shm_refused = false;        // one of them could not be mapped: it was told to stop (shm_off)
     bool retiring = false;           // it was sent its last task
     bool eof = false;                // its result pipe is closed
@@ -657,6 +665,9 @@ class Dispatcher {
         case FrameKind::shm_drop:
           w.shm_reader.forget(frame);
           break;
+        case FrameKind::shm_share:
+          if (!take_share(w, frame)) return false;
+          break;
         case FrameKind::shm_ref: {
           if (!w.shm) return protocol_violation(w, "the worker sent a shared-memory message it was not to send");
           ShmReader::Resolved resolved;
@@ -729,9 +740,38 @@ class Dispatcher {
     }
     outcome.pid = w.proc.pid;
     outcome.worker = w.slot;
+    // The blocks the result refers to, all shared for it (even those its
+    // task sent: they may go with the task).
+    outcome.shares = std::exchange(w.shared, {});
     deliveries.push_back(
         {std::move(it->second.job), it->second.chunk, std::move(outcome), items_in(*it->second.frame)});
     in_flight_.erase(it);  // frees the task's shared memory, if it used some
+    return true;
+  }
+
+  /// A SharedMemory block the worker's next result refers to: maps it now,
+  /// while the worker still holds it, keeps it for that result, and tells
+  /// the worker it may let it go. One it cannot map is left out: decoding
+  /// the result then fails with the reason.
+  bool take_share(Worker& w, const FrameView& frame) {
+    if (frame.size != shm_share_size) return protocol_violation(w, "the worker sent a malformed shm_share message");
+    const auto pid = get<std::int32_t>(frame.data);
+    const auto fd = get<std::int32_t>(frame.data + 4);
+    const auto id = get<std::uint64_t>(frame.data + 8);
+    const auto size = get<std::uint64_t>(frame.data + 16);
+    if (pid != w.proc.pid) return protocol_violation(w, "the worker shared another process's memory");
+    try {
+      w.shared.push_back(open_shared_state(pid, fd, id, size));
+    } catch (const std::exception&) {
+      // Left out; the decoder reports why when it looks for the block.
+    }
+    if (w.proc.task) {
+      auto release = std::make_shared<TaskBytes>();
+      std::size_t start = begin_frame(*release, FrameKind::shm_release);
+      put<std::uint64_t>(*release, id);
+      finish_frame(*release, start);
+      w.outbox.push_back(std::move(release));
+    }
     return true;
   }
 
@@ -810,6 +850,7 @@ class Dispatcher {
   std::size_t shm_threshold_;  // 0: no shared memory (none asked for, or none to be had)
   const std::uint64_t init_id_;
   const std::vector<char> init_state_;
+  const SharedStates init_shares_;  // the SharedMemory blocks init_state_ refers to
 
   std::mutex mutex_;
   std::mutex join_mutex_;

@@ -35,12 +35,15 @@ enum class FrameKind : std::uint32_t {
   shm_announce = 9,  // worker -> parent: map this new result buffer of mine
   shm_drop = 10,     // worker -> parent: I unmapped this result buffer
   shm_off = 11,      // parent -> worker: I cannot map your buffers; send results through the pipe
+  shm_share = 12,    // worker -> parent: my next result refers to this SharedMemory block; map it
+  shm_release = 13,  // parent -> worker: I mapped the block you shared (or could not): let it go
 };
 
 inline constexpr std::size_t frame_header_size = 8;
 inline constexpr std::size_t task_id_offset = frame_header_size;  // where the dispatcher stamps the id
 inline constexpr std::size_t task_prefix_size = frame_header_size + 8 + 8 + 4;
 inline constexpr std::size_t result_prefix_size = 8 + 8;
+inline constexpr std::size_t shm_share_size = 4 + 4 + 8 + 8;  // i32 pid, i32 fd, u64 id, u64 size
 
 // The writers below take any vector of bytes: a std::vector<char>, or a
 // task frame being encoded into the pool's shared memory (TaskBytes).

@@ -49,6 +49,7 @@ struct ChunkOutcome {
   std::vector<char> payload;       // holds the per-item outcomes, as the worker encoded them,
   std::size_t payload_offset = 0;  // from this offset (a large frame's buffer is taken over whole)
   std::unique_ptr<ShmSlice> shm;   // or they are in the worker's shared memory (then payload is empty)
+  SharedStates shares;             // the SharedMemory blocks its task and result refer to, until decoded
   std::uint64_t run_ns = 0;        // how long the worker ran the chunk
   pid_t pid = 0;
   std::size_t worker = 0;

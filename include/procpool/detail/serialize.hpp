@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <typeinfo>
@@ -118,10 +119,21 @@ struct require_serializable {
 /// between a value and its frame.
 class OutputArchive : public cereal::OutputArchive<OutputArchive, cereal::AllowEmptyClassElision> {
  public:
-  explicit OutputArchive(std::vector<char>& out)
-      : cereal::OutputArchive<OutputArchive, cereal::AllowEmptyClassElision>(this), out_(&out) {}
-  explicit OutputArchive(TaskBytes& out)
-      : cereal::OutputArchive<OutputArchive, cereal::AllowEmptyClassElision>(this), task_(&out) {}
+  /// `shares`: where the procpool::SharedMemory blocks written are listed,
+  /// to be kept alive with the message; none may be written without it.
+  explicit OutputArchive(std::vector<char>& out, SharedStates* shares = nullptr)
+      : cereal::OutputArchive<OutputArchive, cereal::AllowEmptyClassElision>(this), out_(&out), shares_(shares) {}
+  explicit OutputArchive(TaskBytes& out, SharedStates* shares = nullptr)
+      : cereal::OutputArchive<OutputArchive, cereal::AllowEmptyClassElision>(this), task_(&out), shares_(shares) {}
+  /// Lists a SharedMemory block the message refers to; throws
+  /// std::logic_error where this message cannot keep one alive.
+  void share(const std::shared_ptr<SharedState>& state) {
+    if (shares_ == nullptr) {
+      throw std::logic_error(
+          "procpool::SharedMemory can travel only as an argument or result of a pool's task or an initializer");
+    }
+    shares_->push_back(state);
+  }
   void save_binary(const void* data, std::size_t size) {
     const char* bytes = static_cast<const char*>(data);
     if (out_ != nullptr) {
@@ -149,6 +161,7 @@ class OutputArchive : public cereal::OutputArchive<OutputArchive, cereal::AllowE
  private:
   std::vector<char>* out_ = nullptr;
   TaskBytes* task_ = nullptr;
+  SharedStates* shares_ = nullptr;
 };
 
 /// Deserializes from a byte range without copying it first.
@@ -191,8 +204,9 @@ class InputArchive : public cereal::InputArchive<InputArchive, cereal::AllowEmpt
 /// Serializes values onto the end of a byte buffer.
 class Encoder {
  public:
-  explicit Encoder(std::vector<char>& out) : archive_(out) {}
-  explicit Encoder(TaskBytes& out) : archive_(out) {}
+  /// `shares`: see OutputArchive.
+  explicit Encoder(std::vector<char>& out, SharedStates* shares = nullptr) : archive_(out, shares) {}
+  explicit Encoder(TaskBytes& out, SharedStates* shares = nullptr) : archive_(out, shares) {}
   template <class... T>
   void operator()(const T&... values) {
     archive_(values...);

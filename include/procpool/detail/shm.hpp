@@ -37,6 +37,7 @@
 #pragma once
 
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -54,6 +55,7 @@
 #include <system_error>
 #include <thread>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -168,15 +170,15 @@ inline std::uint64_t next_shm_id() {
   return next.fetch_add(1, std::memory_order_relaxed);
 }
 
-/// Creates a memfd of `capacity` bytes after the header, mapped; throws
-/// std::system_error where memfd_create or mmap fail.
-inline std::unique_ptr<ShmBuffer> create_shm_buffer(const char* name, std::size_t capacity) {
+/// A new memfd of `size` bytes named `name`, mapped whole, shared and not
+/// inherited by a fork; throws std::system_error where memfd_create,
+/// ftruncate or mmap fail.
+inline std::pair<Fd, void*> create_mapped_memfd(const char* name, std::size_t size) {
   Fd fd = make_tracked("memfd_create", [&] { return ::memfd_create(name, MFD_CLOEXEC); });
-  const std::size_t size = shm_header_size + capacity;
   if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) throw_errno("ftruncate(memfd)");
   void* base;
   {
-    // Task buffers are made on the threads that encode tasks: a fork() (which
+    // Buffers are made on the threads that encode tasks: a fork() (which
     // holds this lock) between mmap and MADV_DONTFORK would give its worker
     // the mapping.
     std::lock_guard lock(FdRegistry::instance().mutex());
@@ -184,6 +186,14 @@ inline std::unique_ptr<ShmBuffer> create_shm_buffer(const char* name, std::size_
     if (base != MAP_FAILED) ::madvise(base, size, MADV_DONTFORK);
   }
   if (base == MAP_FAILED) throw_errno("mmap(memfd)");
+  return {std::move(fd), base};
+}
+
+/// Creates a memfd of `capacity` bytes after the header, mapped; throws
+/// std::system_error where memfd_create or mmap fail.
+inline std::unique_ptr<ShmBuffer> create_shm_buffer(const char* name, std::size_t capacity) {
+  const std::size_t size = shm_header_size + capacity;
+  auto [fd, base] = create_mapped_memfd(name, size);
   const std::uint64_t id = next_shm_id();
   auto buffer = std::unique_ptr<ShmBuffer>(new ShmBuffer{std::move(fd), ShmMapping(base, size), id});
   ShmHeader& header = buffer->mapping.header();
@@ -413,36 +423,54 @@ class ShmWriter {
   std::uint64_t acquisitions_ = 0;
 };
 
-/// Maps another process's buffer: opens /proc/<pid>/fd/<fd>, checks that it
-/// is the buffer `id` names, maps it whole. Throws std::runtime_error naming
-/// what failed.
-inline std::shared_ptr<ShmMapping> map_foreign_buffer(std::int32_t pid, std::int32_t fd, std::uint64_t id,
-                                                      bool writable) {
+/// Another process's memfd, opened through /proc/<pid>/fd/<fd> and mapped whole.
+struct ForeignMemory {
+  Fd fd;  // tracked: a worker forked later closes it
+  std::unique_ptr<ShmMapping> mapping;
+};
+
+/// Opens another process's memfd named `prefix`..., checks that it is the
+/// buffer `id` names, maps it whole. Throws std::runtime_error naming what
+/// failed.
+inline ForeignMemory open_foreign_memory(std::int32_t pid, std::int32_t fd, std::uint64_t id, bool writable,
+                                         std::string_view prefix = "/memfd:procpool-") {
   const std::string path = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
   // Only a procpool memfd is opened: whatever else that fd may be by now (a
   // terminal, a FIFO) could block the open or become a controlling terminal.
   char target[64] = {};
   const ssize_t length = ::readlink(path.c_str(), target, sizeof(target) - 1);
   if (length < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
-  if (std::string_view(target, static_cast<std::size_t>(length)).rfind("/memfd:procpool-", 0) != 0) {
+  if (std::string_view(target, static_cast<std::size_t>(length)).rfind(prefix, 0) != 0) {
     throw std::runtime_error(path + " is not the procpool buffer the message names");
   }
-  int raw = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
-  if (raw < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
-  Fd file(raw);
+  Fd file = make_tracked("open", [&] {
+    return ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  });
   struct stat st {};
   if (::fstat(file.get(), &st) != 0 || static_cast<std::size_t>(st.st_size) < shm_header_size) {
     throw std::runtime_error(path + " is not a procpool buffer");
   }
   const auto size = static_cast<std::size_t>(st.st_size);
-  void* base = ::mmap(nullptr, size, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, file.get(), 0);
+  void* base;
+  {
+    // As in create_shm_buffer: no fork() between mmap and MADV_DONTFORK.
+    std::lock_guard lock(FdRegistry::instance().mutex());
+    base = ::mmap(nullptr, size, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, file.get(), 0);
+    if (base != MAP_FAILED) ::madvise(base, size, MADV_DONTFORK);
+  }
   if (base == MAP_FAILED) throw std::runtime_error("cannot map " + path + ": " + std::strerror(errno));
-  auto mapping = std::make_shared<ShmMapping>(base, size);
+  auto mapping = std::make_unique<ShmMapping>(base, size);
   const ShmHeader& header = mapping->header();
   if (header.magic != shm_magic || header.id != id || header.capacity != size - shm_header_size) {
     throw std::runtime_error(path + " is not the procpool buffer the message names");
   }
-  return mapping;
+  return {std::move(file), std::move(mapping)};
+}
+
+/// Maps another process's buffer (see open_foreign_memory); its fd is not kept.
+inline std::shared_ptr<ShmMapping> map_foreign_buffer(std::int32_t pid, std::int32_t fd, std::uint64_t id,
+                                                      bool writable) {
+  return std::shared_ptr<ShmMapping>(open_foreign_memory(pid, fd, id, writable).mapping.release());
 }
 
 /// The receiving side: the other process's buffers, each mapped once and
@@ -706,5 +734,133 @@ class TaskAllocator {
 /// A task frame being encoded: a vector of bytes whose storage moves into the
 /// pool's shared memory once it is large (see TaskMemory).
 using TaskBytes = std::vector<char, TaskAllocator<char>>;
+
+// ---- procpool::SharedMemory's memory ----------------------------------------
+// A block of memory processes share: a memfd of its own (header as above,
+// then the bytes), mapped whole and read and written in place by every
+// process holding it. It travels as a reference (pid, fd, id); the receiver
+// opens the sender's fd through /proc, or, when it already holds the block
+// (it is the same id), uses its own mapping.
+//
+// Lifetimes: a block the parent sends stays held by the task until its
+// result is decoded (Chunk::shares). A block a worker sends it announces
+// first (shm_share) and keeps until the parent, having mapped it, says so
+// (shm_release): a worker may exit right after its last result.
+
+/// The memory behind a procpool::SharedMemory in one process.
+struct SharedState {
+  SharedState(Fd file, std::unique_ptr<ShmMapping> map) : fd(std::move(file)), mapping(std::move(map)) {}
+  SharedState(const SharedState&) = delete;
+  SharedState& operator=(const SharedState&) = delete;
+  ~SharedState();
+
+  std::uint64_t id() const { return mapping->header().id; }
+  std::size_t size() const { return mapping->capacity(); }
+  char* data() const { return mapping->data(); }
+
+  Fd fd;  // kept open: it is how another process opens the block
+  std::unique_ptr<ShmMapping> mapping;
+};
+
+/// Blocks a message refers to, kept alive with it.
+using SharedStates = std::vector<std::shared_ptr<SharedState>>;
+
+/// The blocks this process holds, by id, so one that comes back (a worker
+/// returns the block it was given) is the same mapping, not a second one.
+/// Under the fd registry's lock, which fork() holds: a forked worker never
+/// copies it locked, and drops its copy (pid_) of what its parent held.
+class SharedRegistry {
+ public:
+  static std::shared_ptr<SharedState> find(std::uint64_t id) {
+    auto& self = instance();
+    std::lock_guard lock(FdRegistry::instance().mutex());
+    self.own();
+    auto it = self.blocks_.find(id);
+    return it != self.blocks_.end() ? it->second.weak.lock() : nullptr;
+  }
+  /// Registers `state`, or returns the block already registered under its id.
+  static std::shared_ptr<SharedState> add(const std::shared_ptr<SharedState>& state) {
+    auto& self = instance();
+    std::lock_guard lock(FdRegistry::instance().mutex());
+    self.own();
+    auto& slot = self.blocks_[state->id()];
+    if (auto held = slot.weak.lock()) return held;  // returned, so not destroyed under the lock
+    slot = {state, state.get()};
+    return state;
+  }
+  static void remove(const SharedState* state) noexcept {
+    auto& self = instance();
+    std::lock_guard lock(FdRegistry::instance().mutex());
+    if (self.pid_ != ::getpid()) return;
+    auto it = self.blocks_.find(state->id());
+    if (it != self.blocks_.end() && it->second.raw == state) self.blocks_.erase(it);
+  }
+
+ private:
+  struct Entry {
+    std::weak_ptr<SharedState> weak;
+    const SharedState* raw = nullptr;  // compared, never followed
+  };
+  static SharedRegistry& instance() {
+    // Never destroyed: a block may outlive static destruction.
+    static auto* registry = new SharedRegistry;
+    return *registry;
+  }
+  /// In a forked child: the parent's blocks are not mapped here (MADV_DONTFORK).
+  void own() {
+    if (pid_ == ::getpid()) return;
+    blocks_.clear();  // weak references only: nothing is unmapped
+    pid_ = ::getpid();
+  }
+  pid_t pid_ = ::getpid();
+  std::unordered_map<std::uint64_t, Entry> blocks_;
+};
+
+inline SharedState::~SharedState() { SharedRegistry::remove(this); }
+
+/// A new zero-filled block of `size` bytes; throws std::system_error where
+/// memfd_create, ftruncate or mmap fail.
+inline std::shared_ptr<SharedState> create_shared_state(std::size_t size) {
+  const std::size_t total = shm_header_size + size;
+  auto [fd, base] = create_mapped_memfd("procpool-shared", total);
+  auto mapping = std::make_unique<ShmMapping>(base, total);
+  // Ids are random, not counted: a block's id must not be reused by a later
+  // worker that happens to get the same pid.
+  std::uint64_t id = 0;
+  while (id == 0) {
+    if (::getrandom(&id, sizeof(id), 0) != static_cast<ssize_t>(sizeof(id))) {
+      id = (static_cast<std::uint64_t>(::getpid()) << 40) ^ next_shm_id() ^
+           static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+    }
+  }
+  ShmHeader& header = mapping->header();
+  header.magic = shm_magic;
+  header.id = id;
+  header.capacity = size;
+  auto state = std::make_shared<SharedState>(std::move(fd), std::move(mapping));
+  return SharedRegistry::add(state);
+}
+
+/// The block `id` of `size` bytes that process `pid` holds as fd `fd`: this
+/// process's own mapping if it holds it already, else the other process's
+/// opened and mapped. Throws std::runtime_error naming what failed.
+inline std::shared_ptr<SharedState> open_shared_state(std::int32_t pid, std::int32_t fd, std::uint64_t id,
+                                                      std::uint64_t size) {
+  auto state = SharedRegistry::find(id);
+  if (!state) {
+    try {
+      ForeignMemory memory = open_foreign_memory(pid, fd, id, true, "/memfd:procpool-shared");
+      state = SharedRegistry::add(std::make_shared<SharedState>(std::move(memory.fd), std::move(memory.mapping)));
+    } catch (const std::exception& e) {
+      throw std::runtime_error("procpool::SharedMemory: cannot map the block of " + std::to_string(size) +
+                               " bytes that process " + std::to_string(pid) + " sent: " + e.what());
+    }
+  }
+  if (state->size() != size) {
+    throw std::runtime_error("procpool::SharedMemory: a reference to " + std::to_string(size) +
+                             " bytes of a block of " + std::to_string(state->size()));
+  }
+  return state;
+}
 
 }  // namespace procpool::detail

@@ -5,6 +5,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -38,6 +39,10 @@ class FrameReader {
     idle_ = std::move(idle);
     idle_after_ = after;
   }
+
+  /// Makes next() give up (return false, as at EOF) when no byte comes for
+  /// `limit`; a negative limit waits for ever, as by default.
+  void set_timeout(std::chrono::milliseconds limit) { timeout_ = limit; }
 
   /// false on a clean EOF between frames; throws ProtocolError-worthy
   /// std::runtime_error on a truncated or oversized frame.
@@ -79,6 +84,10 @@ class FrameReader {
       if (retry_eintr([&] { return ::poll(&p, 1, ms); }) != 0) break;
       idle_();
     }
+    if (timeout_.count() >= 0) {
+      pollfd p{fd_, POLLIN, 0};
+      if (retry_eintr([&] { return ::poll(&p, 1, static_cast<int>(timeout_.count())); }) == 0) return false;
+    }
     ssize_t n = retry_eintr([&] { return ::read(fd_, buffer_.data() + end_, buffer_.size() - end_); });
     if (n < 0) throw_errno("read");
     if (n == 0) return false;
@@ -91,6 +100,7 @@ class FrameReader {
   std::function<bool()> idle_wanted_;
   std::function<void()> idle_;
   std::chrono::milliseconds idle_after_{0};
+  std::chrono::milliseconds timeout_{-1};
   std::vector<char> buffer_;
   std::size_t begin_ = 0, end_ = 0, pending_ = 0;
 };
@@ -215,9 +225,33 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   finish_frame(out, start);
   if (!send_frame(result_fd, out)) return 0;
 
+  // SharedMemory blocks a result referred to, held until the parent says it
+  // has them mapped (shm_release): this process may exit right after.
+  SharedStates shared, lent;
+  auto let_go = [&](const FrameView& release) {
+    if (release.size != 8) return;
+    const auto id = get<std::uint64_t>(release.data);
+    auto it = std::find_if(lent.begin(), lent.end(), [&](const auto& state) { return state->id() == id; });
+    if (it != lent.end()) lent.erase(it);
+  };
+  // Before exiting: the parent answers at once, unless it is gone.
+  auto await_releases = [&] {
+    reader.set_timeout(std::chrono::seconds(5));
+    try {
+      while (!lent.empty() && reader.next(frame)) {
+        if (frame.kind == FrameKind::shm_release) let_go(frame);
+      }
+    } catch (const std::exception&) {
+    }
+  };
+
   std::uint64_t done = 0;
   for (;;) {
     if (!reader.next(frame)) return 0;  // the parent closed our pipe: exit quietly
+    if (frame.kind == FrameKind::shm_release) {
+      let_go(frame);
+      continue;
+    }
     if (frame.kind == FrameKind::shm_off) {
       shm = false;  // the parent cannot map our buffers: results take the pipe from now on
       continue;
@@ -253,7 +287,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     auto began = std::chrono::steady_clock::now();
     {
       Decoder decoder(frame.data + 20, frame.size - 20);
-      Encoder encoder(out);
+      Encoder encoder(out, &shared);
       entry->fn(decoder, count, encoder);
     }
     spares = have_spares();
@@ -270,6 +304,19 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     }
     finish_frame(out, start);
     std::vector<char> ref, control;  // out stays as it is: its capacity serves the next task
+    const auto first_new = static_cast<std::ptrdiff_t>(lent.size());
+    for (auto& state : shared) {
+      // Each block once; the parent maps it before it reads the result.
+      if (std::find(lent.begin() + first_new, lent.end(), state) != lent.end()) continue;
+      std::size_t share = begin_frame(control, FrameKind::shm_share);
+      put<std::int32_t>(control, static_cast<std::int32_t>(::getpid()));
+      put<std::int32_t>(control, state->fd.get());
+      put<std::uint64_t>(control, state->id());
+      put<std::uint64_t>(control, static_cast<std::uint64_t>(state->size()));
+      finish_frame(control, share);
+      lent.push_back(std::move(state));
+    }
+    shared.clear();
     ShmBuffer* buffer = nullptr;
     if (shm && out.size() > shm_threshold) buffer = shm_writer.acquire(out.size(), &control);
     if (!control.empty() && !send_frame(result_fd, control)) return 0;
@@ -283,7 +330,10 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
       }
     }
     if (!send_frame(result_fd, ref.empty() ? out : ref)) return 0;
-    if (max_tasks != 0 && ++done >= max_tasks) return 0;
+    if (max_tasks != 0 && ++done >= max_tasks) {
+      await_releases();
+      return 0;
+    }
     if (max_rss != 0) release_spares();  // the cap is on what the tasks hold, not on procpool's cache
     if (max_rss != 0 && resident_bytes() > max_rss) {
       // Too big to keep: tell the parent that the tasks queued behind this
@@ -291,6 +341,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
       out.clear();
       finish_frame(out, begin_frame(out, FrameKind::leaving));
       send_frame(result_fd, out);
+      await_releases();
       return 0;
     }
   }
