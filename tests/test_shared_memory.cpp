@@ -1,6 +1,7 @@
 // procpool::SharedMemory: blocks the parent and its workers share, sent as
 // references and never copied.
 #include <cereal/archives/binary.hpp>
+#include <filesystem>
 #include <numeric>
 #include <ranges>
 #include <sstream>
@@ -51,6 +52,31 @@ struct TwoBlocks {
 
 /// The two blocks, then the first again.
 std::vector<SharedMemory> three_of_two(TwoBlocks blocks) { return {blocks.first, blocks.second, blocks.first}; }
+
+/// A block made for `x`, unless `x % 4 == 3`: that crashes the worker
+/// (SIGKILL) the first time, right after the worker's previous result.
+SharedMemory block_or_crash(std::string dir, long x) {
+  if (x % 4 == 3) test::crash_once(dir, x);
+  return make_block(static_cast<std::size_t>(1000 + x));
+}
+
+/// Open fds of this process.
+std::size_t open_fds() {
+  std::size_t count = 0;
+  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) ++count;
+  return count;
+}
+
+/// A block set in the parent before a fork pool started, as the worker sees it.
+SharedMemory& global_block() {
+  static SharedMemory block;
+  return block;
+}
+SharedMemory return_global(int) { return global_block(); }
+int replace_global(SharedMemory block) {
+  global_block() = std::move(block);
+  return static_cast<int>(global_block().size());
+}
 
 /// Where an initializer leaves the block it was given, in each worker.
 SharedMemory& initial_block() {
@@ -129,6 +155,50 @@ POOL_TEST("a SharedMemory the caller lets go of after imap encoded it lives unti
     CHECK(filled_with(block, 4));
   }
   CHECK(seen == 40);
+}
+
+POOL_TEST("a worker that crashes right after a result loses none of the blocks it returned", "[shared_memory]") {
+  // Tasks are short, so each worker holds several at once and goes straight
+  // from a result to the task that kills it.
+  test::TempDir dir;
+  procpool::Pool pool(test::options<TestType>({.processes = 2, .retries = 1}));
+  std::vector<std::tuple<std::string, long>> in;
+  for (long x = 0; x < 24; ++x) in.emplace_back(dir.path(), x);
+  std::vector<SharedMemory> blocks = pool.starmap<block_or_crash>(in, 1);
+  REQUIRE(blocks.size() == in.size());
+  for (long x = 0; x < 24; ++x) {
+    INFO("item " << x);
+    CHECK(blocks[static_cast<std::size_t>(x)].size() == static_cast<std::size_t>(1000 + x));
+    CHECK(filled_with(blocks[static_cast<std::size_t>(x)], static_cast<int>((1000 + x) % 251)));
+  }
+  CHECK(dir.files().size() == 6);
+}
+
+POOL_TEST("blocks and their fds are let go of once the results are", "[shared_memory]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  pool.apply<make_block>(std::size_t{10});
+  const std::size_t before = open_fds();
+  for (int round = 0; round < 3; ++round) {
+    std::vector<SharedMemory> blocks = pool.map<make_block>(std::vector<std::size_t>(20, 100'000), 1);
+    CHECK(blocks.size() == 20);
+    CHECK(open_fds() >= before + 20);  // each block held here is an open memfd
+  }
+  CHECK(open_fds() == before);
+}
+
+TEST_CASE("a block a forked worker inherited is not used there, and is refused if sent", "[shared_memory]") {
+  global_block() = make_block(4096);
+  {
+    procpool::Pool pool(test::options<test::Fork>({.processes = 1}));
+    auto e = test::thrown<procpool::RemoteError>([&] { pool.apply<return_global>(0); });
+    CHECK_THAT(e.what(), Catch::Contains("copied into this one by fork()"));
+    // Replacing it in the worker neither unmaps nor closes what is not the worker's.
+    CHECK(pool.apply<replace_global>(make_block(100)) == 100);
+    CHECK(pool.apply<replace_global>(make_block(200)) == 200);
+    CHECK(filled_with(pool.apply<return_global>(0), 200 % 251));
+  }
+  CHECK(filled_with(global_block(), 4096 % 251));
+  global_block() = SharedMemory();
 }
 
 POOL_TEST("SharedMemory travels inside structs and vectors, and one block twice stays one block", "[shared_memory]") {

@@ -46,7 +46,10 @@ namespace procpool {
  *
  * Blocks are memfds the receiver opens through `/proc/PID/fd/N`, as the pool's
  * large messages are: a worker that cannot (no /proc, another user) fails
- * the task with a message saying so.
+ * the task with a message saying so. A block reaches a worker only by
+ * travelling: one the parent holds in a global is not mapped in a worker
+ * forked from it (sending that copy from the worker throws
+ * std::logic_error).
  *
  * A value type: copying it is cheap and thread-safe; the bytes need the
  * caller's synchronisation.
@@ -94,6 +97,12 @@ class SharedMemory {
       if (!state_) {
         ar(std::uint8_t{0});
         return;
+      }
+      if (state_->inherited()) {
+        throw std::logic_error("procpool::SharedMemory: this block was made by process " +
+                               std::to_string(state_->owner()) +
+                               " and copied into this one by fork(), which does not map it here; pass it to the "
+                               "worker as an argument or through the initializer");
       }
       ar.share(state_);
       ar(std::uint8_t{1}, static_cast<std::int32_t>(::getpid()), static_cast<std::int32_t>(state_->fd.get()),

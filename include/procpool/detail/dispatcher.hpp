@@ -237,6 +237,7 @@ class Dispatcher {
     bool shm = false;                // it can reach the pool's shared memory (said so when ready)
     ShmReader shm_reader{true};      // its result buffers it announced, mapped
     SharedStates shared;             // SharedMemory blocks it shared (shm_share) for its next result
+    std::string share_failure;       // why one of them could not be mapped
     bool shm_refused = false;        // one of them could not be mapped: it was told to stop (shm_off)
     bool retiring = false;           // it was sent its last task
     bool eof = false;                // its result pipe is closed
@@ -743,6 +744,7 @@ class Dispatcher {
     // The blocks the result refers to, all shared for it (even those its
     // task sent: they may go with the task).
     outcome.shares = std::exchange(w.shared, {});
+    outcome.share_failure = std::exchange(w.share_failure, {});
     deliveries.push_back(
         {std::move(it->second.job), it->second.chunk, std::move(outcome), items_in(*it->second.frame)});
     in_flight_.erase(it);  // frees the task's shared memory, if it used some
@@ -750,30 +752,33 @@ class Dispatcher {
   }
 
   /// A SharedMemory block the worker's next result refers to: maps it now,
-  /// while the worker still holds it, keeps it for that result, and tells
-  /// the worker it may let it go. One it cannot map is left out: decoding
-  /// the result then fails with the reason.
+  /// while the worker still holds it (it waits for that), and keeps it for
+  /// that result. One it cannot map is left out, and decoding the result
+  /// then fails with the reason.
   bool take_share(Worker& w, const FrameView& frame) {
     if (frame.size != shm_share_size) return protocol_violation(w, "the worker sent a malformed shm_share message");
+    if (w.shared.size() >= max_shares_per_result) {
+      return protocol_violation(w, "the worker shared more SharedMemory blocks than a result can hold");
+    }
     const auto pid = get<std::int32_t>(frame.data);
     const auto fd = get<std::int32_t>(frame.data + 4);
     const auto id = get<std::uint64_t>(frame.data + 8);
     const auto size = get<std::uint64_t>(frame.data + 16);
     if (pid != w.proc.pid) return protocol_violation(w, "the worker shared another process's memory");
     try {
-      w.shared.push_back(open_shared_state(pid, fd, id, size));
-    } catch (const std::exception&) {
-      // Left out; the decoder reports why when it looks for the block.
-    }
-    if (w.proc.task) {
-      auto release = std::make_shared<TaskBytes>();
-      std::size_t start = begin_frame(*release, FrameKind::shm_release);
-      put<std::uint64_t>(*release, id);
-      finish_frame(*release, start);
-      w.outbox.push_back(std::move(release));
+      auto state = open_shared_state(pid, fd, id, size);
+      state->mark_mapped();
+      w.shared.push_back(std::move(state));
+    } catch (const std::exception& e) {
+      // The worker waits a while for the mark, then sends its result anyway.
+      if (w.share_failure.empty()) w.share_failure = e.what();
     }
     return true;
   }
+
+  /// SharedMemory blocks one result may refer to, at most (a bound on what a
+  /// worker can make the parent hold before it sends the result).
+  static constexpr std::size_t max_shares_per_result = std::size_t{1} << 20;
 
   bool protocol_violation(Worker& w, std::string why) {
     w.failure = ChunkFailure{ChunkFailure::Kind::protocol, w.proc.pid, w.slot, 0, std::move(why)};

@@ -36,7 +36,6 @@ enum class FrameKind : std::uint32_t {
   shm_drop = 10,     // worker -> parent: I unmapped this result buffer
   shm_off = 11,      // parent -> worker: I cannot map your buffers; send results through the pipe
   shm_share = 12,    // worker -> parent: my next result refers to this SharedMemory block; map it
-  shm_release = 13,  // parent -> worker: I mapped the block you shared (or could not): let it go
 };
 
 inline constexpr std::size_t frame_header_size = 8;

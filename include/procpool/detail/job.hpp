@@ -49,7 +49,8 @@ struct ChunkOutcome {
   std::vector<char> payload;       // holds the per-item outcomes, as the worker encoded them,
   std::size_t payload_offset = 0;  // from this offset (a large frame's buffer is taken over whole)
   std::unique_ptr<ShmSlice> shm;   // or they are in the worker's shared memory (then payload is empty)
-  SharedStates shares;             // the SharedMemory blocks its task and result refer to, until decoded
+  SharedStates shares;             // the SharedMemory blocks its result refers to, until decoded
+  std::string share_failure;       // why a block the worker shared could not be mapped
   std::uint64_t run_ns = 0;        // how long the worker ran the chunk
   pid_t pid = 0;
   std::size_t worker = 0;
@@ -422,7 +423,10 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_
     }
   } catch (const std::exception& e) {
     ChunkFailure bad{ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
-                     fmt::format("its result could not be decoded ({})", e.what())};
+                     outcome.share_failure.empty()
+                         ? fmt::format("its result could not be decoded ({})", e.what())
+                         : fmt::format("its result could not be decoded ({}; when the worker shared it: {})", e.what(),
+                                       outcome.share_failure)};
     for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i));
   }
 }

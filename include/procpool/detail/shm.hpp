@@ -173,9 +173,13 @@ inline std::uint64_t next_shm_id() {
 /// A new memfd of `size` bytes named `name`, mapped whole, shared and not
 /// inherited by a fork; throws std::system_error where memfd_create,
 /// ftruncate or mmap fail.
-inline std::pair<Fd, void*> create_mapped_memfd(const char* name, std::size_t size) {
-  Fd fd = make_tracked("memfd_create", [&] { return ::memfd_create(name, MFD_CLOEXEC); });
+/// `sealed`: its size can never change (no other process holding it can
+/// shrink it under this one's mapping).
+inline std::pair<Fd, void*> create_mapped_memfd(const char* name, std::size_t size, bool sealed = false) {
+  Fd fd = make_tracked("memfd_create",
+                       [&] { return ::memfd_create(name, MFD_CLOEXEC | (sealed ? MFD_ALLOW_SEALING : 0U)); });
   if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) throw_errno("ftruncate(memfd)");
+  if (sealed && ::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) throw_errno("fcntl(F_ADD_SEALS)");
   void* base;
   {
     // Buffers are made on the threads that encode tasks: a fork() (which
@@ -742,24 +746,42 @@ using TaskBytes = std::vector<char, TaskAllocator<char>>;
 // opens the sender's fd through /proc, or, when it already holds the block
 // (it is the same id), uses its own mapping.
 //
-// Lifetimes: a block the parent sends stays held by the task until its
-// result is decoded (Chunk::shares). A block a worker sends it announces
-// first (shm_share) and keeps until the parent, having mapped it, says so
-// (shm_release): a worker may exit right after its last result.
+// Lifetimes: a block the parent sends is held by its task until the task is
+// settled (Chunk::shares). A block a worker sends it announces first
+// (shm_share); the parent maps it at once, sets its header's `mapped`, and
+// keeps it with the result until that is decoded; the worker sends the
+// result only once `mapped` is set (or holds the block until it is), as it
+// may die or exit right after.
 
 /// The memory behind a procpool::SharedMemory in one process.
 struct SharedState {
-  SharedState(Fd file, std::unique_ptr<ShmMapping> map) : fd(std::move(file)), mapping(std::move(map)) {}
+  SharedState(Fd file, std::unique_ptr<ShmMapping> map)
+      : fd(std::move(file)), mapping(std::move(map)), id_(mapping->header().id), owner_(::getpid()) {}
   SharedState(const SharedState&) = delete;
   SharedState& operator=(const SharedState&) = delete;
   ~SharedState();
 
-  std::uint64_t id() const { return mapping->header().id; }
+  /// Read once: the header is writable by every process holding the block.
+  std::uint64_t id() const { return id_; }
   std::size_t size() const { return mapping->capacity(); }
   char* data() const { return mapping->data(); }
+  /// Copied into a fork() of the process that mapped it: not mapped here
+  /// (MADV_DONTFORK), its fd closed.
+  bool inherited() const { return owner_ != ::getpid(); }
+  pid_t owner() const { return owner_; }
+
+  /// Before announcing it: clears the flag the reader sets once it has it.
+  void expect_reader() const { mapping->header().mapped.store(0, std::memory_order_relaxed); }
+  /// The reader has it mapped (or held it already).
+  void mark_mapped() const { mapping->header().mapped.store(1, std::memory_order_release); }
+  bool mapped_by_reader() const { return mapping->header().mapped.load(std::memory_order_acquire) != 0; }
 
   Fd fd;  // kept open: it is how another process opens the block
   std::unique_ptr<ShmMapping> mapping;
+
+ private:
+  std::uint64_t id_;
+  pid_t owner_;
 };
 
 /// Blocks a message refers to, kept alive with it.
@@ -816,19 +838,28 @@ class SharedRegistry {
   std::unordered_map<std::uint64_t, Entry> blocks_;
 };
 
-inline SharedState::~SharedState() { SharedRegistry::remove(this); }
+inline SharedState::~SharedState() {
+  if (inherited()) {
+    // Neither the mapping nor the fd number is this process's: unmapping or
+    // closing them could hit what this process has put there since.
+    static_cast<void>(fd.release());
+    static_cast<void>(mapping.release());
+    return;
+  }
+  SharedRegistry::remove(this);
+}
 
 /// A new zero-filled block of `size` bytes; throws std::system_error where
 /// memfd_create, ftruncate or mmap fail.
 inline std::shared_ptr<SharedState> create_shared_state(std::size_t size) {
   const std::size_t total = shm_header_size + size;
-  auto [fd, base] = create_mapped_memfd("procpool-shared", total);
+  auto [fd, base] = create_mapped_memfd("procpool-shared", total, true);
   auto mapping = std::make_unique<ShmMapping>(base, total);
   // Ids are random, not counted: a block's id must not be reused by a later
   // worker that happens to get the same pid.
   std::uint64_t id = 0;
   while (id == 0) {
-    if (::getrandom(&id, sizeof(id), 0) != static_cast<ssize_t>(sizeof(id))) {
+    if (::getrandom(&id, sizeof(id), GRND_NONBLOCK) != static_cast<ssize_t>(sizeof(id))) {
       id = (static_cast<std::uint64_t>(::getpid()) << 40) ^ next_shm_id() ^
            static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
     }

@@ -50,8 +50,10 @@ auto retry_eintr(Call&& call) {
 class FdRegistry {
  public:
   static FdRegistry& instance() {
-    static FdRegistry registry;
-    return registry;
+    // Never destroyed: an Fd may be closed during static destruction (a
+    // SharedMemory at namespace scope holds one).
+    static auto* registry = new FdRegistry;
+    return *registry;
   }
   void add(int fd) {
     std::lock_guard lock(mutex_);

@@ -12,6 +12,7 @@
 #include <functional>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "frame.hpp"
@@ -39,10 +40,6 @@ class FrameReader {
     idle_ = std::move(idle);
     idle_after_ = after;
   }
-
-  /// Makes next() give up (return false, as at EOF) when no byte comes for
-  /// `limit`; a negative limit waits for ever, as by default.
-  void set_timeout(std::chrono::milliseconds limit) { timeout_ = limit; }
 
   /// false on a clean EOF between frames; throws ProtocolError-worthy
   /// std::runtime_error on a truncated or oversized frame.
@@ -84,10 +81,6 @@ class FrameReader {
       if (retry_eintr([&] { return ::poll(&p, 1, ms); }) != 0) break;
       idle_();
     }
-    if (timeout_.count() >= 0) {
-      pollfd p{fd_, POLLIN, 0};
-      if (retry_eintr([&] { return ::poll(&p, 1, static_cast<int>(timeout_.count())); }) == 0) return false;
-    }
     ssize_t n = retry_eintr([&] { return ::read(fd_, buffer_.data() + end_, buffer_.size() - end_); });
     if (n < 0) throw_errno("read");
     if (n == 0) return false;
@@ -100,7 +93,6 @@ class FrameReader {
   std::function<bool()> idle_wanted_;
   std::function<void()> idle_;
   std::chrono::milliseconds idle_after_{0};
-  std::chrono::milliseconds timeout_{-1};
   std::vector<char> buffer_;
   std::size_t begin_ = 0, end_ = 0, pending_ = 0;
 };
@@ -225,33 +217,27 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   finish_frame(out, start);
   if (!send_frame(result_fd, out)) return 0;
 
-  // SharedMemory blocks a result referred to, held until the parent says it
-  // has them mapped (shm_release): this process may exit right after.
+  // SharedMemory blocks a result refers to (`shared`, filled by the
+  // encoder): announced (shm_share) before the result, which is sent once
+  // the parent has mapped them all (it sets each one's `mapped`): this
+  // process may die or exit right after it. Those the parent has not mapped
+  // within share_wait are held (`lent`) until it has, or this process goes.
   SharedStates shared, lent;
-  auto let_go = [&](const FrameView& release) {
-    if (release.size != 8) return;
-    const auto id = get<std::uint64_t>(release.data);
-    auto it = std::find_if(lent.begin(), lent.end(), [&](const auto& state) { return state->id() == id; });
-    if (it != lent.end()) lent.erase(it);
-  };
-  // Before exiting: the parent answers at once, unless it is gone.
-  auto await_releases = [&] {
-    reader.set_timeout(std::chrono::seconds(5));
-    try {
-      while (!lent.empty() && reader.next(frame)) {
-        if (frame.kind == FrameKind::shm_release) let_go(frame);
-      }
-    } catch (const std::exception&) {
+  constexpr auto share_wait = std::chrono::seconds(5);
+  auto await_parent = [&](std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    std::chrono::microseconds nap{5};
+    for (;;) {
+      std::erase_if(lent, [](const auto& state) { return state->mapped_by_reader(); });
+      if (lent.empty() || std::chrono::steady_clock::now() >= deadline) return;
+      std::this_thread::sleep_for(nap);
+      nap = std::min(2 * nap, std::chrono::microseconds{1000});
     }
   };
 
   std::uint64_t done = 0;
   for (;;) {
     if (!reader.next(frame)) return 0;  // the parent closed our pipe: exit quietly
-    if (frame.kind == FrameKind::shm_release) {
-      let_go(frame);
-      continue;
-    }
     if (frame.kind == FrameKind::shm_off) {
       shm = false;  // the parent cannot map our buffers: results take the pipe from now on
       continue;
@@ -304,10 +290,12 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     }
     finish_frame(out, start);
     std::vector<char> ref, control;  // out stays as it is: its capacity serves the next task
-    const auto first_new = static_cast<std::ptrdiff_t>(lent.size());
+    // Each block once.
+    std::sort(shared.begin(), shared.end());
+    shared.erase(std::unique(shared.begin(), shared.end()), shared.end());
+    const bool sharing = !shared.empty();
     for (auto& state : shared) {
-      // Each block once; the parent maps it before it reads the result.
-      if (std::find(lent.begin() + first_new, lent.end(), state) != lent.end()) continue;
+      state->expect_reader();
       std::size_t share = begin_frame(control, FrameKind::shm_share);
       put<std::int32_t>(control, static_cast<std::int32_t>(::getpid()));
       put<std::int32_t>(control, state->fd.get());
@@ -320,6 +308,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     ShmBuffer* buffer = nullptr;
     if (shm && out.size() > shm_threshold) buffer = shm_writer.acquire(out.size(), &control);
     if (!control.empty() && !send_frame(result_fd, control)) return 0;
+    if (sharing) await_parent(share_wait);
     if (buffer != nullptr) {
       ref = ShmWriter::fill(*buffer, out.data(), out.size());
       // A new buffer is referred to only once the parent has it mapped: then
@@ -331,7 +320,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     }
     if (!send_frame(result_fd, ref.empty() ? out : ref)) return 0;
     if (max_tasks != 0 && ++done >= max_tasks) {
-      await_releases();
+      await_parent(share_wait);
       return 0;
     }
     if (max_rss != 0) release_spares();  // the cap is on what the tasks hold, not on procpool's cache
@@ -341,7 +330,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
       out.clear();
       finish_frame(out, begin_frame(out, FrameKind::leaving));
       send_frame(result_fd, out);
-      await_releases();
+      await_parent(share_wait);
       return 0;
     }
   }
