@@ -36,14 +36,17 @@
 // only buffers that are not busy.
 #pragma once
 
+#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -772,9 +775,27 @@ struct SharedState {
 
   /// Before announcing it: clears the flag the reader sets once it has it.
   void expect_reader() const { mapping->header().mapped.store(0, std::memory_order_relaxed); }
-  /// The reader has it mapped (or held it already).
-  void mark_mapped() const { mapping->header().mapped.store(1, std::memory_order_release); }
+  /// The reader has it mapped (or held it already); wakes a writer waiting
+  /// for that in wait_mapped().
+  void mark_mapped() const {
+    auto& flag = mapping->header().mapped;
+    flag.store(1, std::memory_order_release);
+    // A futex on shared memory: the word is the same in every process mapping it.
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&flag), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+  }
   bool mapped_by_reader() const { return mapping->header().mapped.load(std::memory_order_acquire) != 0; }
+  /// Waits until the reader has marked it mapped, or `until`.
+  bool wait_mapped(std::chrono::steady_clock::time_point until) const {
+    auto& flag = mapping->header().mapped;
+    while (flag.load(std::memory_order_acquire) == 0) {
+      const auto left = until - std::chrono::steady_clock::now();
+      if (left <= std::chrono::steady_clock::duration::zero()) return false;
+      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+      timespec timeout{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
+      ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&flag), FUTEX_WAIT, 0, &timeout, nullptr, 0);
+    }
+    return true;
+  }
 
   Fd fd;  // kept open: it is how another process opens the block
   std::unique_ptr<ShmMapping> mapping;

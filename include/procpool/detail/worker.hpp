@@ -12,7 +12,6 @@
 #include <functional>
 #include <iostream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "frame.hpp"
@@ -226,13 +225,10 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   constexpr auto share_wait = std::chrono::seconds(5);
   auto await_parent = [&](std::chrono::milliseconds limit) {
     const auto deadline = std::chrono::steady_clock::now() + limit;
-    std::chrono::microseconds nap{5};
-    for (;;) {
-      std::erase_if(lent, [](const auto& state) { return state->mapped_by_reader(); });
-      if (lent.empty() || std::chrono::steady_clock::now() >= deadline) return;
-      std::this_thread::sleep_for(nap);
-      nap = std::min(2 * nap, std::chrono::microseconds{1000});
+    for (const auto& state : lent) {
+      if (!state->wait_mapped(deadline)) break;
     }
+    std::erase_if(lent, [](const auto& state) { return state->mapped_by_reader(); });
   };
 
   std::uint64_t done = 0;
@@ -320,7 +316,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     }
     if (!send_frame(result_fd, ref.empty() ? out : ref)) return 0;
     if (max_tasks != 0 && ++done >= max_tasks) {
-      await_parent(share_wait);
+      await_parent(share_wait);  // for blocks of earlier results still unmarked
       return 0;
     }
     if (max_rss != 0) release_spares();  // the cap is on what the tasks hold, not on procpool's cache
