@@ -40,7 +40,7 @@ struct Chunk {
   std::shared_ptr<JobState> job;
   std::uint64_t index = 0;  // the chunk's number within its job
   TaskBytes frame;          // a task frame (from Dispatcher::new_frame()); the dispatcher stamps the task id
-  SharedStates shares;      // the SharedMemory blocks the frame refers to: held until its result is decoded
+  SharedStates shares;      // the SharedMemory blocks the frame refers to: held until the task is settled
 };
 
 class Dispatcher {
