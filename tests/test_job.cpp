@@ -2,6 +2,7 @@
 // and how imap takes what is ready; then imap's refills through a real pool.
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <ranges>
 #include <thread>
@@ -107,5 +108,67 @@ POOL_TEST("imap refills its prefetch in batches, not one chunk per result", "[im
   for (std::size_t k = 1; k + 1 < steps.size(); ++k) {
     CAPTURE(k, steps[k]);
     CHECK(steps[k] >= 2);
+  }
+}
+
+TEST_CASE("a ring queue keeps its order across wrap-around and growth, and lets go of what it removes", "[job]") {
+  using procpool::detail::Ring;
+  Ring<std::shared_ptr<int>> ring;
+  auto owned = std::make_shared<int>(0);
+  std::vector<int> model;  // what the ring should hold, front first
+  int next = 0;
+  // Wrap around the first 8 slots many times, then grow past them while wrapped.
+  for (int round = 0; round < 20; ++round) {
+    for (int k = 0; k < 5; ++k) {
+      ring.push_back(std::make_shared<int>(next));
+      model.push_back(next++);
+    }
+    for (int k = 0; k < 4; ++k) {
+      REQUIRE(*ring.front() == model.front());
+      ring.pop_front();
+      model.erase(model.begin());
+    }
+  }
+  ring.push_front(owned);
+  model.insert(model.begin(), 0);
+  ring.erase(3);  // from the middle
+  model.erase(model.begin() + 3);
+  REQUIRE(ring.size() == model.size());
+  for (std::size_t k = 0; k < model.size(); ++k) CHECK(*ring[k] == model[k]);
+  CHECK(owned.use_count() == 2);
+  ring.pop_front();
+  CHECK(owned.use_count() == 1);  // the slot it was in no longer holds it
+  std::size_t seen = 0;
+  for (const auto& p : ring) CHECK(*p == model[++seen]);
+  CHECK(seen == ring.size());
+  ring.clear();
+  CHECK(ring.empty());
+}
+
+TEST_CASE("outcomes arriving out of order are taken in chunk order", "[job]") {
+  JobState job("imap");
+  for (std::uint64_t chunk : {3, 0, 5, 1, 4, 2, 7}) job.deliver(chunk, outcome_of(1), 1);
+  const auto now = procpool::detail::Clock::now();
+  auto got = job.take_some(0, now, 100, SIZE_MAX);
+  REQUIRE(got.size() == 6);
+  for (std::uint64_t chunk = 0; chunk < 6; ++chunk) CHECK(got[chunk].first == chunk);
+  CHECK(job.take_some(6, now, 100, SIZE_MAX).empty());
+  job.deliver(6, outcome_of(1), 1);
+  auto run = job.take_run(6, 8);
+  CHECK(run.size() == 2);
+  CHECK(job.ready_bytes() == 0);
+}
+
+TEST_CASE("a chunk outcome keeps small and large encoded results alike", "[job]") {
+  for (std::size_t size :
+       {std::size_t{1}, ChunkOutcome::small_capacity, ChunkOutcome::small_capacity + 1, std::size_t{100000}}) {
+    std::vector<char> bytes(size);
+    for (std::size_t k = 0; k < size; ++k) bytes[k] = static_cast<char>(k * 7);
+    ChunkOutcome outcome;
+    outcome.copy_bytes(bytes.data(), bytes.size());
+    ChunkOutcome moved = std::move(outcome);
+    auto kept = moved.bytes();
+    CHECK(std::vector<char>(kept.begin(), kept.end()) == bytes);
+    CHECK(moved.held_bytes() == size);
   }
 }

@@ -72,7 +72,7 @@ class AsyncState : public JobState {
 
  protected:
   /// Builds the value from every chunk's outcome (in chunk order) or throws the first error.
-  virtual V decode(std::map<std::uint64_t, ChunkOutcome> outcomes) = 0;
+  virtual V decode(std::vector<ReadyOutcomes::Entry> outcomes) = 0;
 
   void on_delivered() override {
     if ((!callback_ && !error_callback_) || !complete()) return;
@@ -115,7 +115,7 @@ class MapState final : public AsyncState<std::vector<T>> {
         chunksize_(chunksize) {}
 
  protected:
-  std::vector<T> decode(std::map<std::uint64_t, ChunkOutcome> outcomes) override {
+  std::vector<T> decode(std::vector<ReadyOutcomes::Entry> outcomes) override {
     std::vector<T> values;
     values.reserve(count_);
     std::exception_ptr first_error;
@@ -203,11 +203,11 @@ class ApplyState final : public AsyncState<T> {
   explicit ApplyState(std::string_view call) : AsyncState<T>(call, 1) {}
 
  protected:
-  T decode(std::map<std::uint64_t, ChunkOutcome> outcomes) override {
+  T decode(std::vector<ReadyOutcomes::Entry> outcomes) override {
     std::optional<T> value;
     std::exception_ptr error;
     decode_chunk<T>(
-        outcomes.begin()->second, this->call(), 0, 1, [&](std::size_t, T&& v) { value.emplace(std::move(v)); },
+        outcomes.front().second, this->call(), 0, 1, [&](std::size_t, T&& v) { value.emplace(std::move(v)); },
         [&](std::size_t, std::exception_ptr e) { error = std::move(e); });
     if (error) std::rethrow_exception(error);
     return std::move(*value);

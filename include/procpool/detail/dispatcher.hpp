@@ -16,7 +16,6 @@
 #include <memory>
 #include <mutex>
 #include <thread>
-#include <unordered_map>
 #include <vector>
 
 #include <fmt/format.h>
@@ -28,6 +27,7 @@
 #include "job.hpp"
 #include "launcher.hpp"
 #include "output_relay.hpp"
+#include "ring.hpp"
 #include "shm.hpp"
 #include "system.hpp"
 #include "worker.hpp"
@@ -137,6 +137,7 @@ class Dispatcher {
           if (chunk.job->task_timeout()) timeouts_used_ = true;
           pending_.push_back(Task{std::move(chunk.job),
                                   chunk.index,
+                                  0,
                                   std::make_shared<TaskBytes>(std::move(chunk.frame)),
                                   0,
                                   {},
@@ -221,6 +222,7 @@ class Dispatcher {
   struct Task {
     std::shared_ptr<JobState> job;
     std::uint64_t chunk = 0;
+    std::uint64_t id = 0;  // its task id, once sent
     std::shared_ptr<TaskBytes> frame;
     std::size_t attempts = 0;  // how often a worker died running it
     ShmLease shm;         // the shared memory a frame on the heap was copied into, until the worker is done with it
@@ -233,16 +235,16 @@ class Dispatcher {
   struct Worker {
     std::size_t slot = 0;
     LaunchedWorker proc;
-    bool ready = false;              // it finished its initializer
-    bool shm = false;                // it can reach the pool's shared memory (said so when ready)
-    ShmReader shm_reader{true};      // its result buffers it announced, mapped
-    SharedStates shared;             // SharedMemory blocks it shared (shm_share) for its next result
-    std::string share_failure;       // why one of them could not be mapped
-    bool shm_refused = false;        // one of them could not be mapped: it was told to stop (shm_off)
-    bool retiring = false;           // it was sent its last task
-    bool eof = false;                // its result pipe is closed
-    bool exited = false;             // its process is gone (pidfd fired, or found by waitpid)
-    std::deque<std::uint64_t> held;  // task ids sent and not answered, in order
+    bool ready = false;          // it finished its initializer
+    bool shm = false;            // it can reach the pool's shared memory (said so when ready)
+    ShmReader shm_reader{true};  // its result buffers it announced, mapped
+    SharedStates shared;         // SharedMemory blocks it shared (shm_share) for its next result
+    std::string share_failure;   // why one of them could not be mapped
+    bool shm_refused = false;    // one of them could not be mapped: it was told to stop (shm_off)
+    bool retiring = false;       // it was sent its last task
+    bool eof = false;            // its result pipe is closed
+    bool exited = false;         // its process is gone (pidfd fired, or found by waitpid)
+    Ring<Task> held;             // the tasks sent and not answered, in order: the front one runs
     std::size_t sent = 0;
     std::deque<std::shared_ptr<TaskBytes>> outbox;
     std::size_t out_offset = 0;  // bytes of outbox.front() already written
@@ -278,7 +280,8 @@ class Dispatcher {
     for (;;) {
       if (state_ == State::terminating) break;
       maintain(deliveries);
-      if (state_ == State::closed && streams_ == 0 && pending_.empty() && in_flight_.empty() && workers_.empty()) {
+      // With no workers, no task is held.
+      if (state_ == State::closed && streams_ == 0 && pending_.empty() && workers_.empty()) {
         break;
       }
 
@@ -331,6 +334,12 @@ class Dispatcher {
         auto [w, role] = owners[k];
         if (role == result) {
           if (!read_results(*w, deliveries)) w->eof = true;
+          // Refill it at once: its next tasks leave before the other
+          // workers' results are read and before this one's are delivered.
+          if (!broken_ && w->takes_tasks()) {
+            assign_pending();
+            if (!w->outbox.empty()) flush_outbox(*w);
+          }
         } else if (role == task) {
           flush_outbox(*w);
         } else {
@@ -472,10 +481,7 @@ class Dispatcher {
     const bool front_started = w.ready && !w.leaving;
     std::vector<Task> again;
     for (std::size_t k = 0; k < w.held.size(); ++k) {
-      auto it = in_flight_.find(w.held[k]);
-      if (it == in_flight_.end()) continue;
-      Task task = std::move(it->second);
-      in_flight_.erase(it);
+      Task task = std::move(w.held[k]);
       task.shm.reset();  // the worker is gone: its buffer is free
       if (k == 0 && front_started) {
         bool retry =
@@ -488,7 +494,8 @@ class Dispatcher {
       }
       again.push_back(std::move(task));
     }
-    pending_.insert(pending_.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
+    w.held.clear();
+    for (auto task = again.rbegin(); task != again.rend(); ++task) pending_.push_front(std::move(*task));
     if (broken_) fail_all_pending(*broken_, deliveries);
   }
 
@@ -510,9 +517,7 @@ class Dispatcher {
         continue;
       }
       if (!timeouts_used_ || w->held.empty() || !w->ready || w->failure) continue;
-      auto running = in_flight_.find(w->held.front());
-      if (running == in_flight_.end()) continue;
-      const auto limit = running->second.job->task_timeout().value_or(task_timeout_);
+      const auto limit = w->held.front().job->task_timeout().value_or(task_timeout_);
       if (limit.count() <= 0) continue;
       auto deadline = w->front_since + limit;
       if (now < deadline) {
@@ -559,9 +564,9 @@ class Dispatcher {
       std::uint64_t id = next_task_id_++;
       patch<std::uint64_t>(*task.frame, task_id_offset, id);
       if (best->held.empty()) best->front_since = Clock::now();
-      best->held.push_back(id);
+      task.id = id;
       send_task(*best, task);
-      in_flight_.emplace(id, std::move(task));
+      best->held.push_back(std::move(task));
       if (max_tasks_per_child_ != 0 && ++best->sent >= max_tasks_per_child_) best->retiring = true;
       pending_.pop_front();
     }
@@ -629,6 +634,8 @@ class Dispatcher {
       if (n < 0) return errno == EAGAIN;
       w.inbox.commit(static_cast<std::size_t>(n));
       if (!parse_results(w, deliveries)) return false;
+      // A short read emptied the pipe: poll() tells when there is more.
+      if (static_cast<std::size_t>(n) < space.size()) return true;
     }
   }
 
@@ -718,12 +725,10 @@ class Dispatcher {
     if (frame.size < result_prefix_size) return protocol_violation(w, "the worker sent a truncated result");
     auto id = get<std::uint64_t>(frame.data);
     auto ns = get<std::uint64_t>(frame.data + 8);
-    auto held = std::find(w.held.begin(), w.held.end(), id);
-    auto it = in_flight_.find(id);
-    if (held == w.held.end() || it == in_flight_.end()) {
-      return protocol_violation(w, "the worker answered a task it was not given");
-    }
-    w.held.erase(held);
+    std::size_t k = 0;
+    while (k < w.held.size() && w.held[k].id != id) ++k;
+    if (k == w.held.size()) return protocol_violation(w, "the worker answered a task it was not given");
+    Task& task = w.held[k];
     w.front_since = Clock::now();
     record_timing(ns);
     ChunkOutcome outcome;
@@ -734,7 +739,7 @@ class Dispatcher {
     } else {
       outcome.payload = w.inbox.take_large();  // a large result is not copied again
       if (outcome.payload.empty()) {
-        outcome.payload.assign(frame.data + result_prefix_size, frame.data + frame.size);
+        outcome.copy_bytes(frame.data + result_prefix_size, frame.size - result_prefix_size);
       } else {
         outcome.payload_offset = static_cast<std::size_t>(frame.data + result_prefix_size - outcome.payload.data());
       }
@@ -745,9 +750,8 @@ class Dispatcher {
     // task sent: they may go with the task).
     outcome.shares = std::exchange(w.shared, {});
     outcome.share_failure = std::exchange(w.share_failure, {});
-    deliveries.push_back(
-        {std::move(it->second.job), it->second.chunk, std::move(outcome), items_in(*it->second.frame)});
-    in_flight_.erase(it);  // frees the task's shared memory, if it used some
+    deliveries.push_back({std::move(task.job), task.chunk, std::move(outcome), items_in(*task.frame)});
+    w.held.erase(k);  // frees the task's shared memory, if it used some
     return true;
   }
 
@@ -799,20 +803,19 @@ class Dispatcher {
   /// so the workers' parent-death signal is still armed as a backstop.
   void stop_workers() noexcept {
     std::vector<Delivery> deliveries;
-    std::unordered_map<std::uint64_t, Task> held;  // the tasks the workers held, until they are gone
     {
       std::lock_guard lock(mutex_);
       if (state_ == State::stopped) return;
       state_ = State::stopped;
       ChunkFailure terminated{ChunkFailure::Kind::terminated, 0, 0, 0, {}};
       fail_all_pending(terminated, deliveries);
-      for (auto& [id, task] : in_flight_) {
-        deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(terminated), items_in(*task.frame)});
+      // The tasks' frames (and shared buffers, which a worker may still be
+      // reading) stay with their workers until these are gone below.
+      for (auto& w : workers_) {
+        for (auto& task : w->held) {
+          deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(terminated), items_in(*task.frame)});
+        }
       }
-      // Their frames (and shared buffers, which a worker may still be
-      // reading) are let go of only once the workers are gone below.
-      held = std::move(in_flight_);
-      in_flight_.clear();
       for (auto& w : workers_) {
         w->proc.task.reset();  // an idle worker exits on EOF at once
         launcher_->kill(w->proc, SIGTERM);
@@ -862,8 +865,7 @@ class Dispatcher {
   State state_ = State::running;
   std::size_t streams_ = 0;  // calls still submitting their batches (open_stream)
   std::vector<std::unique_ptr<Worker>> workers_;
-  std::deque<Task> pending_;
-  std::unordered_map<std::uint64_t, Task> in_flight_;
+  Ring<Task> pending_;
   std::optional<ChunkFailure> broken_;
   std::optional<ChunkFailure> init_failure_;
   std::size_t early_deaths_ = 0;

@@ -5,13 +5,14 @@
 #include <sys/types.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <exception>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -26,6 +27,7 @@
 #include "../call_options.hpp"
 #include "../errors.hpp"
 #include "handlers.hpp"
+#include "ring.hpp"
 #include "serialize.hpp"
 #include "shm.hpp"
 #include "system.hpp"
@@ -49,9 +51,14 @@ struct ChunkOutcome {
   std::vector<char> payload;       // holds the per-item outcomes, as the worker encoded them,
   std::size_t payload_offset = 0;  // from this offset (a large frame's buffer is taken over whole)
   std::unique_ptr<ShmSlice> shm;   // or they are in the worker's shared memory (then payload is empty)
-  SharedStates shares;             // the SharedMemory blocks its result refers to, until decoded
-  std::string share_failure;       // why a block the worker shared could not be mapped
-  std::uint64_t run_ns = 0;        // how long the worker ran the chunk
+  /// Or, when they are this small, they are here: no allocation for the
+  /// results of short tasks (then payload is empty too).
+  static constexpr std::size_t small_capacity = 48;
+  std::array<char, small_capacity> small;
+  std::uint8_t small_size = 0;
+  SharedStates shares;        // the SharedMemory blocks its result refers to, until decoded
+  std::string share_failure;  // why a block the worker shared could not be mapped
+  std::uint64_t run_ns = 0;   // how long the worker ran the chunk
   pid_t pid = 0;
   std::size_t worker = 0;
   std::optional<ChunkFailure> failure;
@@ -59,10 +66,66 @@ struct ChunkOutcome {
   /// The encoded per-item outcomes.
   std::span<const char> bytes() const {
     if (shm) return {shm->data(), shm->size()};
+    if (small_size != 0) return {small.data(), small_size};
     return {payload.data() + payload_offset, payload.size() - payload_offset};
   }
   /// Memory the outcome holds until decoded.
-  std::size_t held_bytes() const { return shm ? shm->size() : payload.size(); }
+  std::size_t held_bytes() const { return shm ? shm->size() : small_size != 0 ? small_size : payload.size(); }
+
+  /// Keeps a copy of the encoded outcomes [data, data + size).
+  void copy_bytes(const char* data, std::size_t size) {
+    if (size != 0 && size <= small_capacity) {
+      std::memcpy(small.data(), data, size);
+      small_size = static_cast<std::uint8_t>(size);
+    } else {
+      payload.assign(data, data + size);
+    }
+  }
+};
+
+/// The outcomes a job has been delivered and the caller has not taken, in
+/// chunk order: in slots reused from one chunk to the next, so a stream of
+/// them allocates nothing. Outcomes mostly arrive, and are taken, in order:
+/// both ends are cheap then.
+class ReadyOutcomes {
+ public:
+  using Entry = std::pair<std::uint64_t, ChunkOutcome>;
+
+  std::size_t size() const { return entries_.size(); }
+  bool empty() const { return entries_.empty(); }
+  Entry& operator[](std::size_t k) { return entries_[k]; }
+
+  void insert(std::uint64_t chunk, ChunkOutcome&& outcome) {
+    entries_.push_back({chunk, std::move(outcome)});
+    for (std::size_t k = entries_.size() - 1; k > 0 && entries_[k - 1].first > chunk; --k) {
+      std::swap(entries_[k - 1], entries_[k]);
+    }
+  }
+  /// The position of chunk `chunk`, or size() if it is not here.
+  std::size_t find(std::uint64_t chunk) const {
+    std::size_t lo = 0, hi = entries_.size();
+    while (lo < hi) {
+      std::size_t mid = lo + (hi - lo) / 2;
+      if (entries_[mid].first < chunk) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    return lo < entries_.size() && entries_[lo].first == chunk ? lo : entries_.size();
+  }
+  bool contains(std::uint64_t chunk) const { return find(chunk) != entries_.size(); }
+  void erase(std::size_t k) {
+    if (k == 0) {
+      entries_.pop_front();
+    } else {
+      entries_.erase(k);
+    }
+  }
+  void clear() { entries_.clear(); }
+
+ private:
+  Ring<Entry> entries_;
 };
 
 class JobState {
@@ -120,7 +183,7 @@ class JobState {
           item_ns_ = item_ns_ ? 0.7 * *item_ns_ + 0.3 * per_item : per_item;
         }
         ready_bytes_ += d->outcome.held_bytes();
-        ready_.emplace(d->chunk, std::move(d->outcome));
+        ready_.insert(d->chunk, std::move(d->outcome));
         ++delivered_;
         settle_expected(d->chunk);
       }
@@ -160,16 +223,17 @@ class JobState {
                                                                 std::size_t most, std::size_t most_bytes) {
     std::unique_lock lock(mutex_);
     std::vector<std::pair<std::uint64_t, ChunkOutcome>> taken;
-    if (!wait(lock, deadline, [&] { return first ? ready_.count(*first) != 0 : !ready_.empty(); })) return taken;
+    if (!wait(lock, deadline, [&] { return first ? ready_.contains(*first) : !ready_.empty(); })) return taken;
     std::size_t bytes = 0;
-    auto it = first ? ready_.find(*first) : ready_.begin();
-    while (it != ready_.end() && taken.size() < std::max<std::size_t>(1, most) &&
-           (taken.empty() || bytes + it->second.held_bytes() <= most_bytes) &&
-           (!first || it->first == *first + taken.size())) {
-      bytes += it->second.held_bytes();
-      ready_bytes_ -= it->second.held_bytes();
-      taken.emplace_back(it->first, std::move(it->second));
-      it = ready_.erase(it);
+    const std::size_t at = first ? ready_.find(*first) : 0;
+    while (at < ready_.size() && taken.size() < std::max<std::size_t>(1, most) &&
+           (taken.empty() || bytes + ready_[at].second.held_bytes() <= most_bytes) &&
+           (!first || ready_[at].first == *first + taken.size())) {
+      auto& [chunk, outcome] = ready_[at];
+      bytes += outcome.held_bytes();
+      ready_bytes_ -= outcome.held_bytes();
+      taken.emplace_back(chunk, std::move(outcome));
+      ready_.erase(at);
     }
     return taken;
   }
@@ -182,11 +246,12 @@ class JobState {
    */
   std::vector<ChunkOutcome> take_run(std::uint64_t first, std::size_t min_delivered) {
     std::unique_lock lock(mutex_);
-    wait(lock, std::nullopt, [&] { return delivered_ >= min_delivered && ready_.count(first) != 0; });
+    wait(lock, std::nullopt, [&] { return delivered_ >= min_delivered && ready_.contains(first); });
     std::vector<ChunkOutcome> run;
-    for (auto it = ready_.find(first); it != ready_.end() && it->first == first + run.size(); it = ready_.erase(it)) {
-      ready_bytes_ -= it->second.held_bytes();
-      run.push_back(std::move(it->second));
+    for (std::size_t at = ready_.find(first); at < ready_.size() && ready_[at].first == first + run.size();
+         ready_.erase(at)) {
+      ready_bytes_ -= ready_[at].second.held_bytes();
+      run.push_back(std::move(ready_[at].second));
     }
     return run;
   }
@@ -241,10 +306,14 @@ class JobState {
   }
 
   /// All outcomes delivered so far, in chunk order.
-  std::map<std::uint64_t, ChunkOutcome> take_all() {
+  std::vector<ReadyOutcomes::Entry> take_all() {
     std::lock_guard lock(mutex_);
     ready_bytes_ = 0;
-    return std::exchange(ready_, {});
+    std::vector<ReadyOutcomes::Entry> all;
+    all.reserve(ready_.size());
+    for (std::size_t k = 0; k < ready_.size(); ++k) all.push_back(std::move(ready_[k]));
+    ready_.clear();
+    return all;
   }
 
  protected:
@@ -327,7 +396,7 @@ class JobState {
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::vector<Waiter> waiters_;
-  std::map<std::uint64_t, ChunkOutcome> ready_;
+  ReadyOutcomes ready_;
   std::size_t delivered_ = 0;
   std::size_t wakeups_ = 0;
   // expect(): task bytes of chunks expected_base_, expected_base_ + 1, ...
