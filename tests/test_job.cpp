@@ -34,7 +34,11 @@ long job_square(long x) { return x * x; }
 TEST_CASE("a caller waiting for a batch of chunks is woken once, not for each chunk", "[job]") {
   JobState job("map");
   std::size_t taken = 0;
-  std::thread caller([&] { taken = job.take_run(0, 40).size(); });
+  std::thread caller([&] {
+    std::vector<ChunkOutcome> run;
+    job.take_run(0, 40, run);
+    taken = run.size();
+  });
   std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let it wait
   for (std::uint64_t chunk = 0; chunk < 40; ++chunk) {
     job.deliver(chunk, outcome_of(8), 1);
@@ -154,7 +158,8 @@ TEST_CASE("outcomes arriving out of order are taken in chunk order", "[job]") {
   for (std::uint64_t chunk = 0; chunk < 6; ++chunk) CHECK(got[chunk].first == chunk);
   CHECK(job.take_some(6, now, 100, SIZE_MAX).empty());
   job.deliver(6, outcome_of(1), 1);
-  auto run = job.take_run(6, 8);
+  std::vector<ChunkOutcome> run;
+  job.take_run(6, 8, run);
   CHECK(run.size() == 2);
   CHECK(job.ready_bytes() == 0);
 }

@@ -1,8 +1,14 @@
 // The wire layer on its own: the parent's Inbox (bytes in, whole frames out,
 // memory bounded by what arrived) and the archives' refusal of length
 // prefixes that cannot be true; then the same refusal end to end.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cstring>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common.hpp"
@@ -212,4 +218,60 @@ POOL_TEST("a result that claims more than it holds is a ProtocolError, not an al
   auto error = test::thrown<procpool::ProtocolError>([&] { pool.apply<lie>(1L); });
   CHECK_THAT(error.what(), Catch::Contains("corrupt message"));
   CHECK(pool.map<twice>(std::vector<long>{1, 2}) == std::vector<long>{2, 4});
+}
+
+TEST_CASE("a worker out of short tasks looks for the next before sleeping, and less often after empty looks",
+          "[wire]") {
+  int fds[2];
+  REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
+  procpool::detail::Fd read_end(fds[0]), write_end(fds[1]);
+  procpool::detail::FrameReader reader(read_end.get(), 1 << 20);
+  auto send = [&](const std::string& payload) {
+    auto bytes = frame_of(FrameKind::task, payload);
+    REQUIRE(::write(write_end.get(), bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
+  };
+  // Sends a frame long after the reader runs out: any look it makes finds nothing.
+  auto next_late = [&](const std::string& payload) {
+    std::thread late([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      send(payload);
+    });
+    FrameView frame{};
+    const bool got = reader.next(frame);
+    late.join();
+    REQUIRE(got);
+    CHECK(std::string(frame.data, frame.size) == payload);
+  };
+  auto next_ready = [&](const std::string& payload) {
+    send(payload);
+    FrameView frame{};
+    REQUIRE(reader.next(frame));
+    CHECK(std::string(frame.data, frame.size) == payload);
+  };
+
+  next_late("not asked to look");
+  CHECK(reader.spin_misses() == 0);
+  reader.spin_when_idle(true);
+  next_late("one empty look");
+  CHECK(reader.spin_misses() == 1);
+  next_late("slept through at once");  // one idle moment skipped after one empty look
+  CHECK(reader.spin_misses() == 1);
+  next_late("another empty look");
+  CHECK(reader.spin_misses() == 2);
+  for (const char* skipped : {"skip 1", "skip 2", "skip 3"}) next_ready(skipped);  // three skipped now
+  CHECK(reader.spin_misses() == 2);
+  next_ready("found at once");
+  CHECK(reader.spin_misses() == 0);
+  // EOF ends a look as data does.
+  write_end.reset();
+  FrameView frame{};
+  CHECK_FALSE(reader.next(frame));
+  CHECK(reader.spin_misses() == 0);
+}
+
+TEST_CASE("a chunk of 2^31 items or more is refused, its count's top bit being a flag", "[wire]") {
+  std::vector<char> frame;
+  const std::size_t start = procpool::detail::begin_task_frame(frame, 1);
+  CHECK_THROWS_AS(procpool::detail::finish_task_frame(frame, start, procpool::detail::task_more_queued),
+                  std::length_error);
 }

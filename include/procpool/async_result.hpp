@@ -156,20 +156,21 @@ class MapState final : public AsyncState<std::vector<T>> {
   void collect_run(std::size_t min_delivered, Deadline deadline) {
     if (values_.capacity() == 0) values_.reserve(count_);
     try {
-      std::vector<ChunkOutcome> run;
+      run_.clear();
       if (deadline) {
         for (auto& [chunk, outcome] : this->take_some(next_, deadline, SIZE_MAX, SIZE_MAX)) {
-          run.push_back(std::move(outcome));
+          run_.push_back(std::move(outcome));
         }
       } else {
-        run = this->take_run(next_, min_delivered);
+        this->take_run(next_, min_delivered, run_);
       }
-      for (auto& outcome : run) {
+      for (auto& outcome : run_) {
         // After a failure the rest only has to arrive.
         if (!first_error_) decode_into(next_, outcome, values_, first_error_);
         outcome = ChunkOutcome{};  // its memory goes now
         ++next_;
       }
+      run_.clear();
     } catch (...) {
       this->cancel();  // out of memory, say: the rest is of no use to anyone
       throw;
@@ -194,6 +195,7 @@ class MapState final : public AsyncState<std::vector<T>> {
   std::vector<T> values_;
   std::exception_ptr first_error_;
   std::size_t next_ = 0;
+  std::vector<ChunkOutcome> run_;  // the outcomes being decoded: kept for its capacity
 };
 
 /// apply_async: one task, one value.

@@ -490,7 +490,7 @@ class Pool {
                           processes_ * (dispatcher_->max_tasks_per_worker() + 1));
       state.expect(batch.front().index, sizes);
     }
-    dispatcher_->submit(std::exchange(batch, {}), true);
+    dispatcher_->submit_from(batch, true);
   }
 
   /// Encodes and submits a map's chunks. `synchronous`: for map/starmap,
@@ -628,6 +628,7 @@ class Pool {
                                                                             std::move(fn));
     auto job = std::make_shared<detail::JobState>(call);
     job->configure(options, total);
+    job->set_streamed();
     return detail::IMapAccess<T>::make(dispatcher_, std::move(source), std::move(job), ordered,
                                        std::max<std::size_t>(1, options.chunksize), prefetch_, prefetch_bytes_, total);
   }

@@ -118,33 +118,43 @@ class Dispatcher {
   }
 
   /// Queues chunks; they are failed at once if the pool can no longer run them.
-  void submit(std::vector<Chunk> chunks, bool in_stream = false) {
+  void submit(std::vector<Chunk> chunks, bool in_stream = false) { submit_from(chunks, in_stream); }
+
+  /// submit(), taking the chunks out of `chunks`: it is left empty, with
+  /// its capacity, for a caller's next batch.
+  void submit_from(std::vector<Chunk>& chunks, bool in_stream = false) {
+    // Their frames' shared homes are made before taking the lock the I/O thread needs.
+    std::vector<std::shared_ptr<TaskBytes>> frames;
+    frames.reserve(chunks.size());
+    for (auto& chunk : chunks) frames.push_back(std::make_shared<TaskBytes>(std::move(chunk.frame)));
     std::vector<Delivery> failed;
     {
       std::lock_guard lock(mutex_);
       if (state_ != State::running && !(in_stream && state_ == State::closed)) throw_not_running();
-      for (auto& chunk : chunks) {
+      for (std::size_t k = 0; k < chunks.size(); ++k) {
+        Chunk& chunk = chunks[k];
+        const TaskBytes& frame = *frames[k];
         if (broken_) {
-          failed.push_back({std::move(chunk.job), chunk.index, failure_outcome(*broken_), items_in(chunk.frame)});
-        } else if (chunk.frame.size() - frame_header_size > max_message_) {
+          failed.push_back({std::move(chunk.job), chunk.index, failure_outcome(*broken_), items_in(frame)});
+        } else if (frame.size() - frame_header_size > max_message_) {
           failed.push_back({std::move(chunk.job), chunk.index,
                             failure_outcome({ChunkFailure::Kind::protocol, 0, 0, 0,
                                              fmt::format("its task message ({} bytes) is larger than "
                                                          "Options::max_message_bytes ({})",
-                                                         chunk.frame.size(), max_message_)}),
-                            items_in(chunk.frame)});
+                                                         frame.size(), max_message_)}),
+                            items_in(frame)});
         } else {
-          if (chunk.job->task_timeout()) timeouts_used_ = true;
-          pending_.push_back(Task{std::move(chunk.job),
-                                  chunk.index,
-                                  0,
-                                  std::make_shared<TaskBytes>(std::move(chunk.frame)),
-                                  0,
-                                  {},
-                                  std::move(chunk.shares)});
+          if (chunk.job->task_timeout() && !timeouts_used_) {
+            // The running tasks' start times are kept from now on.
+            timeouts_used_ = true;
+            for (auto& w : workers_) w->front_since = Clock::now();
+          }
+          pending_.push_back(
+              Task{std::move(chunk.job), chunk.index, 0, std::move(frames[k]), 0, {}, std::move(chunk.shares)});
         }
       }
     }
+    chunks.clear();
     deliver_all(failed);
     wake();
   }
@@ -214,7 +224,7 @@ class Dispatcher {
   }
 
   static std::size_t items_in(const TaskBytes& task_frame) {
-    return get<std::uint32_t>(task_frame.data() + task_prefix_size - 4);
+    return get<std::uint32_t>(task_frame.data() + task_count_offset) & ~task_more_queued;
   }
 
   /// A chunk inside the dispatcher. Its frame is kept until the result
@@ -260,7 +270,7 @@ class Dispatcher {
 
   static ChunkOutcome failure_outcome(ChunkFailure failure) {
     ChunkOutcome outcome;
-    outcome.failure = std::move(failure);
+    outcome.rare_part().failure = std::move(failure);
     return outcome;
   }
 
@@ -563,6 +573,10 @@ class Dispatcher {
       if (best == nullptr) return;
       std::uint64_t id = next_task_id_++;
       patch<std::uint64_t>(*task.frame, task_id_offset, id);
+      // More queued to follow this one at once: its worker may look for them before sleeping.
+      const auto count = static_cast<std::uint32_t>(items_in(*task.frame));
+      const bool more = pending_.size() > 1 && !task.job->streamed();
+      patch<std::uint32_t>(*task.frame, task_count_offset, more ? count | task_more_queued : count);
       if (best->held.empty()) best->front_since = Clock::now();
       task.id = id;
       send_task(*best, task);
@@ -729,13 +743,13 @@ class Dispatcher {
     while (k < w.held.size() && w.held[k].id != id) ++k;
     if (k == w.held.size()) return protocol_violation(w, "the worker answered a task it was not given");
     Task& task = w.held[k];
-    w.front_since = Clock::now();
+    if (timeouts_used_) w.front_since = Clock::now();
     record_timing(ns);
     ChunkOutcome outcome;
     outcome.run_ns = ns;
     if (shared) {
-      outcome.shm = std::make_unique<ShmSlice>(std::move(shared), frame.data + result_prefix_size,
-                                               frame.size - result_prefix_size);
+      outcome.rare_part().shm = std::make_unique<ShmSlice>(std::move(shared), frame.data + result_prefix_size,
+                                                           frame.size - result_prefix_size);
     } else {
       outcome.payload = w.inbox.take_large();  // a large result is not copied again
       if (outcome.payload.empty()) {
@@ -748,8 +762,10 @@ class Dispatcher {
     outcome.worker = w.slot;
     // The blocks the result refers to, all shared for it (even those its
     // task sent: they may go with the task).
-    outcome.shares = std::exchange(w.shared, {});
-    outcome.share_failure = std::exchange(w.share_failure, {});
+    if (!w.shared.empty() || !w.share_failure.empty()) {
+      outcome.rare_part().shares = std::exchange(w.shared, {});
+      outcome.rare_part().share_failure = std::exchange(w.share_failure, {});
+    }
     deliveries.push_back({std::move(task.job), task.chunk, std::move(outcome), items_in(*task.frame)});
     w.held.erase(k);  // frees the task's shared memory, if it used some
     return true;

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,11 @@ enum class FrameKind : std::uint32_t {
 inline constexpr std::size_t frame_header_size = 8;
 inline constexpr std::size_t task_id_offset = frame_header_size;  // where the dispatcher stamps the id
 inline constexpr std::size_t task_prefix_size = frame_header_size + 8 + 8 + 4;
+inline constexpr std::size_t task_count_offset = task_prefix_size - 4;  // the chunk's item count, and a flag:
+/// Set in a task's count when the parent had more tasks queued as it sent
+/// it: its worker, once out of tasks, looks for the next one a while before
+/// sleeping (FrameReader::spin_when_idle()).
+inline constexpr std::uint32_t task_more_queued = 0x8000'0000u;
 inline constexpr std::size_t result_prefix_size = 8 + 8;
 inline constexpr std::size_t shm_share_size = 4 + 4 + 8 + 8;  // i32 pid, i32 fd, u64 id, u64 size
 
@@ -91,7 +97,8 @@ std::size_t begin_task_frame(Bytes& frame, std::uint64_t handler) {
 
 template <class Bytes>
 void finish_task_frame(Bytes& frame, std::size_t start, std::uint32_t count) {
-  patch<std::uint32_t>(frame, start + task_prefix_size - 4, count);
+  if (count >= task_more_queued) throw std::length_error("procpool: a chunk of 2^31 items or more");
+  patch<std::uint32_t>(frame, start + task_count_offset, count);
   finish_frame(frame, start);
 }
 

@@ -47,30 +47,48 @@ struct ChunkFailure {
   std::string detail;  // initializer: "type: message"; protocol/start_failed: the reason
 };
 
+/// One chunk's outcome, on its way from the I/O thread to the caller. What
+/// every result has is inline; what few have is in `rare`, so the common
+/// one is cheap to move.
 struct ChunkOutcome {
   std::vector<char> payload;       // holds the per-item outcomes, as the worker encoded them,
   std::size_t payload_offset = 0;  // from this offset (a large frame's buffer is taken over whole)
-  std::unique_ptr<ShmSlice> shm;   // or they are in the worker's shared memory (then payload is empty)
   /// Or, when they are this small, they are here: no allocation for the
   /// results of short tasks (then payload is empty too).
   static constexpr std::size_t small_capacity = 48;
-  std::array<char, small_capacity> small;
+  std::array<char, small_capacity> small{};
   std::uint8_t small_size = 0;
-  SharedStates shares;        // the SharedMemory blocks its result refers to, until decoded
-  std::string share_failure;  // why a block the worker shared could not be mapped
-  std::uint64_t run_ns = 0;   // how long the worker ran the chunk
+  std::uint64_t run_ns = 0;  // how long the worker ran the chunk
   pid_t pid = 0;
   std::size_t worker = 0;
-  std::optional<ChunkFailure> failure;
+
+  struct Rare {
+    std::unique_ptr<ShmSlice> shm;  // the outcomes are in the worker's shared memory (then payload is empty)
+    SharedStates shares;            // the SharedMemory blocks the result refers to, until decoded
+    std::string share_failure;      // why a block the worker shared could not be mapped
+    std::optional<ChunkFailure> failure;
+  };
+  std::unique_ptr<Rare> rare;
+
+  Rare& rare_part() {
+    if (!rare) rare = std::make_unique<Rare>();
+    return *rare;
+  }
+  /// Why the whole chunk failed, if it did.
+  const ChunkFailure* failure() const { return rare && rare->failure ? &*rare->failure : nullptr; }
+  const ShmSlice* shm() const { return rare ? rare->shm.get() : nullptr; }
 
   /// The encoded per-item outcomes.
   std::span<const char> bytes() const {
-    if (shm) return {shm->data(), shm->size()};
+    if (const ShmSlice* slice = shm()) return {slice->data(), slice->size()};
     if (small_size != 0) return {small.data(), small_size};
     return {payload.data() + payload_offset, payload.size() - payload_offset};
   }
   /// Memory the outcome holds until decoded.
-  std::size_t held_bytes() const { return shm ? shm->size() : small_size != 0 ? small_size : payload.size(); }
+  std::size_t held_bytes() const {
+    if (const ShmSlice* slice = shm()) return slice->size();
+    return small_size != 0 ? small_size : payload.size();
+  }
 
   /// Keeps a copy of the encoded outcomes [data, data + size).
   void copy_bytes(const char* data, std::size_t size) {
@@ -146,7 +164,16 @@ class JobState {
     total_ = total;
   }
 
+  /**
+   * For a call that submits its chunks as its caller takes results (imap):
+   * its workers then sleep as soon as they run out of tasks, since their
+   * next ones wait for the caller, whose thread needs the CPU. Before the
+   * first submit only.
+   */
+  void set_streamed() { streamed_ = true; }
+
   // ---- dispatcher side ----
+  bool streamed() const { return streamed_; }
   std::optional<std::size_t> retries() const { return retries_; }
   std::optional<std::chrono::milliseconds> task_timeout() const { return task_timeout_; }
 
@@ -177,7 +204,7 @@ class JobState {
       std::lock_guard lock(mutex_);
       if (cancelled_) return;
       for (It d = first; d != last; ++d) {
-        if (!d->outcome.failure && d->items != 0) {
+        if (!d->outcome.failure() && d->items != 0) {
           // Per-item run time, smoothed over the last few chunks: adaptive chunking's measure.
           const double per_item = static_cast<double>(d->outcome.run_ns) / static_cast<double>(d->items);
           item_ns_ = item_ns_ ? 0.7 * *item_ns_ + 0.3 * per_item : per_item;
@@ -242,18 +269,17 @@ class JobState {
    * Waits until chunk `first` has arrived and at least `min_delivered` chunks
    * have, then takes the outcomes of `first`, `first + 1`, ... up to the
    * first one still missing: how the synchronous map decodes while later
-   * chunks still run. Must not be used on a cancelled job.
+   * chunks still run. Appends them to `run` (a vector the caller reuses).
+   * Must not be used on a cancelled job.
    */
-  std::vector<ChunkOutcome> take_run(std::uint64_t first, std::size_t min_delivered) {
+  void take_run(std::uint64_t first, std::size_t min_delivered, std::vector<ChunkOutcome>& run) {
     std::unique_lock lock(mutex_);
     wait(lock, std::nullopt, [&] { return delivered_ >= min_delivered && ready_.contains(first); });
-    std::vector<ChunkOutcome> run;
-    for (std::size_t at = ready_.find(first); at < ready_.size() && ready_[at].first == first + run.size();
-         ready_.erase(at)) {
+    for (std::size_t at = ready_.find(first), k = 0; at < ready_.size() && ready_[at].first == first + k;
+         ready_.erase(at), ++k) {
       ready_bytes_ -= ready_[at].second.held_bytes();
       run.push_back(std::move(ready_[at].second));
     }
-    return run;
   }
 
   /**
@@ -384,6 +410,7 @@ class JobState {
   }
 
   std::string call_;
+  bool streamed_ = false;
   std::optional<std::size_t> retries_;
   std::optional<std::chrono::milliseconds> task_timeout_;
   ProgressCallback progress_;
@@ -454,9 +481,9 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
 template <class R, class OnValue, class OnError>
 void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_t first_index, std::size_t count,
                   OnValue&& on_value, OnError&& on_error) {
-  if (outcome.failure) {
+  if (const ChunkFailure* failure = outcome.failure()) {
     for (std::size_t i = 0; i < count; ++i) {
-      on_error(first_index + i, make_chunk_error(*outcome.failure, call, first_index + i));
+      on_error(first_index + i, make_chunk_error(*failure, call, first_index + i));
     }
     return;
   }
@@ -492,10 +519,10 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_
     }
   } catch (const std::exception& e) {
     ChunkFailure bad{ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
-                     outcome.share_failure.empty()
+                     !outcome.rare || outcome.rare->share_failure.empty()
                          ? fmt::format("its result could not be decoded ({})", e.what())
                          : fmt::format("its result could not be decoded ({}; when the worker shared it: {})", e.what(),
-                                       outcome.share_failure)};
+                                       outcome.rare->share_failure)};
     for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i));
   }
 }
