@@ -1,10 +1,17 @@
 // procpool::SharedMemory: blocks the parent and its workers share, sent as
 // references and never copied.
+#include <sys/stat.h>
+
 #include <cereal/archives/binary.hpp>
+#include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <numeric>
 #include <ranges>
+#include <set>
 #include <sstream>
+#include <thread>
+#include <utility>
 
 #include "common.hpp"
 
@@ -86,6 +93,52 @@ SharedMemory& initial_block() {
 void remember_block(SharedMemory block) { initial_block() = std::move(block); }
 /// The byte at `at` of the block the initializer left.
 int initial_byte(std::size_t at) { return static_cast<int>(initial_block().as<const unsigned char>()[at]); }
+
+/// Writes one frame of `kind` with `payload` where the worker's results go
+/// (its only write-only pipe), then waits to be killed for it.
+long send_forged_frame(std::uint32_t kind, const std::vector<char>& payload) {
+  for (int fd = 3; fd < 256; ++fd) {
+    int flags = ::fcntl(fd, F_GETFL);
+    if (flags == -1 || (flags & O_ACCMODE) != O_WRONLY) continue;
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode)) continue;
+    std::vector<char> frame(8);
+    const auto length = static_cast<std::uint32_t>(payload.size());
+    std::memcpy(frame.data(), &length, 4);
+    std::memcpy(frame.data() + 4, &kind, 4);
+    frame.insert(frame.end(), payload.begin(), payload.end());
+    [[maybe_unused]] auto n = ::write(fd, frame.data(), frame.size());
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(60));
+  return 0;
+}
+
+constexpr std::uint32_t shm_share_kind = 12;
+
+/// An shm_share message of the wrong size.
+long share_malformed(long) { return send_forged_frame(shm_share_kind, std::vector<char>(8, 0)); }
+
+/// An shm_share message naming a process other than the worker (its parent).
+long share_foreign(long) {
+  std::vector<char> payload(24, 0);
+  const std::int32_t pid = ::getppid(), fd = 3;
+  const std::uint64_t id = 1, size = 4096;
+  std::memcpy(payload.data(), &pid, 4);
+  std::memcpy(payload.data() + 4, &fd, 4);
+  std::memcpy(payload.data() + 8, &id, 8);
+  std::memcpy(payload.data() + 16, &size, 8);
+  return send_forged_frame(shm_share_kind, payload);
+}
+
+long plus_one(long x) { return x + 1; }
+
+/// The worker's pid and a block made for `size` (as make_block), after
+/// leaking 40 MiB of touched memory.
+std::pair<long, SharedMemory> leak_then_block(std::size_t size) {
+  static std::vector<std::vector<char>> kept;
+  kept.emplace_back(40u << 20, 'x');
+  return {static_cast<long>(::getpid()), make_block(size)};
+}
 
 }  // namespace
 
@@ -266,4 +319,32 @@ TEST_CASE("a SharedMemory in a message that cannot keep it alive is refused", "[
   procpool::detail::Encoder encoder(bytes);
   auto e = test::thrown<std::logic_error>([&] { encoder(SharedMemory(10)); });
   CHECK_THAT(e.what(), Catch::Contains("procpool::SharedMemory can travel only"));
+}
+
+POOL_TEST("a malformed or foreign SharedMemory announcement is a ProtocolError, and the pool goes on",
+          "[shared_memory][faults]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  auto malformed = test::thrown<procpool::ProtocolError>([&] { pool.apply<share_malformed>(0L); });
+  CHECK_THAT(malformed.what(), Catch::Contains("malformed shm_share"));
+  CHECK_THAT(malformed.what(), Catch::Contains("worker 0"));
+  auto foreign = test::thrown<procpool::ProtocolError>([&] { pool.apply<share_foreign>(0L); });
+  CHECK_THAT(foreign.what(), Catch::Contains("another process's memory"));
+  CHECK(pool.map<plus_one>(std::vector<long>{1, 2, 3}) == std::vector<long>{2, 3, 4});
+}
+
+POOL_TEST("a SharedMemory from a worker that leaves over its memory cap reaches the parent", "[shared_memory]") {
+  // Each worker can hold one 40 MiB leak, not two: it leaves after its
+  // second task, whose result refers to a block only it held.
+  procpool::Pool pool(test::options<TestType>({.processes = 2, .max_memory_per_child = 60u << 20}));
+  std::vector<std::size_t> sizes{10, 4096, 100'000, 77, 5000, 1 << 16, 3, 12345};
+  auto results = pool.map<leak_then_block>(sizes, 1);
+  REQUIRE(results.size() == sizes.size());
+  std::set<long> pids;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    INFO("size " << sizes[i]);
+    pids.insert(results[i].first);
+    CHECK(results[i].second.size() == sizes[i]);
+    CHECK(filled_with(results[i].second, static_cast<int>(sizes[i] % 251)));
+  }
+  CHECK(pids.size() >= 4);  // the workers did leave
 }
