@@ -82,13 +82,13 @@ struct ShmHeader {
 static_assert(sizeof(ShmHeader) <= shm_header_size);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free, "busy is shared between processes");
 
-/// A shared mapping of a whole memfd, unmapped on destruction.
+/// A shared mapping of a whole memfd, unmapped on destruction. It takes a
+/// mapping already marked MADV_DONTFORK where it was made, under the fd
+/// registry's lock (create_mapped_memfd, open_foreign_memory): a worker
+/// forked later must not carry it.
 class ShmMapping {
  public:
-  ShmMapping(void* base, std::size_t size) : base_(static_cast<char*>(base)), size_(size) {
-    // A worker forked later must not carry the pool's buffers.
-    ::madvise(base_, size_, MADV_DONTFORK);
-  }
+  ShmMapping(void* base, std::size_t size) : base_(static_cast<char*>(base)), size_(size) {}
   ShmMapping(const ShmMapping&) = delete;
   ShmMapping& operator=(const ShmMapping&) = delete;
   ~ShmMapping() { ::munmap(base_, size_); }
