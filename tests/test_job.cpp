@@ -177,3 +177,24 @@ TEST_CASE("a chunk outcome keeps small and large encoded results alike", "[job]"
     CHECK(moved.held_bytes() == size);
   }
 }
+
+TEST_CASE("a ring emptied after a burst lets its array go, and works on", "[job]") {
+  using procpool::detail::Ring;
+  Ring<int> ring;
+  const std::size_t burst = 4 * Ring<int>::keep_capacity;
+  for (std::size_t k = 0; k < burst; ++k) ring.push_back(static_cast<int>(k));
+  CHECK(ring.capacity() >= burst);
+  for (std::size_t k = 0; k < burst; ++k) {
+    REQUIRE(ring.front() == static_cast<int>(k));
+    ring.pop_front();
+  }
+  CHECK(ring.capacity() == 0);
+  ring.push_back(7);
+  ring.push_front(6);
+  CHECK(ring.front() == 6);
+  CHECK(ring.back() == 7);
+  // A small ring keeps its slots when emptied: a steady stream allocates nothing.
+  ring.pop_front();
+  ring.pop_front();
+  CHECK(ring.capacity() == 8);
+}

@@ -343,7 +343,9 @@ class Dispatcher {
         if (fds[k].revents == 0) continue;
         auto [w, role] = owners[k];
         if (role == result) {
-          if (!read_results(*w, deliveries)) w->eof = true;
+          // A hang-up: the worker is gone or going; read to the end, so it is taken for that before any refill.
+          const bool hung_up = (fds[k].revents & (POLLHUP | POLLERR)) != 0;
+          if (!read_results(*w, deliveries, hung_up)) w->eof = true;
           // Refill it at once: its next tasks leave before the other
           // workers' results are read and before this one's are delivered.
           if (!broken_ && w->takes_tasks()) {
@@ -635,8 +637,9 @@ class Dispatcher {
   }
 
   /// Reads what the worker sent; returns false at EOF (or when the worker
-  /// broke the protocol and was killed).
-  bool read_results(Worker& w, std::vector<Delivery>& deliveries) {
+  /// broke the protocol and was killed). Without `to_end`, a short read ends
+  /// it: the pipe was empty, and poll() tells when there is more.
+  bool read_results(Worker& w, std::vector<Delivery>& deliveries, bool to_end = true) {
     for (;;) {
       std::span<char> space = w.inbox.space();
       ssize_t n = retry_eintr([&] { return ::read(w.proc.result.get(), space.data(), space.size()); });
@@ -648,8 +651,7 @@ class Dispatcher {
       if (n < 0) return errno == EAGAIN;
       w.inbox.commit(static_cast<std::size_t>(n));
       if (!parse_results(w, deliveries)) return false;
-      // A short read emptied the pipe: poll() tells when there is more.
-      if (static_cast<std::size_t>(n) < space.size()) return true;
+      if (!to_end && static_cast<std::size_t>(n) < space.size()) return true;
     }
   }
 

@@ -55,7 +55,7 @@ class Ring {
   void pop_front() {
     slots_[head_] = T{};
     head_ = (head_ + 1) & (capacity_ - 1);
-    --size_;
+    if (--size_ == 0 && capacity_ > keep_capacity) release();
   }
   /// Removes element k; those after it move up one.
   void erase(std::size_t k) {
@@ -67,6 +67,11 @@ class Ring {
     while (size_ > 0) pop_front();
     head_ = 0;
   }
+  std::size_t capacity() const { return capacity_; }
+
+  /// Slots an emptied ring keeps; a larger one (after a burst, say a
+  /// map_async of a million chunks) lets its array go.
+  static constexpr std::size_t keep_capacity = std::size_t{1} << 16;
 
   template <class Ring_, class V>
   class Iterator {
@@ -104,6 +109,12 @@ class Ring {
 
  private:
   std::size_t slot(std::size_t k) const { return (head_ + k) & (capacity_ - 1); }
+
+  void release() {
+    slots_.reset();
+    capacity_ = 0;
+    head_ = 0;
+  }
 
   void grow() {
     const std::size_t capacity = capacity_ == 0 ? 8 : 2 * capacity_;
