@@ -789,7 +789,7 @@ class Dispatcher {
     if (pid != w.proc.pid) return protocol_violation(w, "the worker shared another process's memory");
     try {
       auto state = open_shared_state(pid, fd, id, size);
-      state->mark_mapped();
+      state->header().mark_mapped();
       w.shared.push_back(std::move(state));
     } catch (const std::exception& e) {
       // The worker waits a while for the mark, then sends its result anyway.

@@ -56,7 +56,6 @@
 #include <string>
 #include <string_view>
 #include <system_error>
-#include <thread>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
@@ -77,7 +76,28 @@ struct ShmHeader {
   std::uint64_t id;
   std::uint64_t capacity;             // bytes after the header
   std::atomic<std::uint32_t> busy;    // 1 from the writer's fill to the reader's release
-  std::atomic<std::uint32_t> mapped;  // 1 once the reader holds a mapping (announced buffers)
+  std::atomic<std::uint32_t> mapped;  // 1 once the reader holds a mapping (announced buffers, shared blocks)
+
+  // The reader's mark that it has the memory mapped, and the writer's wait
+  // for it. A futex on shared memory: the word is the same in every process
+  // mapping it.
+  void expect_reader() { mapped.store(0, std::memory_order_relaxed); }
+  bool is_mapped() const { return mapped.load(std::memory_order_acquire) != 0; }
+  void mark_mapped() {
+    mapped.store(1, std::memory_order_release);
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&mapped), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+  }
+  /// Waits until the reader has marked it mapped, or `until`.
+  bool wait_mapped(std::chrono::steady_clock::time_point until) {
+    while (!is_mapped()) {
+      const auto left = until - std::chrono::steady_clock::now();
+      if (left <= std::chrono::steady_clock::duration::zero()) return false;
+      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+      timespec timeout{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
+      ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&mapped), FUTEX_WAIT, 0, &timeout, nullptr, 0);
+    }
+    return true;
+  }
 };
 static_assert(sizeof(ShmHeader) <= shm_header_size);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free, "busy is shared between processes");
@@ -208,7 +228,7 @@ inline std::unique_ptr<ShmBuffer> create_shm_buffer(const char* name, std::size_
   header.id = id;
   header.capacity = capacity;
   header.busy.store(0, std::memory_order_relaxed);
-  header.mapped.store(0, std::memory_order_relaxed);
+  header.expect_reader();
   return buffer;
 }
 
@@ -320,14 +340,7 @@ class ShmWriter {
 
   /// Whether the reader has mapped `buffer`, waiting up to `timeout` for it.
   static bool wait_mapped(const ShmBuffer& buffer, std::chrono::microseconds timeout) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    std::chrono::microseconds nap{5};
-    while (!mapped(buffer)) {
-      if (std::chrono::steady_clock::now() >= deadline) return false;
-      std::this_thread::sleep_for(nap);
-      nap = std::min(2 * nap, std::chrono::microseconds{1000});
-    }
-    return true;
+    return buffer.mapping.header().wait_mapped(std::chrono::steady_clock::now() + timeout);
   }
 
   /// Whether it holds any buffer (the probe aside).
@@ -376,9 +389,7 @@ class ShmWriter {
     return buffer.mapping.header().busy.load(std::memory_order_acquire) == 0;
   }
 
-  static bool mapped(const ShmBuffer& buffer) {
-    return buffer.mapping.header().mapped.load(std::memory_order_acquire) != 0;
-  }
+  static bool mapped(const ShmBuffer& buffer) { return buffer.mapping.header().is_mapped(); }
 
   static void announce(const ShmBuffer& buffer, std::vector<char>& control) {
     std::size_t start = begin_frame(control, FrameKind::shm_announce);
@@ -552,7 +563,7 @@ class ShmReader {
     const auto id = get<std::uint64_t>(announce.data + 8);
     try {
       auto mapping = map_foreign_buffer(pid, fd, id, true);
-      mapping->header().mapped.store(1, std::memory_order_release);
+      mapping->header().mark_mapped();
       std::erase_if(cache_, [&](const Entry& e) { return e.id == id; });
       cache_.push_back({pid, fd, id, ++uses_, std::move(mapping)});
       return true;
@@ -773,29 +784,9 @@ struct SharedState {
   bool inherited() const { return owner_ != ::getpid(); }
   pid_t owner() const { return owner_; }
 
-  /// Before announcing it: clears the flag the reader sets once it has it.
-  void expect_reader() const { mapping->header().mapped.store(0, std::memory_order_relaxed); }
-  /// The reader has it mapped (or held it already); wakes a writer waiting
-  /// for that in wait_mapped().
-  void mark_mapped() const {
-    auto& flag = mapping->header().mapped;
-    flag.store(1, std::memory_order_release);
-    // A futex on shared memory: the word is the same in every process mapping it.
-    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&flag), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
-  }
-  bool mapped_by_reader() const { return mapping->header().mapped.load(std::memory_order_acquire) != 0; }
-  /// Waits until the reader has marked it mapped, or `until`.
-  bool wait_mapped(std::chrono::steady_clock::time_point until) const {
-    auto& flag = mapping->header().mapped;
-    while (flag.load(std::memory_order_acquire) == 0) {
-      const auto left = until - std::chrono::steady_clock::now();
-      if (left <= std::chrono::steady_clock::duration::zero()) return false;
-      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
-      timespec timeout{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
-      ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&flag), FUTEX_WAIT, 0, &timeout, nullptr, 0);
-    }
-    return true;
-  }
+  /// The reader's mark on its header (see ShmHeader): cleared before it is
+  /// announced, set (with a wake-up) once the reader has it mapped.
+  ShmHeader& header() const { return mapping->header(); }
 
   Fd fd;  // kept open: it is how another process opens the block
   std::unique_ptr<ShmMapping> mapping;

@@ -272,9 +272,9 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   auto await_parent = [&](std::chrono::milliseconds limit) {
     const auto deadline = std::chrono::steady_clock::now() + limit;
     for (const auto& state : lent) {
-      if (!state->wait_mapped(deadline)) break;
+      if (!state->header().wait_mapped(deadline)) break;
     }
-    std::erase_if(lent, [](const auto& state) { return state->mapped_by_reader(); });
+    std::erase_if(lent, [](const auto& state) { return state->header().is_mapped(); });
   };
 
   // Tasks shorter than this make a worker look for its next one before sleeping.
@@ -302,8 +302,9 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     }
     const auto task_id = get<std::uint64_t>(frame.data);
     const auto handler_id = get<std::uint64_t>(frame.data + 8);
-    const auto count = get<std::uint32_t>(frame.data + 16) & ~task_more_queued;
-    const bool more_queued = (get<std::uint32_t>(frame.data + 16) & task_more_queued) != 0;
+    const auto count_word = get<std::uint32_t>(frame.data + 16);
+    const auto count = count_word & ~task_more_queued;
+    const bool more_queued = (count_word & task_more_queued) != 0;
     const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(handler_id);
     if (entry == nullptr) {
       send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError",
@@ -342,7 +343,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     shared.erase(std::unique(shared.begin(), shared.end()), shared.end());
     const bool sharing = !shared.empty();
     for (auto& state : shared) {
-      state->expect_reader();
+      state->header().expect_reader();
       std::size_t share = begin_frame(control, FrameKind::shm_share);
       put<std::int32_t>(control, static_cast<std::int32_t>(::getpid()));
       put<std::int32_t>(control, state->fd.get());
