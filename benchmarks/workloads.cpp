@@ -94,6 +94,7 @@ int main(int argc, char** argv) {
     procpool::Options options{.processes = processes, .start_method = parse_method(method)};
     options.shared_memory_threshold = args.size("shm", options.shared_memory_threshold);
     options.max_tasks_in_flight = args.size("inflight", options.max_tasks_in_flight);
+    options.imap_prefetch = args.size("prefetch", options.imap_prefetch);
     out.add("shm", options.shared_memory_threshold);
     procpool::Pool pool(options);
 

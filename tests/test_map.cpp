@@ -12,6 +12,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.hpp"
@@ -333,6 +334,25 @@ POOL_TEST("imap reads an endless input only as far as it is consumed", "[imap]")
   }
   // 8 chunks of 2 ahead of the consumer at most, plus the chunk being read
   CHECK(pulled <= 100 + 8 * 2 + 2);
+}
+
+POOL_TEST("imap submits 1024 chunks ahead by default, and more for many workers", "[imap]") {
+  // 4 * processes * max_tasks_in_flight when that is larger: 4 * 2 * 200
+  for (auto [in_flight, ahead] : {std::pair<std::size_t, long>{8, 1024}, {200, 1600}}) {
+    CAPTURE(in_flight);
+    procpool::Pool pool(test::options<TestType>({.processes = 2, .max_tasks_in_flight = in_flight}));
+    long pulled = 0;
+    auto counting = std::views::iota(0L) | std::views::transform([&pulled](long x) {
+                      ++pulled;
+                      return x;
+                    });
+    for (long v : pool.imap_unordered<square>(counting)) {
+      CHECK(v >= 0);
+      break;
+    }
+    // The first fill reads the whole prefetch; no refill before a quarter of it is consumed.
+    CHECK(pulled == ahead);
+  }
 }
 
 POOL_TEST("imap_unordered yields every result exactly once", "[imap]") {

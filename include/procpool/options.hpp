@@ -12,6 +12,10 @@
 
 namespace procpool {
 
+/// The fewest chunks `imap`/`imap_unordered` submit ahead of the consumer
+/// when `Options::imap_prefetch` is 0 (automatic).
+inline constexpr std::size_t imap_default_prefetch = 1024;
+
 /**
  * Settings of a `procpool::Pool`, used with designated initializers; every
  * field has a default, so name only what you change:
@@ -42,8 +46,10 @@ struct Options {
   /// so long tasks are never queued behind each other on one worker.
   std::size_t max_tasks_in_flight = 8;
   /// How many chunks `imap`/`imap_unordered` submit ahead of the consumer;
-  /// bounds their memory whatever the input's length. 0 means
-  /// `4 * processes * max_tasks_in_flight`.
+  /// bounds their memory whatever the input's length. 0 means the larger of
+  /// `imap_default_prefetch` (1024) and `4 * processes * max_tasks_in_flight`:
+  /// enough queued that the workers keep busy with short tasks while the
+  /// consumer's thread waits for a CPU.
   std::size_t imap_prefetch = 0;
   /// Largest message a worker may send or receive, in bytes; a larger one
   /// fails its task with `ProtocolError` instead of being allocated.

@@ -146,7 +146,8 @@ class Pool {
     processes_ = options.processes;
     prefetch_ = options.imap_prefetch != 0
                     ? options.imap_prefetch
-                    : 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
+                    : std::max(imap_default_prefetch,
+                               4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight));
     prefetch_bytes_ = options.imap_prefetch_bytes;
   }
 
