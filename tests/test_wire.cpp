@@ -275,3 +275,34 @@ TEST_CASE("a chunk of 2^31 items or more is refused, its count's top bit being a
   CHECK_THROWS_AS(procpool::detail::finish_task_frame(frame, start, procpool::detail::task_more_queued),
                   std::length_error);
 }
+
+namespace {
+/// Counts the allocations of the vectors using it.
+template <class T>
+struct CountingAllocator {
+  using value_type = T;
+  std::size_t* count;
+  explicit CountingAllocator(std::size_t* c) : count(c) {}
+  template <class U>
+  CountingAllocator(const CountingAllocator<U>& other) : count(other.count) {}  // NOLINT: rebinding
+  T* allocate(std::size_t n) {
+    ++*count;
+    return std::allocator<T>().allocate(n);
+  }
+  void deallocate(T* p, std::size_t n) noexcept { std::allocator<T>().deallocate(p, n); }
+  template <class U>
+  bool operator==(const CountingAllocator<U>& other) const {
+    return count == other.count;
+  }
+};
+}  // namespace
+
+TEST_CASE("a task frame of a few small items is encoded in one allocation", "[wire]") {
+  std::size_t allocations = 0;
+  std::vector<char, CountingAllocator<char>> frame{CountingAllocator<char>(&allocations)};
+  const std::size_t start = procpool::detail::begin_task_frame(frame, 1);
+  for (long item = 0; item < 4; ++item) procpool::detail::put<long>(frame, item);
+  procpool::detail::finish_task_frame(frame, start, 4);
+  CHECK(frame.size() == procpool::detail::task_prefix_size + 4 * sizeof(long));
+  CHECK(allocations == 1);
+}

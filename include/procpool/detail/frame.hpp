@@ -47,6 +47,8 @@ inline constexpr std::size_t task_count_offset = task_prefix_size - 4;  // the c
 /// it: its worker, once out of tasks, looks for the next one a while before
 /// sleeping (FrameReader::spin_when_idle()).
 inline constexpr std::uint32_t task_more_queued = 0x8000'0000u;
+/// Bytes a task frame starts with room for.
+inline constexpr std::size_t task_frame_reserve = 64;
 inline constexpr std::size_t result_prefix_size = 8 + 8;
 inline constexpr std::size_t shm_share_size = 4 + 4 + 8 + 8;  // i32 pid, i32 fd, u64 id, u64 size
 
@@ -88,6 +90,9 @@ void finish_frame(Bytes& out, std::size_t start) {
 /// Starts a task frame; the dispatcher stamps the task id when it sends it.
 template <class Bytes>
 std::size_t begin_task_frame(Bytes& frame, std::uint64_t handler) {
+  // Room for the prefix and a few small items at once: growing from nothing
+  // would take five allocations before a chunk of one number is encoded.
+  frame.reserve(frame.size() + task_frame_reserve);
   std::size_t start = begin_frame(frame, FrameKind::task);
   put<std::uint64_t>(frame, 0);
   put<std::uint64_t>(frame, handler);
