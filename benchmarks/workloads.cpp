@@ -95,6 +95,7 @@ int main(int argc, char** argv) {
     options.shared_memory_threshold = args.size("shm", options.shared_memory_threshold);
     options.max_tasks_in_flight = args.size("inflight", options.max_tasks_in_flight);
     options.imap_prefetch = args.size("prefetch", options.imap_prefetch);
+    options.worker_spin = args.size("spin", 1) != 0;
     out.add("shm", options.shared_memory_threshold);
     procpool::Pool pool(options);
 

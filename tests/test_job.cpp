@@ -1,5 +1,6 @@
 // A call's mailbox (JobState) on its own: which deliveries wake the caller,
 // and how imap takes what is ready; then imap's refills through a real pool.
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -28,6 +29,13 @@ ChunkOutcome outcome_of(std::size_t bytes) {
 }
 
 long job_square(long x) { return x * x; }
+
+/// Whether this task came flagged for the worker to look for the next before sleeping.
+bool flagged_more_queued(long) { return procpool::detail::running_task_more_queued(); }
+
+std::size_t count_flagged(const std::vector<bool>& flags) {
+  return static_cast<std::size_t>(std::count(flags.begin(), flags.end(), true));
+}
 
 }  // namespace
 
@@ -197,4 +205,24 @@ TEST_CASE("a ring emptied after a burst lets its array go, and works on", "[job]
   ring.pop_front();
   ring.pop_front();
   CHECK(ring.capacity() == 8);
+}
+
+POOL_TEST("map's tasks ask their worker to look for the next before sleeping; imap's and apply's do not", "[job]") {
+  const auto in = std::views::iota(0L, 300L);
+  {
+    procpool::Pool pool(test::options<TestType>({.processes = 2}));
+    // One batch of 300 queued at once: every task but the last sent has more behind it.
+    CHECK(count_flagged(pool.map<flagged_more_queued>(in, 1)) > 0);
+    // imap's caller needs the CPU its workers would look with.
+    std::vector<bool> streamed;
+    for (bool flag : pool.imap_unordered<flagged_more_queued>(in)) streamed.push_back(flag);
+    CHECK(streamed.size() == 300);
+    CHECK(count_flagged(streamed) == 0);
+    // Nothing queued behind a lone task.
+    CHECK_FALSE(pool.apply<flagged_more_queued>(1L));
+  }
+  procpool::Pool quiet(test::options<TestType>({.processes = 2, .worker_spin = false}));
+  const auto flags = quiet.map<flagged_more_queued>(in, 1);
+  CHECK(flags.size() == 300);
+  CHECK(count_flagged(flags) == 0);
 }

@@ -104,6 +104,13 @@ struct Options {
   /// that returned a large result holds that much shared memory. 0 sends
   /// everything through the pipes.
   std::size_t shared_memory_threshold = std::size_t{256} << 10;
+  /// A worker whose last task was short (under 200 µs) and which has run out
+  /// of tasks while the parent had more of a `map`-like call queued looks
+  /// for its next task for up to 50 µs before it sleeps: waking a sleeping
+  /// process costs more than such a task. The look spends CPU, less after
+  /// looks that found nothing. `imap`/`imap_unordered` never ask for it.
+  /// false: workers sleep at once (fewer CPU cycles, slower tiny tasks).
+  bool worker_spin = true;
 };
 
 }  // namespace procpool

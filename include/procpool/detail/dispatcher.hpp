@@ -50,6 +50,7 @@ class Dispatcher {
         processes_(options.processes),
         max_tasks_per_child_(options.maxtasksperchild),
         max_in_flight_(std::max<std::size_t>(1, options.max_tasks_in_flight)),
+        worker_spin_(options.worker_spin),
         retries_(options.retries),
         task_timeout_(options.task_timeout),
         max_rss_(options.max_memory_per_child),
@@ -577,7 +578,7 @@ class Dispatcher {
       patch<std::uint64_t>(*task.frame, task_id_offset, id);
       // More queued to follow this one at once: its worker may look for them before sleeping.
       const auto count = static_cast<std::uint32_t>(items_in(*task.frame));
-      const bool more = pending_.size() > 1 && !task.job->streamed();
+      const bool more = worker_spin_ && pending_.size() > 1 && !task.job->streamed();
       patch<std::uint32_t>(*task.frame, task_count_offset, more ? count | task_more_queued : count);
       if (best->held.empty()) best->front_since = Clock::now();
       task.id = id;
@@ -862,6 +863,7 @@ class Dispatcher {
   const std::size_t processes_;
   const std::size_t max_tasks_per_child_;
   const std::size_t max_in_flight_;
+  const bool worker_spin_;  // Options::worker_spin
   const std::size_t retries_;
   const std::chrono::milliseconds task_timeout_;
   bool timeouts_used_ = task_timeout_.count() > 0;  // some task has a timeout: Options' or its call's

@@ -28,6 +28,14 @@ namespace procpool::detail {
 inline constexpr int exit_initializer_failed = 3;
 inline constexpr int exit_protocol_error = 4;
 
+/// In a worker: whether the task running now came with `task_more_queued`
+/// set, that is, whether the worker will look for its next task before it
+/// sleeps if this one is short. For tests.
+inline bool& running_task_more_queued() {
+  static bool more_queued = false;
+  return more_queued;
+}
+
 /// Reads whole frames from a blocking fd, buffering what arrives early.
 class FrameReader {
  public:
@@ -305,6 +313,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     const auto count_word = get<std::uint32_t>(frame.data + 16);
     const auto count = count_word & ~task_more_queued;
     const bool more_queued = (count_word & task_more_queued) != 0;
+    running_task_more_queued() = more_queued;
     const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(handler_id);
     if (entry == nullptr) {
       send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError",
