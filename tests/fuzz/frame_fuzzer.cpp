@@ -9,7 +9,13 @@
 //       the dispatcher does;
 //   (c) detail::FrameReader over a memfd holding the input, and over a
 //       SOCK_SEQPACKET socket fed in small packets, so every read returns a
-//       piece of a frame and the reader's buffering is exercised.
+//       piece of a frame and the reader's buffering is exercised;
+//   (d) detail::ShmReader, both kinds (a worker's announced result buffers,
+//       and buffers mapped on first sight), fed shm_announce, shm_ref and
+//       shm_drop payloads drawn from the input. They name this process's own
+//       procpool buffers, which hold the input's bytes (so a reference may
+//       point at any frame, consistent or not), or not; a result frame a
+//       reference resolves to is decoded as in (b).
 //
 // Nothing here may crash, leak, or allocate much more than the input.
 // Build: scripts/fuzz.sh (clang, -DPROCPOOL_BUILD_FUZZERS=ON).
@@ -27,6 +33,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -34,6 +41,7 @@
 #include <procpool/detail/frame.hpp>
 #include <procpool/detail/inbox.hpp>
 #include <procpool/detail/job.hpp>
+#include <procpool/detail/shm.hpp>
 #include <procpool/detail/worker.hpp>
 
 namespace {
@@ -181,6 +189,98 @@ void read_from_packets(const std::uint8_t* data, std::size_t size, std::size_t m
   ::close(fds[1]);
 }
 
+/// Reads fields off the input; zeros once it runs out.
+class Cursor {
+ public:
+  Cursor(const std::uint8_t* data, std::size_t size) : data_(data), size_(size) {}
+  template <class T>
+  T next() {
+    T value{};
+    const std::size_t n = std::min(sizeof(T), size_ - at_);
+    std::memcpy(&value, data_ + at_, n);
+    at_ += n;
+    return value;
+  }
+  bool done() const { return at_ == size_; }
+
+ private:
+  const std::uint8_t* data_;
+  std::size_t size_;
+  std::size_t at_ = 0;
+};
+
+/// Two buffers of this process's own, as a worker's result buffers are.
+std::unique_ptr<ShmBuffer>& shm_buffer(int which) {
+  static std::unique_ptr<ShmBuffer> small = create_shm_buffer("procpool-fuzz", 256);
+  static std::unique_ptr<ShmBuffer> large = create_shm_buffer("procpool-fuzz", 4096);
+  return which == 0 ? small : large;
+}
+
+/// (d): up to 16 operations, each a byte saying what (announce, refer, drop),
+/// which buffer (either of ours, a mix of the two, or raw fd and id), which
+/// reader, which pid and whether the reference's size matches the frame in
+/// the buffer; then the raw fields. The buffers hold the input from byte 48.
+void resolve_references(const std::uint8_t* data, std::size_t size) {
+  const std::size_t from = std::min<std::size_t>(size, 48);
+  for (int which : {0, 1}) {
+    ShmBuffer& buffer = *shm_buffer(which);
+    const std::size_t n = std::min(buffer.mapping.capacity(), size - from);
+    std::memset(buffer.mapping.data(), 0, buffer.mapping.capacity());
+    std::memcpy(buffer.mapping.data(), data + from, n);
+  }
+  ShmReader announced(true), first_sight(false);
+  Cursor in(data, from);
+  const pid_t self = ::getpid();
+  for (int op = 0; op < 16 && !in.done(); ++op) {
+    const auto what = in.next<std::uint8_t>();
+    const int target = (what >> 2) & 3;
+    std::int32_t fd = 0;
+    std::uint64_t id = 0;
+    if (target < 2) {
+      fd = shm_buffer(target)->fd.get();
+      id = shm_buffer(target)->id;
+    } else if (target == 2) {
+      fd = in.next<std::int32_t>();
+      id = in.next<std::uint64_t>();
+    } else {
+      fd = shm_buffer(0)->fd.get();
+      id = shm_buffer(1)->id;  // the fd of one, the id of the other
+    }
+    static constexpr std::int32_t other_pids[] = {0, -1, 1};
+    const std::int32_t pid = (what & 0x40) == 0 ? self : other_pids[in.next<std::uint8_t>() % 3];
+    ShmReader& reader = (what & 0x20) != 0 ? announced : first_sight;
+    char payload[shm_ref_size] = {};
+    std::memcpy(payload, &pid, 4);
+    std::memcpy(payload + 4, &fd, 4);
+    std::memcpy(payload + 8, &id, 8);
+    switch (what % 3) {
+      case 0:
+        sink = sink + reader.adopt(FrameView{FrameKind::shm_announce, payload, shm_announce_size}, self);
+        break;
+      case 1: {
+        // The size of the frame the buffer holds, as an honest writer says, or a raw one.
+        std::uint64_t frame_size =
+            (what & 0x10) != 0
+                ? in.next<std::uint64_t>()
+                : std::uint64_t{get<std::uint32_t>(shm_buffer(target & 1)->mapping.data())} + frame_header_size;
+        std::memcpy(payload + 16, &frame_size, 8);
+        const std::size_t max_payload = (what & 0x80) != 0 ? 16 : std::size_t{1} << 20;
+        try {
+          auto resolved = reader.resolve(FrameView{FrameKind::shm_ref, payload, shm_ref_size}, max_payload);
+          if (resolved.frame.kind == FrameKind::result) handle_frame(resolved.frame);
+          sink = sink + resolved.frame.size;
+        } catch (const std::exception&) {
+          // the dispatcher calls this a protocol violation
+        }
+        break;
+      }
+      default:
+        reader.forget(FrameView{FrameKind::shm_drop, payload + 8, 8});
+        break;
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -193,5 +293,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (size > 0) parse_all(bytes, size, data[size - 1], 1 + data[0] % 7);
   read_from_memfd(data, size, max_payload);
   read_from_packets(data, size, max_payload);
+  resolve_references(data, size);
   return 0;
 }
