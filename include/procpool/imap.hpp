@@ -10,6 +10,7 @@
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <unordered_map>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -19,7 +20,6 @@
 #include "call_options.hpp"
 #include "detail/dispatcher.hpp"
 #include "detail/job.hpp"
-#include "detail/ring.hpp"
 #include "errors.hpp"
 
 namespace procpool {
@@ -237,7 +237,7 @@ class IMap {
       // the input is read no further, and the refusal comes after the
       // results submitted before it, as an input's own exception would.
       for (std::uint64_t index = submitted_; index < submitted_ + count; ++index) {
-        bytes_out_ -= spans_.take(index).bytes;
+        if (auto span = spans_.extract(index)) bytes_out_ -= span.mapped().bytes;
       }
       input_done_ = true;
       input_error_ = std::current_exception();  // it comes before any error the input raised after
@@ -267,7 +267,7 @@ class IMap {
         break;
       }
       detail::finish_task_frame(chunk.frame, start, count);
-      spans_.add(chunk.index, Span{next_input_, std::size_t{count}, chunk.frame.size()});
+      spans_.emplace(chunk.index, Span{next_input_, std::size_t{count}, chunk.frame.size()});
       bytes_out_ += chunk.frame.size();
       next_input_ += count;
       chunks.push_back(std::move(chunk));
@@ -315,7 +315,7 @@ class IMap {
       while (!batch_.empty()) {
         auto [index, outcome] = std::move(batch_.front());
         batch_.pop_front();
-        const Span span = spans_.take(index);
+        auto span = spans_.extract(index).mapped();
         bytes_out_ -= span.bytes;
         detail::decode_chunk<T>(
             outcome, job_->call(), span.first, span.count,
@@ -346,34 +346,8 @@ class IMap {
     std::size_t first;  // index of the chunk's first input
     std::size_t count;  // its items
     std::size_t bytes;  // its task frame's size
-    bool out = true;    // not yet taken
   };
-  /// The spans of the chunks submitted and not yet taken, by chunk index:
-  /// chunks `base`, `base + 1`, ... in a ring (taken ones marked until those
-  /// before them are taken too), as they are numbered in order.
-  class Spans {
-   public:
-    void add(std::uint64_t index, Span span) {
-      if (ring_.empty()) base_ = index;
-      ring_.push_back(span);
-    }
-    /// Chunk `index`'s span, now no longer out.
-    Span take(std::uint64_t index) {
-      Span& span = ring_[static_cast<std::size_t>(index - base_)];
-      span.out = false;
-      const Span taken = span;
-      while (!ring_.empty() && !ring_.front().out) {
-        ring_.pop_front();
-        ++base_;
-      }
-      return taken;
-    }
-
-   private:
-    std::uint64_t base_ = 0;
-    detail::Ring<Span> ring_;
-  };
-  Spans spans_;
+  std::unordered_map<std::uint64_t, Span> spans_;
   std::exception_ptr input_error_;  // the input threw; yielded after what came before it
   std::deque<std::pair<std::uint64_t, detail::ChunkOutcome>> batch_;  // taken, not yet decoded
   std::deque<Item> buffer_;
