@@ -20,6 +20,10 @@
 namespace {
 
 long square(long x) { return x * x; }
+long nap_1ms(long x) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  return x;
+}
 std::string g_prefix;
 void set_prefix(const std::string& p) { g_prefix = p; }
 std::string prefixed(const std::string& s) { return g_prefix + s; }
@@ -353,6 +357,24 @@ POOL_TEST("imap submits 1024 chunks ahead by default, and more for many workers"
     // The first fill reads the whole prefetch; no refill before a quarter of it is consumed.
     CHECK(pulled == ahead);
   }
+}
+
+POOL_TEST("adaptive imap keeps 4 * processes * max_tasks_in_flight chunks ahead, not 1024", "[imap]") {
+  // Items of 1 ms make adaptive chunks of 1 or 2 items (about 2 ms of work each).
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  long pulled = 0;
+  auto counting = std::views::iota(0L) | std::views::transform([&pulled](long x) {
+                    ++pulled;
+                    return x;
+                  });
+  int seen = 0;
+  for (long v : pool.imap_unordered<nap_1ms>(counting, procpool::adaptive)) {
+    CHECK(v >= 0);
+    if (++seen == 3) break;
+  }
+  // 64 chunks of at most 2 items, and the chunk being read; a prefetch of
+  // 1024 would have read about a thousand chunks by the second result.
+  CHECK(pulled <= 4 * 2 * 8 * 2 + 2);
 }
 
 POOL_TEST("imap_unordered yields every result exactly once", "[imap]") {

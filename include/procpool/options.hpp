@@ -49,7 +49,8 @@ struct Options {
   /// bounds their memory whatever the input's length. 0 means the larger of
   /// `imap_default_prefetch` (1024) and `4 * processes * max_tasks_in_flight`:
   /// enough queued that the workers keep busy with short tasks while the
-  /// consumer's thread waits for a CPU.
+  /// consumer's thread waits for a CPU. With chunksize `procpool::adaptive`
+  /// (chunks of about 2 ms of work), 0 means `4 * processes * max_tasks_in_flight`.
   std::size_t imap_prefetch = 0;
   /// Largest message a worker may send or receive, in bytes; a larger one
   /// fails its task with `ProtocolError` instead of being allocated.

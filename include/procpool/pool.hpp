@@ -144,10 +144,9 @@ class Pool {
     if (options.processes == 0) options.processes = cpu_count();
     dispatcher_ = std::make_shared<detail::Dispatcher>(options, detail::make_launcher(options));
     processes_ = options.processes;
-    prefetch_ = options.imap_prefetch != 0
-                    ? options.imap_prefetch
-                    : std::max(imap_default_prefetch,
-                               4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight));
+    const std::size_t per_worker = 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
+    prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : std::max(imap_default_prefetch, per_worker);
+    adaptive_prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : per_worker;
     prefetch_bytes_ = options.imap_prefetch_bytes;
   }
 
@@ -161,6 +160,7 @@ class Pool {
       dispatcher_ = std::move(other.dispatcher_);
       processes_ = other.processes_;
       prefetch_ = other.prefetch_;
+      adaptive_prefetch_ = other.adaptive_prefetch_;
       prefetch_bytes_ = other.prefetch_bytes_;
     }
     return *this;
@@ -631,12 +631,15 @@ class Pool {
     job->configure(options, total);
     job->set_streamed();
     return detail::IMapAccess<T>::make(dispatcher_, std::move(source), std::move(job), ordered,
-                                       std::max<std::size_t>(1, options.chunksize), prefetch_, prefetch_bytes_, total);
+                                       std::max<std::size_t>(1, options.chunksize),
+                                       options.chunksize == adaptive ? adaptive_prefetch_ : prefetch_, prefetch_bytes_,
+                                       total);
   }
 
   std::shared_ptr<detail::Dispatcher> dispatcher_;
   std::size_t processes_ = 0;
   std::size_t prefetch_ = 0;
+  std::size_t adaptive_prefetch_ = 0;  // with chunksize procpool::adaptive: chunks of about 2 ms need no deep queue
   std::size_t prefetch_bytes_ = 0;
 };
 
