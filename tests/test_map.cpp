@@ -20,6 +20,13 @@
 namespace {
 
 long square(long x) { return x * x; }
+/// 0, 1, 2, ... without end, counting in `pulled` how many were read.
+auto counted_iota(long& pulled) {
+  return std::views::iota(0L) | std::views::transform([&pulled](long x) {
+           ++pulled;
+           return x;
+         });
+}
 long nap_1ms(long x) {
   std::this_thread::sleep_for(std::chrono::milliseconds(1));
   return x;
@@ -327,10 +334,7 @@ POOL_TEST("imap yields in input order, lazily", "[imap]") {
 POOL_TEST("imap reads an endless input only as far as it is consumed", "[imap]") {
   procpool::Pool pool(test::options<TestType>({.imap_prefetch = 8}));
   long pulled = 0;
-  auto counting = std::views::iota(0L) | std::views::transform([&pulled](long x) {
-                    ++pulled;
-                    return x;
-                  });
+  auto counting = counted_iota(pulled);
   long seen = 0;
   for (long v : pool.imap<square>(counting, 2)) {
     CHECK(v == seen * seen);
@@ -346,10 +350,7 @@ POOL_TEST("imap submits 1024 chunks ahead by default, and more for many workers"
     CAPTURE(in_flight);
     procpool::Pool pool(test::options<TestType>({.processes = 2, .max_tasks_in_flight = in_flight}));
     long pulled = 0;
-    auto counting = std::views::iota(0L) | std::views::transform([&pulled](long x) {
-                      ++pulled;
-                      return x;
-                    });
+    auto counting = counted_iota(pulled);
     for (long v : pool.imap_unordered<square>(counting)) {
       CHECK(v >= 0);
       break;
@@ -363,10 +364,7 @@ POOL_TEST("adaptive imap keeps 4 * processes * max_tasks_in_flight chunks ahead,
   // Items of 1 ms make adaptive chunks of 1 or 2 items (about 2 ms of work each).
   procpool::Pool pool(test::options<TestType>({.processes = 2}));
   long pulled = 0;
-  auto counting = std::views::iota(0L) | std::views::transform([&pulled](long x) {
-                    ++pulled;
-                    return x;
-                  });
+  auto counting = counted_iota(pulled);
   int seen = 0;
   for (long v : pool.imap_unordered<nap_1ms>(counting, procpool::adaptive)) {
     CHECK(v >= 0);
