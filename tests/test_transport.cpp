@@ -9,10 +9,12 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <ranges>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -195,6 +197,38 @@ POOL_TEST("a pool done with large messages lets go of its shared memory a little
   Seen again = pool.apply<echo_and_look>(one);
   CHECK(again.echoed == one);
   CHECK(again.task_mappings >= 1);
+}
+
+namespace {
+/// How many of this process's fds are memfds named `name`.
+std::size_t memfds_named(const std::string& name) {
+  std::size_t count = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code error;
+    const auto target = std::filesystem::read_symlink(entry.path(), error).string();
+    if (!error && target.rfind("/memfd:" + name, 0) == 0) ++count;
+  }
+  return count;
+}
+}  // namespace
+
+TEST_CASE("a writer holds at most ShmWriter::max_buffers buffers, so at most that many fds", "[transport][shm]") {
+  using procpool::detail::ShmWriter;
+  ShmWriter writer("procpool-fdcap");
+  std::vector<procpool::detail::ShmBuffer*> busy;
+  // 300 KiB messages: 1 MiB buffers, far under max_busy_bytes all together.
+  for (std::size_t k = 0; k < ShmWriter::max_buffers; ++k) {
+    busy.push_back(writer.acquire(std::size_t{300} << 10, nullptr));
+    REQUIRE(busy.back() != nullptr);
+  }
+  CHECK(memfds_named("procpool-fdcap") == ShmWriter::max_buffers);
+  // All busy: the next message takes the pipe instead of another fd.
+  CHECK(writer.acquire(std::size_t{300} << 10, nullptr) == nullptr);
+  CHECK(memfds_named("procpool-fdcap") == ShmWriter::max_buffers);
+  // One idle, too small for a 2 MiB message: it is unmapped to make room.
+  ShmWriter::release(*busy.front());
+  CHECK(writer.acquire(std::size_t{2} << 20, nullptr) != nullptr);
+  CHECK(memfds_named("procpool-fdcap") == ShmWriter::max_buffers);
 }
 
 TEST_CASE("a task buffer's idle time counts from when its task gave it back", "[transport][shm]") {

@@ -259,6 +259,11 @@ class ShmWriter {
   /// reader that holds many messages unread does not make its writer's
   /// shared memory grow without bound.
   static constexpr std::size_t max_busy_bytes = std::size_t{256} << 20;
+  /// Buffers, busy and idle, kept at most: each holds a file descriptor (a
+  /// process may have 1024 by default). Beyond it the least recently used
+  /// idle one is unmapped to make room; when all are busy, the message goes
+  /// through the pipe.
+  static constexpr std::size_t max_buffers = 128;
 
   /**
    * Copies `frame` (a whole frame, header included) into an idle buffer,
@@ -301,6 +306,10 @@ class ShmWriter {
       // The pipe this time; an announced buffer never mapped ages out like an idle one.
       prune(control);
       return nullptr;
+    }
+    if (best == nullptr && buffers_.size() >= max_buffers && !drop_least_recent_idle(control)) {
+      prune(control);
+      return nullptr;  // every buffer busy: the pipe this time
     }
     if (best == nullptr) {
       const std::size_t capacity = (size + capacity_step - 1) / capacity_step * capacity_step;
@@ -407,6 +416,17 @@ class ShmWriter {
       finish_frame(*control, start);
     }
     buffers_.erase(it);
+  }
+
+  /// Unmaps the least recently used idle buffer; false if none is idle.
+  bool drop_least_recent_idle(std::vector<char>* control) {
+    auto oldest = buffers_.end();
+    for (auto it = buffers_.begin(); it != buffers_.end(); ++it) {
+      if (idle(**it) && (oldest == buffers_.end() || (*it)->last_used < (*oldest)->last_used)) oldest = it;
+    }
+    if (oldest == buffers_.end()) return false;
+    drop(oldest, control);
+    return true;
   }
 
   /// Unmaps idle buffers unused for long, then the least recently used
