@@ -229,6 +229,8 @@ TEST_CASE("a writer holds at most ShmWriter::max_buffers buffers, so at most tha
   ShmWriter::release(*busy.front());
   CHECK(writer.acquire(std::size_t{2} << 20, nullptr) != nullptr);
   CHECK(memfds_named("procpool-fdcap") == ShmWriter::max_buffers);
+  // The idle one went (busy.front() is gone now), never a busy one.
+  CHECK(std::all_of(busy.begin() + 1, busy.end(), [&](const auto* b) { return writer.find(b->mapping.data()) == b; }));
 }
 
 TEST_CASE("a task buffer's idle time counts from when its task gave it back", "[transport][shm]") {

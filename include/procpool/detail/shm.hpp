@@ -662,7 +662,8 @@ class TaskMemory {
 
   /// Storage for `size` bytes of a frame, at the start of an idle buffer now
   /// marked busy; nullptr where it stays on the heap (small, shared memory
-  /// off, or the busy buffers already hold ShmWriter::max_busy_bytes).
+  /// off, or the busy buffers already hold ShmWriter::max_busy_bytes or
+  /// number ShmWriter::max_buffers).
   char* allocate(std::size_t size) {
     if (!may_place(size)) return nullptr;
     std::lock_guard lock(mutex_);
