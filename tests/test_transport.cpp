@@ -9,12 +9,10 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <ranges>
 #include <string>
-#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -202,13 +200,10 @@ POOL_TEST("a pool done with large messages lets go of its shared memory a little
 namespace {
 /// How many of this process's fds are memfds named `name`.
 std::size_t memfds_named(const std::string& name) {
-  std::size_t count = 0;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
-    std::error_code error;
-    const auto target = std::filesystem::read_symlink(entry.path(), error).string();
-    if (!error && target.rfind("/memfd:" + name, 0) == 0) ++count;
-  }
-  return count;
+  const auto targets = open_fds_beyond_stdio(0);
+  return static_cast<std::size_t>(std::count_if(targets.begin(), targets.end(), [&](const std::string& t) {
+    return t.rfind("/memfd:" + name, 0) == 0;
+  }));
 }
 }  // namespace
 

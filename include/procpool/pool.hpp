@@ -144,9 +144,10 @@ class Pool {
     if (options.processes == 0) options.processes = cpu_count();
     dispatcher_ = std::make_shared<detail::Dispatcher>(options, detail::make_launcher(options));
     processes_ = options.processes;
-    const std::size_t per_worker = 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
-    prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : std::max(imap_default_prefetch, per_worker);
-    adaptive_prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : per_worker;
+    // Four times what the workers hold at once.
+    const std::size_t held_x4 = 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
+    prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : std::max(imap_default_prefetch, held_x4);
+    adaptive_prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : held_x4;
     prefetch_bytes_ = options.imap_prefetch_bytes;
   }
 

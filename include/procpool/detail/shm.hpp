@@ -366,14 +366,7 @@ class ShmWriter {
   /// Unmaps the idle buffers last handed out before `before` (an announcing
   /// writer appends their drops to `control`, to send).
   void trim(std::chrono::steady_clock::time_point before, std::vector<char>* control) {
-    for (auto it = buffers_.begin(); it != buffers_.end();) {
-      if (idle(**it) && (*it)->used_at < before) {
-        drop(it, control);
-        it = buffers_.begin();
-      } else {
-        ++it;
-      }
-    }
+    drop_idle_if([&](const ShmBuffer& buffer) { return buffer.used_at < before; }, control);
   }
 
   /// Gives back a buffer acquire() returned, unused.
@@ -409,13 +402,22 @@ class ShmWriter {
   }
 
   /// Unmaps a buffer (announced ones: and tells the reader).
-  void drop(std::vector<std::unique_ptr<ShmBuffer>>::iterator it, std::vector<char>* control) {
+  /// Returns the buffer after it.
+  auto drop(std::vector<std::unique_ptr<ShmBuffer>>::iterator it, std::vector<char>* control) {
     if (announce_ && control != nullptr) {  // an announcing writer always passes `control`
       std::size_t start = begin_frame(*control, FrameKind::shm_drop);
       put<std::uint64_t>(*control, (*it)->id);
       finish_frame(*control, start);
     }
-    buffers_.erase(it);
+    return buffers_.erase(it);
+  }
+
+  /// Unmaps every idle buffer for which `unwanted(buffer)` is true.
+  template <class Pred>
+  void drop_idle_if(Pred unwanted, std::vector<char>* control) {
+    for (auto it = buffers_.begin(); it != buffers_.end();) {
+      it = idle(**it) && unwanted(**it) ? drop(it, control) : it + 1;
+    }
   }
 
   /// Unmaps the least recently used idle buffer; false if none is idle.
@@ -432,25 +434,17 @@ class ShmWriter {
   /// Unmaps idle buffers unused for long, then the least recently used
   /// while the idle ones hold more than keep_idle_bytes (keeping at least one).
   void prune(std::vector<char>* control) {
-    for (auto it = buffers_.begin(); it != buffers_.end();) {
-      if (idle(**it) && acquisitions_ - (*it)->last_used > idle_acquisitions) {
-        drop(it, control);
-        it = buffers_.begin();
-      } else {
-        ++it;
-      }
-    }
+    drop_idle_if([&](const ShmBuffer& buffer) { return acquisitions_ - buffer.last_used > idle_acquisitions; },
+                 control);
     for (;;) {
       std::size_t idle_bytes = 0, idle_count = 0;
-      auto oldest = buffers_.end();
-      for (auto it = buffers_.begin(); it != buffers_.end(); ++it) {
-        if (!idle(**it)) continue;
-        idle_bytes += (*it)->mapping.capacity();
+      for (const auto& buffer : buffers_) {
+        if (!idle(*buffer)) continue;
+        idle_bytes += buffer->mapping.capacity();
         ++idle_count;
-        if (oldest == buffers_.end() || (*it)->last_used < (*oldest)->last_used) oldest = it;
       }
       if (idle_bytes <= keep_idle_bytes || idle_count <= 1) return;
-      drop(oldest, control);
+      drop_least_recent_idle(control);
     }
   }
 
