@@ -228,6 +228,69 @@ TEST_CASE("a writer holds at most ShmWriter::max_buffers buffers, so at most tha
   CHECK(std::all_of(busy.begin() + 1, busy.end(), [&](const auto* b) { return writer.find(b->mapping.data()) == b; }));
 }
 
+TEST_CASE("an announcing writer at its buffer cap drops an idle buffer, then announces the new one",
+          "[transport][shm]") {
+  using namespace procpool::detail;
+  const std::string name = "procpool-fdcap-announced";
+  ShmWriter writer(name.c_str(), true);  // a worker's result buffers
+  ShmReader reader(true);                // the parent's side of them
+  // What the writer told the reader, in order, as (kind, buffer id); each
+  // message is also handed to the reader, as the parent does.
+  std::vector<std::pair<FrameKind, std::uint64_t>> told;
+  std::vector<char> control;
+  auto deliver = [&] {
+    FrameView frame{};
+    for (std::size_t at = 0; at < control.size(); at += frame_header_size + frame.size) {
+      REQUIRE(parse_frame(control.data() + at, control.size() - at, 1 << 20, frame) == Parse::complete);
+      if (frame.kind == FrameKind::shm_announce) {
+        told.emplace_back(frame.kind, get<std::uint64_t>(frame.data + 8));
+        CHECK(reader.adopt(frame, ::getpid()));
+      } else {
+        REQUIRE(frame.kind == FrameKind::shm_drop);
+        told.emplace_back(frame.kind, get<std::uint64_t>(frame.data));
+        reader.forget(frame);
+      }
+    }
+    control.clear();
+  };
+  std::vector<ShmBuffer*> busy;
+  for (std::size_t k = 0; k < ShmWriter::max_buffers; ++k) {
+    busy.push_back(writer.acquire(std::size_t{300} << 10, &control));
+    REQUIRE(busy.back() != nullptr);
+    deliver();
+  }
+  CHECK(told.size() == ShmWriter::max_buffers);
+  CHECK(memfds_named(name) == ShmWriter::max_buffers);
+  CHECK(memfd_mappings(name) == 2 * ShmWriter::max_buffers);  // the writer's and the reader's
+  // All busy: the pipe this time, and nothing is announced.
+  CHECK(writer.acquire(std::size_t{300} << 10, &control) == nullptr);
+  CHECK(control.empty());
+  // One idle and too small: the reader hears of its drop first, then of the new buffer.
+  ShmWriter::release(*busy.front());
+  const std::uint64_t dropped = busy.front()->id;
+  told.clear();
+  ShmBuffer* fresh = writer.acquire(std::size_t{2} << 20, &control);
+  REQUIRE(fresh != nullptr);
+  deliver();
+  REQUIRE(told.size() == 2);
+  CHECK(told[0] == std::pair{FrameKind::shm_drop, dropped});
+  CHECK(told[1] == std::pair{FrameKind::shm_announce, fresh->id});
+  // Both sides let go of the dropped buffer: still one fd and two mappings a buffer.
+  CHECK(memfds_named(name) == ShmWriter::max_buffers);
+  CHECK(memfd_mappings(name) == 2 * ShmWriter::max_buffers);
+  // The reader can read what the new buffer carries.
+  std::vector<char> message;
+  const std::size_t start = begin_frame(message, FrameKind::result);
+  message.insert(message.end(), 100, 'r');
+  finish_frame(message, start);
+  const std::vector<char> ref = ShmWriter::fill(*fresh, message.data(), message.size());
+  FrameView ref_frame{};
+  REQUIRE(parse_frame(ref.data(), ref.size(), 1 << 20, ref_frame) == Parse::complete);
+  const auto resolved = reader.resolve(ref_frame, 1 << 20);
+  CHECK(resolved.frame.kind == FrameKind::result);
+  CHECK(std::string(resolved.frame.data, resolved.frame.size) == std::string(100, 'r'));
+}
+
 TEST_CASE("a task buffer's idle time counts from when its task gave it back", "[transport][shm]") {
   procpool::detail::ShmWriter writer("procpool-test");
   const std::string frame(std::size_t{300} << 10, 'f');
