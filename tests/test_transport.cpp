@@ -1,6 +1,7 @@
 // The transport's promises: one pipe pair per worker and nothing else of
 // the parent's, close-on-exec everywhere, bounded messages.
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -207,23 +208,23 @@ std::size_t memfds_named(const std::string& name) {
 }
 }  // namespace
 
-TEST_CASE("a writer holds at most ShmWriter::max_buffers buffers, so at most that many fds", "[transport][shm]") {
+TEST_CASE("a writer holds at most ShmWriter::buffer_cap() buffers, so at most that many fds", "[transport][shm]") {
   using procpool::detail::ShmWriter;
   ShmWriter writer("procpool-fdcap");
   std::vector<procpool::detail::ShmBuffer*> busy;
   // 300 KiB messages: 1 MiB buffers, far under max_busy_bytes all together.
-  for (std::size_t k = 0; k < ShmWriter::max_buffers; ++k) {
+  for (std::size_t k = 0; k < writer.buffer_cap(); ++k) {
     busy.push_back(writer.acquire(std::size_t{300} << 10, nullptr));
     REQUIRE(busy.back() != nullptr);
   }
-  CHECK(memfds_named("procpool-fdcap") == ShmWriter::max_buffers);
+  CHECK(memfds_named("procpool-fdcap") == writer.buffer_cap());
   // All busy: the next message takes the pipe instead of another fd.
   CHECK(writer.acquire(std::size_t{300} << 10, nullptr) == nullptr);
-  CHECK(memfds_named("procpool-fdcap") == ShmWriter::max_buffers);
+  CHECK(memfds_named("procpool-fdcap") == writer.buffer_cap());
   // One idle, too small for a 2 MiB message: it is unmapped to make room.
   ShmWriter::release(*busy.front());
   CHECK(writer.acquire(std::size_t{2} << 20, nullptr) != nullptr);
-  CHECK(memfds_named("procpool-fdcap") == ShmWriter::max_buffers);
+  CHECK(memfds_named("procpool-fdcap") == writer.buffer_cap());
   // The idle one went (busy.front() is gone now), never a busy one.
   CHECK(std::all_of(busy.begin() + 1, busy.end(), [&](const auto* b) { return writer.find(b->mapping.data()) == b; }));
 }
@@ -254,14 +255,14 @@ TEST_CASE("an announcing writer at its buffer cap drops an idle buffer, then ann
     control.clear();
   };
   std::vector<ShmBuffer*> busy;
-  for (std::size_t k = 0; k < ShmWriter::max_buffers; ++k) {
+  for (std::size_t k = 0; k < writer.buffer_cap(); ++k) {
     busy.push_back(writer.acquire(std::size_t{300} << 10, &control));
     REQUIRE(busy.back() != nullptr);
     deliver();
   }
-  CHECK(told.size() == ShmWriter::max_buffers);
-  CHECK(memfds_named(name) == ShmWriter::max_buffers);
-  CHECK(memfd_mappings(name) == 2 * ShmWriter::max_buffers);  // the writer's and the reader's
+  CHECK(told.size() == writer.buffer_cap());
+  CHECK(memfds_named(name) == writer.buffer_cap());
+  CHECK(memfd_mappings(name) == 2 * writer.buffer_cap());  // the writer's and the reader's
   // All busy: the pipe this time, and nothing is announced.
   CHECK(writer.acquire(std::size_t{300} << 10, &control) == nullptr);
   CHECK(control.empty());
@@ -276,8 +277,8 @@ TEST_CASE("an announcing writer at its buffer cap drops an idle buffer, then ann
   CHECK(told[0] == std::pair{FrameKind::shm_drop, dropped});
   CHECK(told[1] == std::pair{FrameKind::shm_announce, fresh->id});
   // Both sides let go of the dropped buffer: still one fd and two mappings a buffer.
-  CHECK(memfds_named(name) == ShmWriter::max_buffers);
-  CHECK(memfd_mappings(name) == 2 * ShmWriter::max_buffers);
+  CHECK(memfds_named(name) == writer.buffer_cap());
+  CHECK(memfd_mappings(name) == 2 * writer.buffer_cap());
   // The reader can read what the new buffer carries.
   std::vector<char> message;
   const std::size_t start = begin_frame(message, FrameKind::result);
@@ -289,6 +290,82 @@ TEST_CASE("an announcing writer at its buffer cap drops an idle buffer, then ann
   const auto resolved = reader.resolve(ref_frame, 1 << 20);
   CHECK(resolved.frame.kind == FrameKind::result);
   CHECK(std::string(resolved.frame.data, resolved.frame.size) == std::string(100, 'r'));
+}
+
+namespace {
+/// Lowers the soft fd limit (RLIMIT_NOFILE) for its lifetime.
+class SoftFdLimit {
+ public:
+  explicit SoftFdLimit(rlim_t soft) {
+    REQUIRE(::getrlimit(RLIMIT_NOFILE, &old_) == 0);
+    rlimit lowered = old_;
+    lowered.rlim_cur = std::min(soft, old_.rlim_max);
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &lowered) == 0);
+  }
+  SoftFdLimit(const SoftFdLimit&) = delete;
+  SoftFdLimit& operator=(const SoftFdLimit&) = delete;
+  ~SoftFdLimit() { ::setrlimit(RLIMIT_NOFILE, &old_); }
+
+ private:
+  rlimit old_{};
+};
+}  // namespace
+
+TEST_CASE("a writer keeps fewer buffers under a low fd limit", "[transport][shm]") {
+  using procpool::detail::ShmWriter;
+  CHECK(ShmWriter::buffer_cap_for(1024) == ShmWriter::max_buffers);
+  CHECK(ShmWriter::buffer_cap_for(SIZE_MAX) == ShmWriter::max_buffers);
+  CHECK(ShmWriter::buffer_cap_for(256) == 32);
+  CHECK(ShmWriter::buffer_cap_for(3) == 1);
+  SoftFdLimit low(256);
+  ShmWriter writer("procpool-fdlow");
+  REQUIRE(writer.buffer_cap() == 32);
+  for (std::size_t k = 0; k < 32; ++k) REQUIRE(writer.acquire(std::size_t{300} << 10, nullptr) != nullptr);
+  // All 32 busy: the pipe, not a 33rd fd.
+  CHECK(writer.acquire(std::size_t{300} << 10, nullptr) == nullptr);
+  CHECK(memfds_named("procpool-fdlow") == 32);
+}
+
+namespace {
+/// A large task that looks how many task buffers (memfds) the pool's process holds meanwhile.
+struct LargeTask {
+  int pool_pid = 0;
+  std::string payload;
+  template <class A>
+  void serialize(A& ar) {
+    ar(pool_pid, payload);
+  }
+};
+std::size_t pool_task_buffers(LargeTask task) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(10));  // while the pool encodes the rest
+  std::size_t count = 0;
+  const std::string dir = fmt::format("/proc/{}/fd", task.pool_pid);
+  if (DIR* fds = ::opendir(dir.c_str())) {
+    while (dirent* entry = ::readdir(fds)) {
+      char target[PATH_MAX] = {};
+      const std::string link = dir + "/" + entry->d_name;
+      if (::readlink(link.c_str(), target, sizeof(target) - 1) > 0) {
+        count += std::string_view(target).starts_with("/memfd:procpool-task") ? 1 : 0;
+      }
+    }
+    ::closedir(fds);
+  }
+  return task.payload.size() == (std::size_t{300} << 10) ? count : 0;
+}
+}  // namespace
+
+POOL_TEST("under a low fd limit a pool holds fewer task buffers, and large messages still travel", "[transport][shm]") {
+  SoftFdLimit low(256);
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  std::vector<LargeTask> tasks;
+  for (int k = 0; k < 96; ++k)
+    tasks.push_back({::getpid(), big(std::size_t{300} << 10, static_cast<char>('a' + k % 26))});
+  // They are encoded ahead, each into a buffer of its own while one can be
+  // had (93 of them at once without the cap), the rest on the heap.
+  const auto seen = pool.map<pool_task_buffers>(tasks, 1);
+  const std::size_t most = *std::max_element(seen.begin(), seen.end());
+  CHECK(most >= 2);                                                     // the tasks did travel through shared memory
+  CHECK(most <= procpool::detail::ShmWriter::buffer_cap_for(256) + 1);  // + the probe
 }
 
 TEST_CASE("a task buffer's idle time counts from when its task gave it back", "[transport][shm]") {

@@ -39,6 +39,7 @@
 #include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -239,7 +240,8 @@ class ShmWriter {
   /// `name`: what its memfds are called (shown in /proc/<pid>/maps).
   /// `announce`: a new buffer is announced to the reader and used only once
   /// the reader has mapped it (a worker's results; see the top of this file).
-  explicit ShmWriter(const char* name, bool announce = false) : name_(name), announce_(announce) {}
+  explicit ShmWriter(const char* name, bool announce = false)
+      : name_(name), announce_(announce), buffer_cap_(buffer_cap_for(soft_fd_limit())) {}
 
   /// Idle buffers are kept for reuse (their pages stay in place, which is
   /// most of the gain) up to this many bytes; beyond it the least recently
@@ -262,8 +264,21 @@ class ShmWriter {
   /// Buffers, busy and idle, kept at most: each holds a file descriptor (a
   /// process may have 1024 by default). Beyond it the least recently used
   /// idle one is unmapped to make room; when all are busy, the message goes
-  /// through the pipe.
+  /// through the pipe. Fewer under a lower fd limit: see buffer_cap_for().
   static constexpr std::size_t max_buffers = 128;
+  /// At most this share of the fds the process may open go to buffers.
+  static constexpr std::size_t fd_share_divisor = 8;
+
+  /// The buffer cap under a soft fd limit (RLIMIT_NOFILE) of `fd_limit`:
+  /// max_buffers, or an eighth of the limit if that is less (128 at the
+  /// default 1024, 32 at 256), and never under 1.
+  static constexpr std::size_t buffer_cap_for(std::size_t fd_limit) {
+    return std::clamp<std::size_t>(fd_limit / fd_share_divisor, 1, max_buffers);
+  }
+
+  /// Buffers this writer keeps at most: buffer_cap_for() the soft fd limit
+  /// when it was made.
+  std::size_t buffer_cap() const { return buffer_cap_; }
 
   /**
    * Copies `frame` (a whole frame, header included) into an idle buffer,
@@ -307,7 +322,7 @@ class ShmWriter {
       prune(control);
       return nullptr;
     }
-    if (best == nullptr && buffers_.size() >= max_buffers && !drop_least_recent_idle(control)) {
+    if (best == nullptr && buffers_.size() >= buffer_cap_ && !drop_least_recent_idle(control)) {
       prune(control);
       return nullptr;  // every buffer busy: the pipe this time
     }
@@ -448,8 +463,16 @@ class ShmWriter {
     }
   }
 
+  /// The soft RLIMIT_NOFILE; unlimited (or unknown) counts as no limit.
+  static std::size_t soft_fd_limit() {
+    rlimit limit{};
+    if (::getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) return SIZE_MAX;
+    return static_cast<std::size_t>(limit.rlim_cur);
+  }
+
   const char* name_;
   bool announce_;
+  std::size_t buffer_cap_;
   std::vector<std::unique_ptr<ShmBuffer>> buffers_;
   std::unique_ptr<ShmBuffer> probe_;
   std::uint64_t acquisitions_ = 0;
@@ -657,7 +680,7 @@ class TaskMemory {
   /// Storage for `size` bytes of a frame, at the start of an idle buffer now
   /// marked busy; nullptr where it stays on the heap (small, shared memory
   /// off, or the busy buffers already hold ShmWriter::max_busy_bytes or
-  /// number ShmWriter::max_buffers).
+  /// number ShmWriter::buffer_cap()).
   char* allocate(std::size_t size) {
     if (!may_place(size)) return nullptr;
     std::lock_guard lock(mutex_);
