@@ -232,7 +232,7 @@ TEST_CASE("a writer holds at most ShmWriter::buffer_cap() buffers, so at most th
 TEST_CASE("an announcing writer at its buffer cap drops an idle buffer, then announces the new one",
           "[transport][shm]") {
   using namespace procpool::detail;
-  const std::string name = "procpool-fdcap-announced";
+  const std::string name = "procpool-capannounced";
   ShmWriter writer(name.c_str(), true);  // a worker's result buffers
   ShmReader reader(true);                // the parent's side of them
   // What the writer told the reader, in order, as (kind, buffer id); each
@@ -301,13 +301,17 @@ class SoftFdLimit {
     rlimit lowered = old_;
     lowered.rlim_cur = std::min(soft, old_.rlim_max);
     REQUIRE(::setrlimit(RLIMIT_NOFILE, &lowered) == 0);
+    soft_ = lowered.rlim_cur;
   }
+  /// The soft limit set: the one asked for, or the hard limit if that is lower.
+  std::size_t soft() const { return static_cast<std::size_t>(soft_); }
   SoftFdLimit(const SoftFdLimit&) = delete;
   SoftFdLimit& operator=(const SoftFdLimit&) = delete;
   ~SoftFdLimit() { ::setrlimit(RLIMIT_NOFILE, &old_); }
 
  private:
   rlimit old_{};
+  rlim_t soft_ = 0;
 };
 }  // namespace
 
@@ -317,55 +321,72 @@ TEST_CASE("a writer keeps fewer buffers under a low fd limit", "[transport][shm]
   CHECK(ShmWriter::buffer_cap_for(SIZE_MAX) == ShmWriter::max_buffers);
   CHECK(ShmWriter::buffer_cap_for(256) == 32);
   CHECK(ShmWriter::buffer_cap_for(3) == 1);
-  SoftFdLimit low(256);
+  SoftFdLimit low(256);  // or the hard limit, if lower
   ShmWriter writer("procpool-fdlow");
-  REQUIRE(writer.buffer_cap() == 32);
-  for (std::size_t k = 0; k < 32; ++k) REQUIRE(writer.acquire(std::size_t{300} << 10, nullptr) != nullptr);
-  // All 32 busy: the pipe, not a 33rd fd.
+  const std::size_t cap = ShmWriter::buffer_cap_for(low.soft());
+  REQUIRE(cap < ShmWriter::max_buffers);
+  REQUIRE(writer.buffer_cap() == cap);
+  for (std::size_t k = 0; k < cap; ++k) REQUIRE(writer.acquire(std::size_t{300} << 10, nullptr) != nullptr);
+  // All busy: the pipe, not one more fd.
   CHECK(writer.acquire(std::size_t{300} << 10, nullptr) == nullptr);
-  CHECK(memfds_named("procpool-fdlow") == 32);
+  CHECK(memfds_named("procpool-fdlow") == cap);
 }
 
 namespace {
 /// A large task that looks how many task buffers (memfds) the pool's process holds meanwhile.
 struct LargeTask {
   int pool_pid = 0;
-  std::string payload;
+  char fill = 0;
+  std::string payload;  // big(300 KiB, fill)
   template <class A>
   void serialize(A& ar) {
-    ar(pool_pid, payload);
+    ar(pool_pid, fill, payload);
   }
 };
-std::size_t pool_task_buffers(LargeTask task) {
+struct LargeTaskSeen {
+  std::size_t pool_buffers = 0;  // the pool's task memfds, as this task ran
+  bool intact = false;           // the payload arrived whole
+  template <class A>
+  void serialize(A& ar) {
+    ar(pool_buffers, intact);
+  }
+};
+LargeTaskSeen pool_task_buffers(LargeTask task) {
   std::this_thread::sleep_for(std::chrono::milliseconds(10));  // while the pool encodes the rest
-  std::size_t count = 0;
+  LargeTaskSeen seen;
   const std::string dir = fmt::format("/proc/{}/fd", task.pool_pid);
   if (DIR* fds = ::opendir(dir.c_str())) {
     while (dirent* entry = ::readdir(fds)) {
       char target[PATH_MAX] = {};
       const std::string link = dir + "/" + entry->d_name;
       if (::readlink(link.c_str(), target, sizeof(target) - 1) > 0) {
-        count += std::string_view(target).starts_with("/memfd:procpool-task") ? 1 : 0;
+        seen.pool_buffers += std::string_view(target).starts_with("/memfd:procpool-task") ? 1 : 0;
       }
     }
     ::closedir(fds);
   }
-  return task.payload.size() == (std::size_t{300} << 10) ? count : 0;
+  seen.intact = task.payload == big(std::size_t{300} << 10, task.fill);
+  return seen;
 }
 }  // namespace
 
 POOL_TEST("under a low fd limit a pool holds fewer task buffers, and large messages still travel", "[transport][shm]") {
-  SoftFdLimit low(256);
+  SoftFdLimit low(256);  // or the hard limit, if lower
   procpool::Pool pool(test::options<TestType>({.processes = 2}));
   std::vector<LargeTask> tasks;
-  for (int k = 0; k < 96; ++k)
-    tasks.push_back({::getpid(), big(std::size_t{300} << 10, static_cast<char>('a' + k % 26))});
+  for (int k = 0; k < 96; ++k) {
+    const char fill = static_cast<char>('a' + k % 26);
+    tasks.push_back({::getpid(), fill, big(std::size_t{300} << 10, fill)});
+  }
   // They are encoded ahead, each into a buffer of its own while one can be
   // had (93 of them at once without the cap), the rest on the heap.
   const auto seen = pool.map<pool_task_buffers>(tasks, 1);
-  const std::size_t most = *std::max_element(seen.begin(), seen.end());
-  CHECK(most >= 2);                                                     // the tasks did travel through shared memory
-  CHECK(most <= procpool::detail::ShmWriter::buffer_cap_for(256) + 1);  // + the probe
+  REQUIRE(seen.size() == tasks.size());
+  CHECK(std::all_of(seen.begin(), seen.end(), [](const LargeTaskSeen& s) { return s.intact; }));
+  std::size_t most = 0;
+  for (const auto& s : seen) most = std::max(most, s.pool_buffers);
+  CHECK(most >= 2);  // the tasks did travel through shared memory
+  CHECK(most <= procpool::detail::ShmWriter::buffer_cap_for(low.soft()) + 1);  // + the probe
 }
 
 TEST_CASE("a task buffer's idle time counts from when its task gave it back", "[transport][shm]") {
