@@ -497,7 +497,10 @@ POOL_TEST("results that outlive their pool fail with PoolNotRunning instead of h
 POOL_TEST("an imap that outlives its pool fails with PoolNotRunning instead of hanging",
           "[lifecycle][destructor][imap]") {
   auto make = [] {
-    procpool::Pool pool(test::options<TestType>({.processes = 2}));
+    // 16 chunks ahead: the rest of the input is still to be sent when the
+    // pool goes (with the default prefetch of 1024 all of it would be sent
+    // at once, and a fast pair of workers could finish it first).
+    procpool::Pool pool(test::options<TestType>({.processes = 2, .imap_prefetch = 16}));
     auto results = pool.imap<squared>(iota_vec(1000), 1);
     CHECK(results.next() == 0);
     return results;
