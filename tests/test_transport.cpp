@@ -23,23 +23,28 @@
 
 namespace {
 
-/// What the worker has open beyond stdin/stdout/stderr: "pipe:[...]", "socket:[...]", paths.
-std::vector<std::string> open_fds_beyond_stdio(int) {
+/// What process `pid` ("self": this one) has open beyond stdin/stdout/stderr:
+/// "pipe:[...]", "socket:[...]", paths.
+std::vector<std::string> fds_beyond_stdio_of(const std::string& pid) {
   std::vector<std::string> targets;
-  if (DIR* dir = ::opendir("/proc/self/fd")) {
-    int own = ::dirfd(dir);
+  const std::string path = "/proc/" + pid + "/fd";
+  if (DIR* dir = ::opendir(path.c_str())) {
+    const int own = pid == "self" ? ::dirfd(dir) : -1;
     while (dirent* entry = ::readdir(dir)) {
       if (entry->d_name[0] == '.') continue;
       int fd = std::stoi(entry->d_name);
       if (fd <= 2 || fd == own) continue;
       char target[PATH_MAX] = {};
-      std::string link = std::string("/proc/self/fd/") + entry->d_name;
+      std::string link = path + "/" + entry->d_name;
       if (::readlink(link.c_str(), target, sizeof(target) - 1) > 0) targets.push_back(target);
     }
     ::closedir(dir);
   }
   return targets;
 }
+
+/// What the worker has open beyond stdin/stdout/stderr.
+std::vector<std::string> open_fds_beyond_stdio(int) { return fds_beyond_stdio_of("self"); }
 
 std::size_t count_pipes(const std::vector<std::string>& targets) {
   std::size_t pipes = 0;
@@ -199,9 +204,9 @@ POOL_TEST("a pool done with large messages lets go of its shared memory a little
 }
 
 namespace {
-/// How many of this process's fds are memfds named `name`.
-std::size_t memfds_named(const std::string& name) {
-  const auto targets = open_fds_beyond_stdio(0);
+/// How many of process `pid`'s fds ("self": this one's) are memfds named `name`.
+std::size_t memfds_named(const std::string& name, const std::string& pid = "self") {
+  const auto targets = fds_beyond_stdio_of(pid);
   return static_cast<std::size_t>(std::count_if(targets.begin(), targets.end(), [&](const std::string& t) {
     return t.rfind("/memfd:" + name, 0) == 0;
   }));
@@ -354,17 +359,7 @@ struct LargeTaskSeen {
 LargeTaskSeen pool_task_buffers(LargeTask task) {
   std::this_thread::sleep_for(std::chrono::milliseconds(10));  // while the pool encodes the rest
   LargeTaskSeen seen;
-  const std::string dir = fmt::format("/proc/{}/fd", task.pool_pid);
-  if (DIR* fds = ::opendir(dir.c_str())) {
-    while (dirent* entry = ::readdir(fds)) {
-      char target[PATH_MAX] = {};
-      const std::string link = dir + "/" + entry->d_name;
-      if (::readlink(link.c_str(), target, sizeof(target) - 1) > 0) {
-        seen.pool_buffers += std::string_view(target).starts_with("/memfd:procpool-task") ? 1 : 0;
-      }
-    }
-    ::closedir(fds);
-  }
+  seen.pool_buffers = memfds_named("procpool-task", std::to_string(task.pool_pid));
   seen.intact = task.payload == big(std::size_t{300} << 10, task.fill);
   return seen;
 }
