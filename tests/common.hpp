@@ -150,7 +150,9 @@ struct ProgramRun {
 };
 
 /// Runs a program with a time limit (SIGKILL after it), collecting its output.
-inline ProgramRun run_program(std::vector<std::string> args, int timeout_ms = 30000) {
+/// `closed`: fds the program starts without (of 0, 1 and 2; its output then
+/// comes from whichever of 1 and 2 stays open).
+inline ProgramRun run_program(std::vector<std::string> args, int timeout_ms = 30000, std::vector<int> closed = {}) {
   int out[2];
   REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
   pid_t pid = ::fork();
@@ -158,6 +160,7 @@ inline ProgramRun run_program(std::vector<std::string> args, int timeout_ms = 30
   if (pid == 0) {
     ::dup2(out[1], 1);
     ::dup2(out[1], 2);
+    for (int fd : closed) ::close(fd);
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);

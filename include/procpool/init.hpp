@@ -37,6 +37,8 @@ namespace procpool {
  * This function is thread-safe.
  */
 inline void init(int argc, char** argv) {
+  // Before any fd of procpool's exists, in the program and in its workers.
+  detail::occupy_closed_stdio();
   if (argc < 3 || argv == nullptr || argv[1] == nullptr) return;
   const bool worker = std::strcmp(argv[1], detail::worker_flag) == 0;
   const bool server = std::strcmp(argv[1], detail::forkserver_flag) == 0;

@@ -9,6 +9,12 @@
 //   output <method> <lines|prefixed|inherit> <file>
 //                         stderr to <file>; 4 workers print long lines to stdout
 //                         and stderr, each in many small write()s; then "done"
+//   closed-stdio <method> <lines|prefixed|inherit|callback> <file> [late]
+//                         run with some of fds 0, 1, 2 closed (with "late":
+//                         closes all three itself once the pool runs, and its
+//                         workers are replaced after each task): 200 echoes of
+//                         1 MiB whose tasks print to stdout and stderr; writes
+//                         "exact" or what went wrong to <file>
 #include <procpool/procpool.hpp>
 
 #include <fcntl.h>
@@ -126,6 +132,56 @@ int relay_output(const std::string& method, const std::string& mode, const std::
   return 0;
 }
 
+/// Echoes its argument after printing a line to stdout, 2 bytes without a
+/// newline, and a line to stderr: output that must never reach a result.
+std::vector<char> echo_printing(std::vector<char> data) {
+  std::printf("%s\n", std::string(99, 'x').c_str());
+  std::printf("hi");
+  std::fprintf(stderr, "err %zu\n", data.size());
+  return data;
+}
+
+int closed_stdio(const std::string& method, const std::string& mode, const std::string& file, bool late) {
+  auto report = [&](const std::string& what) {
+    // Opened now: with fd 1 closed, this file could itself become fd 1.
+    if (FILE* f = std::fopen(file.c_str(), "we")) {
+      std::fputs(what.c_str(), f);
+      std::fclose(f);
+    }
+  };
+  try {
+    procpool::Options options{.processes = 2, .start_method = method_named(method)};
+    if (mode == "lines") options.worker_output = procpool::WorkerOutput::lines;
+    if (mode == "prefixed") options.worker_output = procpool::WorkerOutput::prefixed;
+    if (mode == "callback") options.on_worker_output = [](const procpool::WorkerLine&) {};
+    if (late) options.maxtasksperchild = 1;
+    procpool::Pool pool(options);
+    if (late) {
+      // Each replacement worker's pipes are made after this: the lowest free fds are 0, 1 and 2.
+      pool.apply<square>(1);
+      for (int fd = 0; fd <= 2; ++fd) ::close(fd);
+    }
+    std::vector<std::vector<char>> inputs(200);
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      inputs[i].assign(std::size_t{1} << 20, static_cast<char>('a' + i % 26));
+      inputs[i][i] = '!';
+    }
+    auto outputs = pool.map<echo_printing>(inputs, 1);
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < inputs.size(); ++i) wrong += outputs[i] != inputs[i];
+    // Small results through the pipe as well.
+    auto small = pool.map<echo_printing>(std::vector<std::vector<char>>(50, std::vector<char>(10, 'z')), 1);
+    for (const auto& s : small) wrong += s != std::vector<char>(10, 'z');
+    pool.close();
+    pool.join();
+    report(wrong == 0 ? "exact" : std::to_string(wrong) + " wrong results");
+    return wrong == 0 ? 0 : 1;
+  } catch (const std::exception& e) {
+    report(std::string("exception: ") + e.what());
+    return 1;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -134,6 +190,9 @@ int main(int argc, char** argv) {
   if (mode == "threaded-fork") return threaded_fork();
   if (mode == "orphan" && argc > 2) return start_busy_pool(argv[2], true);
   if (mode == "output" && argc > 4) return relay_output(argv[2], argv[3], argv[4]);
+  if (mode == "closed-stdio" && argc > 4) {
+    return closed_stdio(argv[2], argv[3], argv[4], argc > 5 && std::string(argv[5]) == "late");
+  }
   if (mode == "interrupt" && argc > 2) {
     ::setpgid(0, 0);
     return start_busy_pool(argv[2], false);

@@ -72,6 +72,7 @@ class CheckedForkLauncher final : public Launcher {
 
 inline std::unique_ptr<Launcher> make_launcher(const Options& options) {
   refuse_uninitialized_worker();
+  occupy_closed_stdio();
   switch (options.start_method) {
     case StartMethod::fork:
       check_threaded_fork(options.error_on_threaded_fork);

@@ -87,6 +87,8 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
         for (std::size_t i = 0; i < count; ++i) {
           int fd;
           std::memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+          fd = keep_above_stdio(fd);
+          if (fd < 0) continue;  // fds.size() then tells the caller something is missing
           FdRegistry::instance().add_locked(fd);
           fds.emplace_back(fd, Fd::Registered{});
         }
@@ -105,7 +107,7 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
   sigemptyset(&chld);
   sigaddset(&chld, SIGCHLD);
   ::sigprocmask(SIG_BLOCK, &chld, nullptr);
-  int sigfd = ::signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+  int sigfd = keep_above_stdio(::signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK));
   pollfd fds[2] = {{sock, POLLIN, 0}, {sigfd, POLLIN, 0}};
   for (;;) {
     if (retry_eintr([&] { return ::poll(fds, 2, -1); }) < 0) break;
@@ -123,19 +125,30 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
     if (!receive_message(sock, request, stdio)) break;  // the pool is gone: exiting takes the workers along
     const bool relayed = stdio.size() == 2;
     int task[2], result[2];
-    if (::pipe2(task, O_CLOEXEC) == -1 || ::pipe2(result, O_CLOEXEC) == -1) {
+    if (pipe_above_stdio(task) == -1) {
       send_message(sock, {'F', 0, errno});
+      continue;
+    }
+    if (pipe_above_stdio(result) == -1) {
+      send_message(sock, {'F', 0, errno});
+      ::close(task[0]);
+      ::close(task[1]);
       continue;
     }
     const pid_t server = ::getpid();
     pid_t pid = ::fork();
     if (pid == 0) {
-      // The worker keeps only its own two pipe ends, as fds 3 and 4.
-      ::dup2(task[0], 3);
-      ::dup2(result[1], 4);
-      if (relayed) {
-        ::dup2(stdio[0].get(), 1);
-        ::dup2(stdio[1].get(), 2);
+      // The worker keeps only its own two pipe ends, as fds 3 and 4, and
+      // the relay's pipes as its 1 and 2. Every source is first copied above
+      // 4, so no dup2 below can overwrite another's source.
+      const int sources[4] = {task[0], result[1], relayed ? stdio[0].get() : -1, relayed ? stdio[1].get() : -1};
+      const int targets[4] = {3, 4, 1, 2};
+      int high[4] = {-1, -1, -1, -1};
+      for (int i = 0; i < 4; ++i) {
+        if (sources[i] >= 0 && (high[i] = ::fcntl(sources[i], F_DUPFD, 5)) < 0) ::_exit(exit_protocol_error);
+      }
+      for (int i = 0; i < 4; ++i) {
+        if (high[i] >= 0 && ::dup2(high[i], targets[i]) < 0) ::_exit(exit_protocol_error);
       }
       ::close_range(5, ~0U, 0);
       ::sigprocmask(SIG_UNBLOCK, &chld, nullptr);
@@ -235,6 +248,14 @@ class ForkserverLauncher final : public Launcher {
       std::lock_guard lock(FdRegistry::instance().mutex());
       int pair[2];
       if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) == -1) throw_errno("socketpair");
+      pair[0] = keep_above_stdio(pair[0]);
+      pair[1] = keep_above_stdio(pair[1]);
+      if (pair[0] < 0 || pair[1] < 0) {
+        const int err = errno;
+        if (pair[0] >= 0) ::close(pair[0]);
+        if (pair[1] >= 0) ::close(pair[1]);
+        throw_errno("fcntl(F_DUPFD_CLOEXEC)", err);
+      }
       FdRegistry::instance().add_locked(pair[0]);
       FdRegistry::instance().add_locked(pair[1]);
       ours = Fd(pair[0], Fd::Registered{});

@@ -138,22 +138,66 @@ struct Pipe {
   Fd write;
 };
 
+/**
+ * Opens /dev/null on whichever of fds 0, 1 and 2 is closed. In a program
+ * started with its stdio closed (a daemon, `prog >&-`), the next fd made
+ * would otherwise take that number: a pipe or a shared buffer of procpool's
+ * would then be the program's (or a worker's) stdout, and what a task prints
+ * would land in it. Not close-on-exec: children need their stdio too.
+ */
+inline void occupy_closed_stdio() noexcept {
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (::fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    int null = ::open("/dev/null", O_RDWR | O_NOCTTY);
+    if (null < 0) return;  // no /dev/null: keep_above_stdio() still keeps our fds off 0..2
+    if (null != fd) {
+      ::dup2(null, fd);
+      ::close(null);
+    }
+  }
+}
+
+/// `fd` itself if it is above 2; otherwise a close-on-exec copy above 2 (and
+/// `fd` closed). procpool's fds are never 0, 1 or 2, whatever the program
+/// closed. -1 (errno set) if the copy fails.
+inline int keep_above_stdio(int fd) noexcept {
+  if (fd < 0 || fd > 2) return fd;
+  int high = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  const int err = errno;
+  ::close(fd);
+  errno = err;
+  return high;
+}
+
 /// Runs `create` (returning an fd, or -1 with errno) under the registry's
 /// lock and registers the result, so a fork() by another pool's I/O thread
 /// never sees the fd without also knowing to close it.
 template <class Create>
 Fd make_tracked(const char* call, Create create) {
   std::lock_guard lock(FdRegistry::instance().mutex());
-  int fd = create();
+  int fd = keep_above_stdio(create());
   if (fd < 0) throw_errno(call);
   FdRegistry::instance().add_locked(fd);
   return Fd(fd, Fd::Registered{});
 }
 
+/// pipe2(O_CLOEXEC), both ends above 2 (keep_above_stdio); -1 with errno.
+inline int pipe_above_stdio(int fds[2]) noexcept {
+  if (::pipe2(fds, O_CLOEXEC) == -1) return -1;
+  fds[0] = keep_above_stdio(fds[0]);
+  fds[1] = keep_above_stdio(fds[1]);
+  if (fds[0] >= 0 && fds[1] >= 0) return 0;
+  const int err = errno;
+  if (fds[0] >= 0) ::close(fds[0]);
+  if (fds[1] >= 0) ::close(fds[1]);
+  errno = err;
+  return -1;
+}
+
 inline Pipe make_pipe() {
   std::lock_guard lock(FdRegistry::instance().mutex());
   int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) == -1) throw_errno("pipe2");
+  if (pipe_above_stdio(fds) == -1) throw_errno("pipe2");
   FdRegistry::instance().add_locked(fds[0]);
   FdRegistry::instance().add_locked(fds[1]);
   return {Fd(fds[0], Fd::Registered{}), Fd(fds[1], Fd::Registered{})};
