@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <exception>
 #include <functional>
@@ -35,19 +36,18 @@ class AsyncState : public JobState {
   AsyncState(std::string_view call, std::size_t chunks) : JobState(call), chunks_(chunks) {}
 
   std::size_t chunk_count() const { return chunks_; }
-  bool complete() const { return delivered() >= chunks_; }
-  bool wait_complete(Deadline deadline) { return wait_delivered(chunks_, deadline); }
+  /// Whether the call is over: every chunk delivered and, for a call with
+  /// callbacks, those run.
+  bool complete() const { return has_callbacks_ ? done_.load(std::memory_order_acquire) : delivered() >= chunks_; }
+  bool wait_complete(Deadline deadline) {
+    if (!has_callbacks_) return wait_delivered(chunks_, deadline);
+    return this->wait_for(deadline, [&] { return done_.load(std::memory_order_relaxed); });
+  }
 
   /// Decodes once, after completion; then value_ or error_ is set.
   void finalize() {
     wait_complete(std::nullopt);
-    std::call_once(once_, [this] {
-      try {
-        value_.emplace(decode(take_all()));
-      } catch (...) {
-        error_ = std::current_exception();
-      }
-    });
+    decode_once();
   }
 
   const V& value() {
@@ -68,16 +68,37 @@ class AsyncState : public JobState {
   void set_callbacks(Callback callback, ErrorCallback error_callback) {
     callback_ = std::move(callback);
     error_callback_ = std::move(error_callback);
+    has_callbacks_ = callback_ || error_callback_;
+    if (has_callbacks_) this->set_gated();
   }
 
  protected:
   /// Builds the value from every chunk's outcome (in chunk order) or throws the first error.
   virtual V decode(std::vector<ReadyOutcomes::Entry> outcomes) = 0;
 
+  /// For a gated call, on the callback thread: once every chunk is in,
+  /// decodes, runs the callback, and only then makes the result ready (as
+  /// Python's does: a caller of wait() sees what the callback did).
   void on_delivered() override {
-    if ((!callback_ && !error_callback_) || !complete()) return;
-    finalize();
-    // A throwing callback must not take the I/O thread down with it.
+    if (!has_callbacks_ || done_.load(std::memory_order_relaxed) || delivered() < chunks_) return;
+    decode_once();
+    run_callbacks();
+    this->change_and_notify([&] { done_.store(true, std::memory_order_release); });
+  }
+
+ private:
+  void decode_once() {
+    std::call_once(once_, [this] {
+      try {
+        value_.emplace(decode(take_all()));
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+    });
+  }
+
+  void run_callbacks() {
+    // A throwing callback must not take the callback thread down with it.
     try {
       if (error_) {
         if (error_callback_) {
@@ -96,8 +117,9 @@ class AsyncState : public JobState {
     }
   }
 
- private:
   std::size_t chunks_;
+  bool has_callbacks_ = false;     // a callback or error_callback: the call completes once they ran
+  std::atomic<bool> done_{false};  // (with callbacks) they have run: the call is complete
   std::once_flag once_;
   std::optional<V> value_;
   std::exception_ptr error_;

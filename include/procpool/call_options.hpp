@@ -12,8 +12,9 @@ namespace procpool {
 /**
  * Reports how far a call has got: `done` items of `total` (`total` is empty
  * when the input's length is not known, as for an imap over a generator).
- * Called on the pool's I/O thread each time a chunk of results arrives, so
- * it must be quick and must not call back into the pool; it may run while
+ * Called on the pool's callback thread each time a chunk of results arrives
+ * (so a slow one delays the pool's other callbacks, not its tasks); it may
+ * call back into the pool. It may run while
  * `map` is still reading its input, and is never called once the call has
  * returned or thrown (an imap: once the IMap is gone). `procpool::ProgressBar`
  * is one.

@@ -157,7 +157,7 @@ class Pool {
   /// destructor does, then takes over `other`'s workers.
   Pool& operator=(Pool&& other) noexcept {
     if (this != &other) {
-      if (dispatcher_) dispatcher_->terminate();
+      if (dispatcher_) dispatcher_->shutdown();
       dispatcher_ = std::move(other.dispatcher_);
       processes_ = other.processes_;
       prefetch_ = other.prefetch_;
@@ -167,9 +167,10 @@ class Pool {
     return *this;
   }
 
-  /// Terminates the pool unless it was joined; never throws, never hangs.
+  /// Terminates the pool unless it was joined, then runs the callbacks still
+  /// queued (the error_callbacks of what it failed); never throws.
   ~Pool() {
-    if (dispatcher_) dispatcher_->terminate();
+    if (dispatcher_) dispatcher_->shutdown();
   }
 
   /// Number of worker processes.
@@ -222,7 +223,8 @@ class Pool {
    * @param items as map().
    * @param chunksize as map().
    * @param callback called with the results (`const std::vector<T>&`), on the
-   *        pool's I/O thread; an exception it throws is reported on stderr.
+   *        pool's callback thread, before the result is ready; it may call
+   *        back into the pool. An exception it throws is reported on stderr.
    * @param error_callback called instead, with the `const Error&` get() would
    *        throw, if an item failed.
    * @return an AsyncResult of the std::vector of results.

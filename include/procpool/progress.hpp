@@ -87,7 +87,7 @@ inline std::string format_progress_duration(double seconds) {
 }
 
 /// What every copy of one ProgressBar shares: the pool calls its copy on the
-/// I/O thread while the user's thread may call finish() on another.
+/// callback thread while the user's thread may call finish() on another.
 class ProgressState {
  public:
   using TimePoint = std::chrono::steady_clock::time_point;
@@ -131,7 +131,7 @@ class ProgressState {
     const TimePoint now = options_.clock();
     const bool complete = total && done >= *total;
     // Throttled: a chunk of results arriving every few microseconds would
-    // otherwise spend the I/O thread on the terminal. The final state is
+    // otherwise spend the callback thread on the terminal. The final state is
     // drawn at once so a finished bar never shows a stale count.
     if (drawn_) {
       if (complete ? done == drawn_done_ : now - drawn_at_ < options_.min_interval) return;
@@ -248,7 +248,7 @@ class ProgressState {
  * @endcode
  *
  * Copies share one bar (a copy is a handle), so the copy a pool stores and
- * calls on its I/O thread and the one the caller keeps draw the same line.
+ * calls on its callback thread and the one the caller keeps draw the same line.
  * Thread-safe: every const member function may be called from any thread on
  * any copy; assigning to or moving from one ProgressBar object while another
  * thread uses that same object is a data race, as for any handle. Output from other code to the same terminal while the

@@ -22,6 +22,7 @@
 
 #include "../errors.hpp"
 #include "../options.hpp"
+#include "callback_runner.hpp"
 #include "frame.hpp"
 #include "inbox.hpp"
 #include "job.hpp"
@@ -30,6 +31,7 @@
 #include "ring.hpp"
 #include "shm.hpp"
 #include "system.hpp"
+#include "thread.hpp"
 #include "worker.hpp"
 
 namespace procpool::detail {
@@ -65,27 +67,19 @@ class Dispatcher {
     if (options.worker_output != WorkerOutput::inherit || options.on_worker_output) {
       relay_ = std::make_unique<OutputRelay>(options.worker_output, options.on_worker_output);
     }
-    ++io_thread_count();
-    // The I/O thread blocks every signal: they belong to the program's own
-    // threads, and a write to a dead worker's pipe then fails with EPIPE
-    // instead of killing the process with SIGPIPE.
-    sigset_t all, old;
-    sigfillset(&all);
-    ::pthread_sigmask(SIG_SETMASK, &all, &old);
-    try {
-      thread_ = std::thread([this] { io_loop(); });
-    } catch (...) {
-      ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
-      throw;
-    }
-    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    thread_ = InternalThread("the pool's I/O thread", [this] { io_loop(); });
   }
 
   Dispatcher(const Dispatcher&) = delete;
   Dispatcher& operator=(const Dispatcher&) = delete;
-  ~Dispatcher() {
+  ~Dispatcher() { shutdown(); }
+
+  /// terminate(), then runs the callbacks still queued (error_callbacks of
+  /// what terminate() failed among them) and ends the callback thread. Called
+  /// by ~Pool while the Pool is whole, so a callback may still use it.
+  void shutdown() noexcept {
     terminate();
-    --io_thread_count();
+    runner_.stop();
   }
 
   std::size_t processes() const { return processes_; }
@@ -178,9 +172,11 @@ class Dispatcher {
       }
     }
     std::lock_guard join_lock(join_mutex_);
-    if (thread_.joinable()) thread_.join();
+    thread_.join();
     // Every worker has exited: what they printed is in the relay's pipes.
     if (relay_) relay_->finish(std::chrono::seconds(1), std::chrono::seconds(5));
+    // And every callback has run (but the one calling join(), if one is).
+    runner_.drain();
   }
 
   /// Stops the workers now (SIGTERM, then SIGKILL after a short grace) and
@@ -192,7 +188,7 @@ class Dispatcher {
     }
     wake();
     std::lock_guard join_lock(join_mutex_);
-    if (thread_.joinable()) thread_.join();
+    thread_.join();
     stop_workers();
     if (relay_) relay_->finish(kill_grace, kill_grace);
   }
@@ -213,12 +209,25 @@ class Dispatcher {
 
   /// Hands each job all its outcomes at once, in the order they came (one
   /// lock and at most one wake-up per job), outside the dispatcher's lock;
-  /// empties `deliveries`.
-  static void deliver_all(std::vector<Delivery>& deliveries) {
+  /// empties `deliveries`. A job with callbacks gets them on the callback
+  /// thread, which runs its callbacks.
+  void deliver_all(std::vector<Delivery>& deliveries) {
     for (auto run = deliveries.begin(); run != deliveries.end();) {
       const JobState* job = run->job.get();
       auto end = std::stable_partition(run, deliveries.end(), [&](const Delivery& d) { return d.job.get() == job; });
-      run->job->deliver(run, end);
+      if (job->gated()) {
+        // Shared: std::function needs a copyable callable, and outcomes only move.
+        auto batch =
+            std::make_shared<std::vector<Delivery>>(std::make_move_iterator(run), std::make_move_iterator(end));
+        try {
+          runner_.post([batch] { batch->front().job->deliver(batch->begin(), batch->end()); });
+        } catch (const std::exception&) {
+          // No thread to be had: the callbacks run here rather than never.
+          batch->front().job->deliver(batch->begin(), batch->end());
+        }
+      } else {
+        run->job->deliver(run, end);
+      }
       run = end;
     }
     deliveries.clear();
@@ -894,8 +903,9 @@ class Dispatcher {
   bool have_timing_ = false;
   Clock::time_point next_trim_{};  // when to look for idle shared buffers again
   Fd wake_;
-  std::thread thread_;
   std::unique_ptr<OutputRelay> relay_;  // only when workers' output is not inherited
+  CallbackRunner runner_;               // before the I/O thread, which posts to it
+  InternalThread thread_;
 };
 
 }  // namespace procpool::detail

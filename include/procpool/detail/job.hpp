@@ -26,6 +26,7 @@
 
 #include "../call_options.hpp"
 #include "../errors.hpp"
+#include "callback_runner.hpp"
 #include "handlers.hpp"
 #include "ring.hpp"
 #include "serialize.hpp"
@@ -162,7 +163,17 @@ class JobState {
     task_timeout_ = options.task_timeout;
     progress_ = options.progress;
     total_ = total;
+    if (progress_) gated_ = true;
   }
+
+  /**
+   * The job runs callbacks of the user's (progress, map_async's callback):
+   * the dispatcher hands its outcomes to the pool's callback thread, which
+   * delivers them, so the callbacks never run on the I/O thread and may call
+   * back into the pool. Before the first submit only.
+   */
+  void set_gated() { gated_ = true; }
+  bool gated() const { return gated_; }
 
   /**
    * For a call that submits its chunks as its caller takes results (imap):
@@ -235,6 +246,9 @@ class JobState {
       cancelled_ = true;
       ready_.clear();
     }
+    // Progress is reported only on the callback thread: there, no report runs
+    // but perhaps the one calling this (which must not wait for itself).
+    if (CallbackRunner::on_runner_thread()) return;
     std::lock_guard wait_for_report(progress_mutex_);
   }
 
@@ -343,9 +357,27 @@ class JobState {
   }
 
  protected:
-  /// Runs on the dispatcher's I/O thread after each delivery, outside its
-  /// lock: where map_async/apply_async run their callbacks.
+  /// Runs after each delivery, outside the job's lock: on the callback
+  /// thread for a gated job (where map_async/apply_async run their
+  /// callbacks), else on the I/O thread.
   virtual void on_delivered() {}
+
+  /// Waits until `pred` (called under the job's lock) holds, or `deadline`.
+  template <class Pred>
+  bool wait_for(Deadline deadline, Pred pred) {
+    std::unique_lock lock(mutex_);
+    return wait(lock, deadline, pred);
+  }
+
+  /// Runs `change` under the job's lock, then wakes every waiter.
+  template <class Change>
+  void change_and_notify(Change change) {
+    {
+      std::lock_guard lock(mutex_);
+      change();
+    }
+    cv_.notify_all();
+  }
 
  private:
   /// Chunk `chunk` arrived: it is no longer out (see expect()). With mutex_ held.
@@ -372,6 +404,19 @@ class JobState {
   template <class Pred>
   bool wait(std::unique_lock<std::mutex>& lock, Deadline deadline, Pred pred) {
     if (pred()) return true;
+    if (gated_ && CallbackRunner::on_runner_thread()) {
+      // A callback waits for this job, whose news comes through the callback
+      // thread: that is this thread, so it runs the queue while it waits.
+      lock.unlock();
+      const bool ok = CallbackRunner::pump_until(
+          [&] {
+            std::lock_guard relock(mutex_);
+            return pred();
+          },
+          deadline);
+      lock.lock();
+      return ok || pred();
+    }
     waiters_.push_back({&pred, [](const void* p) { return (*static_cast<const Pred*>(p))(); }});
     bool ok = true;
     try {
@@ -411,6 +456,7 @@ class JobState {
 
   std::string call_;
   bool streamed_ = false;
+  bool gated_ = false;
   std::optional<std::size_t> retries_;
   std::optional<std::chrono::milliseconds> task_timeout_;
   ProgressCallback progress_;

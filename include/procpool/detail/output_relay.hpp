@@ -28,6 +28,7 @@
 #include "handlers.hpp"
 #include "launcher.hpp"
 #include "system.hpp"
+#include "thread.hpp"
 
 namespace procpool::detail {
 
@@ -48,28 +49,12 @@ class OutputRelay {
   OutputRelay(WorkerOutput mode, std::function<void(const WorkerLine&)> callback)
       : prefixed_(mode == WorkerOutput::prefixed), callback_(std::move(callback)) {
     wake_ = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
-    ++io_thread_count();
-    // As the dispatcher's thread: the program's signals are not for us, and a
-    // write to a closed stdout fails with EPIPE instead of raising SIGPIPE.
-    sigset_t all, old;
-    sigfillset(&all);
-    ::pthread_sigmask(SIG_SETMASK, &all, &old);
-    try {
-      thread_ = std::thread([this] { run(); });
-    } catch (...) {
-      ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
-      --io_thread_count();
-      throw;
-    }
-    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    thread_ = InternalThread("the pool's output relay", [this] { run(); });
   }
 
   OutputRelay(const OutputRelay&) = delete;
   OutputRelay& operator=(const OutputRelay&) = delete;
-  ~OutputRelay() {
-    finish(std::chrono::milliseconds(0), std::chrono::milliseconds(0));
-    --io_thread_count();
-  }
+  ~OutputRelay() { finish(std::chrono::milliseconds(0), std::chrono::milliseconds(0)); }
 
   /// Pipes for a worker about to be launched (close-on-exec, registered).
   static Pipes open() { return {make_pipe(), make_pipe()}; }
@@ -92,15 +77,17 @@ class OutputRelay {
   /// has reached EOF (all workers have exited), but gives up once nothing
   /// has arrived for `quiet` or after `limit` in all (a grandchild of a worker
   /// may hold its stdout open for ever). Partial last lines are delivered.
-  /// Idempotent; never throws.
+  /// Idempotent; never throws. From Options::on_worker_output (the relay's
+  /// own thread) it only asks the relay to stop: a later finish() waits.
   void finish(std::chrono::milliseconds quiet, std::chrono::milliseconds limit) noexcept {
     {
       std::lock_guard lock(mutex_);
       if (!stop_) stop_ = Stop{quiet, Clock::now() + limit};
     }
     wake();
+    if (thread_.is_current()) return;
     std::lock_guard join_lock(join_mutex_);
-    if (thread_.joinable()) thread_.join();
+    thread_.join();
   }
 
  private:
@@ -261,7 +248,7 @@ class OutputRelay {
   std::vector<Source> incoming_;
   std::optional<Stop> stop_;
   std::mutex join_mutex_;
-  std::thread thread_;
+  InternalThread thread_;  // last: it runs on every member above
 };
 
 }  // namespace procpool::detail

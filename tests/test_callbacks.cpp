@@ -1,0 +1,179 @@
+// Callbacks (map_async's callback and error_callback, progress callbacks,
+// on_worker_output): they run before their call's result is ready, and they
+// may call any method of their pool, which works or throws a clear error:
+// never a deadlock, an abort or a hang.
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "common.hpp"
+
+using namespace std::chrono_literals;
+
+// A named namespace: a worker finds a task by its type's name, and other
+// test files have helpers of the same names.
+namespace callbacks_test {
+
+long sq(long x) { return x * x; }
+
+long reject_three(long x) {
+  if (x == 3) throw std::invalid_argument("three");
+  return x;
+}
+
+long print_and_return(long x) {
+  std::printf("line %ld\n", x);
+  std::fflush(stdout);
+  return x;
+}
+
+std::vector<long> iota_vec(long n) {
+  std::vector<long> v;
+  for (long i = 0; i < n; ++i) v.push_back(i);
+  return v;
+}
+
+std::vector<long> squares(long n) {
+  std::vector<long> v;
+  for (long i = 0; i < n; ++i) v.push_back(i * i);
+  return v;
+}
+
+}  // namespace callbacks_test
+
+using namespace callbacks_test;
+
+POOL_TEST("map_async's callbacks run before wait() and get() return", "[callbacks]") {
+  procpool::Pool pool(test::options<TestType>());
+  for (int round = 0; round < 10; ++round) {
+    std::vector<long> out;  // as Python's callback=out.extend
+    auto r = pool.map_async<sq>(iota_vec(20), 0, [&out](const std::vector<long>& v) {
+      std::this_thread::sleep_for(20ms);  // a slow callback: the caller must still see what it did
+      out.insert(out.end(), v.begin(), v.end());
+    });
+    r.wait();
+    CHECK(out == squares(20));
+    CHECK(r.ready());
+  }
+  for (int round = 0; round < 5; ++round) {
+    std::string seen;
+    auto r = pool.map_async<reject_three>(iota_vec(6), 1, nullptr, [&seen](const procpool::Error& e) {
+      std::this_thread::sleep_for(20ms);
+      seen = e.what();
+    });
+    CHECK_THROWS_AS(r.get(), procpool::RemoteError);
+    CHECK_THAT(seen, Catch::Contains("map_async input #3"));
+  }
+}
+
+POOL_TEST("a map_async callback may call apply, map and apply_async on its pool", "[callbacks][reentrant]") {
+  procpool::Pool pool(test::options<TestType>());
+  long applied = 0;
+  std::vector<long> mapped;
+  long nested = 0;
+  auto r = pool.map_async<sq>(iota_vec(10), 0, [&](const std::vector<long>&) {
+    applied = pool.apply<sq>(7L);
+    mapped = pool.map<sq>(iota_vec(30), 4);
+    // A result whose own callback queues behind this one: the wait runs it.
+    std::atomic<bool> inner_called{false};
+    auto inner = pool.apply_async<sq>(9L);
+    auto inner_map = pool.map_async<sq>(iota_vec(3), 0, [&](const std::vector<long>&) { inner_called = true; });
+    nested = inner.get() + inner_map.get().at(2);
+    CHECK(inner_called);
+  });
+  REQUIRE(r.wait(60s));
+  CHECK(applied == 49);
+  CHECK(mapped == squares(30));
+  CHECK(nested == 81 + 4);
+  // The pool is unharmed: later calls and the destructor work.
+  CHECK(pool.map<sq>(iota_vec(50), 3) == squares(50));
+}
+
+POOL_TEST("a progress callback may call back into its pool", "[callbacks][reentrant][progress]") {
+  procpool::Pool pool(test::options<TestType>());
+  std::atomic<long> inner{0};
+  auto values =
+      pool.map<sq>(iota_vec(8), {.chunksize = 2, .progress = [&](std::size_t done, std::optional<std::size_t>) {
+                                   if (done == 4) inner = pool.apply<sq>(5L);
+                                 }});
+  CHECK(values == squares(8));
+  CHECK(inner == 25);
+}
+
+POOL_TEST("terminate() and close() from a callback end the pool cleanly", "[callbacks][reentrant]") {
+  SECTION("terminate from a callback") {
+    procpool::Pool pool(test::options<TestType>({.processes = 3}));  // two busy, one for the callback's call
+    auto slow = pool.map_async(
+        [](long x) {
+          std::this_thread::sleep_for(std::chrono::seconds(x));
+          return x;
+        },
+        std::vector<long>{30, 30}, 1);
+    auto r = pool.map_async<sq>(iota_vec(3), 3, [&pool](const std::vector<long>&) { pool.terminate(); });
+    REQUIRE(r.wait(30s));
+    CHECK(r.get() == squares(3));
+    CHECK_THROWS_AS(slow.get(), procpool::PoolNotRunning);
+    CHECK_THROWS_AS(pool.map<sq>(iota_vec(3)), procpool::PoolNotRunning);
+  }
+  SECTION("terminate from an error_callback, racing the destructor") {
+    for (int round = 0; round < 5; ++round) {
+      std::atomic<int> called{0};
+      {
+        procpool::Pool pool(test::options<TestType>());
+        pool.map_async<reject_three>(iota_vec(6), 1, nullptr, [&](const procpool::Error&) {
+          ++called;
+          pool.terminate();
+        });
+      }  // the destructor terminates; the error_callback runs while the pool is still whole
+      CHECK(called == 1);
+    }
+  }
+  SECTION("close and join from a callback") {
+    procpool::Pool pool(test::options<TestType>());
+    std::atomic<bool> joined{false};
+    auto r = pool.map_async<sq>(iota_vec(4), 0, [&](const std::vector<long>&) {
+      pool.close();
+      pool.join();
+      joined = true;
+    });
+    REQUIRE(r.wait(30s));
+    CHECK(joined);
+    CHECK_THROWS_AS(pool.apply<sq>(2L), procpool::PoolNotRunning);
+  }
+}
+
+POOL_TEST("on_worker_output may call back into its pool", "[callbacks][reentrant][output]") {
+  SECTION("apply") {
+    std::atomic<long> inner{0};
+    procpool::Pool* self = nullptr;
+    std::once_flag once;
+    procpool::Pool pool(test::options<TestType>({.on_worker_output = [&](const procpool::WorkerLine&) {
+      std::call_once(once, [&] { inner = self->apply<sq>(6L); });
+    }}));
+    self = &pool;
+    CHECK(pool.map<print_and_return>(iota_vec(5), 1) == iota_vec(5));
+    pool.close();
+    pool.join();
+    CHECK(inner == 36);
+  }
+  SECTION("terminate") {
+    procpool::Pool* self = nullptr;
+    std::promise<void> terminated;
+    std::once_flag once;
+    procpool::Pool pool(test::options<TestType>({.on_worker_output = [&](const procpool::WorkerLine&) {
+      std::call_once(once, [&] {
+        self->terminate();
+        terminated.set_value();
+      });
+    }}));
+    self = &pool;
+    auto r = pool.map_async<print_and_return>(iota_vec(5), 1);
+    REQUIRE(terminated.get_future().wait_for(30s) == std::future_status::ready);
+    CHECK(r.wait(30s));
+    CHECK_THROWS_AS(pool.apply<sq>(2L), procpool::PoolNotRunning);
+  }
+}
