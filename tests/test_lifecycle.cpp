@@ -11,7 +11,9 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <future>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <set>
@@ -38,6 +40,11 @@ std::vector<long> iota_vec(long n, long from = 0) {
 }
 
 long squared(long x) { return x * x; }
+
+long slow_squared(long x) {
+  std::this_thread::sleep_for(std::chrono::microseconds(200));
+  return x * x;
+}
 
 std::vector<long> squares_of(const std::vector<long>& in) {
   std::vector<long> out;
@@ -575,4 +582,57 @@ POOL_TEST("assigning over a pool terminates the old one at once, as destroying i
   // The old pool's unfinished task fails now, not after its 60 s.
   CHECK_THROWS_AS(slow.get(std::chrono::seconds(20)), procpool::PoolNotRunning);
   CHECK(pool.apply<squared>(3L) == 9);
+}
+
+POOL_TEST("a pool closed and joined as soon as it is made runs its initializer once in each worker",
+          "[lifecycle][initializer]") {
+  test::TempDir dir;
+  {
+    procpool::Pool pool(
+        test::options<TestType>({.processes = 3, .initializer = procpool::initializer<record_init>(dir.path(), 1L)}));
+    pool.close();
+    pool.join();
+    CHECK(dir.files().size() == 3);
+  }
+  CHECK(dir.files().size() == 3);
+}
+
+POOL_TEST("imap and map agree on a closed pool, even with an empty input", "[lifecycle][close]") {
+  procpool::Pool pool(test::options<TestType>());
+  pool.close();
+  CHECK_THROWS_AS(pool.map<squared>(std::vector<long>{}), procpool::PoolNotRunning);
+  CHECK_THROWS_AS(pool.imap<squared>(std::vector<long>{}), procpool::PoolNotRunning);
+  CHECK_THROWS_AS(pool.imap_unordered<squared>(std::vector<long>{}), procpool::PoolNotRunning);
+  CHECK_THROWS_AS(pool.imap<squared>(iota_vec(3)), procpool::PoolNotRunning);
+  pool.join();
+}
+
+POOL_TEST("destroying a pool while another thread is inside map ends that call with PoolNotRunning",
+          "[lifecycle][destructor][threads]") {
+  for (int round = 0; round < 3; ++round) {
+    std::unique_ptr<procpool::Pool> pool = std::make_unique<procpool::Pool>(test::options<TestType>());
+    std::promise<void> running;
+    std::atomic<bool> signalled{false};
+    std::exception_ptr error;
+    std::size_t results = 0;
+    std::thread caller([&] {
+      try {
+        // Large enough that it is still encoding and collecting when the pool goes.
+        results = pool->map<slow_squared>(iota_vec(20000), {.chunksize = 1,
+                                                            .progress =
+                                                                [&](std::size_t, auto) {
+                                                                  if (!signalled.exchange(true)) running.set_value();
+                                                                }})
+                      .size();
+      } catch (...) {
+        error = std::current_exception();
+      }
+    });
+    running.get_future().wait();
+    pool.reset();  // the other thread is inside map
+    caller.join();
+    CHECK(results == 0);
+    REQUIRE(error);
+    CHECK_THROWS_AS(std::rethrow_exception(error), procpool::PoolNotRunning);
+  }
 }

@@ -479,8 +479,9 @@ class Pool {
   /// answered under `imap_prefetch_bytes`, or fewer chunks are out than the
   /// workers may hold plus one each.
   template <class T>
-  void submit_batch(detail::MapState<T>& state, std::vector<detail::Chunk>& batch, bool synchronous) {
-    if (synchronous && prefetch_bytes_ != 0) {
+  static void submit_batch(detail::Dispatcher& dispatcher, std::size_t prefetch_bytes, detail::MapState<T>& state,
+                           std::vector<detail::Chunk>& batch, bool synchronous) {
+    if (synchronous && prefetch_bytes != 0) {
       std::vector<std::size_t> sizes;
       std::size_t total = 0;
       for (const auto& chunk : batch) {
@@ -490,11 +491,11 @@ class Pool {
       state.collect_ready();
       // Beyond the bound, still one chunk a worker more than the workers may
       // hold: tasks queued behind a long one never stop the others' work.
-      state.wait_expected(prefetch_bytes_ - std::min(total, prefetch_bytes_),
-                          processes_ * (dispatcher_->max_tasks_per_worker() + 1));
+      state.wait_expected(prefetch_bytes - std::min(total, prefetch_bytes),
+                          dispatcher.processes() * (dispatcher.max_tasks_per_worker() + 1));
       state.expect(batch.front().index, sizes);
     }
-    dispatcher_->submit_from(batch, true);
+    dispatcher.submit_from(batch, true);
   }
 
   /// Encodes and submits a map's chunks. `synchronous`: for map/starmap,
@@ -513,11 +514,17 @@ class Pool {
       return submit_map<Star>(call, std::move(fn), all, options, std::move(callback), std::move(error_callback),
                               synchronous);
     } else {
+      // What the call needs of the pool, taken now: the Pool may be destroyed
+      // by another thread while this one encodes (the call then ends with
+      // PoolNotRunning); the dispatcher lives on while the call holds it.
+      const std::shared_ptr<detail::Dispatcher> dispatcher = dispatcher_;
+      const std::size_t prefetch_bytes = prefetch_bytes_;
       const std::uint64_t handler = detail::call_handler_id<F, Arg, Star>();
       const auto count = static_cast<std::size_t>(std::ranges::size(items));
       std::size_t chunksize = options.chunksize;
       // map_async has no thread to size chunks as results come: adaptive means the default there.
-      if (chunksize == 0 || chunksize == adaptive) chunksize = detail::default_chunksize(count, processes_);
+      if (chunksize == 0 || chunksize == adaptive)
+        chunksize = detail::default_chunksize(count, dispatcher->processes());
       auto state = std::make_shared<detail::MapState<T>>(call, count, chunksize);
       state->configure(options, count);
       if constexpr (!std::is_null_pointer_v<Callback> || !std::is_null_pointer_v<ErrorCallback>) {
@@ -532,30 +539,30 @@ class Pool {
       // a close() from another thread from refusing the later batches.
       // A synchronous map's batches also stay under its byte bound.
       const std::size_t batch_bytes =
-          synchronous && prefetch_bytes_ != 0 ? std::min(std::size_t{1} << 20, prefetch_bytes_) : std::size_t{1} << 20;
-      dispatcher_->open_stream();
+          synchronous && prefetch_bytes != 0 ? std::min(std::size_t{1} << 20, prefetch_bytes) : std::size_t{1} << 20;
+      dispatcher->open_stream();
       struct StreamEnd {
         detail::Dispatcher& dispatcher;
         ~StreamEnd() { dispatcher.close_stream(); }
-      } stream_end{*dispatcher_};
+      } stream_end{*dispatcher};
       std::vector<detail::Chunk> batch;
       std::size_t bytes = 0;
       try {
         auto it = std::ranges::begin(items);
         auto end = std::ranges::end(items);
         for (std::uint64_t index = 0; it != end; ++index) {
-          detail::Chunk chunk{state, index, dispatcher_->new_frame(), {}};
+          detail::Chunk chunk{state, index, dispatcher->new_frame(), {}};
           std::size_t start = detail::begin_task_frame(chunk.frame, handler);
           auto n = detail::encode_items<F, Arg>(chunk.frame, chunk.shares, fn, it, end, chunksize);
           detail::finish_task_frame(chunk.frame, start, n);
           bytes += chunk.frame.size();
           batch.push_back(std::move(chunk));
           if (bytes >= batch_bytes) {
-            submit_batch(*state, batch, synchronous);
+            submit_batch(*dispatcher, prefetch_bytes, *state, batch, synchronous);
             bytes = 0;
           }
         }
-        if (!batch.empty()) submit_batch(*state, batch, synchronous);
+        if (!batch.empty()) submit_batch(*dispatcher, prefetch_bytes, *state, batch, synchronous);
       } catch (...) {
         // An item that failed to encode, or a pool terminated meanwhile: the
         // chunks already queued are dropped, and the caller gets the error.
@@ -579,9 +586,10 @@ class Pool {
     using Arg = std::tuple<detail::travel_t<Args>...>;
     using T = detail::result_of_t<F, Arg, true>;
     const std::uint64_t handler = detail::call_handler_id<F, Arg, true>();
+    const std::shared_ptr<detail::Dispatcher> dispatcher = dispatcher_;  // as in submit_map
     auto state = std::make_shared<detail::ApplyState<T>>(call);
     state->configure(options, 1);
-    detail::Chunk chunk{state, 0, dispatcher_->new_frame(), {}};
+    detail::Chunk chunk{state, 0, dispatcher->new_frame(), {}};
     std::size_t start = detail::begin_task_frame(chunk.frame, handler);
     {
       detail::Encoder encoder(chunk.frame, &chunk.shares);
@@ -591,7 +599,7 @@ class Pool {
     detail::finish_task_frame(chunk.frame, start, 1);
     std::vector<detail::Chunk> chunks;
     chunks.push_back(std::move(chunk));
-    dispatcher_->submit(std::move(chunks));
+    dispatcher->submit(std::move(chunks));
     return state;
   }
 
@@ -626,6 +634,8 @@ class Pool {
     using Arg = detail::item_t<R>;
     using T = detail::result_of_t<F, Arg, Star>;
     using View = std::views::all_t<R>;
+    // As map does, even for an empty input: the pool takes no new work.
+    dispatcher_->require_running();
     std::optional<std::size_t> total;
     if constexpr (std::ranges::sized_range<R>) total = static_cast<std::size_t>(std::ranges::size(items));
     auto source = std::make_unique<detail::RangeSource<View, F, Arg, Star>>(std::views::all(std::forward<R>(items)),

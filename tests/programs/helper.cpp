@@ -15,9 +15,22 @@
 //                         workers are replaced after each task): 200 echoes of
 //                         1 MiB whose tasks print to stdout and stderr; writes
 //                         "exact" or what went wrong to <file>
+//   nproc <method>        as a user of its own if root, under RLIMIT_NPROC: Pool()
+//                         with no thread to be had, then a map with no process
+//                         to be had, then the same pool once the limit is raised;
+//                         prints "pool: <error>", "map: <error>", "recovered: ..."
+//   reaper <method> <cycles> [subreaper]
+//                         <cycles> times: a pool of 2, a map, close(), join();
+//                         counts this process's children (zombies or not)
+//                         after each join() and each destruction; prints
+//                         "children after join N, after destruction M"
 #include <procpool/procpool.hpp>
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,8 +38,10 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -182,6 +197,82 @@ int closed_stdio(const std::string& method, const std::string& mode, const std::
   }
 }
 
+void set_nproc(rlim_t soft) {
+  rlimit limit{soft, 4096};
+  ::setrlimit(RLIMIT_NPROC, &limit);
+}
+
+int nproc(const std::string& method) {
+  if (::getuid() == 0) {
+    // RLIMIT_NPROC does not bind root: become a user of no other process,
+    // one per start method, as the three may run at once (and count apart).
+    const uid_t uid = method == "fork" ? 61001 : method == "posix_spawn" ? 61002 : 61003;
+    if (::setgroups(0, nullptr) != 0 || ::setgid(uid) != 0 || ::setuid(uid) != 0) {
+      std::printf("could not become user %u\n", static_cast<unsigned>(uid));
+      return 3;
+    }
+  }
+  const procpool::Options options{.processes = 2, .start_method = method_named(method)};
+  set_nproc(1);  // this thread alone: no I/O thread
+  try {
+    procpool::Pool pool(options);
+    std::printf("pool: made with no thread to spare\n");
+    return 4;
+  } catch (const std::system_error& e) {
+    std::printf("pool: %s\n", e.what());
+  }
+  set_nproc(2);  // this thread and the I/O thread: no worker, no fork server
+  procpool::Pool pool(options);
+  try {
+    pool.map<square>(std::vector<long>{0, 1, 2, 3}, 1);
+    std::printf("map: ran with no process to spare\n");
+    return 5;
+  } catch (const procpool::Error& e) {
+    std::printf("map: %s\n", e.what());
+  }
+  set_nproc(64);
+  auto squares = pool.map<square>(std::vector<long>{0, 1, 2, 3}, 1);
+  std::printf("recovered:");
+  for (long v : squares) std::printf(" %ld", v);
+  std::printf("\n");
+  return 0;
+}
+
+/// This process's children, zombies included.
+std::size_t child_count() {
+  std::size_t count = 0;
+  if (DIR* tasks = ::opendir("/proc/self/task")) {
+    while (dirent* entry = ::readdir(tasks)) {
+      if (entry->d_name[0] == '.') continue;
+      std::string path = std::string("/proc/self/task/") + entry->d_name + "/children";
+      if (FILE* f = std::fopen(path.c_str(), "re")) {
+        int pid;
+        while (std::fscanf(f, "%d", &pid) == 1) ++count;
+        std::fclose(f);
+      }
+    }
+    ::closedir(tasks);
+  }
+  return count;
+}
+
+int reaper(const std::string& method, int cycles, bool subreaper) {
+  if (subreaper) ::prctl(PR_SET_CHILD_SUBREAPER, 1);
+  std::size_t after_join = 0, after_destruction = 0;
+  for (int cycle = 0; cycle < cycles; ++cycle) {
+    {
+      procpool::Pool pool({.processes = 2, .start_method = method_named(method)});
+      if (pool.map<square>(std::vector<long>{1, 2, 3}, 1) != std::vector<long>{1, 4, 9}) return 3;
+      pool.close();
+      pool.join();
+      after_join += child_count();
+    }
+    after_destruction += child_count();
+  }
+  std::printf("children after join %zu, after destruction %zu\n", after_join, after_destruction);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -192,6 +283,10 @@ int main(int argc, char** argv) {
   if (mode == "output" && argc > 4) return relay_output(argv[2], argv[3], argv[4]);
   if (mode == "closed-stdio" && argc > 4) {
     return closed_stdio(argv[2], argv[3], argv[4], argc > 5 && std::string(argv[5]) == "late");
+  }
+  if (mode == "nproc" && argc > 2) return nproc(argv[2]);
+  if (mode == "reaper" && argc > 3) {
+    return reaper(argv[2], std::atoi(argv[3]), argc > 4 && std::string(argv[4]) == "subreaper");
   }
   if (mode == "interrupt" && argc > 2) {
     ::setpgid(0, 0);

@@ -112,6 +112,12 @@ class Dispatcher {
     if (last_on_closed_pool) wake();
   }
 
+  /// Throws PoolNotRunning unless the pool takes new work.
+  void require_running() {
+    std::lock_guard lock(mutex_);
+    if (state_ != State::running) throw_not_running();
+  }
+
   /// Queues chunks; they are failed at once if the pool can no longer run them.
   void submit(std::vector<Chunk> chunks, bool in_stream = false) { submit_from(chunks, in_stream); }
 
@@ -255,6 +261,7 @@ class Dispatcher {
   struct Worker {
     std::size_t slot = 0;
     LaunchedWorker proc;
+    bool started = false;        // it reached procpool's worker loop (before its initializer)
     bool ready = false;          // it finished its initializer
     bool shm = false;            // it can reach the pool's shared memory (said so when ready)
     ShmReader shm_reader{true};  // its result buffers it announced, mapped
@@ -269,11 +276,12 @@ class Dispatcher {
     std::deque<std::shared_ptr<TaskBytes>> outbox;
     std::size_t out_offset = 0;  // bytes of outbox.front() already written
     Inbox inbox;
-    std::optional<ChunkFailure> failure;       // why its running task fails, if not a plain death
-    std::optional<int> status;                 // wait status, once reaped
-    bool leaving = false;                      // it said it exits before its queued tasks (memory cap)
-    Clock::time_point front_since{};           // when held.front() started, near enough
-    std::optional<Clock::time_point> kill_at;  // SIGKILL then, after a SIGTERM for a timeout
+    std::optional<ChunkFailure> failure;             // why its running task fails, if not a plain death
+    std::optional<int> status;                       // wait status, once reaped
+    bool leaving = false;                            // it said it exits before its queued tasks (memory cap)
+    Clock::time_point front_since{};                 // when held.front() started, near enough
+    std::optional<Clock::time_point> kill_at;        // SIGKILL then, after a SIGTERM for a timeout
+    std::optional<Clock::time_point> partial_since;  // it sent part of a message, and nothing more since then
 
     bool takes_tasks() const { return !retiring && !leaving && !eof && !exited && !failure && proc.task; }
   };
@@ -308,7 +316,10 @@ class Dispatcher {
       fds.assign(1, {wake_.get(), POLLIN, 0});
       owners.assign(1, {nullptr, death});
       bool need_timeout = false;
-      const auto next_deadline = enforce_timeouts();
+      auto next_deadline = enforce_timeouts();
+      if (start_failure_ && state_ == State::running) {
+        next_deadline = next_deadline ? std::min(*next_deadline, next_start_) : next_start_;
+      }
       for (auto& w : workers_) {
         if (!w->eof && w->proc.result) {
           fds.push_back({w->proc.result.get(), POLLIN, 0});
@@ -381,6 +392,10 @@ class Dispatcher {
     lock.unlock();
     deliver_all(deliveries);
     if (terminating) stop_workers();
+    // Every worker is gone: so is the fork server, which reaps its last
+    // workers before it exits. Here, on the thread that started it: its
+    // parent-death signal fires when this thread ends.
+    launcher_->shutdown();
   }
 
   /// Bookkeeping after any event: bury the dead, start replacements, hand out
@@ -399,6 +414,11 @@ class Dispatcher {
     for (int round = 0; round < 2; ++round) {
       start_missing_workers(deliveries);
       if (broken_) fail_all_pending(*broken_, deliveries);
+      // Tasks no worker can take while workers cannot be started fail now,
+      // with the reason; the pool goes on trying to start workers.
+      if (start_failure_ && !pending_.empty() && !any_worker_will_take_tasks()) {
+        fail_all_pending(*start_failure_, deliveries);
+      }
       assign_pending();
     }
     for (auto& w : workers_) {
@@ -412,10 +432,20 @@ class Dispatcher {
     }
   }
 
+  /// Whether some worker takes tasks now or will once it is ready.
+  bool any_worker_will_take_tasks() const {
+    return std::any_of(workers_.begin(), workers_.end(), [](const auto& w) { return w->takes_tasks(); });
+  }
+
   void start_missing_workers(std::vector<Delivery>& deliveries) {
-    bool want =
-        !broken_ && (state_ == State::running || (state_ == State::closed && (streams_ > 0 || !pending_.empty())));
+    // The first time, every worker starts whatever the state: a pool closed
+    // as soon as it is made still runs its initializer once in each worker.
+    const bool first = std::exchange(first_start_, false);
+    bool want = !broken_ &&
+                (first || state_ == State::running || (state_ == State::closed && (streams_ > 0 || !pending_.empty())));
     if (!want) return;
+    // After a failed start, wait for the backoff unless tasks have nowhere to go.
+    if (start_failure_ && Clock::now() < next_start_ && (pending_.empty() || any_worker_will_take_tasks())) return;
     for (std::size_t slot = 0; slot < processes_ && !broken_; ++slot) {
       std::size_t in_slot = 0;
       bool covered = false;
@@ -427,11 +457,14 @@ class Dispatcher {
         covered = covered || !w->retiring;
       }
       // At most two processes a slot: the one finishing up and its successor.
-      if (!covered && in_slot < 2) start_worker(slot, deliveries);
+      if (!covered && in_slot < 2 && !start_worker(slot, deliveries)) return;
     }
   }
 
-  void start_worker(std::size_t slot, std::vector<Delivery>& deliveries) {
+  /// Starts a worker in `slot`; false if it could not be started (then
+  /// start_failure_ says why and next_start_ when to try again).
+  bool start_worker(std::size_t slot, std::vector<Delivery>& deliveries) {
+    (void)deliveries;
     auto w = std::make_unique<Worker>();
     w->inbox = Inbox(max_message_);
     w->slot = slot;
@@ -447,11 +480,20 @@ class Dispatcher {
         launcher_->kill(w->proc, SIGKILL);
         launcher_->reap(w->proc);
       }
-      broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, 0, slot, 0,
-                             fmt::format("the pool could not start worker {}: {}", slot, e.what())};
-      fail_all_pending(*broken_, deliveries);
-      return;
+      if (dynamic_cast<const StartRefused*>(&e) != nullptr) {
+        broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, 0, slot, 0,
+                               fmt::format("the pool could not start worker {}: {}", slot, e.what())};
+        return false;
+      }
+      start_failure_ =
+          ChunkFailure{ChunkFailure::Kind::start_failed, 0, slot, 0,
+                       fmt::format("the pool could not start worker {}: {}; it goes on trying", slot, e.what())};
+      start_backoff_ = std::clamp(2 * start_backoff_, std::chrono::milliseconds(50), std::chrono::milliseconds(5000));
+      next_start_ = Clock::now() + start_backoff_;
+      return false;
     }
+    start_failure_.reset();
+    start_backoff_ = std::chrono::milliseconds(0);
     TaskBytes config;
     std::size_t start = begin_frame(config, FrameKind::config);
     put<std::uint64_t>(config, slot);
@@ -469,6 +511,7 @@ class Dispatcher {
     finish_frame(config, start);
     w->outbox.push_back(std::make_shared<TaskBytes>(std::move(config)));
     workers_.push_back(std::move(w));
+    return true;
   }
 
   /// A worker has exited: collect what it still sent, reap it, and settle
@@ -486,9 +529,16 @@ class Dispatcher {
     lost.wait_status = status;
     if (!w.ready && !broken_) {
       const std::string hint = launcher_->start_hint();
-      if (WIFEXITED(status) && WEXITSTATUS(status) == exit_initializer_failed && init_failure_) {
+      const bool killed = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+      if (init_failure_) {
         broken_ = *init_failure_;
-      } else if (!hint.empty() && !w.failure) {
+      } else if (w.started && !w.failure) {
+        // It reached its loop, so it died in the initializer: that is not
+        // retried (it would fail again, and again).
+        broken_ = ChunkFailure{ChunkFailure::Kind::initializer, w.proc.pid, w.slot, status,
+                               fmt::format("the worker {} while running it", describe_wait_status(status))};
+      } else if (!hint.empty() && !w.failure && !killed) {
+        // A re-run binary that never reached the loop: main() did not hand it over.
         broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, w.proc.pid, w.slot, status,
                                fmt::format("worker {} (pid {}) {} before it was ready. {}", w.slot, w.proc.pid,
                                            describe_wait_status(status), hint)};
@@ -529,6 +579,18 @@ class Dispatcher {
     const auto now = Clock::now();
     for (auto& w : workers_) {
       if (w->exited) continue;
+      if (w->partial_since && !w->eof) {
+        // A worker writes each message whole; one that stops midway (a task
+        // wrote to the result pipe itself) would leave its task unanswered.
+        const auto deadline = *w->partial_since + stall_limit;
+        if (now >= deadline) {
+          protocol_violation(*w, fmt::format("the worker stopped sending in the middle of a message (nothing "
+                                             "more for {} s); did the task write to the worker's result pipe?",
+                                             stall_limit.count()));
+          continue;
+        }
+        sooner(deadline);
+      }
       if (w->kill_at) {
         if (now >= *w->kill_at) {
           launcher_->kill(w->proc, SIGKILL);
@@ -661,6 +723,12 @@ class Dispatcher {
       if (n < 0) return errno == EAGAIN;
       w.inbox.commit(static_cast<std::size_t>(n));
       if (!parse_results(w, deliveries)) return false;
+      // Part of a message is in: from now, more of it must come.
+      if (w.inbox.partial()) {
+        w.partial_since = Clock::now();
+      } else {
+        w.partial_since.reset();
+      }
       if (!to_end && static_cast<std::size_t>(n) < space.size()) return true;
     }
   }
@@ -671,13 +739,22 @@ class Dispatcher {
     for (;;) {
       FrameView frame{};
       Parse parsed = w.inbox.next(frame);
-      if (parsed == Parse::need_more) return true;
+      if (parsed == Parse::need_more) {
+        // A message that cannot be one of a worker's is refused at its header.
+        if (auto kind = w.inbox.front_kind(); kind && !from_worker(static_cast<FrameKind>(*kind))) {
+          return protocol_violation(w, fmt::format("the worker sent an unknown message kind {}", *kind));
+        }
+        return true;
+      }
       if (parsed == Parse::too_large) {
         return protocol_violation(
             w, fmt::format("the worker sent a message of {} bytes, over Options::max_message_bytes ({})",
                            w.inbox.front_length(), max_message_));
       }
       switch (frame.kind) {
+        case FrameKind::started:
+          w.started = true;
+          break;
         case FrameKind::ready:
           w.ready = true;
           w.shm = shm_threshold_ != 0 && frame.size >= 8 && get<std::uint32_t>(frame.data + 4) == 1;
@@ -808,6 +885,29 @@ class Dispatcher {
     return true;
   }
 
+  /// Whether a worker may send messages of this kind.
+  static bool from_worker(FrameKind kind) {
+    switch (kind) {
+      case FrameKind::started:
+      case FrameKind::ready:
+      case FrameKind::result:
+      case FrameKind::init_failed:
+      case FrameKind::fatal:
+      case FrameKind::leaving:
+      case FrameKind::shm_ref:
+      case FrameKind::shm_announce:
+      case FrameKind::shm_drop:
+      case FrameKind::shm_share:
+        return true;
+      default:
+        return false;
+    }
+  }
+
+  /// How long a worker may stop in the middle of a message before it is
+  /// taken for broken.
+  static constexpr std::chrono::seconds stall_limit{5};
+
   /// SharedMemory blocks one result may refer to, at most (a bound on what a
   /// worker can make the parent hold before it sends the result).
   static constexpr std::size_t max_shares_per_result = std::size_t{1} << 20;
@@ -817,6 +917,7 @@ class Dispatcher {
     launcher_->kill(w.proc, SIGKILL);
     w.eof = true;
     w.inbox.clear();
+    w.partial_since.reset();
     if (!w.proc.pidfd) w.exited = true;
     return false;
   }
@@ -898,6 +999,10 @@ class Dispatcher {
   std::optional<ChunkFailure> broken_;
   std::optional<ChunkFailure> init_failure_;
   std::size_t early_deaths_ = 0;
+  bool first_start_ = true;                    // no worker started yet
+  std::optional<ChunkFailure> start_failure_;  // the last start failed: why (cleared by the next that works)
+  Clock::time_point next_start_{};             // when to try again after a failed start
+  std::chrono::milliseconds start_backoff_{0};
   std::uint64_t next_task_id_ = 1;
   double task_ns_ = 0;
   bool have_timing_ = false;

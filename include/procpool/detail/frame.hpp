@@ -7,6 +7,7 @@
 //              limit, u64 shared-memory threshold (0: none), i32 pool pid,
 //              i32 probe fd, u64 probe id, initializer state
 //   task    := u64 task id, u64 handler id, u32 item count, callable state, items (cereal)
+//   started := (empty) the worker reached its loop: a death from now on is not a missing init()
 //   ready   := i32 pid, u32 1 if the worker can reach the pool's shared memory
 //   result  := u64 task id, u64 run time in ns, per item (cereal): bool ok, value | type, message
 //   init_failed / fatal := cereal strings: type, message
@@ -37,6 +38,7 @@ enum class FrameKind : std::uint32_t {
   shm_drop = 10,     // worker -> parent: I unmapped this result buffer
   shm_off = 11,      // parent -> worker: I cannot map your buffers; send results through the pipe
   shm_share = 12,    // worker -> parent: my next result refers to this SharedMemory block; map it
+  started = 13,      // worker -> parent: I run procpool's worker loop (before the initializer)
 };
 
 inline constexpr std::size_t frame_header_size = 8;

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <span>
 #include <utility>
 #include <vector>
@@ -107,6 +108,16 @@ class Inbox {
     if (!large_done_) return {};
     large_done_ = false;
     return std::exchange(large_, {});
+  }
+
+  /// Whether part of a frame is buffered (after next() returned need_more).
+  bool partial() const { return large_total_ != 0 || end_ != begin_; }
+
+  /// The kind of the frame at the front, once its header is in.
+  std::optional<std::uint32_t> front_kind() const {
+    if (large_total_ != 0) return get<std::uint32_t>(large_.data() + 4);
+    if (end_ - begin_ < frame_header_size) return std::nullopt;
+    return get<std::uint32_t>(small_.data() + begin_ + 4);
   }
 
   /// The length claimed by the frame at the front (for Parse::too_large).

@@ -4,21 +4,29 @@
 //
 //   parent -> server : 'L' [+ fds[out, err]]         start a worker [with these as its stdout, stderr]
 //   server -> parent : 'W', pid + fds[task, result]  a worker started
-//                      'F', errno                    fork() failed
+//                      'F', call, errno              fork() (call 0) or pipe2() (call 1) failed
 //                      'E', pid, wait status         a worker exited
 //
 // The server dies with the parent (PR_SET_PDEATHSIG) or when the socket
-// closes, and its workers die with it (their own PR_SET_PDEATHSIG).
+// closes, and its workers die with it (their own PR_SET_PDEATHSIG). Before
+// it exits, it reaps every worker it started: none is left for a PID 1 or
+// subreaper parent to inherit as a zombie. A server that dies is started
+// again at the next worker start.
 #pragma once
 
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <map>
 #include <optional>
 #include <set>
+#include <string>
+#include <system_error>
+
+#include <fmt/format.h>
 
 #include "../errors.hpp"
 #include "launch_spawn.hpp"
@@ -30,9 +38,11 @@ namespace procpool::detail {
 
 struct ForkserverMessage {
   char kind = 0;
-  std::int32_t pid = 0;
+  std::int32_t pid = 0;    // the worker's; for 'F', which call failed (failed_fork, failed_pipe)
   std::int32_t value = 0;  // errno for 'F', wait status for 'E'
 };
+inline constexpr std::int32_t failed_fork = 0;
+inline constexpr std::int32_t failed_pipe = 1;
 
 /// Sends a message, with up to two fds attached.
 inline bool send_message(int sock, const ForkserverMessage& msg, const int* fds = nullptr, int nfds = 0) {
@@ -54,6 +64,7 @@ inline bool send_message(int sock, const ForkserverMessage& msg, const int* fds 
 }
 
 /// Receives a message and any fds (close-on-exec). false on EOF.
+/// `truncated`: set if some fds sent could not be received (EMFILE).
 ///
 /// The fds are registered in FdRegistry under the same hold of its lock in
 /// which recvmsg creates them: a fork() by another pool's I/O thread in
@@ -62,7 +73,7 @@ inline bool send_message(int sock, const ForkserverMessage& msg, const int* fds 
 /// worker would never see EOF. MSG_CMSG_CLOEXEC covers the exec-based start
 /// methods, which never look at the registry. MSG_DONTWAIT keeps the lock from
 /// being held across a wait: if nothing is there after all, we wait unlocked.
-inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& fds) {
+inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& fds, bool* truncated = nullptr) {
   iovec iov{&msg, sizeof(msg)};
   msghdr header{};
   header.msg_iov = &iov;
@@ -81,6 +92,7 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
       continue;
     }
     if (n > 0) {
+      if (truncated != nullptr) *truncated = (header.msg_flags & MSG_CTRUNC) != 0;
       for (cmsghdr* cmsg = CMSG_FIRSTHDR(&header); cmsg != nullptr; cmsg = CMSG_NXTHDR(&header, cmsg)) {
         if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
         std::size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -88,7 +100,10 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
           int fd;
           std::memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
           fd = keep_above_stdio(fd);
-          if (fd < 0) continue;  // fds.size() then tells the caller something is missing
+          if (fd < 0) {
+            if (truncated != nullptr) *truncated = true;
+            continue;
+          }
           FdRegistry::instance().add_locked(fd);
           fds.emplace_back(fd, Fd::Registered{});
         }
@@ -109,6 +124,7 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
   ::sigprocmask(SIG_BLOCK, &chld, nullptr);
   int sigfd = keep_above_stdio(::signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK));
   pollfd fds[2] = {{sock, POLLIN, 0}, {sigfd, POLLIN, 0}};
+  std::set<pid_t> workers;  // started and not yet reaped
   for (;;) {
     if (retry_eintr([&] { return ::poll(fds, 2, -1); }) < 0) break;
     if (fds[1].revents != 0) {
@@ -117,7 +133,10 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
       }
       int status = 0;
       pid_t pid;
-      while ((pid = ::waitpid(-1, &status, WNOHANG)) > 0) send_message(sock, {'E', pid, status});
+      while ((pid = ::waitpid(-1, &status, WNOHANG)) > 0) {
+        workers.erase(pid);
+        send_message(sock, {'E', pid, status});
+      }
     }
     if (fds[0].revents == 0) continue;
     ForkserverMessage request;
@@ -126,11 +145,11 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
     const bool relayed = stdio.size() == 2;
     int task[2], result[2];
     if (pipe_above_stdio(task) == -1) {
-      send_message(sock, {'F', 0, errno});
+      send_message(sock, {'F', failed_pipe, errno});
       continue;
     }
     if (pipe_above_stdio(result) == -1) {
-      send_message(sock, {'F', 0, errno});
+      send_message(sock, {'F', failed_pipe, errno});
       ::close(task[0]);
       ::close(task[1]);
       continue;
@@ -160,52 +179,64 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
     ::close(task[0]);
     ::close(result[1]);
     if (pid < 0) {
-      send_message(sock, {'F', 0, err});
+      send_message(sock, {'F', failed_fork, err});
     } else {
+      workers.insert(pid);
       int theirs[2] = {task[1], result[0]};
       send_message(sock, {'W', pid, 0}, theirs, 2);
     }
     ::close(task[1]);
     ::close(result[0]);
   }
+  // The pool is gone or done: its workers are gone or going. Reap them all
+  // before exiting, or a PID 1 or subreaper parent would inherit them.
+  for (pid_t pid : workers) ::kill(pid, SIGKILL);
+  int status;
+  while (retry_eintr([&] { return ::waitpid(-1, &status, 0); }) > 0) {
+  }
   ::_exit(0);
 }
 
 class ForkserverLauncher final : public Launcher {
  public:
-  ~ForkserverLauncher() override {
-    if (server_pid_ <= 0) return;
-    socket_.reset();  // the server exits on EOF
-    Fd pidfd = open_pidfd(server_pid_);
-    if (pidfd) {
-      pollfd p{pidfd.get(), POLLIN, 0};
-      if (::poll(&p, 1, 1000) <= 0) ::kill(server_pid_, SIGKILL);
-    }
-    int status;
-    retry_eintr([&] { return ::waitpid(server_pid_, &status, 0); });
-  }
+  ~ForkserverLauncher() override { shutdown(); }
 
   LaunchedWorker launch(const ChildStdio& stdio) override {
-    if (server_pid_ <= 0) start_server();
+    // A server that died (killed, or out of memory) is replaced: its
+    // workers died with it, and the pool starts new ones here.
+    if (!server_alive_) restart_server();
     // The server keeps its copies of the stdio fds only until it has forked.
     const int stdio_fds[2] = {stdio.out, stdio.err};
-    if (!send_message(socket_.get(), {'L', 0, 0}, stdio.relayed() ? stdio_fds : nullptr, stdio.relayed() ? 2 : 0)) {
-      throw Error("the fork server is gone (" + server_status() + "). " + missing_init_hint("forkserver"));
+    const int* fds_out = stdio.relayed() ? stdio_fds : nullptr;
+    const int nfds = stdio.relayed() ? 2 : 0;
+    if (!send_message(socket_.get(), {'L', 0, 0}, fds_out, nfds)) {
+      restart_server();
+      if (!send_message(socket_.get(), {'L', 0, 0}, fds_out, nfds)) throw server_lost("is gone");
     }
     for (;;) {
       ForkserverMessage msg;
       std::vector<Fd> fds;
-      if (!wait_readable(10'000) || !receive_message(socket_.get(), msg, fds)) {
-        throw Error("the fork server did not answer (" + server_status() + "). " + missing_init_hint("forkserver"));
+      bool truncated = false;
+      if (!wait_readable(10'000) || !receive_message(socket_.get(), msg, fds, &truncated)) {
+        server_alive_ = false;
+        throw server_lost("did not answer");
       }
       if (msg.kind == 'E') {
         if (unwanted_.erase(msg.pid) == 0) exited_[msg.pid] = msg.value;
       } else if (msg.kind == 'F') {
-        throw_errno("fork (in the fork server)", msg.value);
-      } else if (msg.kind == 'W' && fds.size() == 2) {
-        return {msg.pid, std::move(fds[0]), std::move(fds[1]), open_pidfd(msg.pid)};
+        throw_errno(msg.pid == failed_pipe ? "pipe2 (in the fork server)" : "fork (in the fork server)", msg.value);
+      } else if (msg.kind == 'W' && !truncated && fds.size() == 2) {
+        LaunchedWorker worker{msg.pid, std::move(fds[0]), std::move(fds[1]), open_pidfd(msg.pid), generation_};
+        return worker;
+      } else if (msg.kind == 'W') {
+        // Its pipes did not reach us (this process is out of fds): the
+        // worker is of no use. The server reaps it and reports that.
+        ::kill(msg.pid, SIGKILL);
+        unwanted_.insert(msg.pid);
+        throw std::system_error(EMFILE, std::generic_category(),
+                                "receiving a new worker's pipes from the fork server (recvmsg)");
       } else {
-        throw Error("the fork server sent an unexpected message");
+        throw Error(fmt::format("the fork server sent a message of unknown kind {}", static_cast<int>(msg.kind)));
       }
     }
   }
@@ -221,18 +252,27 @@ class ForkserverLauncher final : public Launcher {
   }
 
   void release(const LaunchedWorker& worker) override {
+    if (worker.generation != generation_) {
+      (void)try_reap(worker);
+      return;
+    }
     drain();
     if (exited_.erase(worker.pid) == 0) unwanted_.insert(worker.pid);
   }
 
   std::optional<int> try_reap(const LaunchedWorker& worker) override {
+    if (worker.generation != generation_ || !server_alive_) {
+      // Its server is dead and reports nothing more; the worker died with it.
+      // If this process is a subreaper (or PID 1) it inherited the worker:
+      // reap it here, once it is gone.
+      int status = 0;
+      const pid_t r = retry_eintr([&] { return ::waitpid(worker.pid, &status, WNOHANG); });
+      if (r == 0) return std::nullopt;
+      return r == worker.pid ? status : server_gone_status;
+    }
     drain();
     auto it = exited_.find(worker.pid);
-    if (it == exited_.end()) {
-      // A dead server reports nothing more; its workers died with it.
-      if (!server_alive_) return server_gone_status;
-      return std::nullopt;
-    }
+    if (it == exited_.end()) return std::nullopt;
     int status = it->second;
     exited_.erase(it);
     return status;
@@ -240,7 +280,67 @@ class ForkserverLauncher final : public Launcher {
 
   std::string start_hint() const override { return missing_init_hint("forkserver"); }
 
+  /// Closes the socket, which ends the server once it has reaped its
+  /// workers; then reaps the server (SIGKILL after a second).
+  void shutdown() noexcept override {
+    socket_.reset();
+    server_alive_ = false;
+    if (server_pid_ <= 0) return;
+    if (Fd pidfd = open_pidfd(server_pid_)) {
+      pollfd p{pidfd.get(), POLLIN, 0};
+      if (::poll(&p, 1, 1000) <= 0) ::kill(server_pid_, SIGKILL);
+    } else {
+      ::kill(server_pid_, SIGKILL);
+    }
+    int status;
+    retry_eintr([&] { return ::waitpid(server_pid_, &status, 0); });
+    server_pid_ = -1;
+  }
+
  private:
+  /// The error for a server that died or stopped answering: with the hint
+  /// about procpool::init only when that is the cause (the re-run binary
+  /// reached a Pool without init).
+  Error server_lost(const char* what) {
+    const std::optional<int> status = reap_server(std::chrono::milliseconds(1000));
+    std::string text = fmt::format("the fork server {} ({})", what,
+                                   status ? "it " + describe_wait_status(*status) : std::string("it is still running"));
+    if (status && WIFEXITED(*status) && WEXITSTATUS(*status) == exit_missing_init) {
+      throw StartRefused(text + ". " + missing_init_hint("forkserver"));
+    }
+    return Error(text);
+  }
+
+  /// Waits up to `limit` for the server to end, and reaps it.
+  std::optional<int> reap_server(std::chrono::milliseconds limit) {
+    if (server_pid_ <= 0) return std::nullopt;
+    if (Fd pidfd = open_pidfd(server_pid_)) {
+      pollfd p{pidfd.get(), POLLIN, 0};
+      ::poll(&p, 1, static_cast<int>(limit.count()));
+    }
+    int status = 0;
+    if (::waitpid(server_pid_, &status, WNOHANG) != server_pid_) return std::nullopt;
+    server_pid_ = -1;
+    server_alive_ = false;
+    return status;
+  }
+
+  /// Lets go of a dead (or unreachable) server and starts a new one.
+  void restart_server() {
+    socket_.reset();
+    if (server_pid_ > 0) {
+      ::kill(server_pid_, SIGKILL);
+      int status;
+      retry_eintr([&] { return ::waitpid(server_pid_, &status, 0); });
+      server_pid_ = -1;
+    }
+    // The old server's reports are not coming: its workers are asked of the kernel.
+    exited_.clear();
+    unwanted_.clear();
+    ++generation_;
+    start_server();
+  }
+
   void start_server() {
     Fd ours, theirs;
     {
@@ -261,7 +361,11 @@ class ForkserverLauncher final : public Launcher {
       ours = Fd(pair[0], Fd::Registered{});
       theirs = Fd(pair[1], Fd::Registered{});
     }
-    server_pid_ = spawn_self(forkserver_flag, {theirs.get()});
+    try {
+      server_pid_ = spawn_self(forkserver_flag, {theirs.get()});
+    } catch (const std::system_error& e) {
+      throw std::system_error(e.code(), std::string("starting the fork server (") + e.what() + ")");
+    }
     socket_ = std::move(ours);
     server_alive_ = true;
   }
@@ -283,28 +387,13 @@ class ForkserverLauncher final : public Launcher {
     }
   }
 
-  std::string server_status() {
-    int status = 0;
-    if (server_pid_ <= 0) return "it has exited";
-    // A server that closed its socket is exiting: give it a moment to finish.
-    if (Fd pidfd = open_pidfd(server_pid_)) {
-      pollfd p{pidfd.get(), POLLIN, 0};
-      ::poll(&p, 1, 1000);
-    }
-    if (::waitpid(server_pid_, &status, WNOHANG) == server_pid_) {
-      server_pid_ = -1;
-      server_alive_ = false;
-      return "it " + describe_wait_status(status);
-    }
-    return "it is still running";
-  }
-
   /// What a worker of a dead server is reported as: killed by its
   /// parent-death signal.
   static constexpr int server_gone_status = SIGKILL;
 
   pid_t server_pid_ = -1;
   bool server_alive_ = false;
+  std::uint64_t generation_ = 0;  // how many servers were started
   Fd socket_;
   std::map<pid_t, int> exited_;  // reports not yet asked for
   std::set<pid_t> unwanted_;     // released workers whose report is still to come

@@ -4,19 +4,29 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <optional>
+#include <stdexcept>
 #include <string>
 
 #include "system.hpp"
 
 namespace procpool::detail {
 
+/// A start failure that trying again cannot mend (main() never calls
+/// procpool::init): the pool stops starting workers.
+class StartRefused : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 /// A started worker: its pid and the parent's ends of its two pipes.
 struct LaunchedWorker {
   pid_t pid = -1;
-  Fd task;    // parent writes tasks here
-  Fd result;  // parent reads results here
-  Fd pidfd;   // readable once the worker has exited; may be empty
+  Fd task;                       // parent writes tasks here
+  Fd result;                     // parent reads results here
+  Fd pidfd;                      // readable once the worker has exited; may be empty
+  std::uint64_t generation = 0;  // which incarnation of its launcher's machinery started it (a fork server)
 };
 
 /// What a new worker gets as its stdout and stderr: the write ends of the
@@ -51,6 +61,9 @@ class Launcher {
   /// procpool::init). Such a death is then final: the pool stops replacing
   /// workers instead of re-running the program again and again.
   virtual std::string start_hint() const { return {}; }
+  /// After the pool's last worker has exited: lets go of what the launcher
+  /// runs besides the workers (the fork server), and reaps it.
+  virtual void shutdown() noexcept {}
 };
 
 /// reap/try_reap for workers that are the parent's own children.

@@ -171,6 +171,15 @@ inline void prepare_worker_process(pid_t parent) {
   ::signal(SIGINT, SIG_IGN);
   ::signal(SIGTERM, SIG_DFL);
   ::signal(SIGPIPE, SIG_DFL);
+  // A crash in a task is the pool's to report (WorkerLost, naming the
+  // signal): a crash handler the program installed (and a fork inherited)
+  // must not run in the worker, where it would report the parent's crash,
+  // or run its atexit handlers. As under posix_spawn, where main() never
+  // got to install it.
+  for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS}) {
+    struct sigaction current {};
+    if (::sigaction(sig, nullptr, &current) == 0 && current.sa_handler != SIG_DFL) ::signal(sig, SIG_DFL);
+  }
   // A fork inherits the I/O thread's mask, which blocks everything; only now
   // that the dispositions are ours may a signal that arrived early be taken.
   sigset_t none;
@@ -214,6 +223,13 @@ inline void send_failure_frame(int fd, FrameKind kind, const std::string& type, 
 /// Runs the worker protocol on an already-connected pair of fds; returns the
 /// exit code. `relayed`: stdout and stderr go to the parent's output relay.
 inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
+  {
+    // First of all: whatever happens from here on (a crashing initializer),
+    // the parent knows this process reached procpool's loop.
+    std::vector<char> hello;
+    finish_frame(hello, begin_frame(hello, FrameKind::started));
+    if (!send_frame(result_fd, hello)) return 0;
+  }
   FrameReader reader(task_fd, std::size_t{1} << 31);
   FrameView frame{};
   if (!reader.next(frame)) return 0;

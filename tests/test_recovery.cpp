@@ -1,0 +1,183 @@
+// A worker that cannot be started (out of fds, out of processes, a dead fork
+// server) costs only the tasks that cannot get a worker, with an error that
+// names the cause; the pool keeps trying and recovers once it can. An
+// initializer that crashes is reported as such, not as a missing init().
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <filesystem>
+
+#include <chrono>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common.hpp"
+
+using namespace std::chrono_literals;
+
+// A named namespace: a worker finds a task by its type's name, and other
+// test files have helpers of the same names.
+namespace recovery_test {
+
+long sq(long x) { return x * x; }
+
+std::vector<long> iota_vec(long n) {
+  std::vector<long> v;
+  for (long i = 0; i < n; ++i) v.push_back(i);
+  return v;
+}
+
+std::vector<long> squares(long n) {
+  std::vector<long> v;
+  for (long i = 0; i < n; ++i) v.push_back(i * i);
+  return v;
+}
+
+/// Lowers the soft fd limit to the highest fd open now and fills the free
+/// numbers below it: no new fd can be made until this is destroyed.
+class NoNewFds {
+ public:
+  NoNewFds() {
+    REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved_) == 0);
+    rlimit low = saved_;
+    low.rlim_cur = highest_open_fd() + 1;
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+    fill();
+  }
+  /// Takes the numbers freed since (by workers that exited).
+  void fill() {
+    for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) fillers_.push_back(fd);
+    REQUIRE(errno == EMFILE);
+  }
+  NoNewFds(const NoNewFds&) = delete;
+  NoNewFds& operator=(const NoNewFds&) = delete;
+  ~NoNewFds() {
+    for (int fd : fillers_) ::close(fd);
+    ::setrlimit(RLIMIT_NOFILE, &saved_);
+  }
+
+ private:
+  static rlim_t highest_open_fd() {
+    int highest = 2;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+      highest = std::max(highest, std::stoi(entry.path().filename().string()));
+    }
+    return static_cast<rlim_t>(highest);
+  }
+  rlimit saved_{};
+  std::vector<int> fillers_;
+};
+
+/// The worker's result pipe: its only write-only pipe above 2.
+int result_fd() {
+  for (int fd = 3; fd < 256; ++fd) {
+    int flags = ::fcntl(fd, F_GETFL);
+    if (flags == -1 || (flags & O_ACCMODE) != O_WRONLY) continue;
+    struct stat st {};
+    if (::fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode)) return fd;
+  }
+  return -1;
+}
+
+/// Writes the header of a result frame of 1000 bytes, sends none of them,
+/// and returns: the parent then reads the real result as that frame's first
+/// bytes, and nothing more comes.
+long false_header(long x) {
+  const std::uint32_t header[2] = {1000, 4};
+  [[maybe_unused]] auto n = ::write(result_fd(), header, sizeof(header));
+  return x;
+}
+
+/// Writes two bytes, less than a frame header, and returns.
+long partial_header(long x) {
+  [[maybe_unused]] auto n = ::write(result_fd(), "\x10\x00", 2);
+  return x;
+}
+
+void crash_in_initializer() { ::raise(SIGSEGV); }
+void abort_in_initializer() { std::abort(); }
+void exit_in_initializer() { ::_exit(3); }
+
+}  // namespace recovery_test
+
+using namespace recovery_test;
+
+POOL_TEST("a worker that cannot be started for want of fds fails only the tasks without one, then the pool recovers",
+          "[recovery][emfile]") {
+  // Each worker is replaced after one task: every task needs a new worker.
+  procpool::Pool pool(test::options<TestType>({.processes = 1, .maxtasksperchild = 1}));
+  REQUIRE(pool.apply<sq>(2L) == 4);
+  std::string what;
+  {
+    NoNewFds guard;
+    // The worker started before the limit still runs a task; the next needs a new one.
+    // A worker that exits meanwhile frees fds: each attempt takes those first.
+    for (int attempt = 0; attempt < 20 && what.empty(); ++attempt) {
+      guard.fill();
+      try {
+        const long v = pool.apply<sq>(3L);
+        CHECK(v == 9);
+      } catch (const procpool::Error& e) {
+        what = e.what();
+      }
+    }
+  }
+  INFO(what);
+  CHECK_THAT(what, Catch::Contains("Too many open files"));
+  CHECK_THAT(what, Catch::Contains("could not start worker"));
+  // The limit is back: the pool starts workers again, on its own.
+  CHECK(pool.map<sq>(iota_vec(10), 1) == squares(10));
+  CHECK(pool.apply<sq>(5L) == 25);
+}
+
+POOL_TEST("with the process limit reached, Pool() and worker starts fail with clear errors, and the pool recovers",
+          "[recovery][nproc]") {
+  // RLIMIT_NPROC does not bind root: the helper becomes a user of no other process first.
+  auto run = test::run_program({PROCPOOL_HELPER, "nproc", std::string(procpool::to_string(TestType::method))}, 60000);
+  INFO(run.output);
+  CHECK(WIFEXITED(run.status));
+  CHECK(WEXITSTATUS(run.status) == 0);
+  CHECK_THAT(run.output, Catch::Contains("pool: procpool: could not start the pool's I/O thread"));
+  CHECK_THAT(run.output, Catch::Contains("Resource temporarily unavailable"));
+  CHECK_THAT(run.output, Catch::Contains("map: procpool: map input #0 was not run: the pool could not start worker"));
+  CHECK_THAT(run.output, Catch::Contains("recovered: 0 1 4 9"));
+}
+
+POOL_TEST("an initializer that crashes is reported as such, never as a missing init()", "[recovery][initializer]") {
+  struct Case {
+    const char* name;
+    procpool::Initializer init;
+    const char* says;
+  };
+  const std::vector<Case> cases = {{"segfault", procpool::initializer<crash_in_initializer>(), "SIGSEGV"},
+                                   {"abort", procpool::initializer<abort_in_initializer>(), "SIGABRT"},
+                                   {"_exit(3)", procpool::initializer<exit_in_initializer>(), "exited with code 3"}};
+  for (const auto& c : cases) {
+    procpool::Pool pool(test::options<TestType>({.processes = 2, .initializer = c.init}));
+    auto e = test::thrown<procpool::InitializerError>([&] { pool.map<sq>(iota_vec(4), 1); });
+    INFO(c.name << ": " << e.what());
+    CHECK_THAT(e.what(), Catch::Contains("initializer"));
+    CHECK_THAT(e.what(), Catch::Contains(c.says));
+    CHECK_THAT(e.what(), !Catch::Contains("procpool::init"));
+    // Not retried for ever: later calls fail at once the same way.
+    CHECK_THROWS_AS(pool.apply<sq>(2L), procpool::InitializerError);
+  }
+}
+
+POOL_TEST("a worker whose result stream stops mid-frame is a ProtocolError in bounded time, and is replaced",
+          "[recovery][protocol]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  const auto started = std::chrono::steady_clock::now();
+  auto stalled = test::thrown<procpool::ProtocolError>([&] { pool.apply<false_header>(1L); });
+  CHECK(std::chrono::steady_clock::now() - started < 30s);
+  CHECK_THAT(stalled.what(), Catch::Contains("middle of a message"));
+  CHECK(pool.map<sq>(iota_vec(20), 1) == squares(20));
+  auto partial = test::thrown<procpool::ProtocolError>([&] { pool.apply<partial_header>(1L); });
+  CHECK(std::chrono::steady_clock::now() - started < 60s);
+  CHECK(pool.map<sq>(iota_vec(20), 1) == squares(20));
+}
