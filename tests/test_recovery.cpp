@@ -148,6 +148,22 @@ POOL_TEST("with the process limit reached, Pool() and worker starts fail with cl
   CHECK_THAT(run.output, Catch::Contains("recovered: 0 1 4 9"));
 }
 
+TEST_CASE("a killed fork server is started again, and the pool goes on", "[recovery][forkserver]") {
+  procpool::Pool pool(test::options<test::Forkserver>({.processes = 2}));
+  REQUIRE(pool.map<sq>(iota_vec(20), 1) == squares(20));
+  // The fork server is the pool's only child; its workers are its own.
+  auto servers = test::child_pids();
+  REQUIRE(servers.size() == 1);
+  ::kill(servers[0], SIGKILL);
+  REQUIRE(test::all_stop_running(servers, 10s));
+  // Its workers died with it (idle: no task is lost); new ones come from a new server.
+  CHECK(pool.map<sq>(iota_vec(20), 1) == squares(20));
+  CHECK(pool.apply<sq>(7L) == 49);
+  auto now = test::child_pids();
+  REQUIRE(now.size() == 1);
+  CHECK(now[0] != servers[0]);
+}
+
 POOL_TEST("an initializer that crashes is reported as such, never as a missing init()", "[recovery][initializer]") {
   struct Case {
     const char* name;

@@ -50,7 +50,9 @@ inline void init(int argc, char** argv) {
   detail::prepare_worker_process(parent);
   const bool relayed = argc > 3 && argv[3] != nullptr && std::strcmp(argv[3], detail::relayed_output_flag) == 0;
   if (relayed) detail::use_relayed_output();
-  detail::run_worker_and_exit(3, 4, relayed);
+  // Its claim area, if the pool passed one (claims.hpp).
+  const int claims = ::fcntl(detail::worker_claims_fd, F_GETFD) != -1 ? detail::worker_claims_fd : -1;
+  detail::run_worker_and_exit(detail::worker_task_fd, detail::worker_result_fd, relayed, claims);
 }
 
 }  // namespace procpool

@@ -23,10 +23,12 @@
 #include "../errors.hpp"
 #include "../options.hpp"
 #include "callback_runner.hpp"
+#include "claims.hpp"
 #include "frame.hpp"
 #include "inbox.hpp"
 #include "job.hpp"
 #include "launcher.hpp"
+#include "outbox.hpp"
 #include "output_relay.hpp"
 #include "ring.hpp"
 #include "shm.hpp"
@@ -240,7 +242,7 @@ class Dispatcher {
   }
 
   static std::size_t items_in(const TaskBytes& task_frame) {
-    return get<std::uint32_t>(task_frame.data() + task_count_offset) & ~task_more_queued;
+    return get<std::uint32_t>(task_frame.data() + task_count_offset);
   }
 
   /// A chunk inside the dispatcher. Its frame is kept until the result
@@ -273,8 +275,11 @@ class Dispatcher {
     bool exited = false;         // its process is gone (pidfd fired, or found by waitpid)
     Ring<Task> held;             // the tasks sent and not answered, in order: the front one runs
     std::size_t sent = 0;
-    std::deque<std::shared_ptr<TaskBytes>> outbox;
-    std::size_t out_offset = 0;  // bytes of outbox.front() already written
+    Outbox outbox;
+    ClaimArea claims;           // the claim words of its tasks (claims.hpp)
+    bool claiming = false;      // it said (when ready) that it claims each task: tasks may be taken back
+    bool stalled = false;       // tasks queued on it were taken back: it gets no more until it answers one
+    std::uint64_t last_id = 0;  // the id (sequence number) of the last task sent to it
     Inbox inbox;
     std::optional<ChunkFailure> failure;             // why its running task fails, if not a plain death
     std::optional<int> status;                       // wait status, once reaped
@@ -317,7 +322,7 @@ class Dispatcher {
       owners.assign(1, {nullptr, death});
       bool need_timeout = false;
       auto next_deadline = enforce_timeouts();
-      if (start_failure_ && state_ == State::running) {
+      if (start_failure_ && !broken_ && (state_ == State::running || state_ == State::closed)) {
         next_deadline = next_deadline ? std::min(*next_deadline, next_start_) : next_start_;
       }
       for (auto& w : workers_) {
@@ -371,6 +376,7 @@ class Dispatcher {
           // workers' results are read and before this one's are delivered.
           if (!broken_ && w->takes_tasks()) {
             assign_pending();
+            rebalance();
             if (!w->outbox.empty()) flush_outbox(*w);
           }
         } else if (role == task) {
@@ -416,13 +422,17 @@ class Dispatcher {
       if (broken_) fail_all_pending(*broken_, deliveries);
       // Tasks no worker can take while workers cannot be started fail now,
       // with the reason; the pool goes on trying to start workers.
-      if (start_failure_ && !pending_.empty() && !any_worker_will_take_tasks()) {
+      if (start_failure_ && start_failures_ >= 2 && !pending_.empty() && !any_worker_will_take_tasks()) {
         fail_all_pending(*start_failure_, deliveries);
       }
       assign_pending();
     }
+    rebalance();
     for (auto& w : workers_) {
       if (!w->outbox.empty()) flush_outbox(*w);
+      // A retiring worker whose last tasks were taken back elsewhere (or
+      // ran) has nothing more to do: closing its task pipe ends it.
+      if (w->retiring && w->held.empty() && w->outbox.empty()) w->proc.task.reset();
     }
     if (state_ == State::closed && streams_ == 0 && pending_.empty()) {
       // Closing the task pipe is how a worker learns to exit.
@@ -444,8 +454,12 @@ class Dispatcher {
     bool want = !broken_ &&
                 (first || state_ == State::running || (state_ == State::closed && (streams_ > 0 || !pending_.empty())));
     if (!want) return;
-    // After a failed start, wait for the backoff unless tasks have nowhere to go.
-    if (start_failure_ && Clock::now() < next_start_ && (pending_.empty() || any_worker_will_take_tasks())) return;
+    // After a failed start, wait for the backoff unless tasks have nowhere to
+    // go and have waited for one attempt already.
+    if (start_failure_ && Clock::now() < next_start_ &&
+        (start_failures_ < 2 || pending_.empty() || any_worker_will_take_tasks())) {
+      return;
+    }
     for (std::size_t slot = 0; slot < processes_ && !broken_; ++slot) {
       std::size_t in_slot = 0;
       bool covered = false;
@@ -469,9 +483,17 @@ class Dispatcher {
     w->inbox = Inbox(max_message_);
     w->slot = slot;
     try {
+      // Slots for every task a worker may hold, twice over (claims.hpp). Where
+      // there is no memfd to be had the worker runs without: its queued tasks
+      // then cannot be taken back.
+      try {
+        w->claims = ClaimArea::create(4 * std::min<std::size_t>(max_in_flight_, std::size_t{1} << 16) + 8);
+      } catch (const std::system_error&) {
+      }
       std::optional<OutputRelay::Pipes> output;
       if (relay_) output = OutputRelay::open();
-      w->proc = launcher_->launch(output ? output->child() : ChildStdio{});
+      w->proc = launcher_->launch(output ? output->child() : ChildStdio{}, w->claims ? w->claims.fd() : -1);
+      w->claims.release_fd();
       if (output) relay_->attach(slot, w->proc.pid, std::move(*output));
       set_nonblocking(w->proc.task.get());
       set_nonblocking(w->proc.result.get());
@@ -490,9 +512,13 @@ class Dispatcher {
                        fmt::format("the pool could not start worker {}: {}; it goes on trying", slot, e.what())};
       start_backoff_ = std::clamp(2 * start_backoff_, std::chrono::milliseconds(50), std::chrono::milliseconds(5000));
       next_start_ = Clock::now() + start_backoff_;
+      // Tasks fail for it only once a second attempt (after the backoff)
+      // failed too: a worker about to exit may free what the first lacked.
+      ++start_failures_;
       return false;
     }
     start_failure_.reset();
+    start_failures_ = 0;
     start_backoff_ = std::chrono::milliseconds(0);
     TaskBytes config;
     std::size_t start = begin_frame(config, FrameKind::config);
@@ -509,7 +535,7 @@ class Dispatcher {
     put<std::uint64_t>(config, probe != nullptr ? probe->id : 0);
     config.insert(config.end(), init_state_.begin(), init_state_.end());
     finish_frame(config, start);
-    w->outbox.push_back(std::make_shared<TaskBytes>(std::move(config)));
+    w->outbox.push(std::make_shared<TaskBytes>(std::move(config)));
     workers_.push_back(std::move(w));
     return true;
   }
@@ -555,7 +581,10 @@ class Dispatcher {
     for (std::size_t k = 0; k < w.held.size(); ++k) {
       Task task = std::move(w.held[k]);
       task.shm.reset();  // the worker is gone: its buffer is free
-      if (k == 0 && front_started) {
+      // Which one ran: its claim word says; without claims, only the first
+      // it held can have started (tasks run in the order sent).
+      const bool started = w.claiming ? w.claims.was_started(task.id) : k == 0 && front_started;
+      if (started) {
         bool retry =
             lost.kind == ChunkFailure::Kind::worker_lost && task.attempts < task.job->retries().value_or(retries_);
         if (!retry) {
@@ -603,6 +632,13 @@ class Dispatcher {
       if (!timeouts_used_ || w->held.empty() || !w->ready || w->failure) continue;
       const auto limit = w->held.front().job->task_timeout().value_or(task_timeout_);
       if (limit.count() <= 0) continue;
+      if (w->claiming && !w->claims.was_started(w->held.front().id)) {
+        // Not started yet (still arriving through the pipe, say): its clock
+        // has not started either. Look again a little later.
+        w->front_since = now;
+        sooner(now + std::min<Clock::duration>(limit, std::chrono::milliseconds(10)));
+        continue;
+      }
       auto deadline = w->front_since + limit;
       if (now < deadline) {
         sooner(deadline);
@@ -641,28 +677,75 @@ class Dispatcher {
       }
       Worker* best = nullptr;
       for (auto& w : workers_) {
-        if (!w->takes_tasks() || w->held.size() >= limit) continue;
-        if (best == nullptr || w->held.size() < best->held.size()) best = w.get();
+        if (!w->takes_tasks() || w->stalled || w->held.size() >= limit || !has_claim_slot(*w)) continue;
+        // The least loaded; of those, one that is ready over one still starting.
+        if (best == nullptr || w->held.size() < best->held.size() ||
+            (w->held.size() == best->held.size() && w->ready && !best->ready)) {
+          best = w.get();
+        }
       }
       if (best == nullptr) return;
-      std::uint64_t id = next_task_id_++;
-      patch<std::uint64_t>(*task.frame, task_id_offset, id);
+      TaskHeader header;
+      header.id = ++best->last_id;
       // More queued to follow this one at once: its worker may look for them before sleeping.
-      const auto count = static_cast<std::uint32_t>(items_in(*task.frame));
-      const bool more = worker_spin_ && pending_.size() > 1 && !task.job->streamed();
-      patch<std::uint32_t>(*task.frame, task_count_offset, more ? count | task_more_queued : count);
+      if (worker_spin_ && pending_.size() > 1 && !task.job->streamed()) header.flags |= task_more_queued;
       if (best->held.empty()) best->front_since = Clock::now();
-      task.id = id;
-      send_task(*best, task);
+      task.id = header.id;
+      if (best->claims) best->claims.offer(header.id);
+      send_task(*best, task, header);
       best->held.push_back(std::move(task));
       if (max_tasks_per_child_ != 0 && ++best->sent >= max_tasks_per_child_) best->retiring = true;
       pending_.pop_front();
     }
   }
 
-  /// Queues a task's frame for its worker, through shared memory if it is
-  /// large: where it was encoded (TaskMemory), or else copied there now.
-  void send_task(Worker& w, Task& task) {
+  /// Whether the worker's claim slot for its next task is free: the oldest
+  /// task it holds must not share it (a task taken back and sent elsewhere
+  /// again and again uses up ids while the one before it runs on).
+  static bool has_claim_slot(const Worker& w) {
+    return !w.claims || w.held.empty() || w.last_id + 1 - w.held.front().id < w.claims.slots();
+  }
+
+  /**
+   * When a worker is idle and no task waits for one, takes back the tasks
+   * queued behind another worker's running task, so they run now on the idle
+   * one instead of after it: one that runs long, has stopped, loops or dies
+   * never holds them. A task is taken back only if its worker has not started
+   * it (ClaimArea::revoke), so it runs exactly once. With mutex_ held.
+   */
+  void rebalance() {
+    if (!pending_.empty() || broken_) return;
+    const bool idle = std::any_of(workers_.begin(), workers_.end(),
+                                  [](const auto& w) { return w->ready && w->takes_tasks() && w->held.empty(); });
+    if (!idle) return;
+    std::vector<Task> taken;
+    for (auto& w : workers_) {
+      if (!w->claiming || w->held.size() < 2) continue;
+      // From the back: the worker claims its tasks in order, so once one is
+      // started, those before it are too.
+      // The front is the one it runs (or is about to): it stays.
+      const std::size_t before = taken.size();
+      while (w->held.size() > 1 && w->claims.revoke(w->held[w->held.size() - 1].id)) {
+        Task task = std::move(w->held[w->held.size() - 1]);
+        w->held.erase(w->held.size() - 1);
+        task.shm.reset();  // the copy it was sent in: the worker skips it unread
+        taken.push_back(std::move(task));
+      }
+      if (taken.size() == before) continue;
+      // Not straight back to where they waited: it gets more once it answers.
+      w->stalled = true;
+      std::reverse(taken.begin() + static_cast<std::ptrdiff_t>(before), taken.end());
+    }
+    for (auto task = taken.rbegin(); task != taken.rend(); ++task) pending_.push_front(std::move(*task));
+    if (!taken.empty()) assign_pending();
+  }
+
+  /// Queues a task for its worker, after its header: the frame through
+  /// shared memory if it is large (where it was encoded, TaskMemory, or else
+  /// copied there now).
+  void send_task(Worker& w, Task& task, const TaskHeader& header) {
+    char head[task_header_size];
+    header.encode(head);
     const TaskBytes& frame = *task.frame;
     // Storage over the threshold may be in shared memory (even when the frame
     // is smaller: its vector grew past it); then a reference is all it takes.
@@ -671,41 +754,15 @@ class Dispatcher {
     if (w.shm && ref.empty() && frame.size() > shm_threshold_)
       ref = task_memory_->pass(frame.data(), frame.size(), task.shm);
     if (!ref.empty()) {
-      w.outbox.push_back(std::make_shared<TaskBytes>(ref.begin(), ref.end()));
+      w.outbox.push(std::make_shared<TaskBytes>(ref.begin(), ref.end()), head, sizeof(head));
       return;
     }
-    w.outbox.push_back(task.frame);
+    w.outbox.push(task.frame, head, sizeof(head));
   }
 
   void flush_outbox(Worker& w) {
-    while (!w.outbox.empty() && w.proc.task) {
-      iovec iov[64];
-      int n = 0;
-      for (auto it = w.outbox.begin(); it != w.outbox.end() && n < 64; ++it, ++n) {
-        std::size_t skip = (n == 0) ? w.out_offset : 0;
-        iov[n] = {(*it)->data() + skip, (*it)->size() - skip};
-      }
-      ssize_t written = retry_eintr([&] { return ::writev(w.proc.task.get(), iov, n); });
-      if (written < 0) {
-        if (errno == EAGAIN) return;
-        // EPIPE: the worker is gone; its death is noticed through its pidfd/EOF.
-        w.outbox.clear();
-        w.out_offset = 0;
-        return;
-      }
-      auto left = static_cast<std::size_t>(written);
-      while (left > 0) {
-        std::size_t rest = w.outbox.front()->size() - w.out_offset;
-        if (left >= rest) {
-          left -= rest;
-          w.outbox.pop_front();
-          w.out_offset = 0;
-        } else {
-          w.out_offset += left;
-          left = 0;
-        }
-      }
-    }
+    // Gone (EPIPE): its death is noticed through its pidfd or EOF.
+    if (w.proc.task) w.outbox.flush(w.proc.task.get());
   }
 
   /// Reads what the worker sent; returns false at EOF (or when the worker
@@ -757,7 +814,8 @@ class Dispatcher {
           break;
         case FrameKind::ready:
           w.ready = true;
-          w.shm = shm_threshold_ != 0 && frame.size >= 8 && get<std::uint32_t>(frame.data + 4) == 1;
+          w.shm = shm_threshold_ != 0 && frame.size >= 8 && (get<std::uint32_t>(frame.data + 4) & 1U) != 0;
+          w.claiming = w.claims && frame.size >= 8 && (get<std::uint32_t>(frame.data + 4) & 2U) != 0;
           w.front_since = Clock::now();  // its initializer's time is not its first task's
           break;
         case FrameKind::result:
@@ -770,7 +828,7 @@ class Dispatcher {
             w.shm_refused = true;
             TaskBytes off;
             finish_frame(off, begin_frame(off, FrameKind::shm_off));
-            w.outbox.push_back(std::make_shared<TaskBytes>(std::move(off)));
+            w.outbox.push(std::make_shared<TaskBytes>(std::move(off)));
           }
           break;
         case FrameKind::shm_drop:
@@ -832,6 +890,7 @@ class Dispatcher {
     while (k < w.held.size() && w.held[k].id != id) ++k;
     if (k == w.held.size()) return protocol_violation(w, "the worker answered a task it was not given");
     Task& task = w.held[k];
+    w.stalled = false;
     if (timeouts_used_) w.front_since = Clock::now();
     record_timing(ns);
     ChunkOutcome outcome;
@@ -1001,9 +1060,9 @@ class Dispatcher {
   std::size_t early_deaths_ = 0;
   bool first_start_ = true;                    // no worker started yet
   std::optional<ChunkFailure> start_failure_;  // the last start failed: why (cleared by the next that works)
+  std::size_t start_failures_ = 0;             // failed starts in a row
   Clock::time_point next_start_{};             // when to try again after a failed start
   std::chrono::milliseconds start_backoff_{0};
-  std::uint64_t next_task_id_ = 1;
   double task_ns_ = 0;
   bool have_timing_ = false;
   Clock::time_point next_trim_{};  // when to look for idle shared buffers again

@@ -6,9 +6,12 @@
 //              u64 max message bytes, u64 max resident bytes, u64 address-space
 //              limit, u64 shared-memory threshold (0: none), i32 pool pid,
 //              i32 probe fd, u64 probe id, initializer state
-//   task    := u64 task id, u64 handler id, u32 item count, callable state, items (cereal)
+//   task_header := u64 task id (the worker's sequence number), u32 flags; the
+//              task (or the shm_ref to it) follows. A task frame itself never
+//              changes once encoded, so it can be sent again elsewhere.
+//   task    := u64 handler id, u32 item count, callable state, items (cereal)
 //   started := (empty) the worker reached its loop: a death from now on is not a missing init()
-//   ready   := i32 pid, u32 1 if the worker can reach the pool's shared memory
+//   ready   := i32 pid, u32 flags: 1 it can reach the pool's shared memory, 2 it claims its tasks
 //   result  := u64 task id, u64 run time in ns, per item (cereal): bool ok, value | type, message
 //   init_failed / fatal := cereal strings: type, message
 //   leaving := (empty)
@@ -39,16 +42,21 @@ enum class FrameKind : std::uint32_t {
   shm_off = 11,      // parent -> worker: I cannot map your buffers; send results through the pipe
   shm_share = 12,    // worker -> parent: my next result refers to this SharedMemory block; map it
   started = 13,      // worker -> parent: I run procpool's worker loop (before the initializer)
+  task_header = 14,  // parent -> worker: the task that follows is this one (claims.hpp)
 };
 
 inline constexpr std::size_t frame_header_size = 8;
-inline constexpr std::size_t task_id_offset = frame_header_size;  // where the dispatcher stamps the id
-inline constexpr std::size_t task_prefix_size = frame_header_size + 8 + 8 + 4;
-inline constexpr std::size_t task_count_offset = task_prefix_size - 4;  // the chunk's item count, and a flag:
-/// Set in a task's count when the parent had more tasks queued as it sent
-/// it: its worker, once out of tasks, looks for the next one a while before
-/// sleeping (FrameReader::spin_when_idle()).
-inline constexpr std::uint32_t task_more_queued = 0x8000'0000u;
+inline constexpr std::size_t task_prefix_size = frame_header_size + 8 + 4;
+inline constexpr std::size_t task_count_offset = task_prefix_size - 4;  // the chunk's item count
+/// Where a task's callable and items start, in its payload.
+inline constexpr std::size_t task_body_offset = task_prefix_size - frame_header_size;
+/// Most items in one chunk.
+inline constexpr std::uint32_t max_chunk_items = 0x7fff'ffffu;
+inline constexpr std::size_t task_header_size = frame_header_size + 8 + 4;
+/// A task header flag, set when the parent had more tasks queued as it sent
+/// the task: its worker, once out of tasks, looks for the next one a while
+/// before sleeping (FrameReader::spin_when_idle()).
+inline constexpr std::uint32_t task_more_queued = 1;
 /// Bytes a task frame starts with room for.
 inline constexpr std::size_t task_frame_reserve = 64;
 inline constexpr std::size_t result_prefix_size = 8 + 8;
@@ -89,14 +97,13 @@ void finish_frame(Bytes& out, std::size_t start) {
   patch<std::uint32_t>(out, start, static_cast<std::uint32_t>(out.size() - start - frame_header_size));
 }
 
-/// Starts a task frame; the dispatcher stamps the task id when it sends it.
+/// Starts a task frame.
 template <class Bytes>
 std::size_t begin_task_frame(Bytes& frame, std::uint64_t handler) {
   // Room for the prefix and a few small items at once: growing from nothing
   // would take five allocations before a chunk of one number is encoded.
   frame.reserve(frame.size() + task_frame_reserve);
   std::size_t start = begin_frame(frame, FrameKind::task);
-  put<std::uint64_t>(frame, 0);
   put<std::uint64_t>(frame, handler);
   put<std::uint32_t>(frame, 0);
   return start;
@@ -104,10 +111,33 @@ std::size_t begin_task_frame(Bytes& frame, std::uint64_t handler) {
 
 template <class Bytes>
 void finish_task_frame(Bytes& frame, std::size_t start, std::uint32_t count) {
-  if (count >= task_more_queued) throw std::length_error("procpool: a chunk of 2^31 items or more");
+  if (count > max_chunk_items) throw std::length_error("procpool: a chunk of 2^31 items or more");
   patch<std::uint32_t>(frame, start + task_count_offset, count);
   finish_frame(frame, start);
 }
+
+/// The header that goes before a task each time it is sent: which task it is
+/// to the worker (its sequence number), and flags.
+struct TaskHeader {
+  std::uint64_t id = 0;
+  std::uint32_t flags = 0;
+
+  void encode(char (&out)[task_header_size]) const {
+    const std::uint32_t length = task_header_size - frame_header_size;
+    const auto kind = static_cast<std::uint32_t>(FrameKind::task_header);
+    std::memcpy(out, &length, 4);
+    std::memcpy(out + 4, &kind, 4);
+    std::memcpy(out + 8, &id, 8);
+    std::memcpy(out + 16, &flags, 4);
+  }
+  /// From a task_header frame's payload; false if it is not one.
+  static bool decode(const char* payload, std::size_t size, TaskHeader& header) {
+    if (size != task_header_size - frame_header_size) return false;
+    std::memcpy(&header.id, payload, 8);
+    std::memcpy(&header.flags, payload + 8, 4);
+    return true;
+  }
+};
 
 struct FrameView {
   FrameKind kind;

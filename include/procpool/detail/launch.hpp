@@ -58,9 +58,9 @@ inline void check_threaded_fork(bool is_error) {
 class CheckedForkLauncher final : public Launcher {
  public:
   explicit CheckedForkLauncher(bool error_on_threads) : error_on_threads_(error_on_threads) {}
-  LaunchedWorker launch(const ChildStdio& stdio) override {
+  LaunchedWorker launch(const ChildStdio& stdio, int claims_fd) override {
     check_threaded_fork(error_on_threads_);
-    return fork_.launch(stdio);
+    return fork_.launch(stdio, claims_fd);
   }
   int reap(const LaunchedWorker& worker) override { return fork_.reap(worker); }
   std::optional<int> try_reap(const LaunchedWorker& worker) override { return fork_.try_reap(worker); }

@@ -12,7 +12,7 @@ namespace procpool::detail {
 
 class ForkLauncher final : public ChildLauncher {
  public:
-  LaunchedWorker launch(const ChildStdio& stdio) override {
+  LaunchedWorker launch(const ChildStdio& stdio, int claims_fd) override {
     Pipe task = make_pipe();
     Pipe result = make_pipe();
     // Anything buffered now would be written twice: once by each process.
@@ -36,14 +36,14 @@ class ForkLauncher final : public ChildLauncher {
         }
         // Siblings' pipe ends must go, or they never see EOF (see FdRegistry).
         for (int fd : inherited) {
-          if (fd != keep_read && fd != keep_write) ::close(fd);
+          if (fd != keep_read && fd != keep_write && fd != claims_fd) ::close(fd);
         }
         FdRegistry::instance().clear_locked();
         handlers_lock.unlock();
         lock.unlock();
         prepare_worker_process(parent);
         if (stdio.relayed()) use_relayed_output();
-        run_worker_and_exit(keep_read, keep_write, stdio.relayed());
+        run_worker_and_exit(keep_read, keep_write, stdio.relayed(), claims_fd);
       }
     }
     if (pid < 0) throw_errno("fork");

@@ -2,9 +2,11 @@
 // pool, started like a posix_spawn worker, forks the workers on request and
 // hands their pipes to the parent over a Unix socket (SCM_RIGHTS).
 //
-//   parent -> server : 'L' [+ fds[out, err]]         start a worker [with these as its stdout, stderr]
+//   parent -> server : 'L', flags + fds[claims?, out?, err?]  start a worker with this claim
+//                      area (flag 1) and these as its stdout and stderr (flag 2)
 //   server -> parent : 'W', pid + fds[task, result]  a worker started
-//                      'F', call, errno              fork() (call 0) or pipe2() (call 1) failed
+//                      'F', call, errno              fork() (call 0), pipe2() (call 1) failed, or
+//                                                    the fds of the request did not arrive (call 2)
 //                      'E', pid, wait status         a worker exited
 //
 // The server dies with the parent (PR_SET_PDEATHSIG) or when the socket
@@ -43,14 +45,18 @@ struct ForkserverMessage {
 };
 inline constexpr std::int32_t failed_fork = 0;
 inline constexpr std::int32_t failed_pipe = 1;
+inline constexpr std::int32_t failed_receive = 2;
+/// Flags of an 'L' request: which fds come with it, in this order.
+inline constexpr std::int32_t with_claims = 1;
+inline constexpr std::int32_t with_stdio = 2;
 
-/// Sends a message, with up to two fds attached.
+/// Sends a message, with up to three fds attached.
 inline bool send_message(int sock, const ForkserverMessage& msg, const int* fds = nullptr, int nfds = 0) {
   iovec iov{const_cast<ForkserverMessage*>(&msg), sizeof(msg)};
   msghdr header{};
   header.msg_iov = &iov;
   header.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))];
+  alignas(cmsghdr) char control[CMSG_SPACE(3 * sizeof(int))];
   if (nfds > 0) {
     header.msg_control = control;
     header.msg_controllen = CMSG_SPACE(static_cast<std::size_t>(nfds) * sizeof(int));
@@ -78,7 +84,7 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
   msghdr header{};
   header.msg_iov = &iov;
   header.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))];
+  alignas(cmsghdr) char control[CMSG_SPACE(3 * sizeof(int))];
   ssize_t n;
   for (;;) {
     header.msg_control = control;
@@ -140,9 +146,17 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
     }
     if (fds[0].revents == 0) continue;
     ForkserverMessage request;
-    std::vector<Fd> stdio;                              // the relay's pipe ends, if the pool relays output
-    if (!receive_message(sock, request, stdio)) break;  // the pool is gone: exiting takes the workers along
-    const bool relayed = stdio.size() == 2;
+    std::vector<Fd> given;  // its claim area, and the relay's pipe ends, as the flags say
+    bool truncated = false;
+    if (!receive_message(sock, request, given, &truncated)) break;  // the pool is gone: its workers go with us
+    const bool with_area = (request.value & with_claims) != 0;
+    const bool relayed = (request.value & with_stdio) != 0;
+    if (truncated || given.size() != (with_area ? 1U : 0U) + (relayed ? 2U : 0U)) {
+      send_message(sock, {'F', failed_receive, EMFILE});
+      continue;
+    }
+    const int claims = with_area ? given[0].get() : -1;
+    const std::size_t stdio_at = with_area ? 1 : 0;
     int task[2], result[2];
     if (pipe_above_stdio(task) == -1) {
       send_message(sock, {'F', failed_pipe, errno});
@@ -157,23 +171,25 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
     const pid_t server = ::getpid();
     pid_t pid = ::fork();
     if (pid == 0) {
-      // The worker keeps only its own two pipe ends, as fds 3 and 4, and
-      // the relay's pipes as its 1 and 2. Every source is first copied above
-      // 4, so no dup2 below can overwrite another's source.
-      const int sources[4] = {task[0], result[1], relayed ? stdio[0].get() : -1, relayed ? stdio[1].get() : -1};
-      const int targets[4] = {3, 4, 1, 2};
-      int high[4] = {-1, -1, -1, -1};
-      for (int i = 0; i < 4; ++i) {
-        if (sources[i] >= 0 && (high[i] = ::fcntl(sources[i], F_DUPFD, 5)) < 0) ::_exit(exit_protocol_error);
+      // The worker keeps only its own two pipe ends, as fds 3 and 4, its
+      // claim area as fd 5, and the relay's pipes as its 1 and 2. Every source
+      // is first copied above 5, so no dup2 below can overwrite another's.
+      const int sources[5] = {task[0], result[1], claims, relayed ? given[stdio_at].get() : -1,
+                              relayed ? given[stdio_at + 1].get() : -1};
+      const int targets[5] = {worker_task_fd, worker_result_fd, worker_claims_fd, 1, 2};
+      int high[5] = {-1, -1, -1, -1, -1};
+      for (int i = 0; i < 5; ++i) {
+        if (sources[i] >= 0 && (high[i] = ::fcntl(sources[i], F_DUPFD, 6)) < 0) ::_exit(exit_protocol_error);
       }
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < 5; ++i) {
         if (high[i] >= 0 && ::dup2(high[i], targets[i]) < 0) ::_exit(exit_protocol_error);
       }
-      ::close_range(5, ~0U, 0);
+      // Without a claim area, fd 5 is one of the server's: it goes too.
+      ::close_range(claims >= 0 ? 6 : worker_claims_fd, ~0U, 0);
       ::sigprocmask(SIG_UNBLOCK, &chld, nullptr);
       prepare_worker_process(server);
       if (relayed) use_relayed_output();
-      run_worker_and_exit(3, 4, relayed);
+      run_worker_and_exit(worker_task_fd, worker_result_fd, relayed, claims >= 0 ? worker_claims_fd : -1);
     }
     int err = errno;
     ::close(task[0]);
@@ -201,17 +217,27 @@ class ForkserverLauncher final : public Launcher {
  public:
   ~ForkserverLauncher() override { shutdown(); }
 
-  LaunchedWorker launch(const ChildStdio& stdio) override {
+  LaunchedWorker launch(const ChildStdio& stdio, int claims_fd) override {
     // A server that died (killed, or out of memory) is replaced: its
     // workers died with it, and the pool starts new ones here.
     if (!server_alive_) restart_server();
-    // The server keeps its copies of the stdio fds only until it has forked.
-    const int stdio_fds[2] = {stdio.out, stdio.err};
-    const int* fds_out = stdio.relayed() ? stdio_fds : nullptr;
-    const int nfds = stdio.relayed() ? 2 : 0;
-    if (!send_message(socket_.get(), {'L', 0, 0}, fds_out, nfds)) {
+    // The server keeps its copies of these fds only until it has forked.
+    int given[3];
+    int nfds = 0;
+    std::int32_t flags = 0;
+    if (claims_fd >= 0) {
+      given[nfds++] = claims_fd;
+      flags |= with_claims;
+    }
+    if (stdio.relayed()) {
+      given[nfds++] = stdio.out;
+      given[nfds++] = stdio.err;
+      flags |= with_stdio;
+    }
+    const ForkserverMessage request{'L', 0, flags};
+    if (!send_message(socket_.get(), request, given, nfds)) {
       restart_server();
-      if (!send_message(socket_.get(), {'L', 0, 0}, fds_out, nfds)) throw server_lost("is gone");
+      if (!send_message(socket_.get(), request, given, nfds)) throw server_lost("is gone");
     }
     for (;;) {
       ForkserverMessage msg;
@@ -224,7 +250,10 @@ class ForkserverLauncher final : public Launcher {
       if (msg.kind == 'E') {
         if (unwanted_.erase(msg.pid) == 0) exited_[msg.pid] = msg.value;
       } else if (msg.kind == 'F') {
-        throw_errno(msg.pid == failed_pipe ? "pipe2 (in the fork server)" : "fork (in the fork server)", msg.value);
+        throw_errno(msg.pid == failed_pipe      ? "pipe2 (in the fork server)"
+                    : msg.pid == failed_receive ? "recvmsg (the fork server receiving a new worker's fds)"
+                                                : "fork (in the fork server)",
+                    msg.value);
       } else if (msg.kind == 'W' && !truncated && fds.size() == 2) {
         LaunchedWorker worker{msg.pid, std::move(fds[0]), std::move(fds[1]), open_pidfd(msg.pid), generation_};
         return worker;

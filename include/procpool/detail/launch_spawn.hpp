@@ -32,6 +32,11 @@ inline std::string missing_init_hint(std::string_view method) {
          "over: add `procpool::init(argc, argv);` as the first line of main(), before any other work";
 }
 
+/// The fds a re-executed worker finds its pipes and its claim area at.
+inline constexpr int worker_task_fd = 3;
+inline constexpr int worker_result_fd = 4;
+inline constexpr int worker_claims_fd = 5;
+
 /// argv[3] of a re-executed worker whose stdout and stderr go to the
 /// parent's output relay.
 inline constexpr const char* relayed_output_flag = "--procpool-relayed-output";
@@ -97,10 +102,12 @@ inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds, const 
 
 class SpawnLauncher final : public ChildLauncher {
  public:
-  LaunchedWorker launch(const ChildStdio& stdio) override {
+  LaunchedWorker launch(const ChildStdio& stdio, int claims_fd) override {
     Pipe task = make_pipe();
     Pipe result = make_pipe();
-    pid_t pid = spawn_self(worker_flag, {task.read.get(), result.write.get()}, stdio);
+    // Its claim area becomes its fd 5 (worker_claims_fd).
+    pid_t pid = claims_fd >= 0 ? spawn_self(worker_flag, {task.read.get(), result.write.get(), claims_fd}, stdio)
+                               : spawn_self(worker_flag, {task.read.get(), result.write.get()}, stdio);
     task.read.reset();
     result.write.reset();
     return {pid, std::move(task.write), std::move(result.read), open_pidfd(pid)};

@@ -41,10 +41,11 @@ class Launcher {
  public:
   virtual ~Launcher() = default;
   /// Starts one worker that runs `worker_main` on its ends of two fresh pipes,
-  /// with `stdio` as its fds 1 and 2 when relayed. The caller keeps `stdio`'s
-  /// fds and closes them after the launch. Called only from the dispatcher's
-  /// I/O thread. Throws std::system_error.
-  virtual LaunchedWorker launch(const ChildStdio& stdio) = 0;
+  /// with `stdio` as its fds 1 and 2 when relayed, and `claims_fd` (its claim
+  /// area, claims.hpp; -1 for none). The caller keeps `stdio`'s fds and
+  /// `claims_fd` and closes them after the launch. Called only from the
+  /// dispatcher's I/O thread. Throws std::system_error.
+  virtual LaunchedWorker launch(const ChildStdio& stdio, int claims_fd) = 0;
   /// Collects the exit status of a worker that has exited (or is exiting).
   virtual int reap(const LaunchedWorker& worker) = 0;
   /// The exit status if the worker has already exited, without blocking.

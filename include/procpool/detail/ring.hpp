@@ -39,6 +39,7 @@ class Ring {
   T& operator[](std::size_t k) { return slots_[slot(k)]; }
   const T& operator[](std::size_t k) const { return slots_[slot(k)]; }
   T& front() { return (*this)[0]; }
+  const T& front() const { return (*this)[0]; }
   T& back() { return (*this)[size_ - 1]; }
 
   void push_back(T value) {

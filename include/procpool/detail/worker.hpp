@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "claims.hpp"
 #include "frame.hpp"
 #include "handlers.hpp"
 #include "registry.hpp"
@@ -222,7 +223,9 @@ inline void send_failure_frame(int fd, FrameKind kind, const std::string& type, 
 
 /// Runs the worker protocol on an already-connected pair of fds; returns the
 /// exit code. `relayed`: stdout and stderr go to the parent's output relay.
-inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
+/// `claims_fd`: the pool's claim area for this worker (claims.hpp), or -1.
+inline int worker_main(int task_fd, int result_fd, bool relayed = false, int claims_fd = -1) {
+  ClaimArea claims = ClaimArea::adopt(claims_fd);
   {
     // First of all: whatever happens from here on (a crashing initializer),
     // the parent knows this process reached procpool's loop.
@@ -282,7 +285,8 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
   out.clear();
   std::size_t start = begin_frame(out, FrameKind::ready);
   put<std::int32_t>(out, static_cast<std::int32_t>(::getpid()));
-  put<std::uint32_t>(out, shm ? 1 : 0);
+  // Flags: 1, it can reach the pool's shared memory; 2, it claims its tasks.
+  put<std::uint32_t>(out, (shm ? 1U : 0U) | (claims ? 2U : 0U));
   finish_frame(out, start);
   if (!send_frame(result_fd, out)) return 0;
 
@@ -310,6 +314,19 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
       shm = false;  // the parent cannot map our buffers: results take the pipe from now on
       continue;
     }
+    TaskHeader header;
+    if (frame.kind != FrameKind::task_header || !TaskHeader::decode(frame.data, frame.size, header)) {
+      send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError", "expected a task header");
+      return exit_protocol_error;
+    }
+    // The pool may have taken it back to run elsewhere: then it is skipped
+    // unread (its shared memory may already hold something else). Claimed
+    // before its body is read: a body that cannot be read (too large for this
+    // worker's memory limit) fails this task, it does not go round the pool.
+    const bool mine = !claims || claims.claim(header.id);
+    // The task itself (or where it is in shared memory).
+    if (!reader.next(frame)) return 0;
+    if (!mine) continue;
     if (frame.kind == FrameKind::shm_ref) {
       try {
         // The mapping stays in shm_reader's cache while the frame is read.
@@ -324,11 +341,10 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
       send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError", "unexpected frame kind");
       return exit_protocol_error;
     }
-    const auto task_id = get<std::uint64_t>(frame.data);
-    const auto handler_id = get<std::uint64_t>(frame.data + 8);
-    const auto count_word = get<std::uint32_t>(frame.data + 16);
-    const auto count = count_word & ~task_more_queued;
-    const bool more_queued = (count_word & task_more_queued) != 0;
+    const auto task_id = header.id;
+    const auto handler_id = get<std::uint64_t>(frame.data);
+    const auto count = get<std::uint32_t>(frame.data + 8);
+    const bool more_queued = (header.flags & task_more_queued) != 0;
     running_task_more_queued() = more_queued;
     const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(handler_id);
     if (entry == nullptr) {
@@ -343,7 +359,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
     put<std::uint64_t>(out, 0);  // run time, patched below
     auto began = std::chrono::steady_clock::now();
     {
-      Decoder decoder(frame.data + 20, frame.size - 20);
+      Decoder decoder(frame.data + task_body_offset, frame.size - task_body_offset);
       Encoder encoder(out, &shared);
       entry->fn(decoder, count, encoder);
     }
@@ -411,10 +427,11 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false) {
 
 /// Runs the worker loop, then leaves without running the parent's atexit
 /// handlers or static destructors (a fork shares them, and must not run them).
-[[noreturn]] inline void run_worker_and_exit(int task_fd, int result_fd, bool relayed = false) noexcept {
+[[noreturn]] inline void run_worker_and_exit(int task_fd, int result_fd, bool relayed = false,
+                                             int claims_fd = -1) noexcept {
   int code = exit_protocol_error;
   try {
-    code = worker_main(task_fd, result_fd, relayed);
+    code = worker_main(task_fd, result_fd, relayed, claims_fd);
   } catch (...) {
   }
   flush_worker_output();
