@@ -27,6 +27,13 @@ inline double seconds_since(Clock::time_point start) {
 
 inline constexpr double mib = 1024.0 * 1024.0;
 
+/// The median of `values` (not empty).
+inline double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const std::size_t mid = values.size() / 2;
+  return values.size() % 2 != 0 ? values[mid] : (values[mid - 1] + values[mid]) / 2;
+}
+
 /// `prog <workload> key=value...`: the key=value pairs.
 class Args {
  public:

@@ -19,6 +19,9 @@
 //               and procpool::adaptive, on one pool      -> adaptive's speedup over the better other
 //   idle_mem    memory of each idle worker (smaps_rollup)                     -> MiB beyond shared pages
 //   peak_mem    parent's peak RSS (VmHWM) after n imap_unordered items        n=100000 chunksize=1 -> MiB
+//   as_completed  n apply_async of a trivial task, taken with procpool::as_completed
+//               or with get() in order, interleaved over rounds    n=10000 rounds=7
+//               -> median time of as_completed / median time of get() in order
 //
 // Pool start-up and maxtasksperchild=1 recycling are procpool_bench_start's.
 // Every timed workload runs on a pool that already answered a warm-up map.
@@ -79,7 +82,7 @@ int main(int argc, char** argv) {
   procpool::init(argc, argv);
   if (argc < 2) {
     fmt::print(stderr,
-               "usage: {} <map1|mapdefault|imapu1|bytes|shared|cpu|skewed|idle_mem|peak_mem> "
+               "usage: {} <map1|mapdefault|imapu1|bytes|shared|cpu|skewed|idle_mem|peak_mem|as_completed> "
                "[method=...] [key=value...]\n",
                argv[0]);
     return 2;
@@ -288,6 +291,39 @@ int main(int argc, char** argv) {
           .add("hwm_before_mib", before)
           .add("value", bench::peak_rss_mib())
           .add("unit", "MiB peak RSS");
+    } else if (workload == "as_completed") {
+      const std::size_t n = args.size("n", 10'000);
+      const std::size_t rounds = args.size("rounds", 7);
+      warm_up(pool);
+      // Submitting and taking n results, one way or the other.
+      auto run = [&](bool completed) {
+        auto start = bench::Clock::now();
+        std::vector<procpool::AsyncResult<long>> results;
+        results.reserve(n);
+        for (std::size_t i = 0; i < n; ++i) results.push_back(pool.apply_async<identity>(static_cast<long>(i)));
+        long sum = 0;
+        if (completed) {
+          for (const auto& r : procpool::as_completed(results)) sum += r.get();
+        } else {
+          for (const auto& r : results) sum += r.get();
+        }
+        check(sum == static_cast<long>(n * (n - 1) / 2), "as_completed");
+        return bench::seconds_since(start);
+      };
+      std::vector<double> in_order, completed;
+      for (std::size_t round = 0; round < rounds; ++round) {
+        // Alternating which goes first, so drift falls on both alike.
+        const bool first = round % 2 == 0;
+        (first ? in_order : completed).push_back(run(!first));
+        (first ? completed : in_order).push_back(run(first));
+      }
+      const double a = bench::median(completed), g = bench::median(in_order);
+      out.add("n", n)
+          .add("rounds", rounds)
+          .add("get_seconds", g)
+          .add("as_completed_seconds", a)
+          .add("value", a / g)
+          .add("unit", "x the time of get() in order");
     } else {
       fmt::print(stderr, "unknown workload {}\n", workload);
       return 2;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -26,6 +27,21 @@ class AsyncResult;
 
 namespace detail {
 
+/// Positions of results in the order they finish (procpool::wait, as_completed).
+struct CompletionOrder {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::vector<std::size_t> finished;
+
+  void finished_one(std::size_t position) {
+    {
+      std::lock_guard lock(mutex);
+      finished.push_back(position);
+    }
+    cv.notify_all();
+  }
+};
+
 /// Shared state of an AsyncResult: the job's mailbox plus the decoded value.
 template <class V>
 class AsyncState : public JobState {
@@ -36,12 +52,17 @@ class AsyncState : public JobState {
   AsyncState(std::string_view call, std::size_t chunks) : JobState(call), chunks_(chunks) {}
 
   std::size_t chunk_count() const { return chunks_; }
-  /// Whether the call is over: every chunk delivered and, for a call with
-  /// callbacks, those run.
-  bool complete() const { return has_callbacks_ ? done_.load(std::memory_order_acquire) : delivered() >= chunks_; }
+  /// Whether the call is over: withdrawn (cancel()), or every chunk
+  /// delivered and, for a call with callbacks, those run.
+  bool complete() const {
+    if (withdrawn_.load(std::memory_order_acquire)) return true;
+    return has_callbacks_ ? done_.load(std::memory_order_acquire) : delivered() >= chunks_;
+  }
   bool wait_complete(Deadline deadline) {
-    if (!has_callbacks_) return wait_delivered(chunks_, deadline);
-    return this->wait_for(deadline, [&] { return done_.load(std::memory_order_relaxed); });
+    return this->wait_for(deadline, [&] {
+      if (withdrawn_.load(std::memory_order_relaxed)) return true;
+      return has_callbacks_ ? done_.load(std::memory_order_relaxed) : this->delivered_locked() >= chunks_;
+    });
   }
 
   /// Decodes once, after completion; then value_ or error_ is set.
@@ -64,6 +85,11 @@ class AsyncState : public JobState {
     finalize();
     return error_ != nullptr;
   }
+  /// The error get() would throw, once complete (empty if it succeeded).
+  std::exception_ptr error() {
+    finalize();
+    return error_;
+  }
 
   void set_callbacks(Callback callback, ErrorCallback error_callback) {
     callback_ = std::move(callback);
@@ -72,21 +98,82 @@ class AsyncState : public JobState {
     if (has_callbacks_) this->set_gated();
   }
 
+  /**
+   * Withdraws the call's chunks no worker has started (they never run). If
+   * any was, the call is over: cancelled, get() throws Cancelled, and what
+   * its running chunks return is dropped. Returns whether it was.
+   */
+  bool withdraw() {
+    if (complete()) return false;
+    std::shared_ptr<JobHost> host = this->host();
+    if (!host || host->withdraw(*this) == 0) return false;
+    // A chunk will never be delivered now: the call cannot complete otherwise.
+    std::call_once(once_, [this] {
+      error_ = std::make_exception_ptr(
+          Cancelled(fmt::format("procpool: {} was cancelled before it ran", describe_call(this->call()))));
+    });
+    this->change_and_notify([&] { withdrawn_.store(true, std::memory_order_release); });
+    this->cancel();  // later deliveries are dropped
+    notify_complete();
+    return true;
+  }
+  bool withdrawn() const { return withdrawn_.load(std::memory_order_acquire); }
+
+  /// Tells `order` (as `position`) once the call is complete, from the
+  /// thread that completes it, or now if it is: for procpool::wait and
+  /// as_completed. No allocation in the common case of one listener.
+  void on_complete(const std::shared_ptr<CompletionOrder>& order, std::size_t position) {
+    {
+      std::lock_guard lock(listeners_mutex_);
+      if (!notified_) {
+        if (!listener_.order) {
+          listener_ = {order, position};
+        } else {
+          more_listeners_.push_back({order, position});
+        }
+        return;
+      }
+    }
+    order->finished_one(position);
+  }
+
+  /// Runs `callback` once the call is complete: on the pool's callback thread,
+  /// or now, on this thread, if it is complete already.
+  void add_done_callback(std::function<void()> callback) {
+    {
+      std::lock_guard lock(listeners_mutex_);
+      if (!notified_) {
+        done_callbacks_.push_back(std::move(callback));
+        return;
+      }
+    }
+    run_guarded(callback, "done");
+  }
+
  protected:
   /// Builds the value from every chunk's outcome (in chunk order) or throws the first error.
   virtual V decode(std::vector<ReadyOutcomes::Entry> outcomes) = 0;
 
-  /// For a gated call, on the callback thread: once every chunk is in,
-  /// decodes, runs the callback, and only then makes the result ready (as
-  /// Python's does: a caller of wait() sees what the callback did).
+  /// After each delivery: once every chunk is in, a call with callbacks
+  /// (on the callback thread) decodes, runs them, and only then makes the
+  /// result ready (as Python's does: a caller of wait() sees what the
+  /// callback did). Then whoever waits for its completion hears of it.
   void on_delivered() override {
-    if (!has_callbacks_ || done_.load(std::memory_order_relaxed) || delivered() < chunks_) return;
-    decode_once();
-    run_callbacks();
-    this->change_and_notify([&] { done_.store(true, std::memory_order_release); });
+    if (delivered() < chunks_) return;
+    if (has_callbacks_) {
+      if (done_.load(std::memory_order_relaxed)) return;
+      decode_once();
+      run_callbacks();
+      this->change_and_notify([&] { done_.store(true, std::memory_order_release); });
+    }
+    notify_complete();
   }
 
  private:
+  static std::string describe_call(std::string_view call) {
+    return call == "apply_async" ? std::string("the apply_async task") : fmt::format("the {} call", call);
+  }
+
   void decode_once() {
     std::call_once(once_, [this] {
       try {
@@ -95,6 +182,39 @@ class AsyncState : public JobState {
         error_ = std::current_exception();
       }
     });
+  }
+
+  /// The call is complete: its listeners run here, its done callbacks on the
+  /// callback thread. Once.
+  void notify_complete() {
+    Listener first;
+    std::vector<Listener> more;
+    std::vector<std::function<void()>> callbacks;
+    {
+      std::lock_guard lock(listeners_mutex_);
+      if (notified_) return;
+      notified_ = true;
+      first = std::move(listener_);
+      more.swap(more_listeners_);
+      callbacks.swap(done_callbacks_);
+    }
+    if (first.order) first.order->finished_one(first.position);
+    for (auto& listener : more) listener.order->finished_one(listener.position);
+    if (callbacks.empty()) return;
+    auto run = [this, callbacks = std::move(callbacks)] {
+      for (const auto& callback : callbacks) run_guarded(callback, "done");
+    };
+    std::shared_ptr<JobHost> host = this->host();
+    if (!host || !host->post_callback(run)) run();
+  }
+
+  void run_guarded(const std::function<void()>& callback, const char* what) {
+    try {
+      callback();
+    } catch (...) {
+      fmt::print(stderr, "procpool: a {} {} callback threw {}: {}; the pool goes on\n", call(), what,
+                 current_exception_type_name(), current_exception_message());
+    }
   }
 
   void run_callbacks() {
@@ -118,13 +238,23 @@ class AsyncState : public JobState {
   }
 
   std::size_t chunks_;
-  bool has_callbacks_ = false;     // a callback or error_callback: the call completes once they ran
-  std::atomic<bool> done_{false};  // (with callbacks) they have run: the call is complete
+  bool has_callbacks_ = false;          // a callback or error_callback: the call completes once they ran
+  std::atomic<bool> done_{false};       // (with callbacks) they have run: the call is complete
+  std::atomic<bool> withdrawn_{false};  // cancel() withdrew part of it: it is complete, as Cancelled
   std::once_flag once_;
   std::optional<V> value_;
   std::exception_ptr error_;
   Callback callback_;
   ErrorCallback error_callback_;
+  std::mutex listeners_mutex_;
+  bool notified_ = false;  // its completion was announced
+  struct Listener {
+    std::shared_ptr<CompletionOrder> order;
+    std::size_t position = 0;
+  };
+  Listener listener_;  // the first one, inline
+  std::vector<Listener> more_listeners_;
+  std::vector<std::function<void()>> done_callbacks_;
 };
 
 /// map_async/starmap_async: `count` items in chunks of `chunksize`, collected in order.
@@ -241,6 +371,14 @@ class ApplyState final : public AsyncState<T> {
 template <class V>
 struct AsyncAccess;
 
+/// The shared state behind an AsyncResult (for procpool::wait and as_completed).
+struct AsyncStateOf {
+  template <class R>
+  static const auto& get(const AsyncResult<R>& result) {
+    return result.state_;
+  }
+};
+
 }  // namespace detail
 
 /**
@@ -313,8 +451,43 @@ class AsyncResult {
     return state_->wait_complete(detail::Clock::now() + std::chrono::duration_cast<detail::Clock::duration>(timeout));
   }
 
-  /// Whether the call has finished (successfully or not), without waiting.
+  /// Whether the call has finished (successfully or not, or cancelled), without waiting.
   bool ready() const { return state_->complete(); }
+
+  /**
+   * Withdraws the call if no worker has started it: it never runs, get()
+   * throws `Cancelled`, and cancelled() is true (Python's `future.cancel()`).
+   * A task already running, or done, is left alone. For `map_async`, every
+   * chunk not yet started is withdrawn (if any was, the call is cancelled;
+   * chunks already running finish and their results are dropped).
+   * @return whether the call was cancelled.
+   */
+  bool cancel() { return state_->withdraw(); }
+
+  /// Whether cancel() withdrew the call.
+  bool cancelled() const { return state_->withdrawn(); }
+
+  /**
+   * Waits for the call and returns its error without throwing it
+   * (Python's `future.exception()`).
+   * @return what get() would throw (`Cancelled` for a cancelled call), or
+   *         an empty pointer if the call succeeded.
+   */
+  std::exception_ptr exception() const { return state_->error(); }
+
+  /**
+   * Calls `callback(*this)` once the call has finished (successfully or
+   * not, or cancelled): on the pool's callback thread, where it may call
+   * back into the pool; or at once, on this thread, if the call has
+   * finished already. An exception it throws is reported on stderr.
+   * @param callback invocable with `const AsyncResult<R>&`.
+   */
+  template <class Callback>
+  void add_done_callback(Callback callback) const {
+    static_assert(std::is_invocable_v<Callback&, const AsyncResult<R>&>,
+                  "procpool: add_done_callback takes a callable invocable with const AsyncResult<R>&");
+    state_->add_done_callback([self = *this, callback = std::move(callback)]() mutable { callback(self); });
+  }
 
   /**
    * Whether the call finished without an error.
@@ -329,6 +502,7 @@ class AsyncResult {
  private:
   template <class>
   friend struct detail::AsyncAccess;
+  friend struct detail::AsyncStateOf;
   explicit AsyncResult(std::shared_ptr<detail::AsyncState<V>> state) : state_(std::move(state)) {}
 
   decltype(auto) result() const {

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <functional>
 #include <optional>
+#include <utility>
 
 namespace procpool {
 
@@ -71,5 +72,28 @@ struct CallOptions {
   /// Overrides `Options::task_timeout` for this call's tasks (0: no limit).
   std::optional<std::chrono::milliseconds> task_timeout{};
 };
+
+/**
+ * A `callback` and an `error_callback` for `apply_async`, passed after its
+ * arguments: `pool.apply_async<f>(x, procpool::callbacks(on_value, on_error))`.
+ * They run as map_async's do: on the pool's callback thread, before the
+ * result is ready.
+ */
+template <class OnValue = std::nullptr_t, class OnError = std::nullptr_t>
+struct Callbacks {
+  OnValue on_value;  ///< called with the result (`const T&`), or nullptr
+  OnError on_error;  ///< called with the `const Error&` get() would throw, or nullptr
+};
+
+/**
+ * Makes the Callbacks of an apply_async call.
+ * @param on_value called with the result (`const T&`); nullptr for none.
+ * @param on_error called instead, with the `const Error&` get() would throw.
+ * @return the callbacks, to pass as apply_async's last argument.
+ */
+template <class OnValue, class OnError = std::nullptr_t>
+Callbacks<OnValue, OnError> callbacks(OnValue on_value, OnError on_error = nullptr) {
+  return {std::move(on_value), std::move(on_error)};
+}
 
 }  // namespace procpool

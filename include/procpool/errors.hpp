@@ -164,4 +164,19 @@ class PoolNotRunning : public Error {
   using Error::Error;
 };
 
+/**
+ * The call was withdrawn by `AsyncResult::cancel()` before it ran (Python's
+ * `concurrent.futures.CancelledError`): `get()` throws it.
+ *
+ * @code
+ * if (r.cancel()) assert(r.cancelled());  // r.get() now throws procpool::Cancelled
+ * @endcode
+ *
+ * Immutable: thread-safe.
+ */
+class Cancelled : public Error {
+ public:
+  using Error::Error;
+};
+
 }  // namespace procpool

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <ranges>
@@ -103,6 +104,17 @@ inline constexpr bool options_first<A, Rest...> = std::is_same_v<std::remove_cvr
 
 template <class F>
 concept callable_object = std::is_class_v<std::remove_cvref_t<F>> && !std::ranges::range<F>;
+
+template <class T>
+inline constexpr bool is_callbacks = false;
+template <class A, class B>
+inline constexpr bool is_callbacks<Callbacks<A, B>> = true;
+/// Whether apply_async's last argument is its Callbacks.
+template <class... Args>
+inline constexpr bool ends_with_callbacks = false;
+template <class A, class... Rest>
+inline constexpr bool ends_with_callbacks<A, Rest...> =
+    is_callbacks<std::remove_cvref_t<std::tuple_element_t<sizeof...(Rest), std::tuple<A, Rest...>>>>;
 
 }  // namespace detail
 
@@ -209,6 +221,21 @@ class Pool {
   auto map(F fn, R&& items, std::size_t chunksize = 0) {
     return map(std::move(fn), std::forward<R>(items), CallOptions{.chunksize = chunksize});
   }
+  /// map() of a braced list: `pool.map<square>({1, 2, 3})`.
+  template <auto Fn, class T>
+  auto map(std::initializer_list<T> items, std::size_t chunksize = 0) {
+    return map<Fn>(std::vector<T>(items), chunksize);
+  }
+  /// map() of a braced list, with per-call settings.
+  template <auto Fn, class T>
+  auto map(std::initializer_list<T> items, const CallOptions& options) {
+    return map<Fn>(std::vector<T>(items), options);
+  }
+  /// map() of a braced list with a function object.
+  template <detail::callable_object F, class T>
+  auto map(F fn, std::initializer_list<T> items, std::size_t chunksize = 0) {
+    return map(std::move(fn), std::vector<T>(items), chunksize);
+  }
   /// map() with a function object and per-call settings.
   template <detail::callable_object F, std::ranges::input_range R>
   auto map(F fn, R&& items, const CallOptions& options) {
@@ -242,6 +269,12 @@ class Pool {
                  ErrorCallback error_callback = nullptr) {
     return map_async(detail::FnConst<Fn>{}, std::forward<R>(items), options, std::move(callback),
                      std::move(error_callback));
+  }
+  /// map_async() of a braced list: `pool.map_async<square>({1, 2, 3})`.
+  template <auto Fn, class T, class Callback = std::nullptr_t, class ErrorCallback = std::nullptr_t>
+  auto map_async(std::initializer_list<T> items, std::size_t chunksize = 0, Callback callback = nullptr,
+                 ErrorCallback error_callback = nullptr) {
+    return map_async<Fn>(std::vector<T>(items), chunksize, std::move(callback), std::move(error_callback));
   }
   /// map_async() with a captureless lambda or serializable function object.
   template <detail::callable_object F, std::ranges::input_range R, class Callback = std::nullptr_t,
@@ -353,6 +386,11 @@ class Pool {
   auto imap(R&& items, const CallOptions& options) {
     return imap(detail::FnConst<Fn>{}, std::forward<R>(items), options);
   }
+  /// imap() of a braced list (copied: the results may outlive it).
+  template <auto Fn, class T>
+  auto imap(std::initializer_list<T> items, std::size_t chunksize = 1) {
+    return imap<Fn>(std::vector<T>(items), chunksize);
+  }
   /// imap() with a captureless lambda or serializable function object.
   template <detail::callable_object F, std::ranges::input_range R>
   auto imap(F fn, R&& items, std::size_t chunksize = 1) {
@@ -373,6 +411,11 @@ class Pool {
   template <auto Fn, std::ranges::input_range R>
   auto imap_unordered(R&& items, const CallOptions& options) {
     return imap_unordered(detail::FnConst<Fn>{}, std::forward<R>(items), options);
+  }
+  /// imap_unordered() of a braced list (copied: the results may outlive it).
+  template <auto Fn, class T>
+  auto imap_unordered(std::initializer_list<T> items, std::size_t chunksize = 1) {
+    return imap_unordered<Fn>(std::vector<T>(items), chunksize);
   }
   /// imap_unordered() with a captureless lambda or serializable function object.
   template <detail::callable_object F, std::ranges::input_range R>
@@ -408,12 +451,13 @@ class Pool {
   /// apply() with a captureless lambda or serializable function object.
   template <detail::callable_object F, class... Args>
   requires(!detail::options_first<Args...>) auto apply(F fn, Args&&... args) {
-    return submit_apply("apply", CallOptions{}, std::move(fn), std::forward<Args>(args)...)->take_value();
+    return submit_apply("apply", CallOptions{}, std::move(fn), nullptr, nullptr, std::forward<Args>(args)...)
+        ->take_value();
   }
   /// apply() with a function object and per-call settings.
   template <detail::callable_object F, class... Args>
   auto apply(F fn, const CallOptions& options, Args&&... args) {
-    return submit_apply("apply", options, std::move(fn), std::forward<Args>(args)...)->take_value();
+    return submit_apply("apply", options, std::move(fn), nullptr, nullptr, std::forward<Args>(args)...)->take_value();
   }
 
   /**
@@ -423,7 +467,9 @@ class Pool {
    * procpool::AsyncResult<long> r = pool.apply_async<square>(7);
    * @endcode
    *
-   * @param args `Fn`'s arguments; each must be serializable.
+   * @param args `Fn`'s arguments; each must be serializable. The last may be
+   *        `procpool::callbacks(on_value, on_error)`: run as map_async's
+   *        callback and error_callback are.
    * @return an AsyncResult of what `Fn` returns (`AsyncResult<void>` for void).
    * @throws PoolNotRunning the pool was closed or terminated
    */
@@ -575,20 +621,47 @@ class Pool {
 
   template <class F, class... Args>
   auto make_apply_async(std::string_view call, const CallOptions& options, F fn, Args&&... args) {
+    if constexpr (detail::ends_with_callbacks<Args...>) {
+      // The last argument is the call's callbacks, not the function's.
+      auto all = std::forward_as_tuple(std::forward<Args>(args)...);
+      auto& callbacks = std::get<sizeof...(Args) - 1>(all);
+      return [&]<std::size_t... I>(std::index_sequence<I...>) {
+        return make_apply_async_with(call, options, std::move(fn), std::move(callbacks.on_value),
+                                     std::move(callbacks.on_error), std::get<I>(std::move(all))...);
+      }
+      (std::make_index_sequence<sizeof...(Args) - 1>{});
+    } else {
+      return make_apply_async_with(call, options, std::move(fn), nullptr, nullptr, std::forward<Args>(args)...);
+    }
+  }
+
+  template <class F, class OnValue, class OnError, class... Args>
+  auto make_apply_async_with(std::string_view call, const CallOptions& options, F fn, OnValue on_value,
+                             OnError on_error, Args&&... args) {
     using Arg = std::tuple<detail::travel_t<Args>...>;
     using Raw = typename detail::call_traits<F, Arg, true>::result;
     using R = std::conditional_t<std::is_void_v<Raw>, void, std::decay_t<Raw>>;
-    return detail::AsyncAccess<R>::make(submit_apply(call, options, std::move(fn), std::forward<Args>(args)...));
+    return detail::AsyncAccess<R>::make(submit_apply(call, options, std::move(fn), std::move(on_value),
+                                                     std::move(on_error), std::forward<Args>(args)...));
   }
 
-  template <class F, class... Args>
-  auto submit_apply(std::string_view call, const CallOptions& options, F fn, Args&&... args) {
+  /// Submits one apply task, with its callbacks (nullptr for none).
+  template <class F, class OnValue, class OnError, class... Args>
+  auto submit_apply(std::string_view call, const CallOptions& options, F fn, OnValue on_value, OnError on_error,
+                    Args&&... args) {
     using Arg = std::tuple<detail::travel_t<Args>...>;
     using T = detail::result_of_t<F, Arg, true>;
     const std::uint64_t handler = detail::call_handler_id<F, Arg, true>();
     const std::shared_ptr<detail::Dispatcher> dispatcher = dispatcher_;  // as in submit_map
     auto state = std::make_shared<detail::ApplyState<T>>(call);
     state->configure(options, 1);
+    if constexpr (!std::is_null_pointer_v<OnValue> || !std::is_null_pointer_v<OnError>) {
+      typename detail::AsyncState<T>::Callback value_callback;
+      typename detail::AsyncState<T>::ErrorCallback error_callback;
+      if constexpr (!std::is_null_pointer_v<OnValue>) value_callback = std::move(on_value);
+      if constexpr (!std::is_null_pointer_v<OnError>) error_callback = std::move(on_error);
+      state->set_callbacks(std::move(value_callback), std::move(error_callback));
+    }
     detail::Chunk chunk{state, 0, dispatcher->new_frame(), {}};
     std::size_t start = detail::begin_task_frame(chunk.frame, handler);
     {

@@ -7,6 +7,7 @@
 #include "call_options.hpp"
 #include "cpu_count.hpp"
 #include "errors.hpp"
+#include "futures.hpp"
 #include "imap.hpp"
 #include "init.hpp"
 #include "initializer.hpp"
@@ -17,6 +18,7 @@
 #include "start_method.hpp"
 #include "version.hpp"
 #include "worker_output.hpp"
+#include "zip.hpp"
 
 /**
  * @namespace procpool

@@ -47,7 +47,7 @@ struct Chunk {
   SharedStates shares;      // the SharedMemory blocks the frame refers to: held until the task is settled
 };
 
-class Dispatcher {
+class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dispatcher> {
  public:
   Dispatcher(const Options& options, std::unique_ptr<Launcher> launcher)
       : launcher_(std::move(launcher)),
@@ -130,6 +130,13 @@ class Dispatcher {
     std::vector<std::shared_ptr<TaskBytes>> frames;
     frames.reserve(chunks.size());
     for (auto& chunk : chunks) frames.push_back(std::make_shared<TaskBytes>(std::move(chunk.frame)));
+    // Each job learns whose it is (to withdraw its tasks, to run callbacks).
+    const JobState* attached = nullptr;
+    for (auto& chunk : chunks) {
+      if (chunk.job.get() == attached) continue;
+      attached = chunk.job.get();
+      chunk.job->attach(shared_from_this());
+    }
     std::vector<Delivery> failed;
     {
       std::lock_guard lock(mutex_);
@@ -160,6 +167,40 @@ class Dispatcher {
     chunks.clear();
     deliver_all(failed);
     wake();
+  }
+
+  /// Withdraws `job`'s chunks no worker has started: from the queue, and
+  /// from the workers holding them (their claims taken back). They are
+  /// neither run nor delivered. Returns how many.
+  std::size_t withdraw(const JobState& job) override {
+    std::lock_guard lock(mutex_);
+    std::size_t withdrawn = 0;
+    for (std::size_t k = pending_.size(); k-- > 0;) {
+      if (pending_[k].job.get() != &job) continue;
+      pending_.erase(k);
+      ++withdrawn;
+    }
+    for (auto& w : workers_) {
+      if (!w->claiming || w->exited) continue;
+      for (std::size_t k = w->held.size(); k-- > 0;) {
+        if (w->held[k].job.get() != &job || !w->claims.revoke(w->held[k].id)) continue;
+        w->held.erase(k);
+        ++withdrawn;
+        if (k == 0) w->front_since = Clock::now();  // the next one's clock starts now, near enough
+      }
+    }
+    if (withdrawn != 0) wake();  // a worker may now have nothing left to do
+    return withdrawn;
+  }
+
+  /// Runs `work` on the pool's callback thread; false if that cannot start.
+  bool post_callback(std::function<void()> work) override {
+    try {
+      runner_.post(std::move(work));
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
   }
 
   /// No more submissions; queued work still runs.

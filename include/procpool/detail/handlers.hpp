@@ -59,15 +59,29 @@ F load_callable(Decoder& in) {
   }
 }
 
+/// An item whose `values` (a tuple) are the function's arguments, whatever
+/// the call: procpool::zip's items.
+template <class Arg>
+concept unpacked_item = requires {
+  typename Arg::procpool_unpacked;
+};
+
+template <class F, class Arg, bool Star>
+constexpr auto call_result() {
+  if constexpr (unpacked_item<Arg>) {
+    return std::type_identity<decltype(std::apply(std::declval<F&>(), std::declval<Arg&&>().values))>{};
+  } else if constexpr (Star) {
+    return std::type_identity<decltype(std::apply(std::declval<F&>(), std::declval<Arg&&>()))>{};
+  } else {
+    return std::type_identity<std::invoke_result_t<F&, Arg&&>>{};
+  }
+}
+
 /// What the worker calls with: the item moved in (or, for starmap/apply, its
-/// tuple, pair or array unpacked).
+/// tuple, pair or array unpacked; for procpool::zip's items, always unpacked).
 template <class F, class Arg, bool Star>
 struct call_traits {
-  using result = std::invoke_result_t<F&, Arg&&>;
-};
-template <class F, class Arg>
-struct call_traits<F, Arg, true> {
-  using result = decltype(std::apply(std::declval<F&>(), std::declval<Arg&&>()));
+  using result = typename decltype(call_result<F, Arg, Star>())::type;
 };
 
 /// How an argument of type T travels: by value, and a C string as std::string
@@ -217,7 +231,9 @@ struct CallHandler {
 
  private:
   static decltype(auto) invoke(F& fn, Arg&& arg) {
-    if constexpr (Star) {
+    if constexpr (unpacked_item<Arg>) {
+      return std::apply(fn, std::move(arg.values));
+    } else if constexpr (Star) {
       return std::apply(fn, std::move(arg));
     } else {
       return std::invoke(fn, std::move(arg));

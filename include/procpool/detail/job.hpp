@@ -13,6 +13,7 @@
 #include <cstring>
 #include <deque>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -147,6 +148,20 @@ class ReadyOutcomes {
   Ring<Entry> entries_;
 };
 
+class JobState;
+
+/// What a job needs of the pool that runs it, once submitted: to withdraw its
+/// tasks not yet started, and to run a callback on the pool's callback thread.
+class JobHost {
+ public:
+  virtual ~JobHost() = default;
+  /// Withdraws the job's chunks that no worker has started; they never run
+  /// (and are not delivered). Returns how many.
+  virtual std::size_t withdraw(const JobState& job) = 0;
+  /// Runs `work` on the pool's callback thread (false: there is none to be had).
+  virtual bool post_callback(std::function<void()> work) = 0;
+};
+
 class JobState {
  public:
   explicit JobState(std::string_view call) : call_(call) {}
@@ -174,6 +189,17 @@ class JobState {
    */
   void set_gated() { gated_ = true; }
   bool gated() const { return gated_; }
+
+  /// The pool the job was submitted to; set by the dispatcher as it takes the
+  /// job's first chunk.
+  void attach(const std::shared_ptr<JobHost>& host) {
+    std::lock_guard lock(mutex_);
+    if (host_.expired()) host_ = host;
+  }
+  std::shared_ptr<JobHost> host() const {
+    std::lock_guard lock(mutex_);
+    return host_.lock();
+  }
 
   /**
    * For a call that submits its chunks as its caller takes results (imap):
@@ -362,6 +388,9 @@ class JobState {
   /// callbacks), else on the I/O thread.
   virtual void on_delivered() {}
 
+  /// delivered(), for a predicate of wait_for() (which holds the lock).
+  std::size_t delivered_locked() const { return delivered_; }
+
   /// Waits until `pred` (called under the job's lock) holds, or `deadline`.
   template <class Pred>
   bool wait_for(Deadline deadline, Pred pred) {
@@ -457,6 +486,7 @@ class JobState {
   std::string call_;
   bool streamed_ = false;
   bool gated_ = false;
+  std::weak_ptr<JobHost> host_;
   std::optional<std::size_t> retries_;
   std::optional<std::chrono::milliseconds> task_timeout_;
   ProgressCallback progress_;
