@@ -7,15 +7,32 @@
 # PROCPOOL_TEST_SANITIZERS=0 runs the normal build only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
-cmake --build build -j2
-ctest --test-dir build --output-on-failure -j2
+
+# Each stage's time, printed as it ends and again at the end.
+timings=()
+stage() {
+  local name=$1 start=$SECONDS
+  shift
+  echo "=== $name"
+  "$@"
+  timings+=("$(printf '%5d s  %s' $((SECONDS - start)) "$name")")
+  echo "=== $name: $((SECONDS - start)) s"
+}
+report() {
+  echo "=== stage times"
+  printf '%s\n' "${timings[@]}"
+  echo "=== total: $SECONDS s"
+}
+trap report EXIT
+
+stage "build" bash -c 'cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo && cmake --build build -j2'
+stage "test" ctest --test-dir build --output-on-failure -j2
 if [[ "${PROCPOOL_TEST_SANITIZERS:-1}" != 0 ]]; then
   for preset in asan tsan; do
-    # The consumer projects build without sanitizers; the normal run covers them.
-    cmake --preset "$preset" -DPROCPOOL_BUILD_BENCHMARKS=OFF
-    cmake --build --preset "$preset" -j2
-    exclude='^consumer\.'
+    # The consumer projects build without sanitizers, and the docs, format and
+    # compile-failure checks run no procpool code: the normal run covers them.
+    stage "build $preset" bash -c "cmake --preset $preset -DPROCPOOL_BUILD_BENCHMARKS=OFF && cmake --build --preset $preset -j2"
+    exclude='^consumer\.|^docs\.|^format\.|^compile_fail\.|^compile\.'
     # Neither sanitizer runtime (GCC 12's libsanitizer) is safe to fork() in
     # a threaded program: TSan runs a thread of its own, and ASan's allocator
     # takes a lock that fork() does not hold, so a worker forked while another
@@ -24,9 +41,9 @@ if [[ "${PROCPOOL_TEST_SANITIZERS:-1}" != 0 ]]; then
     # start method is left to the normal run; the code it shares with the
     # other start methods (the worker loop, the dispatcher) is covered here.
     exclude="$exclude|test::Fork\$|^fork in a"
-    ctest --preset "$preset" -j2 -E "$exclude"
+    stage "test $preset" ctest --preset "$preset" -j2 -E "$exclude"
   done
 fi
 if [[ "${PROCPOOL_TEST_SANITIZERS:-1}" != 0 ]]; then
-  scripts/fuzz.sh "${PROCPOOL_FUZZ_SECONDS:-30}"
+  stage "fuzz" scripts/fuzz.sh "${PROCPOOL_FUZZ_SECONDS:-30}"
 fi

@@ -176,7 +176,15 @@ int closed_stdio(const std::string& method, const std::string& mode, const std::
       pool.apply<square>(1);
       for (int fd = 0; fd <= 2; ++fd) ::close(fd);
     }
-    std::vector<std::vector<char>> inputs(200);
+    // Fewer under the sanitizers, whose copies of 1 MiB and whose process
+    // starts are many times slower; with maxtasksperchild = 1 ("late"), each
+    // task starts a worker.
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+    const std::size_t large = late ? 20 : 60, small_count = late ? 10 : 50;
+#else
+    const std::size_t large = 200, small_count = 50;
+#endif
+    std::vector<std::vector<char>> inputs(large);
     for (std::size_t i = 0; i < inputs.size(); ++i) {
       inputs[i].assign(std::size_t{1} << 20, static_cast<char>('a' + i % 26));
       inputs[i][i] = '!';
@@ -185,7 +193,7 @@ int closed_stdio(const std::string& method, const std::string& mode, const std::
     std::size_t wrong = 0;
     for (std::size_t i = 0; i < inputs.size(); ++i) wrong += outputs[i] != inputs[i];
     // Small results through the pipe as well.
-    auto small = pool.map<echo_printing>(std::vector<std::vector<char>>(50, std::vector<char>(10, 'z')), 1);
+    auto small = pool.map<echo_printing>(std::vector<std::vector<char>>(small_count, std::vector<char>(10, 'z')), 1);
     for (const auto& s : small) wrong += s != std::vector<char>(10, 'z');
     pool.close();
     pool.join();
