@@ -45,3 +45,36 @@ POOL_TEST("results are exact when the program closes its stdio while the pool ru
     CHECK(WEXITSTATUS(run.status) == 0);
   }
 }
+
+namespace stdio_test {
+
+/// The fds of this process above 2 that a program it exec'd would inherit.
+std::vector<int> inheritable_fds(int) {
+  std::vector<int> fds;
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) return {-1};
+  while (dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] == '.') continue;
+    const int fd = std::atoi(entry->d_name);
+    if (fd <= 2 || fd == ::dirfd(dir)) continue;
+    const int flags = ::fcntl(fd, F_GETFD);
+    if (flags >= 0 && (flags & FD_CLOEXEC) == 0) fds.push_back(fd);
+  }
+  ::closedir(dir);
+  return fds;
+}
+
+}  // namespace stdio_test
+
+POOL_TEST("a program a task runs inherits none of the pool's fds", "[stdio][fds]") {
+  // What the program itself would pass on (from its own parent) a worker passes on too; nothing more.
+  const std::vector<int> own = stdio_test::inheritable_fds(0);
+  for (const auto output : {procpool::WorkerOutput::inherit, procpool::WorkerOutput::lines}) {
+    procpool::Pool pool(test::options<TestType>({.worker_output = output}));
+    for (auto fds : pool.map<stdio_test::inheritable_fds>(std::vector<int>(4, 0), 1)) {
+      std::erase_if(fds, [&](int fd) { return std::find(own.begin(), own.end(), fd) != own.end(); });
+      INFO("fds of the pool's a task's exec would inherit: " << fmt::format("{}", fmt::join(fds, ", ")));
+      CHECK(fds.empty());
+    }
+  }
+}

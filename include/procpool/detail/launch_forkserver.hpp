@@ -16,6 +16,7 @@
 // again at the next worker start.
 #pragma once
 
+#include <fcntl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 
@@ -124,6 +125,7 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
 /// construction: it runs before main() has done anything.
 [[noreturn]] inline void run_forkserver(int sock, pid_t parent) noexcept {
   prepare_worker_process(parent);
+  ::fcntl(sock, F_SETFD, FD_CLOEXEC);  // placed by dup2: see run_worker_and_exit
   sigset_t chld;
   sigemptyset(&chld);
   sigaddset(&chld, SIGCHLD);

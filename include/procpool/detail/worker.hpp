@@ -1,6 +1,7 @@
 // procpool - the loop a worker process runs, whatever started it.
 #pragma once
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sched.h>
 #include <sys/prctl.h>
@@ -429,6 +430,12 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
 /// handlers or static destructors (a fork shares them, and must not run them).
 [[noreturn]] inline void run_worker_and_exit(int task_fd, int result_fd, bool relayed = false,
                                              int claims_fd = -1) noexcept {
+  // Placed at fixed numbers by dup2 (posix_spawn, the fork server), which
+  // clears close-on-exec: a program a task runs must not inherit the pool's
+  // pipes (a grandchild holding the result pipe would hide the worker's end).
+  for (int fd : {task_fd, result_fd, claims_fd}) {
+    if (fd >= 0) ::fcntl(fd, F_SETFD, ::fcntl(fd, F_GETFD) | FD_CLOEXEC);
+  }
   int code = exit_protocol_error;
   try {
     code = worker_main(task_fd, result_fd, relayed, claims_fd);
