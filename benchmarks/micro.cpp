@@ -110,7 +110,7 @@ std::size_t decode_result(const std::vector<char>& result, std::size_t count) {
                          result.end());
   std::size_t total = 0;
   decode_chunk<typename Kind::Arg>(
-      outcome, "map", 0, count,
+      outcome, "map", false, 0, count,
       [&](std::size_t, typename Kind::Arg&& value) {
         if constexpr (std::is_same_v<typename Kind::Arg, long>) {
           total += static_cast<std::size_t>(value);

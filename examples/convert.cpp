@@ -394,15 +394,15 @@ int main(int argc, char** argv) {
     }
   }
 
-  fmt::print("converted={} failed={} of {} files, {} bytes read, {} bytes written to {}\n", converted, failed,
-             jobs.size(), bytes_in, bytes_out, output.string());
-  if (!sample_dir.empty()) {
-    if (keep) {
-      fmt::print("kept the samples and their conversions in {}\n", sample_dir.string());
-    } else {
-      std::error_code ignored;
-      fs::remove_all(sample_dir, ignored);
-    }
+  const bool removing = !sample_dir.empty() && !keep;
+  fmt::print("converted={} failed={} of {} files, {} bytes read, {} bytes written{}\n", converted, failed, jobs.size(),
+             bytes_in, bytes_out, removing ? "" : " to " + output.string());
+  if (removing) {
+    std::error_code ignored;
+    fs::remove_all(sample_dir, ignored);
+    fmt::print("removed the samples and their conversions (--keep keeps them)\n");
+  } else if (!sample_dir.empty()) {
+    fmt::print("kept the samples and their conversions in {}\n", sample_dir.string());
   }
   return 0;
 }

@@ -112,7 +112,9 @@ int main(int argc, char** argv) {
 
   // chunksize 1: each input is its own task, so a crash or a hang fails
   // that input alone; with larger chunks it would fail the whole chunk.
-  auto results = pool.imap<thirdparty::checksum>(std::views::iota(std::int64_t{0}, n), 1);
+  std::vector<std::int64_t> inputs(static_cast<std::size_t>(n));
+  for (std::int64_t x = 0; x < n; ++x) inputs[static_cast<std::size_t>(x)] = x;
+  auto results = pool.imap<thirdparty::checksum>(inputs, 1);
   std::size_t ok = 0, raised = 0, crashed = 0, timed_out = 0;
   // imap keeps input order, so the k-th outcome is input k. next() consumes
   // an item whether it holds a value or throws its error.

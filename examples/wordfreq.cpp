@@ -88,6 +88,6 @@ int main(int argc, char** argv) {
   for (const auto& entry : words) word_count += entry.second;
 
   fmt::print("{} words, {} distinct, in {} of {} files\n", word_count, words.size(), files_read, paths.size());
-  for (const auto& [word, count] : words | std::views::take(top)) fmt::print("{:>8}  {}\n", count, word);
+  for (std::size_t i = 0; i < top; ++i) fmt::print("{:>8}  {}\n", words[i].second, words[i].first);
   return status;
 }

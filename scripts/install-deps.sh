@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Installs what procpool's build, tests, examples and benchmarks need on
-# Debian 12, when run as root and something is missing. Safe to re-run.
+# Debian 12, when run as root and something is missing; or only the packages
+# named as arguments. Safe to re-run. As another user: exits 0 if nothing is
+# missing, and otherwise names what to install.
 set -euo pipefail
 packages=(cmake g++ make libcereal-dev libfmt-dev catch2 libbenchmark-dev python3 clang-format-14
   clang libclang-rt-14-dev tmux doxygen)
+if (($# > 0)); then
+  packages=("$@")
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# From a fresh checkout to a running example: installs the Debian packages
-# procpool needs (when run as root and they are missing), builds, and runs
-# examples/primes, which counts primes in parallel and prints its speedup.
+# From a fresh checkout to a running example: builds and runs examples/primes,
+# which counts primes in parallel and prints its speedup over a serial count.
+# Needs only cmake, make, g++, cereal and fmt; installs whichever is missing
+# when run as root (apt), and otherwise says what to install. Arguments go to
+# the example (e.g. `scripts/quickstart.sh 2000000 --processes 4`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
-cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
-cmake --build build -j2 --target procpool_example_primes
-build/examples/primes "$@"
+scripts/install-deps.sh cmake make g++ libcereal-dev libfmt-dev
+# A build tree of its own, without tests, benchmarks or docs (and so without
+# their dependencies).
+cmake -S . -B build-quickstart -DCMAKE_BUILD_TYPE=Release -DPROCPOOL_BUILD_TESTS=OFF \
+  -DPROCPOOL_BUILD_BENCHMARKS=OFF -DPROCPOOL_BUILD_DOCS=OFF >/dev/null
+cmake --build build-quickstart -j"$(nproc)" --target procpool_example_primes
+build-quickstart/examples/primes "$@"

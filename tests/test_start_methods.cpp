@@ -147,3 +147,22 @@ TEMPLATE_TEST_CASE("a program that forgets procpool::init gets a clear error, no
     CHECK((::kill(std::stoi(pid), 0) == -1 && errno == ESRCH));
   }
 }
+
+POOL_TEST("workers and the fork server carry the program's name in ps and top", "[start]") {
+  auto comm_of = [](int pid) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/comm");
+    std::string name;
+    std::getline(in, name);
+    return name;
+  };
+  const std::string mine = comm_of(static_cast<int>(::getpid()));
+  procpool::Pool pool(test::options<TestType>());
+  // Every worker is up once it has answered.
+  auto pids = pool.map([](int) { return static_cast<int>(::getpid()); }, std::vector<int>(4, 0), 1);
+  REQUIRE_FALSE(test::child_pids().empty());
+  for (int pid : test::child_pids()) {  // the workers, and the fork server
+    INFO("child " << pid);
+    CHECK(comm_of(pid) == mine);
+  }
+  for (int pid : pids) CHECK(comm_of(pid) == mine);
+}

@@ -334,7 +334,7 @@ class MapState final : public AsyncState<std::vector<T>> {
                    std::exception_ptr& first_error) {
     const std::size_t first = chunk * chunksize_;
     decode_chunk<T>(
-        outcome, this->call(), first, std::min(chunksize_, count_ - first),
+        outcome, this->call(), this->raise_original(), first, std::min(chunksize_, count_ - first),
         [&](std::size_t, T&& value) { values.push_back(std::move(value)); },
         [&](std::size_t, std::exception_ptr error) {
           if (!first_error) first_error = std::move(error);
@@ -361,7 +361,8 @@ class ApplyState final : public AsyncState<T> {
     std::optional<T> value;
     std::exception_ptr error;
     decode_chunk<T>(
-        outcomes.front().second, this->call(), 0, 1, [&](std::size_t, T&& v) { value.emplace(std::move(v)); },
+        outcomes.front().second, this->call(), this->raise_original(), 0, 1,
+        [&](std::size_t, T&& v) { value.emplace(std::move(v)); },
         [&](std::size_t, std::exception_ptr e) { error = std::move(e); });
     if (error) std::rethrow_exception(error);
     return std::move(*value);

@@ -13,12 +13,13 @@ namespace procpool {
 /**
  * Reports how far a call has got: `done` items of `total` (`total` is empty
  * when the input's length is not known, as for an imap over a generator).
- * Called on the pool's callback thread each time a chunk of results arrives
- * (so a slow one delays the pool's other callbacks, not its tasks); it may
- * call back into the pool. It may run while
+ * For map, starmap and the async calls: called on the pool's callback thread
+ * each time a chunk of results arrives (so a slow one delays the pool's other
+ * callbacks, not its tasks); it may call back into the pool, may run while
  * `map` is still reading its input, and is never called once the call has
- * returned or thrown (an imap: once the IMap is gone). `procpool::ProgressBar`
- * is one.
+ * returned or thrown. For imap and imap_unordered: called on the thread that
+ * reads the IMap, as each item is taken from it, so `done == total` once the
+ * loop has the last item. `procpool::ProgressBar` is one.
  *
  * @code
  * pool.map<square>(xs, {.progress = [](std::size_t done, std::optional<std::size_t> total) {

@@ -5,9 +5,14 @@
 #include <sys/types.h>
 
 #include <cstddef>
+#include <exception>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <typeinfo>
 #include <utility>
+
+#include "detail/exception_types.hpp"
 
 namespace procpool {
 
@@ -69,6 +74,37 @@ class RemoteError : public Error {
   std::size_t worker() const noexcept { return worker_; }
   /// Position of the failed item in the call's input (0 for apply/apply_async).
   std::size_t input_index() const noexcept { return input_index_; }
+
+  /**
+   * Throws the task's exception as its own type, with this RemoteError
+   * nested in it (`std::throw_with_nested`: `std::rethrow_if_nested(e)`
+   * reaches it), where procpool knows how to make that type: the
+   * `<stdexcept>` types, `std::bad_alloc`, and those registered with
+   * `procpool::register_exception<E>()`. Otherwise throws this RemoteError.
+   *
+   * @code
+   * catch (const procpool::RemoteError& e) {
+   *   try { e.rethrow(); } catch (const std::invalid_argument& bad) { ... }
+   * }
+   * @endcode
+   */
+  [[noreturn]] void rethrow() const { std::rethrow_exception(original()); }
+
+  /// What rethrow() throws, without throwing it.
+  std::exception_ptr original() const {
+    const detail::ExceptionMaker make = detail::ExceptionTypes::instance().find(type_name_);
+    if (make == nullptr) return std::make_exception_ptr(*this);
+    try {
+      try {
+        throw *this;
+      } catch (...) {
+        make(message_);
+      }
+    } catch (...) {
+      return std::current_exception();
+    }
+    return std::make_exception_ptr(*this);  // unreachable: make() throws
+  }
 
  private:
   std::string type_name_;
@@ -178,5 +214,29 @@ class Cancelled : public Error {
  public:
   using Error::Error;
 };
+
+/**
+ * Lets RemoteError::rethrow() (and `Options::raise_original_exceptions`)
+ * raise a task's exception of type `E` as an `E` in the caller, made from its
+ * message. Call it once, in the process that calls the pool; it is known by
+ * its type's name, as the worker reports it.
+ *
+ * @code
+ * procpool::register_exception<myapp::ParseError>();  // ParseError(const std::string&)
+ * @endcode
+ *
+ * @tparam E a copyable exception type constructible from `const std::string&`
+ *         (or default-constructible: the message is then lost).
+ *
+ * This function is thread-safe.
+ */
+template <class E>
+void register_exception() {
+  static_assert(std::is_copy_constructible_v<E> &&
+                    (std::is_constructible_v<E, const std::string&> || std::is_default_constructible_v<E>),
+                "procpool::register_exception<E>: E must be copyable and constructible from a std::string "
+                "(its message) or by default");
+  detail::ExceptionTypes::instance().add(detail::demangle(typeid(E).name()), &detail::throw_nested_as<E>);
+}
 
 }  // namespace procpool

@@ -10,6 +10,8 @@
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <stdexcept>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <variant>
@@ -21,6 +23,7 @@
 #include "detail/dispatcher.hpp"
 #include "detail/job.hpp"
 #include "errors.hpp"
+#include "result.hpp"
 
 namespace procpool {
 
@@ -132,6 +135,9 @@ class IMap {
       batch_ = std::move(other.batch_);
       buffer_ = std::move(other.buffer_);
       current_ = std::move(other.current_);
+      progress_ = std::move(other.progress_);
+      handed_ = other.handed_;
+      progress_failed_ = other.progress_failed_;
     }
     return *this;
   }
@@ -148,6 +154,96 @@ class IMap {
   iterator begin() { return iterator(this); }
   /// The end of the results.
   sentinel end() { return {}; }
+
+  /// The range results() returns: each item's value or error, in turn.
+  template <class Owner>
+  class ResultRange {
+   public:
+    /// What end() returns.
+    struct sentinel {};
+    /// Input iterator over the outcomes.
+    class iterator {
+     public:
+      /// One item's outcome.
+      using value_type = Result<T>;
+      /// Required of an iterator; never used.
+      using difference_type = std::ptrdiff_t;
+      /// A single-pass input iterator.
+      using iterator_concept = std::input_iterator_tag;
+      /// A singular iterator, only to be assigned to.
+      iterator() = default;
+      /// The current item's value or error, waiting for it if needed.
+      Result<T>& operator*() const { return range_->current(); }
+      /// Member access to operator*().
+      Result<T>* operator->() const { return &range_->current(); }
+      /// Moves to the next item. @return `*this`.
+      iterator& operator++() {
+        range_->advance();
+        return *this;
+      }
+      /// As the prefix form.
+      void operator++(int) { ++*this; }
+      /// Whether every item was taken.
+      bool operator==(sentinel) const { return range_->at_end(); }
+
+     private:
+      friend class ResultRange;
+      explicit iterator(ResultRange* range) : range_(range) {}
+      ResultRange* range_ = nullptr;
+    };
+
+    /// Over `owner`: an IMap, or a pointer to one.
+    explicit ResultRange(Owner owner) : owner_(std::move(owner)) {}
+    /// An iterator at the current position.
+    iterator begin() { return iterator(this); }
+    /// The end of the items.
+    sentinel end() { return {}; }
+
+   private:
+    IMap& imap() {
+      if constexpr (std::is_pointer_v<Owner>) {
+        return *owner_;
+      } else {
+        return owner_;
+      }
+    }
+    Result<T>& current() {
+      if (!current_) {
+        std::optional<T> value;
+        try {
+          value = imap().next();
+        } catch (...) {
+          current_.emplace(std::current_exception());
+          return *current_;
+        }
+        if (!value) throw std::logic_error("procpool: IMap::results() iterated past its end");
+        current_.emplace(std::move(*value));
+      }
+      return *current_;
+    }
+    void advance() {
+      (void)current();
+      current_.reset();
+    }
+    bool at_end() { return !current_ && !imap().has_next(); }
+
+    Owner owner_;
+    std::optional<Result<T>> current_;
+  };
+
+  /**
+   * The results as `procpool::Result<T>`: each item's value or error, in
+   * turn, so a range-for goes on past failed items without try/catch.
+   *
+   * @code
+   * for (const auto& r : pool.imap<parse>(files).results()) if (!r) log(r.error_message());
+   * @endcode
+   *
+   * @return a single-pass range over this IMap (which must outlive it).
+   */
+  ResultRange<IMap*> results() & { return ResultRange<IMap*>(this); }
+  /// results() of a temporary IMap, which the range then owns.
+  ResultRange<IMap> results() && { return ResultRange<IMap>(std::move(*this)); }
 
   /**
    * The next result, waiting for it if needed.
@@ -174,7 +270,7 @@ class IMap {
 
   IMap(std::shared_ptr<detail::Dispatcher> dispatcher, std::unique_ptr<detail::ChunkSource> source,
        std::shared_ptr<detail::JobState> job, bool ordered, std::size_t chunksize, std::size_t prefetch,
-       std::size_t prefetch_bytes, std::optional<std::size_t> total)
+       std::size_t prefetch_bytes, std::optional<std::size_t> total, ProgressCallback progress)
       : dispatcher_(std::move(dispatcher)),
         source_(std::move(source)),
         job_(std::move(job)),
@@ -182,7 +278,23 @@ class IMap {
         chunksize_(chunksize),
         prefetch_(prefetch),
         prefetch_bytes_(prefetch_bytes),
-        total_(total) {}
+        total_(total),
+        progress_(std::move(progress)) {}
+
+  /// An item is handed to the consumer: progress counts it, on this thread.
+  void report_handed() {
+    ++handed_;
+    if (!progress_) return;
+    try {
+      progress_(handed_, total_);
+    } catch (...) {
+      if (!progress_failed_) {
+        progress_failed_ = true;
+        fmt::print(stderr, "procpool: a {} progress callback threw {}: {}; the call goes on\n", job_->call(),
+                   detail::current_exception_type_name(), detail::current_exception_message());
+      }
+    }
+  }
 
   std::optional<T> next_until(detail::Deadline deadline) {
     if (!has_next()) return std::nullopt;
@@ -318,7 +430,7 @@ class IMap {
         auto span = spans_.extract(index).mapped();
         bytes_out_ -= span.bytes;
         detail::decode_chunk<T>(
-            outcome, job_->call(), span.first, span.count,
+            outcome, job_->call(), job_->raise_original(), span.first, span.count,
             [&](std::size_t, T&& value) { buffer_.emplace_back(std::in_place_index<0>, std::move(value)); },
             [&](std::size_t, std::exception_ptr error) {
               buffer_.emplace_back(std::in_place_index<1>, std::move(error));
@@ -327,6 +439,7 @@ class IMap {
     }
     current_.emplace(std::move(buffer_.front()));
     buffer_.pop_front();
+    report_handed();
   }
 
   std::shared_ptr<detail::Dispatcher> dispatcher_;
@@ -352,6 +465,9 @@ class IMap {
   std::deque<std::pair<std::uint64_t, detail::ChunkOutcome>> batch_;  // taken, not yet decoded
   std::deque<Item> buffer_;
   std::optional<Item> current_;
+  ProgressCallback progress_;  // CallOptions::progress: counts the items handed over
+  std::size_t handed_ = 0;
+  bool progress_failed_ = false;
 };
 
 namespace detail {

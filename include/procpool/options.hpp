@@ -112,6 +112,13 @@ struct Options {
   /// looks that found nothing. `imap`/`imap_unordered` never ask for it.
   /// false: workers sleep at once (fewer CPU cycles, slower tiny tasks).
   bool worker_spin = true;
+  /// A task's exception of a type procpool can make (the `<stdexcept>` types,
+  /// `std::bad_alloc`, those given to `procpool::register_exception`) is
+  /// thrown in the caller as that type, with the `RemoteError` nested in it
+  /// (`std::rethrow_if_nested`), as Python re-raises the original; others
+  /// still as `RemoteError`. false (the default): always `RemoteError`, whose
+  /// `rethrow()` does the same on request.
+  bool raise_original_exceptions = false;
 };
 
 }  // namespace procpool

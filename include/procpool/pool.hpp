@@ -21,6 +21,7 @@
 #include "detail/dispatcher.hpp"
 #include "detail/handlers.hpp"
 #include "detail/launch.hpp"
+#include "detail/ranges.hpp"
 #include "errors.hpp"
 #include "imap.hpp"
 #include "options.hpp"
@@ -161,6 +162,7 @@ class Pool {
     prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : std::max(imap_default_prefetch, held_x4);
     adaptive_prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : held_x4;
     prefetch_bytes_ = options.imap_prefetch_bytes;
+    raise_original_ = options.raise_original_exceptions;
   }
 
   /// Takes over `other`'s workers; `other` may then only be destroyed or assigned to.
@@ -175,6 +177,7 @@ class Pool {
       prefetch_ = other.prefetch_;
       adaptive_prefetch_ = other.adaptive_prefetch_;
       prefetch_bytes_ = other.prefetch_bytes_;
+      raise_original_ = other.raise_original_;
     }
     return *this;
   }
@@ -573,6 +576,7 @@ class Pool {
         chunksize = detail::default_chunksize(count, dispatcher->processes());
       auto state = std::make_shared<detail::MapState<T>>(call, count, chunksize);
       state->configure(options, count);
+      state->set_raise_original(raise_original_);
       if constexpr (!std::is_null_pointer_v<Callback> || !std::is_null_pointer_v<ErrorCallback>) {
         typename detail::AsyncState<std::vector<T>>::Callback on_value;
         typename detail::AsyncState<std::vector<T>>::ErrorCallback on_error;
@@ -655,6 +659,7 @@ class Pool {
     const std::shared_ptr<detail::Dispatcher> dispatcher = dispatcher_;  // as in submit_map
     auto state = std::make_shared<detail::ApplyState<T>>(call);
     state->configure(options, 1);
+    state->set_raise_original(raise_original_);
     if constexpr (!std::is_null_pointer_v<OnValue> || !std::is_null_pointer_v<OnError>) {
       typename detail::AsyncState<T>::Callback value_callback;
       typename detail::AsyncState<T>::ErrorCallback error_callback;
@@ -685,7 +690,7 @@ class Pool {
     using T = detail::result_of_t<F, detail::item_t<R>, Star>;
     std::vector<T> values;
     if constexpr (std::ranges::sized_range<R>) values.reserve(static_cast<std::size_t>(std::ranges::size(items)));
-    auto results = make_imap<Star>(call, true, std::move(fn), std::forward<R>(items), options);
+    auto results = make_imap<Star>(call, true, std::move(fn), std::forward<R>(items), options, false);
     std::exception_ptr first_error;
     for (;;) {
       try {
@@ -702,24 +707,31 @@ class Pool {
     return values;
   }
 
+  /// `consumer_progress`: the progress callback counts the items the
+  /// consumer takes (imap, imap_unordered), not the items workers finish (as
+  /// map's adaptive path, which takes each at once, does).
   template <bool Star, class F, class R>
-  auto make_imap(std::string_view call, bool ordered, F fn, R&& items, const CallOptions& options) {
+  auto make_imap(std::string_view call, bool ordered, F fn, R&& items, const CallOptions& options,
+                 bool consumer_progress = true) {
     using Arg = detail::item_t<R>;
     using T = detail::result_of_t<F, Arg, Star>;
-    using View = std::views::all_t<R>;
+    using View = detail::held_t<R>;
     // As map does, even for an empty input: the pool takes no new work.
     dispatcher_->require_running();
     std::optional<std::size_t> total;
     if constexpr (std::ranges::sized_range<R>) total = static_cast<std::size_t>(std::ranges::size(items));
-    auto source = std::make_unique<detail::RangeSource<View, F, Arg, Star>>(std::views::all(std::forward<R>(items)),
-                                                                            std::move(fn));
+    auto source =
+        std::make_unique<detail::RangeSource<View, F, Arg, Star>>(detail::hold(std::forward<R>(items)), std::move(fn));
     auto job = std::make_shared<detail::JobState>(call);
-    job->configure(options, total);
+    CallOptions job_options = options;
+    if (consumer_progress) job_options.progress = nullptr;  // IMap reports instead
+    job->configure(job_options, total);
     job->set_streamed();
+    job->set_raise_original(raise_original_);
     return detail::IMapAccess<T>::make(dispatcher_, std::move(source), std::move(job), ordered,
                                        std::max<std::size_t>(1, options.chunksize),
                                        options.chunksize == adaptive ? adaptive_prefetch_ : prefetch_, prefetch_bytes_,
-                                       total);
+                                       total, consumer_progress ? options.progress : ProgressCallback());
   }
 
   std::shared_ptr<detail::Dispatcher> dispatcher_;
@@ -727,6 +739,7 @@ class Pool {
   std::size_t prefetch_ = 0;
   std::size_t adaptive_prefetch_ = 0;  // with chunksize procpool::adaptive: chunks of about 2 ms need no deep queue
   std::size_t prefetch_bytes_ = 0;
+  bool raise_original_ = false;  // Options::raise_original_exceptions
 };
 
 }  // namespace procpool

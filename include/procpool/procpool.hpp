@@ -14,6 +14,7 @@
 #include "options.hpp"
 #include "pool.hpp"
 #include "progress.hpp"
+#include "result.hpp"
 #include "shared_memory.hpp"
 #include "start_method.hpp"
 #include "version.hpp"

@@ -25,7 +25,7 @@ namespace procpool {
  * When a `ProgressBar` draws itself.
  *
  * @code
- * procpool::ProgressBar bar({.label = "files", .draw = procpool::ProgressDraw::never});
+ * procpool::ProgressBar bar(procpool::ProgressBarOptions{.label = "files", .draw = procpool::ProgressDraw::never});
  * @endcode
  */
 enum class ProgressDraw {
@@ -44,7 +44,7 @@ enum class ProgressDraw {
  * has a default, so name only what you change:
  *
  * @code
- * procpool::ProgressBar bar({.label = "images", .summary_when_not_terminal = true});
+ * procpool::ProgressBar bar(procpool::ProgressBarOptions{.label = "images", .summary_when_not_terminal = true});
  * @endcode
  *
  * New fields are only ever added at the end.
@@ -156,6 +156,23 @@ class ProgressState {
     return render(options_.clock());
   }
 
+  void print_above(std::string_view text) {
+    std::lock_guard lock(mutex_);
+    std::string out;
+    if (live_ && drawn_ && !finished_) {
+      // Over the bar's line (blanked to its end), then the bar again below.
+      out = '\r' + std::string(text);
+      if (text.size() < drawn_length_) out.append(drawn_length_ - text.size(), ' ');
+      out += '\n';
+      write(out);
+      drawn_length_ = 0;
+      draw(options_.clock(), false);
+      return;
+    }
+    out = std::string(text) + '\n';
+    write(out);
+  }
+
   bool live() const noexcept { return live_; }
 
  private:
@@ -251,8 +268,9 @@ class ProgressState {
  * calls on its callback thread and the one the caller keeps draw the same line.
  * Thread-safe: every const member function may be called from any thread on
  * any copy; assigning to or moving from one ProgressBar object while another
- * thread uses that same object is a data race, as for any handle. Output from other code to the same terminal while the
- * bar is live lands in the middle of its line; call `finish()` first.
+ * thread uses that same object is a data race, as for any handle. Print the
+ * program's own lines with println(): other output to the same terminal while
+ * the bar is live lands in the middle of its line.
  */
 class ProgressBar {
  public:
@@ -323,6 +341,24 @@ class ProgressBar {
    * Thread-safe.
    */
   std::string line() const { return state_ ? state_->line() : std::string(); }
+
+  /**
+   * Prints `text` and a newline above the bar, then draws the bar again below
+   * it, so the program's own messages and a live bar do not collide. Goes to
+   * the bar's output (stderr by default, or its sink); without a live bar, or
+   * after finish(), just prints the line there (stderr for a default-constructed bar).
+   * @param text one line, without its newline.
+   * @throws whatever `ProgressBarOptions::sink` throws.
+   *
+   * Thread-safe.
+   */
+  void println(std::string_view text) const {
+    if (state_) {
+      state_->print_above(text);
+    } else {
+      fmt::print(stderr, "{}\n", text);
+    }
+  }
 
   /**
    * Whether the bar redraws itself in place (`always`, or `automatic` on a

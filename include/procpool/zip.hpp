@@ -11,6 +11,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "detail/ranges.hpp"
+
 namespace procpool {
 
 /**
@@ -40,7 +42,7 @@ struct Zipped {
  * Lazy: an element is read only when the item is. Sized when every input is.
  */
 template <std::ranges::input_range... Rs>
-class ZipView : public std::ranges::view_interface<ZipView<Rs...>> {
+class ZipView : public std::ranges::view_base {
  public:
   /// Where each input ends.
   struct sentinel {
@@ -123,7 +125,7 @@ class ZipView : public std::ranges::view_interface<ZipView<Rs...>> {
  */
 template <std::ranges::viewable_range... Rs>
 requires(sizeof...(Rs) >= 1 && (std::ranges::input_range<Rs> && ...)) auto zip(Rs&&... ranges) {
-  return ZipView<std::views::all_t<Rs>...>(std::views::all(std::forward<Rs>(ranges))...);
+  return ZipView<detail::held_t<Rs>...>(detail::hold(std::forward<Rs>(ranges))...);
 }
 
 }  // namespace procpool

@@ -190,6 +190,10 @@ class JobState {
   void set_gated() { gated_ = true; }
   bool gated() const { return gated_; }
 
+  /// Options::raise_original_exceptions. Before the first submit only.
+  void set_raise_original(bool raise) { raise_original_ = raise; }
+  bool raise_original() const { return raise_original_; }
+
   /// The pool the job was submitted to; set by the dispatcher as it takes the
   /// job's first chunk.
   void attach(const std::shared_ptr<JobHost>& host) {
@@ -486,6 +490,7 @@ class JobState {
   std::string call_;
   bool streamed_ = false;
   bool gated_ = false;
+  bool raise_original_ = false;
   std::weak_ptr<JobHost> host_;
   std::optional<std::size_t> retries_;
   std::optional<std::chrono::milliseconds> task_timeout_;
@@ -555,8 +560,8 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
 /// Decodes one chunk's outcome, calling on_value(index, R&&) or
 /// on_error(index, exception_ptr) for each of its `count` items, in order.
 template <class R, class OnValue, class OnError>
-void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_t first_index, std::size_t count,
-                  OnValue&& on_value, OnError&& on_error) {
+void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise_original, std::size_t first_index,
+                  std::size_t count, OnValue&& on_value, OnError&& on_error) {
   if (const ChunkFailure* failure = outcome.failure()) {
     for (std::size_t i = 0; i < count; ++i) {
       on_error(first_index + i, make_chunk_error(*failure, call, first_index + i));
@@ -588,9 +593,9 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, std::size_
         std::string what =
             fmt::format("procpool: {} raised {}: {} (worker {}, pid {})", describe_input(call, first_index + i), type,
                         message, outcome.worker, outcome.pid);
-        on_error(first_index + i,
-                 std::make_exception_ptr(RemoteError(std::move(what), std::move(type), std::move(message), outcome.pid,
-                                                     outcome.worker, first_index + i)));
+        RemoteError error(std::move(what), std::move(type), std::move(message), outcome.pid, outcome.worker,
+                          first_index + i);
+        on_error(first_index + i, raise_original ? error.original() : std::make_exception_ptr(std::move(error)));
       }
     }
   } catch (const std::exception& e) {

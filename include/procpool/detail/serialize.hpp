@@ -33,6 +33,7 @@
 #include <typeinfo>
 #include <vector>
 
+#include "exception_types.hpp"
 #include "shm.hpp"
 
 namespace procpool::detail {
@@ -207,9 +208,12 @@ class Encoder {
   /// `shares`: see OutputArchive.
   explicit Encoder(std::vector<char>& out, SharedStates* shares = nullptr) : archive_(out, shares) {}
   explicit Encoder(TaskBytes& out, SharedStates* shares = nullptr) : archive_(out, shares) {}
+  /// Writes the values. One that cannot travel writes nothing: procpool's own
+  /// check (require_serializable) has failed the build already, with the
+  /// message that says what to do, and cereal's own would only repeat it.
   template <class... T>
   void operator()(const T&... values) {
-    archive_(values...);
+    if constexpr ((travels_v<T> && ...)) archive_(values...);
   }
   /// Bytes in the buffer (a mark for truncate()).
   std::size_t size() const { return archive_.size(); }
@@ -224,9 +228,10 @@ class Encoder {
 class Decoder {
  public:
   Decoder(const char* data, std::size_t size) : archive_(data, size) {}
+  /// Reads the values (as Encoder, nothing for a type that cannot travel).
   template <class... T>
   void operator()(T&... values) {
-    archive_(values...);
+    if constexpr ((travels_v<T> && ...)) archive_(values...);
   }
   std::size_t remaining() const { return archive_.remaining(); }
 
@@ -235,12 +240,6 @@ class Decoder {
 };
 
 // ---- names ------------------------------------------------------------------
-
-inline std::string demangle(const char* mangled) {
-  int status = 0;
-  std::unique_ptr<char, void (*)(void*)> out(abi::__cxa_demangle(mangled, nullptr, nullptr, &status), std::free);
-  return status == 0 && out ? std::string(out.get()) : std::string(mangled);
-}
 
 /// Demangled dynamic type of the exception being handled ("int" for `throw 1`).
 inline std::string current_exception_type_name() {

@@ -1,0 +1,79 @@
+// procpool - the exception types procpool can raise again in the caller as
+// themselves (RemoteError::rethrow, Options::raise_original_exceptions): a
+// worker reports an exception by its demangled type name and message, and
+// here a name finds a function that throws that type.
+#pragma once
+
+#include <cxxabi.h>
+
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <typeinfo>
+#include <unordered_map>
+
+namespace procpool::detail {
+
+inline std::string demangle(const char* mangled) {
+  int status = 0;
+  std::unique_ptr<char, void (*)(void*)> out(abi::__cxa_demangle(mangled, nullptr, nullptr, &status), std::free);
+  return status == 0 && out ? std::string(out.get()) : std::string(mangled);
+}
+
+/// Throws an exception of one type made from a message, with the exception
+/// being handled nested in it (std::throw_with_nested).
+using ExceptionMaker = void (*)(const std::string& message);
+
+template <class E>
+[[noreturn]] void throw_nested_as(const std::string& message) {
+  if constexpr (std::is_constructible_v<E, const std::string&>) {
+    std::throw_with_nested(E(message));
+  } else {
+    std::throw_with_nested(E());
+  }
+}
+
+class ExceptionTypes {
+ public:
+  static ExceptionTypes& instance() {
+    static ExceptionTypes types;
+    return types;
+  }
+  void add(const std::string& name, ExceptionMaker maker) {
+    std::lock_guard lock(mutex_);
+    makers_[name] = maker;
+  }
+  /// nullptr if the type is not known.
+  ExceptionMaker find(const std::string& name) const {
+    std::lock_guard lock(mutex_);
+    auto it = makers_.find(name);
+    return it == makers_.end() ? nullptr : it->second;
+  }
+
+ private:
+  ExceptionTypes() {
+    // <stdexcept>, and std::bad_alloc (whose message is its own).
+    add_type<std::logic_error>();
+    add_type<std::domain_error>();
+    add_type<std::invalid_argument>();
+    add_type<std::length_error>();
+    add_type<std::out_of_range>();
+    add_type<std::runtime_error>();
+    add_type<std::range_error>();
+    add_type<std::overflow_error>();
+    add_type<std::underflow_error>();
+    add_type<std::bad_alloc>();
+  }
+  template <class E>
+  void add_type() {
+    makers_[demangle(typeid(E).name())] = &throw_nested_as<E>;
+  }
+
+  mutable std::mutex mutex_;
+  std::unordered_map<std::string, ExceptionMaker> makers_;
+};
+
+}  // namespace procpool::detail

@@ -1,0 +1,215 @@
+// Going on past failures and catching what a task threw as its own type:
+// IMap::results(), RemoteError::rethrow(), procpool::register_exception and
+// Options::raise_original_exceptions; and progress that keeps to what the
+// program sees: an imap's progress counts the items taken, and
+// ProgressBar::println prints above a live bar.
+#include <chrono>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "common.hpp"
+
+namespace results_test {
+
+using namespace std::chrono_literals;
+
+struct ParseError : std::runtime_error {
+  explicit ParseError(const std::string& what) : std::runtime_error(what) {}
+};
+
+struct Unregistered : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+long fail_on_odd(long x) {
+  if (x % 2 != 0) throw std::invalid_argument("odd " + std::to_string(x));
+  return x * 10;
+}
+
+long parse(long x) {
+  if (x == 3) throw ParseError("line 3 is not a number");
+  return x;
+}
+
+long unregistered(long x) {
+  if (x == 1) throw Unregistered("nobody knows this one");
+  return x;
+}
+
+long identity(long x) { return x; }
+
+std::vector<long> iota_vec(long n) {
+  std::vector<long> v;
+  for (long i = 0; i < n; ++i) v.push_back(i);
+  return v;
+}
+
+}  // namespace results_test
+
+using namespace results_test;
+
+POOL_TEST("a range-for over IMap::results() goes on past failed items", "[results]") {
+  procpool::Pool pool(test::options<TestType>());
+  SECTION("imap, an lvalue IMap") {
+    auto it = pool.imap<fail_on_odd>(iota_vec(10));
+    std::vector<long> values;
+    std::vector<std::string> errors;
+    for (const procpool::Result<long>& r : it.results()) {
+      if (r) {
+        values.push_back(*r);
+      } else {
+        errors.push_back(r.error_message());
+        CHECK_THROWS_AS(r.value(), procpool::RemoteError);
+        CHECK(r.error() != nullptr);
+      }
+    }
+    CHECK(values == std::vector<long>{0, 20, 40, 60, 80});
+    REQUIRE(errors.size() == 5);
+    CHECK_THAT(errors[0], Catch::Contains("odd 1") && Catch::Contains("input #1"));
+    CHECK_THAT(errors[4], Catch::Contains("odd 9"));
+    CHECK_FALSE(it.next().has_value());
+  }
+  SECTION("imap_unordered, a temporary IMap the range keeps") {
+    std::size_t ok = 0, failed = 0;
+    for (auto r : pool.imap_unordered<fail_on_odd>(iota_vec(20), 3).results()) {
+      if (r.ok()) {
+        CHECK(*r % 20 == 0);
+        ++ok;
+      } else {
+        ++failed;
+      }
+    }
+    CHECK(ok == 10);
+    CHECK(failed == 10);
+  }
+}
+
+POOL_TEST("RemoteError::rethrow raises a task's standard exception as its own type", "[results][errors]") {
+  procpool::Pool pool(test::options<TestType>());
+  try {
+    pool.apply<fail_on_odd>(7L);
+    FAIL("no exception");
+  } catch (const procpool::RemoteError& e) {
+    CHECK(e.type_name() == "std::invalid_argument");
+    try {
+      e.rethrow();
+    } catch (const std::invalid_argument& original) {
+      CHECK(std::string(original.what()) == "odd 7");
+      try {
+        std::rethrow_if_nested(original);
+        FAIL("no RemoteError nested");
+      } catch (const procpool::RemoteError& nested) {
+        CHECK(nested.input_index() == 0);
+        CHECK(nested.pid() > 0);
+      }
+    }
+  }
+  // A type procpool cannot make stays a RemoteError.
+  try {
+    pool.apply<unregistered>(1L);
+    FAIL("no exception");
+  } catch (const procpool::RemoteError& e) {
+    CHECK_THAT(e.type_name(), Catch::Contains("Unregistered"));
+    CHECK_THROWS_AS(e.rethrow(), procpool::RemoteError);
+  }
+}
+
+POOL_TEST("register_exception lets a program's own exception type be raised again", "[results][errors]") {
+  procpool::register_exception<ParseError>();
+  procpool::Pool pool(test::options<TestType>());
+  try {
+    (void)pool.map<parse>(iota_vec(5), 1);
+    FAIL("no exception");
+  } catch (const procpool::RemoteError& e) {
+    CHECK(e.input_index() == 3);
+    CHECK_THROWS_AS(e.rethrow(), ParseError);
+    CHECK_THROWS_WITH(e.rethrow(), "line 3 is not a number");
+  }
+}
+
+POOL_TEST("raise_original_exceptions throws a task's exception as its own type", "[results][errors]") {
+  procpool::register_exception<ParseError>();
+  procpool::Pool pool(test::options<TestType>({.raise_original_exceptions = true}));
+  CHECK_THROWS_AS(pool.apply<fail_on_odd>(3L), std::invalid_argument);
+  CHECK_THROWS_AS(pool.map<parse>(iota_vec(5), 2), ParseError);
+  CHECK_THROWS_AS(pool.apply_async<parse>(3L).get(), ParseError);
+  try {
+    (void)pool.map<fail_on_odd>(iota_vec(4), 1);
+    FAIL("no exception");
+  } catch (const std::invalid_argument& e) {
+    CHECK(std::string(e.what()) == "odd 1");  // map throws its first failed item's error
+    try {
+      std::rethrow_if_nested(e);
+    } catch (const procpool::RemoteError& nested) {
+      CHECK(nested.input_index() == 1);
+    }
+  }
+  std::size_t originals = 0;
+  for (const auto& r : pool.imap<fail_on_odd>(iota_vec(6)).results()) {
+    if (!r) CHECK_THROWS_AS(r.value(), std::invalid_argument);
+    originals += !r;
+  }
+  CHECK(originals == 3);
+  // Types procpool cannot make still arrive as RemoteError.
+  CHECK_THROWS_AS(pool.apply<unregistered>(1L), procpool::RemoteError);
+  // Results that did not fail are untouched.
+  CHECK(pool.map<fail_on_odd>(std::vector<long>{0, 2}) == std::vector<long>{0, 20});
+}
+
+POOL_TEST("an imap's progress counts the items the loop has taken", "[results][progress]") {
+  procpool::Pool pool(test::options<TestType>());
+  std::vector<std::pair<std::size_t, std::optional<std::size_t>>> reports;
+  const std::thread::id reader = std::this_thread::get_id();
+  bool other_thread = false;
+  auto progress = [&](std::size_t done, std::optional<std::size_t> total) {
+    other_thread |= std::this_thread::get_id() != reader;
+    reports.emplace_back(done, total);
+  };
+  auto it = pool.imap<identity>(iota_vec(20), {.chunksize = 2, .progress = progress});
+  for (int i = 0; i < 5; ++i) REQUIRE(it.next().has_value());
+  // Give the workers time to finish everything: the count stays at what was taken.
+  std::this_thread::sleep_for(300ms);
+  REQUIRE_FALSE(reports.empty());
+  CHECK(reports.back().first == 5);
+  CHECK(reports.back().second == std::optional<std::size_t>(20));
+  while (it.next()) {
+  }
+  CHECK(reports.back().first == 20);
+  CHECK(reports.size() == 20);
+  CHECK_FALSE(other_thread);
+}
+
+TEST_CASE("ProgressBar::println prints a line above a live bar and draws the bar again", "[results][progress]") {
+  std::string out;
+  procpool::ProgressBar bar({.label = "work",
+                             .draw = procpool::ProgressDraw::always,
+                             .sink = [&](std::string_view text) { out += text; },
+                             .clock = [] { return std::chrono::steady_clock::time_point{}; }});
+  bar(5, 10);
+  const std::string drawn = out;
+  REQUIRE(drawn.starts_with("\rwork:  50%"));
+  out.clear();
+  bar.println("found 3 bad files");
+  // Over the bar's line, blanked to its length; then a newline; then the bar below.
+  const std::string padded = "found 3 bad files" + std::string(drawn.size() - 1 - 17, ' ');
+  CHECK(out == "\r" + padded + "\n" + drawn);
+  out.clear();
+  bar.finish();
+  out.clear();
+  bar.println("done");
+  CHECK(out == "done\n");
+}
+
+TEST_CASE("ProgressBar::println without a live bar just prints the line", "[results][progress]") {
+  std::string out;
+  procpool::ProgressBar bar(
+      {.draw = procpool::ProgressDraw::never, .sink = [&](std::string_view text) { out += text; }});
+  bar(1, 2);
+  bar.println("a line");
+  CHECK(out == "a line\n");
+}
