@@ -106,7 +106,7 @@ void run_task(const TaskBytes& task, std::vector<char>& out) {
 template <class Kind>
 std::size_t decode_result(const std::vector<char>& result, std::size_t count) {
   ChunkOutcome outcome;
-  outcome.payload.assign(result.begin() + static_cast<std::ptrdiff_t>(frame_header_size + result_prefix_size),
+  outcome.payload.assign(result.begin() + static_cast<std::ptrdiff_t>(frame_header_size + ResultHead::encoded_size),
                          result.end());
   std::size_t total = 0;
   decode_chunk<typename Kind::Arg>(

@@ -187,6 +187,9 @@ struct Reading {
 
 Reading read_sensor(long x) { return {"sensor" + std::to_string(x), x * 10, x == 6}; }
 
+/// Throws one of procpool's own errors, as a task calling another pool may.
+long throws_protocol_error(long x) { throw procpool::ProtocolError("from inside the task " + std::to_string(x)); }
+
 }  // namespace errors_test
 
 using namespace errors_test;
@@ -253,6 +256,20 @@ POOL_TEST("an exception of a non-std type is reported by its type name", "[error
   CHECK_THAT(oops.what(), Catch::Contains("errors_test::Oops"));
 
   CHECK(pool.map<squared>(iota_vec(10)) == squares(10));
+}
+
+POOL_TEST("a task that throws procpool::ProtocolError itself gets a RemoteError, like any other type",
+          "[errors][remote]") {
+  // The wire says "the worker could not send the result" with a code of its
+  // own, never by the exception's type name.
+  procpool::Pool pool(test::options<TestType>());
+  try {
+    pool.apply<errors_test::throws_protocol_error>(4L);
+    FAIL("no exception");
+  } catch (const procpool::RemoteError& e) {
+    CHECK(e.type_name() == "procpool::ProtocolError");
+    CHECK(e.message() == "from inside the task 4");
+  }
 }
 
 POOL_TEST("with chunksize > 1 only the failing item of a chunk fails", "[errors][remote][chunks]") {

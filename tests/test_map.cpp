@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <forward_list>
 #include <limits>
 #include <map>
 #include <numeric>
@@ -481,4 +482,47 @@ POOL_TEST("map_async returns at once and delivers in order", "[map_async]") {
   CHECK(m.get() == serial(square, in));
   auto s = pool.starmap_async<add>(std::vector<std::tuple<long, long>>{{1, 1}});
   CHECK(s.get() == std::vector<long>{2});
+}
+
+namespace map_unsized_test {
+
+long square_of(long x) { return x * x; }
+long sum_of(long x, long y) { return x + y; }
+
+/// An input range that is not a view and has no size: a user's generator.
+struct Countdown {
+  long from = 0;
+  struct iterator {
+    using value_type = long;
+    using difference_type = std::ptrdiff_t;
+    long at = 0;
+    long operator*() const { return at; }
+    iterator& operator++() {
+      --at;
+      return *this;
+    }
+    void operator++(int) { --at; }
+    bool operator==(const iterator& other) const { return at == other.at; }
+  };
+  iterator begin() const { return {from}; }
+  iterator end() const { return {0}; }
+};
+
+}  // namespace map_unsized_test
+
+POOL_TEST("the map family takes inputs that have no size and are not views", "[map][ranges]") {
+  using namespace map_unsized_test;
+  procpool::Pool pool(test::options<TestType>());
+  std::forward_list<long> list{1, 2, 3, 4};
+  const std::vector<long> squares{1, 4, 9, 16};
+  CHECK(pool.map<square_of>(list) == squares);
+  CHECK(pool.map<square_of>(list, {.chunksize = procpool::adaptive}) == squares);
+  CHECK(pool.map<sum_of>(procpool::zip(list, Countdown{4})) == std::vector<long>{5, 5, 5, 5});
+  std::vector<long> got;
+  for (long v : pool.imap<square_of>(Countdown{3})) got.push_back(v);
+  CHECK(got == std::vector<long>{9, 4, 1});
+  got.clear();
+  for (long v : pool.imap_unordered<square_of>(std::forward_list<long>{5, 6})) got.push_back(v);
+  std::ranges::sort(got);
+  CHECK(got == std::vector<long>{25, 36});
 }

@@ -4,6 +4,7 @@
 // program sees: an imap's progress counts the items taken, and
 // ProgressBar::println prints above a live bar.
 #include <chrono>
+#include <future>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -161,6 +162,29 @@ POOL_TEST("raise_original_exceptions throws a task's exception as its own type",
   CHECK(pool.map<fail_on_odd>(std::vector<long>{0, 2}) == std::vector<long>{0, 20});
 }
 
+POOL_TEST("with raise_original_exceptions, error callbacks still get the RemoteError", "[results][errors][callbacks]") {
+  procpool::Pool pool(test::options<TestType>({.raise_original_exceptions = true}));
+  std::promise<std::size_t> map_index;
+  auto r = pool.map_async<fail_on_odd>(iota_vec(4), 1, nullptr, [&](const procpool::Error& e) {
+    const auto* remote = dynamic_cast<const procpool::RemoteError*>(&e);
+    map_index.set_value(remote != nullptr ? remote->input_index() : 99);
+  });
+  auto index = map_index.get_future();
+  REQUIRE(index.wait_for(30s) == std::future_status::ready);
+  CHECK(index.get() == 1);
+  CHECK_THROWS_AS(r.get(), std::invalid_argument);  // get() still throws the original type
+
+  std::promise<std::string> apply_type;
+  auto a = pool.apply_async<fail_on_odd>(5L, procpool::callbacks(nullptr, [&](const procpool::Error& e) {
+                                           const auto* remote = dynamic_cast<const procpool::RemoteError*>(&e);
+                                           apply_type.set_value(remote != nullptr ? remote->type_name() : "none");
+                                         }));
+  auto type = apply_type.get_future();
+  REQUIRE(type.wait_for(30s) == std::future_status::ready);
+  CHECK(type.get() == "std::invalid_argument");
+  CHECK_THROWS_AS(a.get(), std::invalid_argument);
+}
+
 POOL_TEST("an imap's progress counts the items the loop has taken", "[results][progress]") {
   procpool::Pool pool(test::options<TestType>());
   std::vector<std::pair<std::size_t, std::optional<std::size_t>>> reports;
@@ -212,4 +236,25 @@ TEST_CASE("ProgressBar::println without a live bar just prints the line", "[resu
   bar(1, 2);
   bar.println("a line");
   CHECK(out == "a line\n");
+}
+
+TEST_CASE("Result refuses an empty error, and a results() range is not copied", "[results]") {
+  CHECK_THROWS_AS(procpool::Result<long>(std::exception_ptr{}), std::invalid_argument);
+  const procpool::Result<std::string> ok(std::string("x"));
+  CHECK(ok->size() == 1);
+  using Range = decltype(std::declval<procpool::IMap<long>&>().results());
+  // Its iterators point into it: a copy would yield the current item twice.
+  STATIC_REQUIRE_FALSE(std::is_copy_constructible_v<Range>);
+  STATIC_REQUIRE_FALSE(std::is_move_constructible_v<Range>);
+}
+
+TEST_CASE("two exception types of one name are raised as neither", "[results][errors]") {
+  auto& types = procpool::detail::ExceptionTypes::instance();
+  auto maker = &procpool::detail::throw_nested_as<std::runtime_error>;
+  types.add("results_test::Twice", typeid(int), maker);
+  CHECK(types.find("results_test::Twice") == maker);
+  types.add("results_test::Twice", typeid(int), maker);  // the same type again: still known
+  CHECK(types.find("results_test::Twice") == maker);
+  types.add("results_test::Twice", typeid(long), maker);  // another type of that name
+  CHECK(types.find("results_test::Twice") == nullptr);
 }

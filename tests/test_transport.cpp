@@ -428,7 +428,7 @@ TEST_CASE("a large task frame is encoded straight into the pool's shared memory"
   const std::string item = big(std::size_t{1} << 20, 'x');
   TaskBytes large = encode_task(memory, item);
   std::vector<char> ref = memory->reference(large.data(), large.size());
-  REQUIRE(ref.size() == procpool::detail::frame_header_size + procpool::detail::shm_ref_size);
+  REQUIRE(ref.size() == procpool::detail::frame_header_size + procpool::detail::ShmLocation::encoded_size);
   CHECK(procpool::detail::get<std::uint64_t>(ref.data() + procpool::detail::frame_header_size + 16) == large.size());
   std::string decoded;
   procpool::detail::Decoder(large.data() + procpool::detail::task_prefix_size,

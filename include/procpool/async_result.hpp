@@ -226,6 +226,14 @@ class AsyncState : public JobState {
             std::rethrow_exception(error_);
           } catch (const Error& e) {
             error_callback_(e);
+          } catch (const std::nested_exception& original) {
+            // Options::raise_original_exceptions: a task's own exception
+            // type, with the RemoteError the callback takes nested in it.
+            try {
+              original.rethrow_nested();
+            } catch (const Error& e) {
+              error_callback_(e);
+            }
           }
         }
       } else if (callback_) {

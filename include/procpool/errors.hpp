@@ -225,18 +225,21 @@ class Cancelled : public Error {
  * procpool::register_exception<myapp::ParseError>();  // ParseError(const std::string&)
  * @endcode
  *
- * @tparam E a copyable exception type constructible from `const std::string&`
- *         (or default-constructible: the message is then lost).
+ * @tparam E a copyable class, not final, constructible from `const
+ *         std::string&` (or by default: the message is then lost). Two types
+ *         of the same name (in anonymous namespaces of two files) make that
+ *         name unknown: such errors stay RemoteError.
  *
  * This function is thread-safe.
  */
 template <class E>
 void register_exception() {
-  static_assert(std::is_copy_constructible_v<E> &&
+  static_assert(std::is_class_v<E> && !std::is_final_v<E> && std::is_copy_constructible_v<E> &&
                     (std::is_constructible_v<E, const std::string&> || std::is_default_constructible_v<E>),
-                "procpool::register_exception<E>: E must be copyable and constructible from a std::string "
-                "(its message) or by default");
-  detail::ExceptionTypes::instance().add(detail::demangle(typeid(E).name()), &detail::throw_nested_as<E>);
+                "procpool::register_exception<E>: E must be a class that is not final (the RemoteError is "
+                "nested in a class derived from it), copyable, and constructible from a std::string (its "
+                "message) or by default");
+  detail::ExceptionTypes::instance().add(detail::demangle(typeid(E).name()), typeid(E), &detail::throw_nested_as<E>);
 }
 
 }  // namespace procpool

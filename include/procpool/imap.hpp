@@ -194,6 +194,11 @@ class IMap {
 
     /// Over `owner`: an IMap, or a pointer to one.
     explicit ResultRange(Owner owner) : owner_(std::move(owner)) {}
+    /// Not copied or moved: it holds the current item its iterators refer
+    /// to, so it must outlive them (as in a range-for).
+    ResultRange(const ResultRange&) = delete;
+    /// As the copy constructor.
+    ResultRange& operator=(const ResultRange&) = delete;
     /// An iterator at the current position.
     iterator begin() { return iterator(this); }
     /// The end of the items.

@@ -116,8 +116,9 @@ struct Options {
   /// `std::bad_alloc`, those given to `procpool::register_exception`) is
   /// thrown in the caller as that type, with the `RemoteError` nested in it
   /// (`std::rethrow_if_nested`), as Python re-raises the original; others
-  /// still as `RemoteError`. false (the default): always `RemoteError`, whose
-  /// `rethrow()` does the same on request.
+  /// still as `RemoteError`. An `error_callback` still gets the RemoteError.
+  /// false (the default): always `RemoteError`, whose `rethrow()` does the
+  /// same on request.
   bool raise_original_exceptions = false;
 };
 

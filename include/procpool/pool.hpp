@@ -256,7 +256,8 @@ class Pool {
    *        pool's callback thread, before the result is ready; it may call
    *        back into the pool. An exception it throws is reported on stderr.
    * @param error_callback called instead, with the `const Error&` get() would
-   *        throw, if an item failed.
+   *        throw, if an item failed (with `Options::raise_original_exceptions`,
+   *        the RemoteError nested in what get() throws).
    * @return an AsyncResult of the std::vector of results.
    * @throws PoolNotRunning the pool was closed or terminated
    */

@@ -356,7 +356,9 @@ class ProgressBar {
     if (state_) {
       state_->print_above(text);
     } else {
-      fmt::print(stderr, "{}\n", text);
+      // Errors are dropped, as the bar's own are.
+      std::fwrite(text.data(), 1, text.size(), stderr);
+      std::fputc('\n', stderr);
     }
   }
 

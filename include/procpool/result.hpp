@@ -3,6 +3,8 @@
 #pragma once
 
 #include <exception>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <variant>
@@ -26,8 +28,11 @@ class Result {
  public:
   /// A successful outcome.
   explicit Result(T value) : outcome_(std::in_place_index<0>, std::move(value)) {}
-  /// A failed outcome; `error` must not be empty.
-  explicit Result(std::exception_ptr error) : outcome_(std::in_place_index<1>, std::move(error)) {}
+  /// A failed outcome.
+  /// @throws std::invalid_argument if `error` is empty.
+  explicit Result(std::exception_ptr error) : outcome_(std::in_place_index<1>, std::move(error)) {
+    if (!std::get<1>(outcome_)) throw std::invalid_argument("procpool::Result: an empty exception_ptr is no error");
+  }
 
   /// Whether it holds a value.
   bool ok() const noexcept { return outcome_.index() == 0; }
@@ -58,9 +63,9 @@ class Result {
   /// value(). @return the value held.
   const T& operator*() const& { return value(); }
   /// Member access to value().
-  T* operator->() { return &value(); }
+  T* operator->() { return std::addressof(value()); }
   /// Member access to value().
-  const T* operator->() const { return &value(); }
+  const T* operator->() const { return std::addressof(value()); }
 
   /// The error, or an empty pointer if it holds a value.
   std::exception_ptr error() const noexcept { return ok() ? nullptr : std::get<1>(outcome_); }

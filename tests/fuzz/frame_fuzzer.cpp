@@ -38,9 +38,9 @@
 #include <string>
 #include <vector>
 
-#include <procpool/detail/frame.hpp>
 #include <procpool/detail/inbox.hpp>
 #include <procpool/detail/job.hpp>
+#include <procpool/detail/protocol.hpp>
 #include <procpool/detail/shm.hpp>
 #include <procpool/detail/worker.hpp>
 
@@ -60,9 +60,9 @@ bool decode_payloads() {
 volatile std::size_t sink = 0;
 
 template <class T>
-void decode_as(const FrameView& frame, std::size_t count) {
+void decode_as(std::span<const char> items, std::size_t count) {
   ChunkOutcome outcome;
-  outcome.payload.assign(frame.data + result_prefix_size, frame.data + frame.size);
+  outcome.payload.assign(items.begin(), items.end());
   outcome.pid = 1234;
   outcome.worker = 0;
   try {
@@ -94,12 +94,14 @@ void handle_frame(const FrameView& frame) {
   if (!decode_payloads()) return;
   switch (frame.kind) {
     case FrameKind::result: {
-      if (frame.size < result_prefix_size) return;  // the dispatcher calls this a protocol violation
-      // A small item count, from the task id's low byte (the corpus sets it).
-      const std::size_t count = 1 + (static_cast<unsigned char>(frame.data[0]) & 3u);
-      decode_as<long>(frame, count);
-      decode_as<std::string>(frame, count);
-      decode_as<std::vector<std::string>>(frame, count);
+      ResultHead head;
+      std::span<const char> items;
+      if (!ResultHead::decode(frame, head, items)) return;  // the dispatcher calls this a protocol violation
+      // A small item count, from the task id's low bits (the corpus sets them).
+      const std::size_t count = 1 + (head.task_id & 3u);
+      decode_as<long>(items, count);
+      decode_as<std::string>(items, count);
+      decode_as<std::vector<std::string>>(items, count);
       return;
     }
     case FrameKind::init_failed:
@@ -250,13 +252,13 @@ void resolve_references(const std::uint8_t* data, std::size_t size) {
     static constexpr std::int32_t other_pids[] = {0, -1, 1};
     const std::int32_t pid = (what & 0x40) == 0 ? self : other_pids[in.next<std::uint8_t>() % 3];
     ShmReader& reader = (what & 0x20) != 0 ? announced : first_sight;
-    char payload[shm_ref_size] = {};
+    char payload[ShmLocation::encoded_size] = {};
     std::memcpy(payload, &pid, 4);
     std::memcpy(payload + 4, &fd, 4);
     std::memcpy(payload + 8, &id, 8);
     switch (what % 3) {
       case 0:
-        sink = sink + reader.adopt(FrameView{FrameKind::shm_announce, payload, shm_announce_size}, self);
+        sink = sink + reader.adopt(FrameView{FrameKind::shm_announce, payload, ShmAnnounce::encoded_size}, self);
         break;
       case 1: {
         // The size of the frame the buffer holds, as an honest writer says, or a raw one.
@@ -267,7 +269,8 @@ void resolve_references(const std::uint8_t* data, std::size_t size) {
         std::memcpy(payload + 16, &frame_size, 8);
         const std::size_t max_payload = (what & 0x80) != 0 ? 16 : std::size_t{1} << 20;
         try {
-          auto resolved = reader.resolve(FrameView{FrameKind::shm_ref, payload, shm_ref_size}, max_payload);
+          auto resolved =
+              reader.resolve(FrameView{FrameKind::shm_ref, payload, ShmLocation::encoded_size}, max_payload);
           if (resolved.frame.kind == FrameKind::result) handle_frame(resolved.frame);
           sink = sink + resolved.frame.size;
         } catch (const std::exception&) {

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include <procpool/detail/frame.hpp>
+#include <procpool/detail/protocol.hpp>
 #include <procpool/detail/serialize.hpp>
 
 namespace {
@@ -20,9 +20,8 @@ using Bytes = std::vector<char>;
 template <class Items>
 Bytes result(std::uint64_t task_id, Items&& items) {
   Bytes out;
-  std::size_t start = begin_frame(out, FrameKind::result);
-  put<std::uint64_t>(out, task_id);
-  put<std::uint64_t>(out, 12345);
+  std::size_t start = ResultHead::begin(out, task_id);
+  ResultHead::set_run_time(out, start, 12345);
   {
     Encoder encoder(out);
     items(encoder);
@@ -44,9 +43,11 @@ Bytes failure(FrameKind kind, const std::string& type, const std::string& messag
 
 Bytes simple(FrameKind kind) {
   Bytes out;
-  std::size_t start = begin_frame(out, kind);
-  if (kind == FrameKind::ready) put<std::int32_t>(out, 4242);
-  finish_frame(out, start);
+  if (kind == FrameKind::ready) {
+    ReadyMessage{.pid = 4242, .shm = false, .claims = false}.encode(out);
+  } else {
+    encode_empty(out, kind);
+  }
   return out;
 }
 
@@ -75,8 +76,7 @@ int main(int argc, char** argv) {
   Bytes strings = result(1, [](Encoder& e) { e(true, std::string("hello"), true, std::string(300, 'x')); });
   Bytes vectors = result(0, [](Encoder& e) { e(true, std::vector<std::string>{"a", "bc", ""}); });
   Bytes protocol = result(0, [](Encoder& e) {
-    e(false, std::string("procpool::ProtocolError"),
-      std::string("the result message is larger than max_message_bytes"));
+    e(outcome_byte(ItemOutcome::unsent), std::string("the result message is larger than max_message_bytes"));
   });
   Bytes errors = result(3, [](Encoder& e) {
     for (int i = 0; i < 4; ++i)

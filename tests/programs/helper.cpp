@@ -177,10 +177,10 @@ int closed_stdio(const std::string& method, const std::string& mode, const std::
       for (int fd = 0; fd <= 2; ++fd) ::close(fd);
     }
     // Fewer under the sanitizers, whose copies of 1 MiB and whose process
-    // starts are many times slower; with maxtasksperchild = 1 ("late"), each
-    // task starts a worker.
+    // starts are many times slower (with maxtasksperchild = 1, "late", each
+    // task starts a worker).
 #if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-    const std::size_t large = late ? 20 : 60, small_count = late ? 10 : 50;
+    const std::size_t large = 20, small_count = 10;
 #else
     const std::size_t large = 200, small_count = 50;
 #endif

@@ -24,12 +24,12 @@
 #include "../options.hpp"
 #include "callback_runner.hpp"
 #include "claims.hpp"
-#include "frame.hpp"
 #include "inbox.hpp"
 #include "job.hpp"
 #include "launcher.hpp"
 #include "outbox.hpp"
 #include "output_relay.hpp"
+#include "protocol.hpp"
 #include "ring.hpp"
 #include "shm.hpp"
 #include "system.hpp"
@@ -282,9 +282,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     deliveries.clear();
   }
 
-  static std::size_t items_in(const TaskBytes& task_frame) {
-    return get<std::uint32_t>(task_frame.data() + task_count_offset);
-  }
+  static std::size_t items_in(const TaskBytes& task_frame) { return TaskHead::count_of(task_frame); }
 
   /// A chunk inside the dispatcher. Its frame is kept until the result
   /// arrives, so a task a dead worker never started can be sent again.
@@ -561,21 +559,20 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     start_failure_.reset();
     start_failures_ = 0;
     start_backoff_ = std::chrono::milliseconds(0);
-    TaskBytes config;
-    std::size_t start = begin_frame(config, FrameKind::config);
-    put<std::uint64_t>(config, slot);
-    put<std::uint64_t>(config, max_tasks_per_child_);
-    put<std::uint64_t>(config, init_id_);
-    put<std::uint64_t>(config, max_message_);
-    put<std::uint64_t>(config, max_rss_);
-    put<std::uint64_t>(config, address_space_limit_);
-    put<std::uint64_t>(config, shm_threshold_);
     const ShmBuffer* probe = task_memory_->probe();
-    put<std::int32_t>(config, static_cast<std::int32_t>(::getpid()));
-    put<std::int32_t>(config, probe != nullptr ? probe->fd.get() : -1);
-    put<std::uint64_t>(config, probe != nullptr ? probe->id : 0);
-    config.insert(config.end(), init_state_.begin(), init_state_.end());
-    finish_frame(config, start);
+    TaskBytes config;
+    WorkerConfig{.slot = slot,
+                 .max_tasks = max_tasks_per_child_,
+                 .initializer = init_id_,
+                 .max_message = max_message_,
+                 .max_rss = max_rss_,
+                 .address_space_limit = address_space_limit_,
+                 .shm_threshold = shm_threshold_,
+                 .pool_pid = static_cast<std::int32_t>(::getpid()),
+                 .probe_fd = probe != nullptr ? probe->fd.get() : -1,
+                 .probe_id = probe != nullptr ? probe->id : 0,
+                 .initializer_state = init_state_}
+        .encode(config);
     w->outbox.push(std::make_shared<TaskBytes>(std::move(config)));
     workers_.push_back(std::move(w));
     return true;
@@ -853,12 +850,15 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
         case FrameKind::started:
           w.started = true;
           break;
-        case FrameKind::ready:
+        case FrameKind::ready: {
+          ReadyMessage ready;
+          if (!ReadyMessage::decode(frame, ready)) return protocol_violation(w, "the worker sent a malformed ready");
           w.ready = true;
-          w.shm = shm_threshold_ != 0 && frame.size >= 8 && (get<std::uint32_t>(frame.data + 4) & 1U) != 0;
-          w.claiming = w.claims && frame.size >= 8 && (get<std::uint32_t>(frame.data + 4) & 2U) != 0;
+          w.shm = shm_threshold_ != 0 && ready.shm;
+          w.claiming = w.claims && ready.claims;
           w.front_since = Clock::now();  // its initializer's time is not its first task's
           break;
+        }
         case FrameKind::result:
           if (!take_result(w, frame, nullptr, deliveries)) return false;
           break;
@@ -868,7 +868,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
             // Tell it once, so it stops waiting for us to map its buffers.
             w.shm_refused = true;
             TaskBytes off;
-            finish_frame(off, begin_frame(off, FrameKind::shm_off));
+            encode_empty(off, FrameKind::shm_off);
             w.outbox.push(std::make_shared<TaskBytes>(std::move(off)));
           }
           break;
@@ -924,9 +924,10 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// place and frees it for the worker once decoded).
   bool take_result(Worker& w, const FrameView& frame, std::shared_ptr<ShmMapping> shared,
                    std::vector<Delivery>& deliveries) {
-    if (frame.size < result_prefix_size) return protocol_violation(w, "the worker sent a truncated result");
-    auto id = get<std::uint64_t>(frame.data);
-    auto ns = get<std::uint64_t>(frame.data + 8);
+    ResultHead head;
+    std::span<const char> items;
+    if (!ResultHead::decode(frame, head, items)) return protocol_violation(w, "the worker sent a truncated result");
+    const std::uint64_t id = head.task_id, ns = head.run_ns;
     std::size_t k = 0;
     while (k < w.held.size() && w.held[k].id != id) ++k;
     if (k == w.held.size()) return protocol_violation(w, "the worker answered a task it was not given");
@@ -937,14 +938,13 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     ChunkOutcome outcome;
     outcome.run_ns = ns;
     if (shared) {
-      outcome.rare_part().shm = std::make_unique<ShmSlice>(std::move(shared), frame.data + result_prefix_size,
-                                                           frame.size - result_prefix_size);
+      outcome.rare_part().shm = std::make_unique<ShmSlice>(std::move(shared), items.data(), items.size());
     } else {
       outcome.payload = w.inbox.take_large();  // a large result is not copied again
       if (outcome.payload.empty()) {
-        outcome.copy_bytes(frame.data + result_prefix_size, frame.size - result_prefix_size);
+        outcome.copy_bytes(items.data(), items.size());
       } else {
-        outcome.payload_offset = static_cast<std::size_t>(frame.data + result_prefix_size - outcome.payload.data());
+        outcome.payload_offset = static_cast<std::size_t>(items.data() - outcome.payload.data());
       }
     }
     outcome.pid = w.proc.pid;
@@ -965,14 +965,17 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// that result. One it cannot map is left out, and decoding the result
   /// then fails with the reason.
   bool take_share(Worker& w, const FrameView& frame) {
-    if (frame.size != shm_share_size) return protocol_violation(w, "the worker sent a malformed shm_share message");
+    ShmLocation block;
+    if (!ShmLocation::decode(frame, block)) {
+      return protocol_violation(w, "the worker sent a malformed shm_share message");
+    }
     if (w.shared.size() >= max_shares_per_result) {
       return protocol_violation(w, "the worker shared more SharedMemory blocks than a result can hold");
     }
-    const auto pid = get<std::int32_t>(frame.data);
-    const auto fd = get<std::int32_t>(frame.data + 4);
-    const auto id = get<std::uint64_t>(frame.data + 8);
-    const auto size = get<std::uint64_t>(frame.data + 16);
+    const auto pid = block.pid;
+    const auto fd = block.fd;
+    const auto id = block.id;
+    const auto size = block.size;
     if (pid != w.proc.pid) return protocol_violation(w, "the worker shared another process's memory");
     try {
       auto state = open_shared_state(pid, fd, id, size);

@@ -12,6 +12,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <typeindex>
 #include <typeinfo>
 #include <unordered_map>
 
@@ -42,15 +43,18 @@ class ExceptionTypes {
     static ExceptionTypes types;
     return types;
   }
-  void add(const std::string& name, ExceptionMaker maker) {
+  /// Registers `type` under `name`. Another type of the same name makes the
+  /// name ambiguous: find() then knows it no more.
+  void add(const std::string& name, std::type_index type, ExceptionMaker maker) {
     std::lock_guard lock(mutex_);
-    makers_[name] = maker;
+    auto [it, added] = makers_.try_emplace(name, Known{type, maker});
+    if (!added && it->second.type != type) it->second.maker = nullptr;
   }
-  /// nullptr if the type is not known.
+  /// nullptr if the type is not known (or its name is ambiguous).
   ExceptionMaker find(const std::string& name) const {
     std::lock_guard lock(mutex_);
     auto it = makers_.find(name);
-    return it == makers_.end() ? nullptr : it->second;
+    return it == makers_.end() ? nullptr : it->second.maker;
   }
 
  private:
@@ -69,11 +73,15 @@ class ExceptionTypes {
   }
   template <class E>
   void add_type() {
-    makers_[demangle(typeid(E).name())] = &throw_nested_as<E>;
+    makers_.try_emplace(demangle(typeid(E).name()), Known{typeid(E), &throw_nested_as<E>});
   }
 
+  struct Known {
+    std::type_index type;
+    ExceptionMaker maker;
+  };
   mutable std::mutex mutex_;
-  std::unordered_map<std::string, ExceptionMaker> makers_;
+  std::unordered_map<std::string, Known> makers_;
 };
 
 }  // namespace procpool::detail

@@ -14,6 +14,7 @@
 #include <variant>
 #include <vector>
 
+#include "protocol.hpp"
 #include "registry.hpp"
 #include "serialize.hpp"
 
@@ -43,19 +44,26 @@ struct require_travelling_callable {
   static constexpr bool value = true;
 };
 
+/// A callable that cannot travel is not handed to the archives:
+/// require_travelling_callable has said why, and they would say it again.
+template <class F>
+inline constexpr bool sent_as_state_v = !stateless_v<F> && std::is_default_constructible_v<F> && travels_v<F>;
+
 template <class F>
 void save_callable(Encoder& out, const F& fn) {
-  if constexpr (!stateless_v<F>) out(fn);
+  if constexpr (sent_as_state_v<F>) out(fn);
 }
 
 template <class F>
 F load_callable(Decoder& in) {
-  if constexpr (stateless_v<F>) {
-    return F{};
-  } else {
+  if constexpr (sent_as_state_v<F>) {
     F fn{};
     in(fn);
     return fn;
+  } else if constexpr (std::is_default_constructible_v<F>) {
+    return F{};
+  } else {
+    std::terminate();  // unreachable: require_travelling_callable failed the build
   }
 }
 
@@ -105,9 +113,10 @@ inline std::string current_exception_message() {
   }
 }
 
-/// Per-item outcome on the wire: `true, value` or `false, type name, message`.
+/// Per-item outcome on the wire (protocol.hpp's ItemOutcome): `value, the
+/// value` or `raised, type name, message`.
 inline void write_current_failure(Encoder& out) {
-  out(false, current_exception_type_name(), current_exception_message());
+  out(outcome_byte(ItemOutcome::raised), current_exception_type_name(), current_exception_message());
 }
 
 // ---- argument storage kept for the next item ----------------------------------
@@ -211,10 +220,10 @@ struct CallHandler {
         try {
           if constexpr (std::is_void_v<Result>) {
             invoke(fn, std::move(arg));
-            out(true);
+            out(outcome_byte(ItemOutcome::value));
           } else {
             Result result = invoke(fn, std::move(arg));
-            out(true);
+            out(outcome_byte(ItemOutcome::value));
             out(static_cast<const stored_t<Result>&>(result));
             if constexpr (reuse && std::is_same_v<Result, Arg>) keep_spare(result);
           }

@@ -11,7 +11,7 @@
 #include <utility>
 #include <vector>
 
-#include "frame.hpp"
+#include "protocol.hpp"
 
 namespace procpool::detail {
 

@@ -29,6 +29,7 @@
 #include "../errors.hpp"
 #include "callback_runner.hpp"
 #include "handlers.hpp"
+#include "protocol.hpp"
 #include "ring.hpp"
 #include "serialize.hpp"
 #include "shm.hpp"
@@ -573,23 +574,23 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
   std::size_t i = 0;
   try {
     for (; i < count; ++i) {
-      // Read as a byte: a bool holding anything but 0 or 1 is undefined behaviour.
-      std::uint8_t ok = 0;
-      decoder(ok);
-      if (ok > 1) throw std::runtime_error("an item outcome flag is neither 0 nor 1");
-      if (ok == 1) {
+      std::uint8_t byte = 0;
+      decoder(byte);
+      if (byte == outcome_byte(ItemOutcome::value)) {
         R value{};
         decoder(value);
         on_value(first_index + i, std::move(value));
+      } else if (byte == outcome_byte(ItemOutcome::unsent)) {
+        std::string why;
+        decoder(why);
+        on_error(first_index + i,
+                 make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0, std::move(why)}, call,
+                                  first_index + i));
+      } else if (byte != outcome_byte(ItemOutcome::raised)) {
+        throw std::runtime_error(fmt::format("an item outcome of {}, which is none of 0, 1 and 2", byte));
       } else {
         std::string type, message;
         decoder(type, message);
-        if (type == "procpool::ProtocolError") {  // the worker could not send the result
-          on_error(first_index + i,
-                   make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0, std::move(message)},
-                                    call, first_index + i));
-          continue;
-        }
         std::string what =
             fmt::format("procpool: {} raised {}: {} (worker {}, pid {})", describe_input(call, first_index + i), type,
                         message, outcome.worker, outcome.pid);

@@ -20,7 +20,9 @@ class Owned {
   Owned& operator=(Owned&&) = default;
   std::ranges::iterator_t<R> begin() { return std::ranges::begin(range_); }
   std::ranges::sentinel_t<R> end() { return std::ranges::end(range_); }
-  std::ranges::range_size_t<R> size() requires std::ranges::sized_range<R> { return std::ranges::size(range_); }
+  // Deduced: range_size_t<R> in the declaration would be an error for an
+  // input without a size, requires-clause or not.
+  auto size() requires std::ranges::sized_range<R> { return std::ranges::size(range_); }
 
  private:
   R range_;
@@ -33,7 +35,7 @@ class Ref {
   explicit Ref(R& range) : range_(&range) {}
   std::ranges::iterator_t<R> begin() const { return std::ranges::begin(*range_); }
   std::ranges::sentinel_t<R> end() const { return std::ranges::end(*range_); }
-  std::ranges::range_size_t<R> size() const requires std::ranges::sized_range<R> { return std::ranges::size(*range_); }
+  auto size() const requires std::ranges::sized_range<R> { return std::ranges::size(*range_); }  // see Owned
 
  private:
   R* range_;

@@ -208,11 +208,13 @@ class Encoder {
   /// `shares`: see OutputArchive.
   explicit Encoder(std::vector<char>& out, SharedStates* shares = nullptr) : archive_(out, shares) {}
   explicit Encoder(TaskBytes& out, SharedStates* shares = nullptr) : archive_(out, shares) {}
-  /// Writes the values. One that cannot travel writes nothing: procpool's own
-  /// check (require_serializable) has failed the build already, with the
-  /// message that says what to do, and cereal's own would only repeat it.
+  /// Writes the values. A type that cannot travel fails the build here, with
+  /// procpool's message (require_serializable; once per type, however many
+  /// places check it), and is not handed to cereal, whose own error would
+  /// only repeat it.
   template <class... T>
   void operator()(const T&... values) {
+    static_assert((require_serializable<std::remove_cvref_t<T>>::value && ...));
     if constexpr ((travels_v<T> && ...)) archive_(values...);
   }
   /// Bytes in the buffer (a mark for truncate()).
@@ -228,9 +230,10 @@ class Encoder {
 class Decoder {
  public:
   Decoder(const char* data, std::size_t size) : archive_(data, size) {}
-  /// Reads the values (as Encoder, nothing for a type that cannot travel).
+  /// Reads the values (a type that cannot travel: as Encoder).
   template <class... T>
   void operator()(T&... values) {
+    static_assert((require_serializable<std::remove_cvref_t<T>>::value && ...));
     if constexpr ((travels_v<T> && ...)) archive_(values...);
   }
   std::size_t remaining() const { return archive_.remaining(); }

@@ -62,15 +62,13 @@
 #include <utility>
 #include <vector>
 
-#include "frame.hpp"
+#include "protocol.hpp"
 #include "system.hpp"
 
 namespace procpool::detail {
 
 inline constexpr std::uint64_t shm_magic = 0x6c6f6f70636f7270ULL;  // "procpool"
 inline constexpr std::size_t shm_header_size = 64;
-inline constexpr std::size_t shm_ref_size = 4 + 4 + 8 + 8;
-inline constexpr std::size_t shm_announce_size = 4 + 4 + 8;
 
 struct ShmHeader {
   std::uint64_t magic;
@@ -353,12 +351,8 @@ class ShmWriter {
   /// The frame that refers the reader to the first `size` bytes of `buffer`.
   static std::vector<char> reference(const ShmBuffer& buffer, std::size_t size) {
     std::vector<char> ref;
-    std::size_t start = begin_frame(ref, FrameKind::shm_ref);
-    put<std::int32_t>(ref, static_cast<std::int32_t>(::getpid()));
-    put<std::int32_t>(ref, buffer.fd.get());
-    put<std::uint64_t>(ref, buffer.id);
-    put<std::uint64_t>(ref, size);
-    finish_frame(ref, start);
+    ShmLocation{static_cast<std::int32_t>(::getpid()), buffer.fd.get(), buffer.id, size}.encode(ref,
+                                                                                                FrameKind::shm_ref);
     return ref;
   }
 
@@ -409,20 +403,14 @@ class ShmWriter {
   static bool mapped(const ShmBuffer& buffer) { return buffer.mapping.header().is_mapped(); }
 
   static void announce(const ShmBuffer& buffer, std::vector<char>& control) {
-    std::size_t start = begin_frame(control, FrameKind::shm_announce);
-    put<std::int32_t>(control, static_cast<std::int32_t>(::getpid()));
-    put<std::int32_t>(control, buffer.fd.get());
-    put<std::uint64_t>(control, buffer.id);
-    finish_frame(control, start);
+    ShmAnnounce{static_cast<std::int32_t>(::getpid()), buffer.fd.get(), buffer.id}.encode(control);
   }
 
   /// Unmaps a buffer (announced ones: and tells the reader).
   /// Returns the buffer after it.
   auto drop(std::vector<std::unique_ptr<ShmBuffer>>::iterator it, std::vector<char>* control) {
     if (announce_ && control != nullptr) {  // an announcing writer always passes `control`
-      std::size_t start = begin_frame(*control, FrameKind::shm_drop);
-      put<std::uint64_t>(*control, (*it)->id);
-      finish_frame(*control, start);
+      ShmDrop{(*it)->id}.encode(*control);
     }
     return buffers_.erase(it);
   }
@@ -546,11 +534,12 @@ class ShmReader {
   /// Resolves a shm_ref frame's payload to the frame it refers to. Throws
   /// std::runtime_error naming what is wrong.
   Resolved resolve(const FrameView& ref, std::size_t max_payload) {
-    if (ref.size != shm_ref_size) throw std::runtime_error("a shared-memory reference of the wrong size");
-    const auto pid = get<std::int32_t>(ref.data);
-    const auto fd = get<std::int32_t>(ref.data + 4);
-    const auto id = get<std::uint64_t>(ref.data + 8);
-    const auto size = get<std::uint64_t>(ref.data + 16);
+    ShmLocation where;
+    if (!ShmLocation::decode(ref, where)) throw std::runtime_error("a shared-memory reference of the wrong size");
+    const auto pid = where.pid;
+    const auto fd = where.fd;
+    const auto id = where.id;
+    const auto size = where.size;
     std::shared_ptr<ShmMapping> mapping;
     ++uses_;
     if (announced_) {
@@ -593,11 +582,11 @@ class ShmReader {
   /// the writer it may use it. False if it cannot be mapped (the writer then
   /// never refers to it).
   bool adopt(const FrameView& announce, pid_t writer) {
-    if (announce.size != shm_announce_size) return false;
-    const auto pid = get<std::int32_t>(announce.data);
-    if (pid != writer) return false;
-    const auto fd = get<std::int32_t>(announce.data + 4);
-    const auto id = get<std::uint64_t>(announce.data + 8);
+    ShmAnnounce message;
+    if (!ShmAnnounce::decode(announce, message) || message.pid != writer) return false;
+    const auto pid = message.pid;
+    const auto fd = message.fd;
+    const auto id = message.id;
     try {
       auto mapping = map_foreign_buffer(pid, fd, id, true);
       mapping->header().mark_mapped();
@@ -620,8 +609,9 @@ class ShmReader {
   /// A shm_drop frame: its writer unmapped the buffer; so does this side
   /// (once no outcome read from it is left).
   void forget(const FrameView& drop) {
-    if (drop.size != 8) return;
-    const auto id = get<std::uint64_t>(drop.data);
+    ShmDrop message;
+    if (!ShmDrop::decode(drop, message)) return;
+    const std::uint64_t id = message.id;
     std::erase_if(cache_, [&](const Entry& e) { return e.id == id; });
   }
 

@@ -17,8 +17,8 @@
 #include <vector>
 
 #include "claims.hpp"
-#include "frame.hpp"
 #include "handlers.hpp"
+#include "protocol.hpp"
 #include "registry.hpp"
 #include "serialize.hpp"
 #include "shm.hpp"
@@ -231,24 +231,23 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
     // First of all: whatever happens from here on (a crashing initializer),
     // the parent knows this process reached procpool's loop.
     std::vector<char> hello;
-    finish_frame(hello, begin_frame(hello, FrameKind::started));
+    encode_empty(hello, FrameKind::started);
     if (!send_frame(result_fd, hello)) return 0;
   }
   FrameReader reader(task_fd, std::size_t{1} << 31);
   FrameView frame{};
   if (!reader.next(frame)) return 0;
-  constexpr std::size_t config_size = 72;
-  if (frame.kind != FrameKind::config || frame.size < config_size) return exit_protocol_error;
-  const auto max_tasks = get<std::uint64_t>(frame.data + 8);
-  const auto init_id = get<std::uint64_t>(frame.data + 16);
-  const auto max_message = get<std::uint64_t>(frame.data + 24);
-  const auto max_rss = get<std::uint64_t>(frame.data + 32);
-  const auto address_space_limit = get<std::uint64_t>(frame.data + 40);
-  const auto shm_threshold = get<std::uint64_t>(frame.data + 48);
+  WorkerConfig config;
+  if (!WorkerConfig::decode(frame, config)) return exit_protocol_error;
+  const auto max_tasks = config.max_tasks;
+  const auto init_id = config.initializer;
+  const auto max_message = config.max_message;
+  const auto max_rss = config.max_rss;
+  const auto address_space_limit = config.address_space_limit;
+  const auto shm_threshold = config.shm_threshold;
   // Large results go through shared memory only if this worker can open the
   // pool's (the parent then opens ours the same way).
-  bool shm = shm_threshold != 0 && can_reach_shm(get<std::int32_t>(frame.data + 56), get<std::int32_t>(frame.data + 60),
-                                                 get<std::uint64_t>(frame.data + 64));
+  bool shm = shm_threshold != 0 && can_reach_shm(config.pool_pid, config.probe_fd, config.probe_id);
   ShmReader shm_reader;
   ShmWriter shm_writer("procpool-result", true);
   std::vector<char> out;
@@ -275,7 +274,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
     try {
       const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(init_id);
       if (entry == nullptr) throw std::runtime_error("the initializer is not registered in this binary");
-      Decoder decoder(frame.data + config_size, frame.size - config_size);
+      Decoder decoder(config.initializer_state.data(), config.initializer_state.size());
       Encoder unused(out);
       entry->fn(decoder, 0, unused);
     } catch (...) {
@@ -284,11 +283,8 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
     }
   }
   out.clear();
-  std::size_t start = begin_frame(out, FrameKind::ready);
-  put<std::int32_t>(out, static_cast<std::int32_t>(::getpid()));
-  // Flags: 1, it can reach the pool's shared memory; 2, it claims its tasks.
-  put<std::uint32_t>(out, (shm ? 1U : 0U) | (claims ? 2U : 0U));
-  finish_frame(out, start);
+  ReadyMessage{.pid = static_cast<std::int32_t>(::getpid()), .shm = shm, .claims = static_cast<bool>(claims)}.encode(
+      out);
   if (!send_frame(result_fd, out)) return 0;
 
   // SharedMemory blocks a result refers to (`shared`, filled by the
@@ -338,13 +334,14 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
         return exit_protocol_error;
       }
     }
-    if (frame.kind != FrameKind::task || frame.size < task_prefix_size - frame_header_size) {
+    TaskHead task;
+    if (!TaskHead::decode(frame, task)) {
       send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError", "unexpected frame kind");
       return exit_protocol_error;
     }
     const auto task_id = header.id;
-    const auto handler_id = get<std::uint64_t>(frame.data);
-    const auto count = get<std::uint32_t>(frame.data + 8);
+    const auto handler_id = task.handler;
+    const auto count = task.count;
     const bool more_queued = (header.flags & task_more_queued) != 0;
     running_task_more_queued() = more_queued;
     const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(handler_id);
@@ -355,9 +352,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
       return exit_protocol_error;
     }
     out.clear();
-    start = begin_frame(out, FrameKind::result);
-    put<std::uint64_t>(out, task_id);
-    put<std::uint64_t>(out, 0);  // run time, patched below
+    const std::size_t start = ResultHead::begin(out, task_id);  // the run time is set below
     auto began = std::chrono::steady_clock::now();
     {
       Decoder decoder(frame.data + task_body_offset, frame.size - task_body_offset);
@@ -369,14 +364,14 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
     // Worth a look for the next task only while tasks are short beside a round trip.
     reader.spin_when_idle(more_queued && elapsed < spin_below);
     if (relayed) flush_worker_output();
-    patch<std::uint64_t>(out, start + frame_header_size + 8, static_cast<std::uint64_t>(elapsed.count()));
+    ResultHead::set_run_time(out, start, static_cast<std::uint64_t>(elapsed.count()));
     if (out.size() - start - frame_header_size > max_message) {
       // Too large to send: report every item as failed instead.
       std::string why = "the result message (" + std::to_string(out.size() - start - frame_header_size) +
                         " bytes) is larger than Options::max_message_bytes";
-      out.resize(start + frame_header_size + result_prefix_size);
+      out.resize(ResultHead::items_start(start));
       Encoder encoder(out);
-      for (std::uint32_t i = 0; i < count; ++i) encoder(false, std::string("procpool::ProtocolError"), why);
+      for (std::uint32_t i = 0; i < count; ++i) encoder(outcome_byte(ItemOutcome::unsent), why);
     }
     finish_frame(out, start);
     std::vector<char> ref, control;  // out stays as it is: its capacity serves the next task
@@ -386,12 +381,9 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
     const bool sharing = !shared.empty();
     for (auto& state : shared) {
       state->header().expect_reader();
-      std::size_t share = begin_frame(control, FrameKind::shm_share);
-      put<std::int32_t>(control, static_cast<std::int32_t>(::getpid()));
-      put<std::int32_t>(control, state->fd.get());
-      put<std::uint64_t>(control, state->id());
-      put<std::uint64_t>(control, static_cast<std::uint64_t>(state->size()));
-      finish_frame(control, share);
+      ShmLocation{static_cast<std::int32_t>(::getpid()), state->fd.get(), state->id(),
+                  static_cast<std::uint64_t>(state->size())}
+          .encode(control, FrameKind::shm_share);
       lent.push_back(std::move(state));
     }
     shared.clear();
@@ -418,7 +410,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
       // Too big to keep: tell the parent that the tasks queued behind this
       // one never started, so it runs them elsewhere.
       out.clear();
-      finish_frame(out, begin_frame(out, FrameKind::leaving));
+      encode_empty(out, FrameKind::leaving);
       send_frame(result_fd, out);
       await_parent(share_wait);
       return 0;
