@@ -1,11 +1,16 @@
 // What distinguishes the start methods: threads in the parent, and the
 // procpool::init line that the exec-based methods depend on.
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
 #include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <mutex>
 #include <ranges>
 #include <set>
+#include <string>
 #include <thread>
 
 #include "common.hpp"
@@ -148,21 +153,45 @@ TEMPLATE_TEST_CASE("a program that forgets procpool::init gets a clear error, no
   }
 }
 
-POOL_TEST("workers and the fork server carry the program's name in ps and top", "[start]") {
-  auto comm_of = [](int pid) {
-    std::ifstream in("/proc/" + std::to_string(pid) + "/comm");
-    std::string name;
-    std::getline(in, name);
-    return name;
+POOL_TEST("workers and the fork server show the program's name and their role in ps and top", "[start]") {
+  auto read_proc = [](int pid, const char* what) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/" + what);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (!text.empty() && text.back() == '\n') text.pop_back();
+    return text;
   };
-  const std::string mine = comm_of(static_cast<int>(::getpid()));
+  const std::string mine = read_proc(static_cast<int>(::getpid()), "comm");
+  const std::string program = std::filesystem::path(program_invocation_name).filename().string();
   procpool::Pool pool(test::options<TestType>());
-  // Every worker is up once it has answered.
-  auto pids = pool.map([](int) { return static_cast<int>(::getpid()); }, std::vector<int>(4, 0), 1);
-  REQUIRE_FALSE(test::child_pids().empty());
-  for (int pid : test::child_pids()) {  // the workers, and the fork server
-    INFO("child " << pid);
-    CHECK(comm_of(pid) == mine);
+  // The workers that answered (under forkserver, children of the fork server), and the fork server.
+  std::set<int> pids;
+  for (int pid : pool.map([](int) { return static_cast<int>(::getpid()); }, std::vector<int>(4, 0), 1)) {
+    pids.insert(pid);
   }
-  for (int pid : pids) CHECK(comm_of(pid) == mine);
+  for (int pid : test::child_pids()) pids.insert(pid);
+  std::size_t workers = 0, servers = 0;
+  for (int pid : pids) {
+    const std::string comm = read_proc(pid, "comm");
+    const std::string args = read_proc(pid, "cmdline");
+    const std::string first_arg = args.substr(0, args.find('\0'));
+    INFO("child " << pid << ": comm '" << comm << "', command line '" << first_arg << "'");
+    const auto colon = comm.find(':');
+    REQUIRE(colon != std::string::npos);
+    CHECK(mine.starts_with(comm.substr(0, colon)));  // the program's name, cut to fit
+    const std::string role = comm.substr(colon + 1);
+    if (role == "server") {
+      ++servers;
+      CHECK(first_arg == program + ": procpool fork server");
+    } else {
+      ++workers;
+      REQUIRE(role.size() == 2);
+      CHECK(role[0] == 'w');
+      // A forked worker's command line is the program's own, which its code may still read.
+      if (TestType::method != procpool::StartMethod::fork) {
+        CHECK(first_arg == program + ": procpool worker " + role.substr(1));
+      }
+    }
+  }
+  CHECK(workers >= 1);
+  CHECK(servers == (TestType::method == procpool::StartMethod::forkserver ? 1U : 0U));
 }

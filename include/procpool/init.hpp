@@ -2,32 +2,15 @@
 /// The one line a program's main() needs: procpool::init().
 #pragma once
 
-#include <sys/prctl.h>
-
 #include <cstdlib>
 #include <cstring>
-#include <string>
-#include <string_view>
 
 #include "detail/launch_forkserver.hpp"
 #include "detail/launch_spawn.hpp"
+#include "detail/process_title.hpp"
 #include "detail/worker.hpp"
 
 namespace procpool {
-
-namespace detail {
-
-/// A re-executed process is named "exe" (from /proc/self/exe) in ps and top;
-/// it takes the program's name instead, as a forked one has.
-inline void name_after_program(const char* argv0) {
-  std::string_view name(argv0);
-  if (auto slash = name.rfind('/'); slash != std::string_view::npos) name.remove_prefix(slash + 1);
-  if (name.empty()) return;
-  const std::string comm(name.substr(0, 15));  // the kernel keeps 15 characters
-  ::prctl(PR_SET_NAME, comm.c_str(), 0, 0, 0);
-}
-
-}  // namespace detail
 
 /**
  * Call first thing in `main`: `procpool::init(argc, argv);`.
@@ -64,7 +47,8 @@ inline void init(int argc, char** argv) {
   auto parent = static_cast<pid_t>(std::strtol(argv[2], nullptr, 10));
   // Our own children must not mistake themselves for procpool processes.
   ::unsetenv(detail::worker_env);
-  if (argv[0] != nullptr) detail::name_after_program(argv[0]);
+  // procpool's own argv: the worker or server names itself on it.
+  detail::ProcessTitle::instance().own_args(argc, argv);
   if (server) detail::run_forkserver(3, parent);
   detail::prepare_worker_process(parent);
   const bool relayed = argc > 3 && argv[3] != nullptr && std::strcmp(argv[3], detail::relayed_output_flag) == 0;

@@ -34,6 +34,7 @@
 #include "../errors.hpp"
 #include "launch_spawn.hpp"
 #include "launcher.hpp"
+#include "process_title.hpp"
 #include "system.hpp"
 #include "worker.hpp"
 
@@ -125,6 +126,10 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
 /// construction: it runs before main() has done anything.
 [[noreturn]] inline void run_forkserver(int sock, pid_t parent) noexcept {
   prepare_worker_process(parent);
+  try {
+    ProcessTitle::instance().set("procpool fork server", "server");
+  } catch (...) {  // a name is not worth failing for
+  }
   ::fcntl(sock, F_SETFD, FD_CLOEXEC);  // placed by dup2: see run_worker_and_exit
   sigset_t chld;
   sigemptyset(&chld);

@@ -18,6 +18,7 @@
 
 #include "claims.hpp"
 #include "handlers.hpp"
+#include "process_title.hpp"
 #include "protocol.hpp"
 #include "registry.hpp"
 #include "serialize.hpp"
@@ -239,6 +240,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
   if (!reader.next(frame)) return 0;
   WorkerConfig config;
   if (!WorkerConfig::decode(frame, config)) return exit_protocol_error;
+  ProcessTitle::instance().set("procpool worker " + std::to_string(config.slot), "w" + std::to_string(config.slot));
   const auto max_tasks = config.max_tasks;
   const auto init_id = config.initializer;
   const auto max_message = config.max_message;
