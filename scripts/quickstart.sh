@@ -7,9 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh cmake make g++ libcereal-dev libfmt-dev
-# A build tree of its own, without tests, benchmarks or docs (and so without
-# their dependencies).
-cmake -S . -B build-quickstart -DCMAKE_BUILD_TYPE=Release -DPROCPOOL_BUILD_TESTS=OFF \
+# A build tree of its own (PROCPOOL_QUICKSTART_BUILD, default build-quickstart),
+# without tests, benchmarks or docs, and so without their dependencies.
+build=${PROCPOOL_QUICKSTART_BUILD:-build-quickstart}
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DPROCPOOL_BUILD_TESTS=OFF \
   -DPROCPOOL_BUILD_BENCHMARKS=OFF -DPROCPOOL_BUILD_DOCS=OFF >/dev/null
-cmake --build build-quickstart -j"$(nproc)" --target procpool_example_primes
-build-quickstart/examples/primes "$@"
+cmake --build "$build" -j"$(nproc)" --target procpool_example_primes
+"$build/examples/primes" "$@"

@@ -32,7 +32,7 @@ if [[ "${PROCPOOL_TEST_SANITIZERS:-1}" != 0 ]]; then
     # The consumer projects build without sanitizers, and the docs, format and
     # compile-failure checks run no procpool code: the normal run covers them.
     stage "build $preset" bash -c "cmake --preset $preset -DPROCPOOL_BUILD_BENCHMARKS=OFF && cmake --build --preset $preset -j2"
-    exclude='^consumer\.|^docs\.|^format\.|^compile_fail\.|^compile\.'
+    exclude='^consumer\.|^docs\.|^format\.|^compile_fail\.|^compile\.|^quickstart\.'
     # Neither sanitizer runtime (GCC 12's libsanitizer) is safe to fork() in
     # a threaded program: TSan runs a thread of its own, and ASan's allocator
     # takes a lock that fork() does not hold, so a worker forked while another
