@@ -230,10 +230,12 @@ TEST_CASE("a worker out of short tasks looks for the next before sleeping, and l
     auto bytes = frame_of(FrameKind::task, payload);
     REQUIRE(::write(write_end.get(), bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
   };
-  // Sends a frame long after the reader runs out: any look it makes finds nothing.
+  // Sends a frame long after the reader runs out: any look it makes finds
+  // nothing (50 ms: a look is far shorter, even under ThreadSanitizer on a
+  // loaded machine, where 5 ms was not always enough).
   auto next_late = [&](const std::string& payload) {
     std::thread late([&] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
       send(payload);
     });
     FrameView frame{};
