@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -39,6 +40,20 @@ procpool::Options options(procpool::Options o = {}) {
   o.start_method = Method::method;
   if (o.processes == 0) o.processes = 2;
   return o;
+}
+
+/// The numbers from, from + 1, ..., n of them: the input most tests map over.
+inline std::vector<long> iota_vec(long n, long from = 0) {
+  std::vector<long> v(static_cast<std::size_t>(n));
+  std::iota(v.begin(), v.end(), from);
+  return v;
+}
+
+/// 0, 1, 4, ...: iota_vec(n) squared.
+inline std::vector<long> squares(long n) {
+  std::vector<long> v = iota_vec(n);
+  for (long& x : v) x *= x;
+  return v;
 }
 
 /// Open file descriptors of this process.

@@ -31,17 +31,8 @@ long print_and_return(long x) {
   return x;
 }
 
-std::vector<long> iota_vec(long n) {
-  std::vector<long> v;
-  for (long i = 0; i < n; ++i) v.push_back(i);
-  return v;
-}
-
-std::vector<long> squares(long n) {
-  std::vector<long> v;
-  for (long i = 0; i < n; ++i) v.push_back(i * i);
-  return v;
-}
+using test::iota_vec;
+using test::squares;
 
 }  // namespace callbacks_test
 

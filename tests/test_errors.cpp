@@ -27,19 +27,11 @@ namespace errors_test {
 
 using namespace std::chrono_literals;
 
-std::vector<long> iota_vec(long n) {
-  std::vector<long> v(static_cast<std::size_t>(n));
-  std::iota(v.begin(), v.end(), 0L);
-  return v;
-}
+using test::iota_vec;
 
 long squared(long x) { return x * x; }
 
-std::vector<long> squares(long n) {
-  std::vector<long> v;
-  for (long x = 0; x < n; ++x) v.push_back(x * x);
-  return v;
-}
+using test::squares;
 
 /// Rejects 7; the message carries the worker's pid so the test can check RemoteError::pid().
 long reject_seven(long x) {

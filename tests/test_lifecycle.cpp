@@ -33,11 +33,7 @@ namespace lifecycle_test {
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-std::vector<long> iota_vec(long n, long from = 0) {
-  std::vector<long> v(static_cast<std::size_t>(n));
-  std::iota(v.begin(), v.end(), from);
-  return v;
-}
+using test::iota_vec;
 
 long squared(long x) { return x * x; }
 

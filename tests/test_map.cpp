@@ -108,11 +108,7 @@ Touchy touchy_slow_first(long x) {
   return {x};
 }
 
-std::vector<long> iota_vec(long n) {
-  std::vector<long> v(static_cast<std::size_t>(n));
-  std::iota(v.begin(), v.end(), 0L);
-  return v;
-}
+using test::iota_vec;
 
 template <class F, class T>
 auto serial(F f, const std::vector<T>& in) {

@@ -26,17 +26,8 @@ namespace recovery_test {
 
 long sq(long x) { return x * x; }
 
-std::vector<long> iota_vec(long n) {
-  std::vector<long> v;
-  for (long i = 0; i < n; ++i) v.push_back(i);
-  return v;
-}
-
-std::vector<long> squares(long n) {
-  std::vector<long> v;
-  for (long i = 0; i < n; ++i) v.push_back(i * i);
-  return v;
-}
+using test::iota_vec;
+using test::squares;
 
 /// Lowers the soft fd limit to the highest fd open now and fills the free
 /// numbers below it: no new fd can be made until this is destroyed.

@@ -44,11 +44,7 @@ long unregistered(long x) {
 
 long identity(long x) { return x; }
 
-std::vector<long> iota_vec(long n) {
-  std::vector<long> v;
-  for (long i = 0; i < n; ++i) v.push_back(i);
-  return v;
-}
+using test::iota_vec;
 
 }  // namespace results_test
 
