@@ -20,30 +20,15 @@
 #include <fmt/format.h>
 
 #include "call_options.hpp"
-#include "detail/dispatcher.hpp"
-#include "detail/job.hpp"
+#include "detail/imap_feed.hpp"
 #include "errors.hpp"
 #include "result.hpp"
 
 namespace procpool {
 
 namespace detail {
-
-/// Pulls the next items of an imap input into a task frame. Type-erased so
-/// IMap<T> does not carry the input's type.
-class ChunkSource {
- public:
-  virtual ~ChunkSource() = default;
-  /// Appends up to `max_items` items (with the callable) to a task frame
-  /// body, listing the SharedMemory blocks they refer to in `shares`;
-  /// returns how many. 0 means the input is exhausted.
-  virtual std::uint32_t fill(TaskBytes& frame, SharedStates& shares, std::size_t max_items) = 0;
-  virtual std::uint64_t handler_id() const = 0;
-};
-
 template <class T>
 struct IMapAccess;
-
 }  // namespace detail
 
 /**
@@ -114,41 +99,13 @@ class IMap {
   IMap(IMap&& other) noexcept = default;
   /// Cancels the tasks not yet started of the results this one held, as the
   /// destructor does, then takes over `other`'s results.
-  IMap& operator=(IMap&& other) noexcept {
-    if (this != &other) {
-      if (job_) job_->cancel();
-      dispatcher_ = std::move(other.dispatcher_);
-      source_ = std::move(other.source_);
-      job_ = std::move(other.job_);
-      ordered_ = other.ordered_;
-      chunksize_ = other.chunksize_;
-      prefetch_ = other.prefetch_;
-      prefetch_bytes_ = other.prefetch_bytes_;
-      total_ = other.total_;
-      bytes_out_ = other.bytes_out_;
-      submitted_ = other.submitted_;
-      taken_ = other.taken_;
-      next_input_ = other.next_input_;
-      input_done_ = other.input_done_;
-      spans_ = std::move(other.spans_);
-      input_error_ = std::move(other.input_error_);
-      batch_ = std::move(other.batch_);
-      buffer_ = std::move(other.buffer_);
-      current_ = std::move(other.current_);
-      progress_ = std::move(other.progress_);
-      handed_ = other.handed_;
-      progress_failed_ = other.progress_failed_;
-    }
-    return *this;
-  }
+  IMap& operator=(IMap&& other) noexcept = default;
   /// Not copyable: the results are consumed once.
   IMap(const IMap&) = delete;
   /// Not copyable: the results are consumed once.
   IMap& operator=(const IMap&) = delete;
   /// Cancels the tasks not yet started; the input is read no further.
-  ~IMap() {
-    if (job_) job_->cancel();
-  }
+  ~IMap() = default;
 
   /// An iterator at the current position (results already consumed stay consumed).
   iterator begin() { return iterator(this); }
@@ -273,29 +230,19 @@ class IMap {
  private:
   friend struct detail::IMapAccess<T>;
 
-  IMap(std::shared_ptr<detail::Dispatcher> dispatcher, std::unique_ptr<detail::ChunkSource> source,
-       std::shared_ptr<detail::JobState> job, bool ordered, std::size_t chunksize, std::size_t prefetch,
-       std::size_t prefetch_bytes, std::optional<std::size_t> total, ProgressCallback progress)
-      : dispatcher_(std::move(dispatcher)),
-        source_(std::move(source)),
-        job_(std::move(job)),
-        ordered_(ordered),
-        chunksize_(chunksize),
-        prefetch_(prefetch),
-        prefetch_bytes_(prefetch_bytes),
-        total_(total),
-        progress_(std::move(progress)) {}
+  IMap(std::unique_ptr<detail::ImapFeed> feed, ProgressCallback progress)
+      : feed_(std::move(feed)), progress_(std::move(progress)) {}
 
   /// An item is handed to the consumer: progress counts it, on this thread.
   void report_handed() {
     ++handed_;
     if (!progress_) return;
     try {
-      progress_(handed_, total_);
+      progress_(handed_, feed_->total());
     } catch (...) {
       if (!progress_failed_) {
         progress_failed_ = true;
-        fmt::print(stderr, "procpool: a {} progress callback threw {}: {}; the call goes on\n", job_->call(),
+        fmt::print(stderr, "procpool: a {} progress callback threw {}: {}; the call goes on\n", feed_->job().call(),
                    detail::current_exception_type_name(), detail::current_exception_message());
       }
     }
@@ -321,154 +268,32 @@ class IMap {
     current_.reset();
   }
 
-  bool has_next() {
-    if (current_ || !buffer_.empty() || !batch_.empty()) return true;
-    top_up();
-    return taken_ < submitted_ || input_error_ != nullptr;
-  }
+  bool has_next() { return current_ || !buffer_.empty() || feed_->more(); }
 
-  /// Keeps up to `prefetch_` chunks in flight, reading the input only that
-  /// far, and fewer while their bytes (tasks sent and results not yet taken)
-  /// pass `prefetch_bytes_`. An input that throws ends the input there: the
-  /// results before it are still yielded, then its exception, in the
-  /// position where it happened.
-  void top_up() {
-    if (input_done_ || !room_for_more(0)) return;
-    // Refills in batches of a quarter of the prefetch: one submission (and
-    // one wake-up of the I/O thread) per batch, not per chunk taken.
-    const std::uint64_t out = submitted_ - taken_;
-    if (out != 0 && out + std::max<std::size_t>(1, prefetch_ / 4) > prefetch_) return;
-    std::vector<detail::Chunk> chunks;
-    try {
-      pull_chunks(chunks);
-    } catch (...) {
-      input_done_ = true;
-      input_error_ = std::current_exception();
-    }
-    if (chunks.empty()) return;
-    const std::size_t count = chunks.size();
-    try {
-      dispatcher_->submit(std::move(chunks));
-    } catch (...) {
-      // Refused (the pool was closed meanwhile): they are not waited for,
-      // the input is read no further, and the refusal comes after the
-      // results submitted before it, as an input's own exception would.
-      for (std::uint64_t index = submitted_; index < submitted_ + count; ++index) {
-        if (auto span = spans_.extract(index)) bytes_out_ -= span.mapped().bytes;
-      }
-      input_done_ = true;
-      input_error_ = std::current_exception();  // it comes before any error the input raised after
-      return;
-    }
-    submitted_ += count;
-  }
-
-  /// Whether one more chunk may be read, with `pending` chunks read but not yet submitted.
-  bool room_for_more(std::size_t pending) const {
-    const std::uint64_t out = submitted_ + pending - taken_;
-    if (out >= prefetch_) return false;
-    // Adaptive chunks of one item until a first chunk has been timed, and
-    // only a few of them: chunks sized blind would be sized wrong.
-    if (chunksize_ == adaptive && out >= 2 * dispatcher_->processes() && !job_->item_ns()) return false;
-    // Always one chunk, however large, or nothing would ever run.
-    return out == 0 || prefetch_bytes_ == 0 || bytes_out_ + job_->ready_bytes() < prefetch_bytes_;
-  }
-
-  void pull_chunks(std::vector<detail::Chunk>& chunks) {
-    while (!input_done_ && room_for_more(chunks.size())) {
-      detail::Chunk chunk{job_, submitted_ + chunks.size(), dispatcher_->new_frame(), {}};
-      std::size_t start = detail::begin_task_frame(chunk.frame, source_->handler_id());
-      std::uint32_t count = source_->fill(chunk.frame, chunk.shares, next_chunksize());
-      if (count == 0) {
-        input_done_ = true;
-        break;
-      }
-      detail::finish_task_frame(chunk.frame, start, count);
-      spans_.emplace(chunk.index, Span{next_input_, std::size_t{count}, chunk.frame.size()});
-      bytes_out_ += chunk.frame.size();
-      next_input_ += count;
-      chunks.push_back(std::move(chunk));
-    }
-  }
-
-  /// The size of the next chunk: the fixed chunksize, or with adaptive
-  /// chunking about `adaptive_chunk_time` of work at the recent time per
-  /// item, and at most half a worker's share of what is left of a sized input.
-  std::size_t next_chunksize() const {
-    if (chunksize_ != adaptive) return chunksize_;
-    constexpr std::size_t most = std::size_t{1} << 16;
-    const auto per_item = job_->item_ns();
-    if (!per_item) return 1;
-    const double target = std::chrono::duration<double, std::nano>(adaptive_chunk_time).count();
-    std::size_t size = *per_item * static_cast<double>(most) <= target
-                           ? most
-                           : std::max<std::size_t>(1, static_cast<std::size_t>(target / *per_item));
-    if (total_ && *total_ > next_input_) {
-      const std::size_t share = (*total_ - next_input_) / (2 * dispatcher_->processes());
-      size = std::min(size, std::max<std::size_t>(1, share));
-    }
-    return size;
-  }
-
+  /// Decodes the next chunk's results into buffer_ (or the input's error),
+  /// then makes the first current.
   void fetch(detail::Deadline deadline) {
     while (buffer_.empty()) {
-      if (batch_.empty()) {
-        top_up();
-        if (taken_ == submitted_ && input_error_) {
-          // Everything read before the failure has been yielded: now the failure.
-          buffer_.emplace_back(std::in_place_index<1>, std::exchange(input_error_, nullptr));
-          break;
-        }
-        // A batch of what is ready at once, bounded like the prefetch.
-        auto got = job_->take_some(ordered_ ? std::optional<std::uint64_t>(taken_) : std::nullopt, deadline,
-                                   std::max<std::size_t>(1, prefetch_ / 4),
-                                   prefetch_bytes_ == 0 ? SIZE_MAX : prefetch_bytes_ / 4);
-        if (got.empty()) throw TimeoutError(fmt::format("procpool: no {} result arrived in time", job_->call()));
-        taken_ += got.size();
-        for (auto& taken : got) batch_.push_back(std::move(taken));
+      auto piece = feed_->next(deadline);
+      if (piece.input_error) {
+        buffer_.emplace_back(std::in_place_index<1>, std::move(piece.input_error));
+        break;
       }
-      // One at a time: if a decode throws, the rest of the batch is still
-      // there for the next call.
-      while (!batch_.empty()) {
-        auto [index, outcome] = std::move(batch_.front());
-        batch_.pop_front();
-        auto span = spans_.extract(index).mapped();
-        bytes_out_ -= span.bytes;
-        detail::decode_chunk<T>(
-            outcome, job_->call(), job_->raise_original(), span.first, span.count,
-            [&](std::size_t, T&& value) { buffer_.emplace_back(std::in_place_index<0>, std::move(value)); },
-            [&](std::size_t, std::exception_ptr error) {
-              buffer_.emplace_back(std::in_place_index<1>, std::move(error));
-            });
-      }
+      const auto& job = feed_->job();
+      detail::decode_chunk<T>(
+          piece.outcome, job.call(), job.raise_original(), piece.first, piece.count,
+          [&](std::size_t, T&& value) { buffer_.emplace_back(std::in_place_index<0>, std::move(value)); },
+          [&](std::size_t, std::exception_ptr error) {
+            buffer_.emplace_back(std::in_place_index<1>, std::move(error));
+          });
     }
     current_.emplace(std::move(buffer_.front()));
     buffer_.pop_front();
     report_handed();
   }
 
-  std::shared_ptr<detail::Dispatcher> dispatcher_;
-  std::unique_ptr<detail::ChunkSource> source_;
-  std::shared_ptr<detail::JobState> job_;
-  bool ordered_;
-  std::size_t chunksize_;
-  std::size_t prefetch_;
-  std::size_t prefetch_bytes_;
-  std::optional<std::size_t> total_;  // the input's length, if known
-  std::size_t bytes_out_ = 0;         // task bytes of the chunks submitted and not taken
-  std::uint64_t submitted_ = 0;       // chunks handed to the dispatcher
-  std::uint64_t taken_ = 0;           // chunks taken from the mailbox
-  std::size_t next_input_ = 0;
-  bool input_done_ = false;
-  struct Span {
-    std::size_t first;  // index of the chunk's first input
-    std::size_t count;  // its items
-    std::size_t bytes;  // its task frame's size
-  };
-  std::unordered_map<std::uint64_t, Span> spans_;
-  std::exception_ptr input_error_;  // the input threw; yielded after what came before it
-  std::deque<std::pair<std::uint64_t, detail::ChunkOutcome>> batch_;  // taken, not yet decoded
-  std::deque<Item> buffer_;
+  std::unique_ptr<detail::ImapFeed> feed_;
+  std::deque<Item> buffer_;  // decoded, not yet handed over
   std::optional<Item> current_;
   ProgressCallback progress_;  // CallOptions::progress: counts the items handed over
   std::size_t handed_ = 0;

@@ -3,10 +3,12 @@
 //
 //   (a) detail::Inbox, the dispatcher's own buffering, fed the input in
 //       pieces of several sizes, frame after frame, under a few payload limits;
+//       and the dispatcher's own reader (detail::ResultReader) reading the
+//       input from a Link in such pieces, for a worker holding tasks 0..3,
+//       each outcome it delivers decoded as in (b);
 //   (b) each complete result frame's payload through detail::decode_chunk<T>
 //       (T = long, std::string, std::vector<std::string>) with a small item
-//       count, and each init_failed/fatal frame through the two-string decode
-//       the dispatcher does;
+//       count (init_failed and fatal frames go through the reader in (a));
 //   (c) detail::FrameReader over a memfd holding the input, and over a
 //       SOCK_SEQPACKET socket fed in small packets, so every read returns a
 //       piece of a frame and the reader's buffering is exercised;
@@ -41,6 +43,7 @@
 #include <procpool/detail/inbox.hpp>
 #include <procpool/detail/job.hpp>
 #include <procpool/detail/protocol.hpp>
+#include <procpool/detail/result_reader.hpp>
 #include <procpool/detail/shm.hpp>
 #include <procpool/detail/worker.hpp>
 
@@ -102,18 +105,6 @@ void handle_frame(const FrameView& frame) {
       decode_as<long>(items, count);
       decode_as<std::string>(items, count);
       decode_as<std::vector<std::string>>(items, count);
-      return;
-    }
-    case FrameKind::init_failed:
-    case FrameKind::fatal: {
-      std::string type, message;
-      try {
-        Decoder decoder(frame.data, frame.size);
-        decoder(type, message);
-      } catch (...) {
-        type = "unknown";
-      }
-      sink = sink + type.size() + message.size();
       return;
     }
     default:
@@ -287,6 +278,72 @@ void resolve_references(const std::uint8_t* data, std::size_t size) {
 
 }  // namespace
 
+/// A worker's Link that receives the input in pieces of `piece` bytes.
+class InputLink final : public Link {
+ public:
+  InputLink(const char* data, std::size_t size, std::size_t piece) : data_(data), size_(size), piece_(piece) {}
+  pid_t pid() const noexcept override { return 4242; }
+  void send(std::shared_ptr<const TaskBytes>, std::span<const char>) override {}
+  bool has_unsent() const noexcept override { return false; }
+  void flush() noexcept override {}
+  bool sending() const noexcept override { return true; }
+  void close_sending() noexcept override {}
+  long receive(std::span<char> space) noexcept override {
+    const std::size_t n = std::min({piece_, space.size(), size_ - at_});
+    std::memcpy(space.data(), data_ + at_, n);
+    at_ += n;
+    return static_cast<long>(n);
+  }
+  int receive_fd() const noexcept override { return -1; }
+  int send_fd() const noexcept override { return -1; }
+  int end_fd() const noexcept override { return -1; }
+  void kill(int) noexcept override {}
+  std::optional<int> try_reap() override { return 0; }
+  int reap() override { return 0; }
+
+ private:
+  const char* data_;
+  std::size_t size_;
+  std::size_t piece_;
+  std::size_t at_ = 0;
+};
+
+/// (a) + (b) through the dispatcher's own reader: a worker holding tasks
+/// 0..3 (four of each, of 1 to 4 items) sends the input; every outcome the
+/// reader delivers is decoded as the caller would.
+void read_as_dispatcher(const char* data, std::size_t size, std::size_t max_payload, std::size_t piece) {
+  Worker w;
+  w.link = std::make_unique<InputLink>(data, size, piece);
+  w.inbox = Inbox(max_payload);
+  auto job = std::make_shared<JobState>("imap");
+  for (std::uint64_t k = 0; k < 16; ++k) {
+    Task task;
+    task.job = job;
+    task.chunk = k;
+    task.id = k % 4;
+    task.frame = std::make_shared<TaskBytes>();
+    const std::size_t start = begin_task_frame(*task.frame, 0);
+    finish_task_frame(*task.frame, start, static_cast<std::uint32_t>(1 + (k % 4)));
+    w.held.push_back(std::move(task));
+  }
+  RunTimeEstimate task_time;
+  const bool timeouts_used = false;
+  ResultReader reader(max_payload, 0, task_time, timeouts_used);
+  std::vector<Delivery> deliveries;
+  reader.read(w, deliveries);
+  if (!decode_payloads()) return;
+  for (auto& delivery : deliveries) {
+    try {
+      decode_chunk<long>(
+          delivery.outcome, "imap", false, 0, delivery.items,
+          [](std::size_t index, long&& value) { sink = sink + index + static_cast<std::size_t>(value); },
+          [](std::size_t index, std::exception_ptr) { sink = sink + index; });
+    } catch (const std::exception&) {
+      // As in decode_as: an exception, not a crash.
+    }
+  }
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const char* bytes = reinterpret_cast<const char*>(data);
   // The dispatcher's limit is Options::max_message_bytes (1 GiB by default);
@@ -295,6 +352,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   constexpr std::size_t max_payload = std::size_t{1} << 20;
   parse_all(bytes, size, max_payload, Inbox::read_size);
   if (size > 0) parse_all(bytes, size, data[size - 1], 1 + data[0] % 7);
+  read_as_dispatcher(bytes, size, max_payload, Inbox::read_size);
+  if (size > 0) read_as_dispatcher(bytes, size, data[size - 1], 1 + data[0] % 7);
   read_from_memfd(data, size, max_payload);
   read_from_packets(data, size, max_payload);
   resolve_references(data, size);

@@ -15,6 +15,7 @@
 #include "launch_forkserver.hpp"
 #include "launch_spawn.hpp"
 #include "launcher.hpp"
+#include "pipe_link.hpp"
 
 namespace procpool::detail {
 
@@ -83,6 +84,11 @@ inline std::unique_ptr<Launcher> make_launcher(const Options& options) {
       return std::make_unique<ForkserverLauncher>();
   }
   throw Error("procpool: unknown StartMethod");
+}
+
+/// The transport a pool's options ask for: local worker processes.
+inline std::unique_ptr<Transport> make_transport(const Options& options) {
+  return std::make_unique<PipeTransport>(make_launcher(options));
 }
 
 }  // namespace procpool::detail

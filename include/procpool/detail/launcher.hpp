@@ -1,24 +1,18 @@
-// procpool - the seam between the dispatcher and the ways of starting a
-// worker. A new start method (or a remote launcher) is a new Launcher.
+// procpool - the ways of starting a local worker process (fork,
+// posix_spawn, the fork server): a new start method is a new Launcher. The
+// pipe transport (pipe_link.hpp) starts its workers with one.
 #pragma once
 
 #include <sys/types.h>
 
 #include <cstdint>
 #include <optional>
-#include <stdexcept>
 #include <string>
 
+#include "link.hpp"
 #include "system.hpp"
 
 namespace procpool::detail {
-
-/// A start failure that trying again cannot mend (main() never calls
-/// procpool::init): the pool stops starting workers.
-class StartRefused : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 /// A started worker: its pid and the parent's ends of its two pipes.
 struct LaunchedWorker {
@@ -27,14 +21,6 @@ struct LaunchedWorker {
   Fd result;                     // parent reads results here
   Fd pidfd;                      // readable once the worker has exited; may be empty
   std::uint64_t generation = 0;  // which incarnation of its launcher's machinery started it (a fork server)
-};
-
-/// What a new worker gets as its stdout and stderr: the write ends of the
-/// output relay's pipes, or -1 for both to keep the parent's (inherit).
-struct ChildStdio {
-  int out = -1;
-  int err = -1;
-  bool relayed() const noexcept { return out >= 0 && err >= 0; }
 };
 
 class Launcher {

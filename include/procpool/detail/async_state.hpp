@@ -1,0 +1,394 @@
+// procpool - the shared state behind an AsyncResult: a job's mailbox plus
+// its decoded value, its callbacks, and the collectors of map_async (chunks
+// in order) and apply_async (one value).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <variant>
+
+#include <fmt/format.h>
+
+#include "../errors.hpp"
+#include "job.hpp"
+
+namespace procpool {
+
+template <class R>
+class AsyncResult;
+
+namespace detail {
+
+/// Positions of results in the order they finish (procpool::wait, as_completed).
+struct CompletionOrder {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::vector<std::size_t> finished;
+
+  void finished_one(std::size_t position) {
+    {
+      std::lock_guard lock(mutex);
+      finished.push_back(position);
+    }
+    cv.notify_all();
+  }
+};
+
+/// Shared state of an AsyncResult: the job's mailbox plus the decoded value.
+template <class V>
+class AsyncState : public JobState {
+ public:
+  using Callback = std::function<void(const V&)>;
+  using ErrorCallback = std::function<void(const Error&)>;
+
+  AsyncState(std::string_view call, std::size_t chunks) : JobState(call), chunks_(chunks) {}
+
+  std::size_t chunk_count() const { return chunks_; }
+  /// Whether the call is over: withdrawn (cancel()), or every chunk
+  /// delivered and, for a call with callbacks, those run.
+  bool complete() const {
+    if (withdrawn_.load(std::memory_order_acquire)) return true;
+    return has_callbacks_ ? done_.load(std::memory_order_acquire) : delivered() >= chunks_;
+  }
+  bool wait_complete(Deadline deadline) {
+    return this->wait_for(deadline, [&] {
+      if (withdrawn_.load(std::memory_order_relaxed)) return true;
+      return has_callbacks_ ? done_.load(std::memory_order_relaxed) : this->delivered_locked() >= chunks_;
+    });
+  }
+
+  /// Decodes once, after completion; then value_ or error_ is set.
+  void finalize() {
+    wait_complete(std::nullopt);
+    decode_once();
+  }
+
+  const V& value() {
+    finalize();
+    if (error_) std::rethrow_exception(error_);
+    return *value_;
+  }
+  V take_value() {
+    finalize();
+    if (error_) std::rethrow_exception(error_);
+    return std::move(*value_);
+  }
+  bool failed() {
+    finalize();
+    return error_ != nullptr;
+  }
+  /// The error get() would throw, once complete (empty if it succeeded).
+  std::exception_ptr error() {
+    finalize();
+    return error_;
+  }
+
+  void set_callbacks(Callback callback, ErrorCallback error_callback) {
+    callback_ = std::move(callback);
+    error_callback_ = std::move(error_callback);
+    has_callbacks_ = callback_ || error_callback_;
+    if (has_callbacks_) this->set_gated();
+  }
+
+  /**
+   * Withdraws the call's chunks no worker has started (they never run). If
+   * any was, the call is over: cancelled, get() throws Cancelled, and what
+   * its running chunks return is dropped. Returns whether it was.
+   */
+  bool withdraw() {
+    if (complete()) return false;
+    std::shared_ptr<JobHost> host = this->host();
+    if (!host || host->withdraw(*this) == 0) return false;
+    // A chunk will never be delivered now: the call cannot complete otherwise.
+    std::call_once(once_, [this] {
+      error_ = std::make_exception_ptr(
+          Cancelled(fmt::format("procpool: {} was cancelled before it ran", describe_call(this->call()))));
+    });
+    this->change_and_notify([&] { withdrawn_.store(true, std::memory_order_release); });
+    this->cancel();  // later deliveries are dropped
+    notify_complete();
+    return true;
+  }
+  bool withdrawn() const { return withdrawn_.load(std::memory_order_acquire); }
+
+  /// Tells `order` (as `position`) once the call is complete, from the
+  /// thread that completes it, or now if it is: for procpool::wait and
+  /// as_completed. No allocation in the common case of one listener.
+  void on_complete(const std::shared_ptr<CompletionOrder>& order, std::size_t position) {
+    {
+      std::lock_guard lock(listeners_mutex_);
+      if (!notified_) {
+        if (!listener_.order) {
+          listener_ = {order, position};
+        } else {
+          more_listeners_.push_back({order, position});
+        }
+        return;
+      }
+    }
+    order->finished_one(position);
+  }
+
+  /// Runs `callback` once the call is complete: on the pool's callback thread,
+  /// or now, on this thread, if it is complete already.
+  void add_done_callback(std::function<void()> callback) {
+    {
+      std::lock_guard lock(listeners_mutex_);
+      if (!notified_) {
+        done_callbacks_.push_back(std::move(callback));
+        return;
+      }
+    }
+    run_guarded(callback, "done");
+  }
+
+ protected:
+  /// Builds the value from every chunk's outcome (in chunk order) or throws the first error.
+  virtual V decode(std::vector<ReadyOutcomes::Entry> outcomes) = 0;
+
+  /// After each delivery: once every chunk is in, a call with callbacks
+  /// (on the callback thread) decodes, runs them, and only then makes the
+  /// result ready (as Python's does: a caller of wait() sees what the
+  /// callback did). Then whoever waits for its completion hears of it.
+  void on_delivered() override {
+    if (delivered() < chunks_) return;
+    if (has_callbacks_) {
+      if (done_.load(std::memory_order_relaxed)) return;
+      decode_once();
+      run_callbacks();
+      this->change_and_notify([&] { done_.store(true, std::memory_order_release); });
+    }
+    notify_complete();
+  }
+
+ private:
+  static std::string describe_call(std::string_view call) {
+    return call == "apply_async" ? std::string("the apply_async task") : fmt::format("the {} call", call);
+  }
+
+  void decode_once() {
+    std::call_once(once_, [this] {
+      try {
+        value_.emplace(decode(take_all()));
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+    });
+  }
+
+  /// The call is complete: its listeners run here, its done callbacks on the
+  /// callback thread. Once.
+  void notify_complete() {
+    Listener first;
+    std::vector<Listener> more;
+    std::vector<std::function<void()>> callbacks;
+    {
+      std::lock_guard lock(listeners_mutex_);
+      if (notified_) return;
+      notified_ = true;
+      first = std::move(listener_);
+      more.swap(more_listeners_);
+      callbacks.swap(done_callbacks_);
+    }
+    if (first.order) first.order->finished_one(first.position);
+    for (auto& listener : more) listener.order->finished_one(listener.position);
+    if (callbacks.empty()) return;
+    auto run = [this, callbacks = std::move(callbacks)] {
+      for (const auto& callback : callbacks) run_guarded(callback, "done");
+    };
+    std::shared_ptr<JobHost> host = this->host();
+    if (!host || !host->post_callback(run)) run();
+  }
+
+  void run_guarded(const std::function<void()>& callback, const char* what) {
+    try {
+      callback();
+    } catch (...) {
+      fmt::print(stderr, "procpool: a {} {} callback threw {}: {}; the pool goes on\n", call(), what,
+                 current_exception_type_name(), current_exception_message());
+    }
+  }
+
+  void run_callbacks() {
+    // A throwing callback must not take the callback thread down with it.
+    try {
+      if (error_) {
+        if (error_callback_) {
+          try {
+            std::rethrow_exception(error_);
+          } catch (const Error& e) {
+            error_callback_(e);
+          } catch (const std::nested_exception& original) {
+            // Options::raise_original_exceptions: a task's own exception
+            // type, with the RemoteError the callback takes nested in it.
+            try {
+              original.rethrow_nested();
+            } catch (const Error& e) {
+              error_callback_(e);
+            }
+          }
+        }
+      } else if (callback_) {
+        callback_(*value_);
+      }
+    } catch (...) {
+      fmt::print(stderr, "procpool: a {} callback threw {}: {}; the pool goes on\n", call(),
+                 current_exception_type_name(), current_exception_message());
+    }
+  }
+
+  std::size_t chunks_;
+  bool has_callbacks_ = false;          // a callback or error_callback: the call completes once they ran
+  std::atomic<bool> done_{false};       // (with callbacks) they have run: the call is complete
+  std::atomic<bool> withdrawn_{false};  // cancel() withdrew part of it: it is complete, as Cancelled
+  std::once_flag once_;
+  std::optional<V> value_;
+  std::exception_ptr error_;
+  Callback callback_;
+  ErrorCallback error_callback_;
+  std::mutex listeners_mutex_;
+  bool notified_ = false;  // its completion was announced
+  struct Listener {
+    std::shared_ptr<CompletionOrder> order;
+    std::size_t position = 0;
+  };
+  Listener listener_;  // the first one, inline
+  std::vector<Listener> more_listeners_;
+  std::vector<std::function<void()>> done_callbacks_;
+};
+
+/// map_async/starmap_async: `count` items in chunks of `chunksize`, collected in order.
+template <class T>
+class MapState final : public AsyncState<std::vector<T>> {
+ public:
+  MapState(std::string_view call, std::size_t count, std::size_t chunksize)
+      : AsyncState<std::vector<T>>(call, chunksize == 0 || count == 0 ? 0 : (count - 1) / chunksize + 1),
+        count_(count),
+        chunksize_(chunksize) {}
+
+ protected:
+  std::vector<T> decode(std::vector<ReadyOutcomes::Entry> outcomes) override {
+    std::vector<T> values;
+    values.reserve(count_);
+    std::exception_ptr first_error;
+    for (auto& [chunk, outcome] : outcomes) {
+      decode_into(chunk, outcome, values, first_error);
+      if (first_error) std::rethrow_exception(first_error);
+    }
+    return values;
+  }
+
+ public:
+  /// The synchronous map, while it still encodes: decodes the results ready
+  /// in order, without waiting, so their memory goes early.
+  void collect_ready() {
+    if (next_ < this->chunk_count() && this->ready_bytes() != 0) collect_run(next_ + 1, Clock::now());
+  }
+
+  /**
+   * The synchronous map's way to its value, instead of take_value(): decodes
+   * the chunks in order while later ones still run, and frees each result
+   * message once decoded. Like decode(), throws the first failed item's
+   * error, but only after every chunk has arrived.
+   */
+  std::vector<T> collect() {
+    const std::size_t chunks = this->chunk_count();
+    // Wakes up for a batch of chunks rather than for each: a wake-up costs
+    // more than decoding a chunk of small items.
+    const std::size_t step = std::max<std::size_t>(1, chunks / 16);
+    while (next_ < chunks) collect_run(std::min(chunks, next_ + step), std::nullopt);
+    if (first_error_) std::rethrow_exception(first_error_);
+    return std::move(values_);
+  }
+
+ private:
+  /// Decodes chunk next_ and those ready after it, once at least
+  /// `min_delivered` chunks have arrived; with a `deadline`, only what is
+  /// there by then.
+  void collect_run(std::size_t min_delivered, Deadline deadline) {
+    if (values_.capacity() == 0) values_.reserve(count_);
+    try {
+      run_.clear();
+      if (deadline) {
+        for (auto& [chunk, outcome] : this->take_some(next_, deadline, SIZE_MAX, SIZE_MAX)) {
+          run_.push_back(std::move(outcome));
+        }
+      } else {
+        this->take_run(next_, min_delivered, run_);
+      }
+      for (auto& outcome : run_) {
+        // After a failure the rest only has to arrive.
+        if (!first_error_) decode_into(next_, outcome, values_, first_error_);
+        outcome = ChunkOutcome{};  // its memory goes now
+        ++next_;
+      }
+      run_.clear();
+    } catch (...) {
+      this->cancel();  // out of memory, say: the rest is of no use to anyone
+      throw;
+    }
+  }
+
+  /// Appends chunk `chunk`'s values; keeps the first error seen.
+  void decode_into(std::uint64_t chunk, const ChunkOutcome& outcome, std::vector<T>& values,
+                   std::exception_ptr& first_error) {
+    const std::size_t first = chunk * chunksize_;
+    decode_chunk<T>(
+        outcome, this->call(), this->raise_original(), first, std::min(chunksize_, count_ - first),
+        [&](std::size_t, T&& value) { values.push_back(std::move(value)); },
+        [&](std::size_t, std::exception_ptr error) {
+          if (!first_error) first_error = std::move(error);
+        });
+  }
+
+  std::size_t count_;
+  std::size_t chunksize_;
+  // The synchronous map's collection: results so far, the next chunk to decode.
+  std::vector<T> values_;
+  std::exception_ptr first_error_;
+  std::size_t next_ = 0;
+  std::vector<ChunkOutcome> run_;  // the outcomes being decoded: kept for its capacity
+};
+
+/// apply_async: one task, one value.
+template <class T>
+class ApplyState final : public AsyncState<T> {
+ public:
+  explicit ApplyState(std::string_view call) : AsyncState<T>(call, 1) {}
+
+ protected:
+  T decode(std::vector<ReadyOutcomes::Entry> outcomes) override {
+    std::optional<T> value;
+    std::exception_ptr error;
+    decode_chunk<T>(
+        outcomes.front().second, this->call(), this->raise_original(), 0, 1,
+        [&](std::size_t, T&& v) { value.emplace(std::move(v)); },
+        [&](std::size_t, std::exception_ptr e) { error = std::move(e); });
+    if (error) std::rethrow_exception(error);
+    return std::move(*value);
+  }
+};
+
+template <class V>
+struct AsyncAccess;
+
+/// The shared state behind an AsyncResult (for procpool::wait and as_completed).
+struct AsyncStateOf {
+  template <class R>
+  static const auto& get(const AsyncResult<R>& result) {
+    return result.state_;
+  }
+};
+
+}  // namespace detail
+
+}  // namespace procpool

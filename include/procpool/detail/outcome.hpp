@@ -1,0 +1,246 @@
+// procpool - a chunk's outcome: what the I/O thread delivers for each chunk
+// (results, or why there are none), how a job keeps those not yet taken, and
+// how the caller turns them into values and exceptions.
+#pragma once
+
+#include <sys/types.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "../call_options.hpp"
+#include "../errors.hpp"
+#include "callback_runner.hpp"
+#include "estimate.hpp"
+#include "handlers.hpp"
+#include "protocol.hpp"
+#include "ring.hpp"
+#include "serialize.hpp"
+#include "shm.hpp"
+#include "system.hpp"
+
+namespace procpool::detail {
+
+using Clock = std::chrono::steady_clock;
+using Deadline = std::optional<Clock::time_point>;
+
+/// Why a whole chunk produced no results.
+struct ChunkFailure {
+  enum class Kind { worker_lost, terminated, initializer, protocol, start_failed, timeout };
+  Kind kind = Kind::worker_lost;
+  pid_t pid = 0;
+  std::size_t worker = 0;
+  int wait_status = 0;
+  std::string detail;  // initializer: "type: message"; protocol/start_failed: the reason
+};
+
+/// One chunk's outcome, on its way from the I/O thread to the caller. What
+/// every result has is inline; what few have is in `rare`, so the common
+/// one is cheap to move.
+struct ChunkOutcome {
+  std::vector<char> payload;       // holds the per-item outcomes, as the worker encoded them,
+  std::size_t payload_offset = 0;  // from this offset (a large frame's buffer is taken over whole)
+  /// Or, when they are this small, they are here: no allocation for the
+  /// results of short tasks (then payload is empty too).
+  static constexpr std::size_t small_capacity = 48;
+  std::array<char, small_capacity> small{};
+  std::uint8_t small_size = 0;
+  std::uint64_t run_ns = 0;  // how long the worker ran the chunk
+  pid_t pid = 0;
+  std::size_t worker = 0;
+
+  struct Rare {
+    std::unique_ptr<ShmSlice> shm;  // the outcomes are in the worker's shared memory (then payload is empty)
+    SharedStates shares;            // the SharedMemory blocks the result refers to, until decoded
+    std::string share_failure;      // why a block the worker shared could not be mapped
+    std::optional<ChunkFailure> failure;
+  };
+  std::unique_ptr<Rare> rare;
+
+  Rare& rare_part() {
+    if (!rare) rare = std::make_unique<Rare>();
+    return *rare;
+  }
+  /// Why the whole chunk failed, if it did.
+  const ChunkFailure* failure() const { return rare && rare->failure ? &*rare->failure : nullptr; }
+  const ShmSlice* shm() const { return rare ? rare->shm.get() : nullptr; }
+
+  /// The encoded per-item outcomes.
+  std::span<const char> bytes() const {
+    if (const ShmSlice* slice = shm()) return {slice->data(), slice->size()};
+    if (small_size != 0) return {small.data(), small_size};
+    return {payload.data() + payload_offset, payload.size() - payload_offset};
+  }
+  /// Memory the outcome holds until decoded.
+  std::size_t held_bytes() const {
+    if (const ShmSlice* slice = shm()) return slice->size();
+    return small_size != 0 ? small_size : payload.size();
+  }
+
+  /// Keeps a copy of the encoded outcomes [data, data + size).
+  void copy_bytes(const char* data, std::size_t size) {
+    if (size != 0 && size <= small_capacity) {
+      std::memcpy(small.data(), data, size);
+      small_size = static_cast<std::uint8_t>(size);
+    } else {
+      payload.assign(data, data + size);
+    }
+  }
+};
+
+/// The outcomes a job has been delivered and the caller has not taken, in
+/// chunk order: in slots reused from one chunk to the next, so a stream of
+/// them allocates nothing. Outcomes mostly arrive, and are taken, in order:
+/// both ends are cheap then.
+class ReadyOutcomes {
+ public:
+  using Entry = std::pair<std::uint64_t, ChunkOutcome>;
+
+  std::size_t size() const { return entries_.size(); }
+  bool empty() const { return entries_.empty(); }
+  Entry& operator[](std::size_t k) { return entries_[k]; }
+
+  void insert(std::uint64_t chunk, ChunkOutcome&& outcome) {
+    entries_.push_back({chunk, std::move(outcome)});
+    for (std::size_t k = entries_.size() - 1; k > 0 && entries_[k - 1].first > chunk; --k) {
+      std::swap(entries_[k - 1], entries_[k]);
+    }
+  }
+  /// The position of chunk `chunk`, or size() if it is not here.
+  std::size_t find(std::uint64_t chunk) const {
+    std::size_t lo = 0, hi = entries_.size();
+    while (lo < hi) {
+      std::size_t mid = lo + (hi - lo) / 2;
+      if (entries_[mid].first < chunk) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    return lo < entries_.size() && entries_[lo].first == chunk ? lo : entries_.size();
+  }
+  bool contains(std::uint64_t chunk) const { return find(chunk) != entries_.size(); }
+  void erase(std::size_t k) {
+    if (k == 0) {
+      entries_.pop_front();
+    } else {
+      entries_.erase(k);
+    }
+  }
+  void clear() { entries_.clear(); }
+
+ private:
+  Ring<Entry> entries_;
+};
+
+// ---- turning outcomes into values and exceptions ----------------------------
+
+inline std::string describe_input(std::string_view call, std::size_t index) {
+  if (call == "apply" || call == "apply_async") return fmt::format("the {} task", call);
+  return fmt::format("{} input #{}", call, index);
+}
+
+inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call, std::size_t index) {
+  std::string input = describe_input(call, index);
+  switch (failure.kind) {
+    case ChunkFailure::Kind::worker_lost: {
+      int status = failure.wait_status;
+      int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+      int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      return std::make_exception_ptr(
+          WorkerLost(fmt::format("procpool: worker {} (pid {}) {} while running {}; the pool replaced it",
+                                 failure.worker, failure.pid, describe_wait_status(status), input),
+                     failure.pid, failure.worker, index, sig, code));
+    }
+    case ChunkFailure::Kind::terminated:
+      return std::make_exception_ptr(
+          PoolNotRunning(fmt::format("procpool: the pool was terminated before {} finished", input)));
+    case ChunkFailure::Kind::initializer:
+      return std::make_exception_ptr(InitializerError(
+          fmt::format("procpool: {} was not run: the pool's initializer failed in worker {} (pid {}): {}. "
+                      "The pool does not restart workers to retry a failing initializer; fix it and create a new pool",
+                      input, failure.worker, failure.pid, failure.detail)));
+    case ChunkFailure::Kind::protocol:
+      return std::make_exception_ptr(ProtocolError(fmt::format("procpool: {} failed: {} (worker {}, pid {})", input,
+                                                               failure.detail, failure.worker, failure.pid)));
+    case ChunkFailure::Kind::timeout:
+      return std::make_exception_ptr(TaskTimeout(fmt::format(
+          "procpool: {} ran longer than the task timeout ({}) in worker {} (pid {}); the worker was stopped "
+          "and replaced",
+          input, failure.detail, failure.worker, failure.pid)));
+    case ChunkFailure::Kind::start_failed:
+      return std::make_exception_ptr(Error(fmt::format("procpool: {} was not run: {}", input, failure.detail)));
+  }
+  return {};
+}
+
+/// Decodes one chunk's outcome, calling on_value(index, R&&) or
+/// on_error(index, exception_ptr) for each of its `count` items, in order.
+template <class R, class OnValue, class OnError>
+void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise_original, std::size_t first_index,
+                  std::size_t count, OnValue&& on_value, OnError&& on_error) {
+  if (const ChunkFailure* failure = outcome.failure()) {
+    for (std::size_t i = 0; i < count; ++i) {
+      on_error(first_index + i, make_chunk_error(*failure, call, first_index + i));
+    }
+    return;
+  }
+  const std::span<const char> bytes = outcome.bytes();
+  Decoder decoder(bytes.data(), bytes.size());
+  std::size_t i = 0;
+  try {
+    for (; i < count; ++i) {
+      std::uint8_t byte = 0;
+      decoder(byte);
+      if (byte == outcome_byte(ItemOutcome::value)) {
+        R value{};
+        decoder(value);
+        on_value(first_index + i, std::move(value));
+      } else if (byte == outcome_byte(ItemOutcome::unsent)) {
+        std::string why;
+        decoder(why);
+        on_error(first_index + i,
+                 make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0, std::move(why)}, call,
+                                  first_index + i));
+      } else if (byte != outcome_byte(ItemOutcome::raised)) {
+        throw std::runtime_error(fmt::format("an item outcome of {}, which is none of 0, 1 and 2", byte));
+      } else {
+        std::string type, message;
+        decoder(type, message);
+        std::string what =
+            fmt::format("procpool: {} raised {}: {} (worker {}, pid {})", describe_input(call, first_index + i), type,
+                        message, outcome.worker, outcome.pid);
+        RemoteError error(std::move(what), std::move(type), std::move(message), outcome.pid, outcome.worker,
+                          first_index + i);
+        on_error(first_index + i, raise_original ? error.original() : std::make_exception_ptr(std::move(error)));
+      }
+    }
+  } catch (const std::exception& e) {
+    ChunkFailure bad{ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
+                     !outcome.rare || outcome.rare->share_failure.empty()
+                         ? fmt::format("its result could not be decoded ({})", e.what())
+                         : fmt::format("its result could not be decoded ({}; when the worker shared it: {})", e.what(),
+                                       outcome.rare->share_failure)};
+    for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i));
+  }
+}
+
+}  // namespace procpool::detail
