@@ -116,3 +116,33 @@ POOL_TEST("a program a task runs inherits none of the pool's fds", "[stdio][fds]
     }
   }
 }
+
+TEST_CASE("procpool puts /dev/null on closed stdio before it makes any fd", "[stdio][fds]") {
+  // A program that closes fd 1 while a pool runs: the next fd procpool makes
+  // must not be fd 1 even for a moment, or the output relay's next write to
+  // fd 1 lands in it. In a child, whose fds this may close.
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    ::close(0);
+    ::close(1);
+    int failures = 0;
+    {
+      auto pipe = procpool::detail::make_pipe();  // would have been fds 0 and 1
+      struct stat out {
+      }, null{};
+      if (pipe.read.get() <= 2 || pipe.write.get() <= 2) failures |= 1;
+      if (::fstat(1, &out) != 0 || ::stat("/dev/null", &null) != 0 || out.st_ino != null.st_ino) failures |= 2;
+    }
+    ::close(1);
+    {
+      auto memory = procpool::detail::create_shm_buffer("procpool-test", 4096);  // memfd_create: make_tracked
+      if (memory->fd.get() <= 2 || ::fcntl(1, F_GETFD) == -1) failures |= 4;
+    }
+    ::_exit(failures);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}

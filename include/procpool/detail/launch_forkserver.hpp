@@ -92,6 +92,7 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
     header.msg_control = control;
     header.msg_controllen = sizeof(control);
     std::unique_lock lock(FdRegistry::instance().mutex());
+    occupy_closed_stdio();
     n = retry_eintr([&] { return ::recvmsg(sock, &header, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); });
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
       lock.unlock();
@@ -383,6 +384,7 @@ class ForkserverLauncher final : public Launcher {
       // Registered under the lock fork() holds, as make_pipe does.
       std::lock_guard lock(FdRegistry::instance().mutex());
       int pair[2];
+      occupy_closed_stdio();
       if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) == -1) throw_errno("socketpair");
       pair[0] = keep_above_stdio(pair[0]);
       pair[1] = keep_above_stdio(pair[1]);

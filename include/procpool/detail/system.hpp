@@ -144,6 +144,12 @@ struct Pipe {
  * would otherwise take that number: a pipe or a shared buffer of procpool's
  * would then be the program's (or a worker's) stdout, and what a task prints
  * would land in it. Not close-on-exec: children need their stdio too.
+ *
+ * Called again before procpool makes any fd (make_tracked, pipes, the fork
+ * server's socket and received fds): a program may close its stdio while a
+ * pool runs, and a new fd would then be 0, 1 or 2 for a moment, before
+ * keep_above_stdio() moves it, long enough for the output relay's write to
+ * fd 1 to land in it (in a new worker's task pipe, say).
  */
 inline void occupy_closed_stdio() noexcept {
   for (int fd = 0; fd <= 2; ++fd) {
@@ -175,6 +181,7 @@ inline int keep_above_stdio(int fd) noexcept {
 template <class Create>
 Fd make_tracked(const char* call, Create create) {
   std::lock_guard lock(FdRegistry::instance().mutex());
+  occupy_closed_stdio();
   int fd = keep_above_stdio(create());
   if (fd < 0) throw_errno(call);
   FdRegistry::instance().add_locked(fd);
@@ -183,6 +190,7 @@ Fd make_tracked(const char* call, Create create) {
 
 /// pipe2(O_CLOEXEC), both ends above 2 (keep_above_stdio); -1 with errno.
 inline int pipe_above_stdio(int fds[2]) noexcept {
+  occupy_closed_stdio();
   if (::pipe2(fds, O_CLOEXEC) == -1) return -1;
   fds[0] = keep_above_stdio(fds[0]);
   fds[1] = keep_above_stdio(fds[1]);
