@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Builds procpool and runs every test: the normal build, then the whole suite
-# again under AddressSanitizer + UndefinedBehaviorSanitizer and under
-# ThreadSanitizer (the asan and tsan presets; tsan without the fork start
-# method, see below), then fuzzes the frame decoder for 30 seconds
-# (scripts/fuzz.sh). This is the README's test command and what CI runs.
+# Builds procpool and runs every test: the normal build (g++), then the whole
+# suite again built with clang++ under AddressSanitizer +
+# UndefinedBehaviorSanitizer and with g++ under ThreadSanitizer (the asan and
+# tsan presets, without the fork start method, see below), then fuzzes the
+# frame decoder for 30 seconds (scripts/fuzz.sh). This is the README's test
+# command and what CI runs.
 # PROCPOOL_TEST_SANITIZERS=0 runs the normal build only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,15 +26,19 @@ report() {
 }
 trap report EXIT
 
-stage "build" bash -c 'cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo && cmake --build build -j2'
+stage "build" bash -c 'cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPROCPOOL_UNITY_TESTS=ON && cmake --build build -j2'
 stage "test" ctest --test-dir build --output-on-failure -j2
 if [[ "${PROCPOOL_TEST_SANITIZERS:-1}" != 0 ]]; then
   for preset in asan tsan; do
     # The consumer projects build without sanitizers, and the docs, format and
     # compile-failure checks run no procpool code: the normal run covers them.
-    stage "build $preset" bash -c "cmake --preset $preset -DPROCPOOL_BUILD_BENCHMARKS=OFF && cmake --build --preset $preset -j2"
+    # The asan build is clang's: the suite is built and run with both compilers.
+    compiler=g++
+    if [[ $preset == asan ]]; then compiler=clang++; fi
+    stage "build $preset ($compiler)" bash -c "cmake --preset $preset -DCMAKE_CXX_COMPILER=$compiler \
+      -DPROCPOOL_BUILD_BENCHMARKS=OFF -DPROCPOOL_UNITY_TESTS=ON && cmake --build --preset $preset -j2"
     exclude='^consumer\.|^docs\.|^format\.|^compile_fail\.|^compile\.|^quickstart\.'
-    # Neither sanitizer runtime (GCC 12's libsanitizer) is safe to fork() in
+    # Neither sanitizer runtime (GCC 12's, clang 14's) is safe to fork() in
     # a threaded program: TSan runs a thread of its own, and ASan's allocator
     # takes a lock that fork() does not hold, so a worker forked while another
     # thread allocates can wait for it for ever (seen: the output relay test,

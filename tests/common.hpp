@@ -4,6 +4,8 @@
 #include <catch2/catch.hpp>
 #include <procpool/procpool.hpp>
 
+#include "views.hpp"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>

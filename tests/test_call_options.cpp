@@ -57,7 +57,7 @@ void check_reports(const Recorder& recorder, std::size_t n, std::optional<std::s
 
 }  // namespace call_options_test
 
-using namespace call_options_test;
+namespace call_options_test {
 
 POOL_TEST("CallOptions sets the chunksize of one call", "[call]") {
   procpool::Pool pool(test::options<TestType>());
@@ -142,7 +142,7 @@ POOL_TEST("progress is reported as chunks complete, failures included", "[call][
   }
   {
     Recorder recorder;  // over a generator it does not
-    auto gen = std::views::iota(0L, 30L) | std::views::filter([](long) { return true; });
+    auto gen = tv::iota(0L, 30L) | tv::filter([](long) { return true; });
     std::size_t n = 0;
     for ([[maybe_unused]] long v : pool.imap<twice>(gen, {.chunksize = 4, .progress = recorder.callback()})) ++n;
     CHECK(n == 30);
@@ -161,7 +161,7 @@ POOL_TEST("imap reads no further ahead than imap_prefetch_bytes allow", "[call][
   constexpr std::size_t item = std::size_t{4} << 20;  // 4 MiB strings
   procpool::Pool pool(test::options<TestType>({.imap_prefetch_bytes = std::size_t{16} << 20}));
   std::atomic<std::size_t> produced{0};
-  auto items = std::views::iota(0, 40) | std::views::transform([&](int) {
+  auto items = tv::iota(0, 40) | tv::transform([&](int) {
                  ++produced;
                  return std::string(item, 'x');
                });
@@ -176,7 +176,6 @@ POOL_TEST("imap reads no further ahead than imap_prefetch_bytes allow", "[call][
   CHECK(most_ahead <= 6);
 }
 
-namespace call_options_test {
 long nap_ms(long ms) {
   std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   return ms;
@@ -185,7 +184,6 @@ long fail_on_seven(long x) {
   if (x == 7) throw std::runtime_error("seven");
   return x;
 }
-}  // namespace call_options_test
 
 POOL_TEST("adaptive chunking batches tiny tasks and sends long ones alone", "[call][adaptive]") {
   procpool::Pool pool(test::options<TestType>());
@@ -210,7 +208,7 @@ POOL_TEST("adaptive chunking batches tiny tasks and sends long ones alone", "[ca
   }
   {
     // imap over a generator of unknown length, in order.
-    auto gen = std::views::iota(0L, 5000L) | std::views::filter([](long) { return true; });
+    auto gen = tv::iota(0L, 5000L) | tv::filter([](long) { return true; });
     long expect = 0;
     for (long v : pool.imap<twice>(gen, {.chunksize = procpool::adaptive})) {
       CHECK(v == 2 * expect);
@@ -225,3 +223,5 @@ POOL_TEST("adaptive chunking batches tiny tasks and sends long ones alone", "[ca
       test::thrown<procpool::RemoteError>([&] { pool.map<fail_on_seven>(in, {.chunksize = procpool::adaptive}); });
   CHECK(error.input_index() == 7);
 }
+
+}  // namespace call_options_test

@@ -36,7 +36,7 @@ using test::squares;
 
 }  // namespace callbacks_test
 
-using namespace callbacks_test;
+namespace callbacks_test {
 
 POOL_TEST("map_async's callbacks run before wait() and get() return", "[callbacks]") {
   procpool::Pool pool(test::options<TestType>());
@@ -178,3 +178,5 @@ POOL_TEST("on_worker_output may call back into its pool", "[callbacks][reentrant
     CHECK_THROWS_AS(pool.apply<sq>(2L), procpool::PoolNotRunning);
   }
 }
+
+}  // namespace callbacks_test

@@ -184,7 +184,7 @@ long throws_protocol_error(long x) { throw procpool::ProtocolError("from inside 
 
 }  // namespace errors_test
 
-using namespace errors_test;
+namespace errors_test {
 
 // ---- RemoteError ------------------------------------------------------------------
 
@@ -638,3 +638,5 @@ POOL_TEST("strings and structs around a failure midway through a chunk still arr
   REQUIRE(ok.size() == safe.size());
   for (std::size_t k = 0; k < safe.size(); ++k) CHECK(ok[k].value == safe[k] * 10);
 }
+
+}  // namespace errors_test

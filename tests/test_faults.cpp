@@ -96,7 +96,7 @@ std::vector<std::string> outcomes(R&& results) {
 
 }  // namespace faults_test
 
-using namespace faults_test;
+namespace faults_test {
 
 POOL_TEST("a crash costs exactly the task that was running", "[faults]") {
   // Short tasks, so several wait in each worker's pipe when item 5 crashes.
@@ -155,7 +155,7 @@ POOL_TEST("a worker over max_memory_per_child is replaced after its task", "[fau
   CHECK(pool.apply<twice>(1L) == 2);
 }
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#if defined(PROCPOOL_SANITIZED)
 #define PROCPOOL_TEST_NO_RLIMIT_AS 1
 #endif
 
@@ -181,7 +181,7 @@ POOL_TEST("an imap input that throws yields what came before, then its error", "
   procpool::Pool pool(test::options<TestType>());
   for (std::size_t chunksize : {std::size_t{1}, std::size_t{4}}) {
     CAPTURE(chunksize);
-    auto failing = std::views::iota(0L, 100L) | std::views::transform([](long x) {
+    auto failing = tv::iota(0L, 100L) | tv::transform([](long x) {
                      if (x == 10) throw std::runtime_error("input broke at 10");
                      return x;
                    });
@@ -197,7 +197,7 @@ POOL_TEST("an imap input that throws yields what came before, then its error", "
     CHECK(seen == std::vector<long>{0, 2, 4, 6, 8, 10, 12, 14, 16, 18});
   }
   // map reads its input first, so the input's error comes before any work.
-  auto failing = std::views::iota(0L, 100L) | std::views::filter([](long x) {
+  auto failing = tv::iota(0L, 100L) | tv::filter([](long x) {
                    if (x == 50) throw std::runtime_error("filter broke");
                    return true;
                  });
@@ -206,7 +206,7 @@ POOL_TEST("an imap input that throws yields what came before, then its error", "
   // A sized input is sent in batches as it is encoded: here the first
   // batches are already running when the input breaks. The caller gets the
   // input's error; what was sent is dropped, and the pool goes on.
-  auto breaks_late = std::views::iota(0, 8) | std::views::transform([](int x) {
+  auto breaks_late = tv::iota(0, 8) | tv::transform([](int x) {
                        if (x == 5) throw std::runtime_error("input broke at 5");
                        return std::string(std::size_t{512} << 10, static_cast<char>('a' + x));
                      });
@@ -225,8 +225,6 @@ POOL_TEST("1,000 pool lifecycles leave no fd and no child behind", "[faults][lif
   CHECK(test::open_fd_count() == fds);
   CHECK(test::child_pids().size() == children);
 }
-
-namespace faults_test {
 
 /// A helper program run in the background, read line by line.
 struct Background {
@@ -281,8 +279,6 @@ struct Background {
   }
 };
 
-}  // namespace faults_test
-
 POOL_TEST("workers and any fork server die with a parent killed by SIGKILL", "[faults][orphans]") {
   Background helper({PROCPOOL_HELPER, "orphan", std::string(procpool::to_string(TestType::method))});
   auto workers = helper.worker_pids();
@@ -304,3 +300,5 @@ POOL_TEST("Ctrl-C during a map ends the program promptly and leaves no worker", 
   CHECK((WIFSIGNALED(status) && WTERMSIG(status) == SIGINT));
   CHECK(test::all_stop_running(workers, 5s));
 }
+
+}  // namespace faults_test

@@ -46,7 +46,7 @@ long nap(long ms) {
 
 }  // namespace futures_test
 
-using namespace futures_test;
+namespace futures_test {
 
 POOL_TEST("cancel() withdraws tasks not yet started, exactly once, and leaves the others to run", "[futures][cancel]") {
   constexpr long n = 1000;
@@ -236,11 +236,11 @@ POOL_TEST("several inputs zipped together, shortest first, lazily for imap", "[f
   CHECK(pool.map<label>(procpool::zip(names, std::vector<long>{1, 2, 3})) == std::vector<std::string>{"a=1", "b=2"});
   // Lazy: an endless input is read only as far as needed.
   long read = 0;
-  auto counting = std::views::iota(0L) | std::views::transform([&read](long x) {
+  auto counting = tv::iota(0L) | tv::transform([&read](long x) {
                     ++read;
                     return x;
                   });
-  auto lazy = pool.imap<add>(procpool::zip(counting, std::views::iota(100L)), 1);
+  auto lazy = pool.imap<add>(procpool::zip(counting, tv::iota(100L)), 1);
   std::vector<long> first;
   for (long v : lazy) {
     first.push_back(v);
@@ -249,3 +249,5 @@ POOL_TEST("several inputs zipped together, shortest first, lazily for imap", "[f
   CHECK(first == std::vector<long>{100, 102, 104, 106, 108});
   CHECK(read < 5000);
 }
+
+}  // namespace futures_test

@@ -99,7 +99,7 @@ TEST_CASE("imap takes ready outcomes in order up to a gap, a count and a byte bo
 POOL_TEST("imap refills its prefetch in batches, not one chunk per result", "[imap]") {
   procpool::Pool pool(test::options<TestType>({.imap_prefetch = 8}));
   long pulled = 0;
-  auto counting = std::views::iota(0L, 400L) | std::views::transform([&pulled](long x) {
+  auto counting = tv::iota(0L, 400L) | tv::transform([&pulled](long x) {
                     ++pulled;
                     return x;
                   });
@@ -208,7 +208,7 @@ TEST_CASE("a ring emptied after a burst lets its array go, and works on", "[job]
 }
 
 POOL_TEST("map's tasks ask their worker to look for the next before sleeping; imap's and apply's do not", "[job]") {
-  const auto in = std::views::iota(0L, 300L);
+  const auto in = tv::iota(0L, 300L);
   {
     procpool::Pool pool(test::options<TestType>({.processes = 2}));
     // One batch of 300 queued at once: every task but the last sent has more behind it.

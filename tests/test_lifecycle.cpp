@@ -200,7 +200,7 @@ void check_initialized(const std::vector<InitSeen>& seen, const test::TempDir& d
 
 }  // namespace lifecycle_test
 
-using namespace lifecycle_test;
+namespace lifecycle_test {
 
 // ---- maxtasksperchild ----------------------------------------------------------
 
@@ -632,3 +632,5 @@ POOL_TEST("destroying a pool while another thread is inside map ends that call w
     CHECK_THROWS_AS(std::rethrow_exception(error), procpool::PoolNotRunning);
   }
 }
+
+}  // namespace lifecycle_test

@@ -23,7 +23,7 @@ namespace {
 long square(long x) { return x * x; }
 /// 0, 1, 2, ... without end, counting in `pulled` how many were read.
 auto counted_iota(long& pulled) {
-  return std::views::iota(0L) | std::views::transform([&pulled](long x) {
+  return tv::iota(0L) | tv::transform([&pulled](long x) {
            ++pulled;
            return x;
          });
@@ -144,7 +144,7 @@ POOL_TEST("map sends work while it is still encoding the rest of its input", "[m
   test::TempDir dir;
   const std::string marker = dir / "first-ran";
   bool first_ran_before_second_made = false;
-  auto items = std::views::iota(0, 2) | std::views::transform([&](int i) {
+  auto items = tv::iota(0, 2) | tv::transform([&](int i) {
                  if (i == 0) return std::pair{marker, std::string(std::size_t{2} << 20, 'x')};
                  first_ran_before_second_made = wait_for_file(marker, std::chrono::seconds(20));
                  return std::pair{std::string(), std::string("y")};
@@ -163,7 +163,7 @@ POOL_TEST("map keeps at most imap_prefetch_bytes of task messages ahead of the w
   std::atomic<std::size_t> done{0};
   std::size_t pulled = 0;
   std::size_t most_ahead = 0;
-  auto items = std::views::iota(0, 48) | std::views::transform([&](int) {
+  auto items = tv::iota(0, 48) | tv::transform([&](int) {
                  most_ahead = std::max(most_ahead, pulled - done.load());
                  ++pulled;
                  return std::string(std::size_t{1} << 20, 'x');
@@ -181,7 +181,7 @@ POOL_TEST("a long task does not hold back a byte-bounded map's other work", "[ma
   procpool::Pool pool(test::options<TestType>({.processes = 2, .imap_prefetch_bytes = std::size_t{256} << 10}));
   test::TempDir dir;
   const std::string go = dir / "go";
-  auto items = std::views::iota(0, 200) | std::views::transform([&](int i) {
+  auto items = tv::iota(0, 200) | tv::transform([&](int i) {
                  return std::pair{i == 0 ? go : std::string(), std::string(std::size_t{64} << 10, 'x')};
                });
   bool released = false;
@@ -202,7 +202,7 @@ POOL_TEST("a map streaming its input is not cut short by a close() meanwhile", "
   // the second is being made. The map still gets every result, then the
   // pool winds down as a closed pool does.
   procpool::Pool pool(test::options<TestType>());
-  auto items = std::views::iota(0, 3) | std::views::transform([&](int i) {
+  auto items = tv::iota(0, 3) | tv::transform([&](int i) {
                  if (i == 1) pool.close();
                  return std::pair{std::string(), std::string(i == 0 ? std::size_t{2} << 20 : 1, 'x')};
                });
@@ -223,7 +223,7 @@ POOL_TEST("a map that fails midway returns only after its progress callback", "[
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     finished = true;
   };
-  auto items = std::views::iota(0, 3) | std::views::transform([&](int i) {
+  auto items = tv::iota(0, 3) | tv::transform([&](int i) {
                  if (i == 1) {
                    for (int k = 0; k < 2000 && !started; ++k) std::this_thread::sleep_for(std::chrono::milliseconds(5));
                    throw std::runtime_error("input broke at 1");
@@ -254,8 +254,8 @@ POOL_TEST("map over 200,000 items matches the serial result", "[map]") {
 POOL_TEST("map takes any input range, sized or not", "[map]") {
   procpool::Pool pool(test::options<TestType>());
   auto expected = serial(square, iota_vec(100));
-  CHECK(pool.map<square>(std::views::iota(0L, 100L)) == expected);
-  auto odd = std::views::iota(0L, 100L) | std::views::filter([](long x) { return x % 2 == 1; });
+  CHECK(pool.map<square>(tv::iota(0L, 100L)) == expected);
+  auto odd = tv::iota(0L, 100L) | tv::filter([](long x) { return x % 2 == 1; });
   auto got = pool.map<square>(odd, 3);
   REQUIRE(got.size() == 50);
   CHECK(got[0] == 1);
@@ -413,7 +413,7 @@ POOL_TEST("a result that throws while imap decodes it loses none of the results 
 
 POOL_TEST("an imap whose pool is closed while it reads ends with PoolNotRunning after what was sent", "[imap]") {
   procpool::Pool pool(test::options<TestType>({.processes = 2, .imap_prefetch = 8}));
-  auto results = pool.imap<square>(std::views::iota(0L, 1000L), 1);
+  auto results = pool.imap<square>(tv::iota(0L, 1000L), 1);
   CHECK(results.next() == 0);
   pool.close();
   long next = 1;

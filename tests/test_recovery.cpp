@@ -96,7 +96,7 @@ void exit_in_initializer() { ::_exit(3); }
 
 }  // namespace recovery_test
 
-using namespace recovery_test;
+namespace recovery_test {
 
 POOL_TEST("a worker that cannot be started for want of fds fails only the tasks without one, then the pool recovers",
           "[recovery][emfile]") {
@@ -188,3 +188,5 @@ POOL_TEST("a worker whose result stream stops mid-frame is a ProtocolError in bo
   CHECK(std::chrono::steady_clock::now() - started < 60s);
   CHECK(pool.map<sq>(iota_vec(20), 1) == squares(20));
 }
+
+}  // namespace recovery_test

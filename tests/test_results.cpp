@@ -48,7 +48,7 @@ using test::iota_vec;
 
 }  // namespace results_test
 
-using namespace results_test;
+namespace results_test {
 
 POOL_TEST("a range-for over IMap::results() goes on past failed items", "[results]") {
   procpool::Pool pool(test::options<TestType>());
@@ -254,3 +254,5 @@ TEST_CASE("two exception types of one name are raised as neither", "[results][er
   types.add("results_test::Twice", typeid(long), maker);  // another type of that name
   CHECK(types.find("results_test::Twice") == nullptr);
 }
+
+}  // namespace results_test

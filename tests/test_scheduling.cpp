@@ -93,7 +93,7 @@ void short_tasks_pass_a_busy_worker(Busy busy) {
 
 }  // namespace scheduling_test
 
-using namespace scheduling_test;
+namespace scheduling_test {
 
 POOL_TEST("short tasks do not wait behind a long one while a worker idles", "[scheduling]") {
   short_tasks_pass_a_busy_worker<TestType>(Busy::sleeping);
@@ -199,7 +199,7 @@ TEST_CASE("a claim word is won by the worker or the pool, never both", "[schedul
   ::close(to_parent[0]);
 }
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#if defined(PROCPOOL_SANITIZED)
 #define PROCPOOL_TEST_NO_RLIMIT_AS 1
 #endif
 
@@ -214,3 +214,5 @@ POOL_TEST("a task whose message a worker cannot read fails, and is not passed ro
   CHECK_THROWS_AS(pool.apply<length_of>(std::vector<char>(std::size_t{256} << 20, 'x')), procpool::Error);
   CHECK(pool.apply<length_of>(std::vector<char>(10, 'x')) == 10);
 }
+
+}  // namespace scheduling_test

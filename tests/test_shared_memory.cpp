@@ -157,8 +157,7 @@ POOL_TEST("a SharedMemory argument is the parent's memory: what the worker write
   std::vector<SharedMemory> blocks;
   for (int i = 0; i < 6; ++i) blocks.emplace_back(std::size_t{1} << 20);
   std::vector<SharedMemory> results =
-      pool.starmap<fill_block>(std::views::iota(0, 6) |
-                                   std::views::transform([&](int i) { return std::tuple(blocks[i], 100 + i); }),
+      pool.starmap<fill_block>(tv::iota(0, 6) | tv::transform([&](int i) { return std::tuple(blocks[i], 100 + i); }),
                                1);
   REQUIRE(results.size() == blocks.size());
   for (int i = 0; i < 6; ++i) {
@@ -189,8 +188,8 @@ POOL_TEST("a SharedMemory the caller lets go of after imap encoded it lives unti
   procpool::Pool pool(test::options<TestType>({.processes = 2}));
   // Each block is made by the view, encoded, and destroyed in the parent
   // before (or while) a worker maps it.
-  auto made = std::views::iota(std::size_t{1}, std::size_t{41}) |
-              std::views::transform([](std::size_t i) { return fill_block(SharedMemory(i * 1000), 3); });
+  auto made = tv::iota(std::size_t{1}, std::size_t{41}) |
+              tv::transform([](std::size_t i) { return fill_block(SharedMemory(i * 1000), 3); });
   std::vector<std::uint64_t> sums;
   for (std::uint64_t sum : pool.imap<sum_block>(made, 1)) sums.push_back(sum);
   REQUIRE(sums.size() == 40);

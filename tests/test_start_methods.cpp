@@ -121,7 +121,7 @@ TEST_CASE("fork in a threaded program: the pool's own locks are never copied loc
                        .maxtasksperchild = 1,
                        .task_timeout = std::chrono::seconds(2)});
   long expected = 0;
-  for (long got : pool.imap<lock_and_return>(std::views::iota(0L, 300L), 1)) CHECK(got == expected++);
+  for (long got : pool.imap<lock_and_return>(tv::iota(0L, 300L), 1)) CHECK(got == expected++);
   CHECK(expected == 300);
 }
 

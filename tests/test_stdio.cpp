@@ -19,7 +19,7 @@ POOL_TEST("results are exact when the program starts with stdin, stdout or stder
   const std::vector<std::vector<int>> closed_sets = {{0}, {1}, {2}, {0, 1}, {0, 1, 2}};
   // Under the sanitizers each run takes seconds (every process starts
   // slowly): two modes, one relaying output and one not.
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#if defined(PROCPOOL_SANITIZED)
   const std::vector<std::string> modes = {"inherit", "prefixed"};
 #else
   const std::vector<std::string> modes = {"inherit", "lines", "prefixed", "callback"};

@@ -543,7 +543,7 @@ bool verbose() {
 
 }  // namespace stress_test
 
-using namespace stress_test;
+namespace stress_test {
 
 POOL_TEST("stress: seeded crashes, exceptions and timeouts across the API, every outcome exact", "[stress][faults]") {
   const std::uint64_t seed = seed_from_env();
@@ -596,3 +596,5 @@ POOL_TEST("stress: seeded crashes, exceptions and timeouts across the API, every
   }
   CHECK(total < 60s);  // bounded: well under the ctest timeout, even on a loaded machine
 }
+
+}  // namespace stress_test

@@ -620,7 +620,7 @@ POOL_TEST("shared-memory buffers are reused: their number follows the messages o
   procpool::Options o = test::options<TestType>({.processes = 2, .max_tasks_in_flight = 2, .imap_prefetch = 4});
   procpool::Pool streaming(o);
   std::size_t most_task = 0, most_result = 0, count = 0;
-  for (const Seen& seen : streaming.imap<echo_and_look>(std::views::iota(0, 150) | std::views::transform([](int i) {
+  for (const Seen& seen : streaming.imap<echo_and_look>(tv::iota(0, 150) | tv::transform([](int i) {
                                                           return big(std::size_t{1} << 20,
                                                                      static_cast<char>('a' + i % 26));
                                                         }))) {

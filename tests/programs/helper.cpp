@@ -179,7 +179,7 @@ int closed_stdio(const std::string& method, const std::string& mode, const std::
     // Fewer under the sanitizers, whose copies of 1 MiB and whose process
     // starts are many times slower (with maxtasksperchild = 1, "late", each
     // task starts a worker).
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#if defined(PROCPOOL_SANITIZED)
     const std::size_t large = 20, small_count = 10;
 #else
     const std::size_t large = 200, small_count = 50;

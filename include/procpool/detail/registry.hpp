@@ -24,8 +24,8 @@ using HandlerFn = void (*)(Decoder& in, std::uint32_t count, Encoder& out);
 
 inline std::uint64_t fnv1a(std::string_view text) {
   std::uint64_t hash = 0xcbf29ce484222325ULL;
-  for (unsigned char c : text) {
-    hash ^= c;
+  for (char c : text) {
+    hash ^= static_cast<unsigned char>(c);
     hash *= 0x100000001b3ULL;
   }
   return hash;
