@@ -204,9 +204,10 @@ class OutputRelay {
       }
       return;
     }
-    std::string line;
-    line.reserve(text.size() + 40);
-    if (prefixed_) fmt::format_to(std::back_inserter(line), "[worker {} pid {}] ", s.slot, s.pid);
+    // fmt::format, not format_to: format_to would compile all of fmt's
+    // formatting into every program that includes procpool.
+    std::string line = prefixed_ ? fmt::format("[worker {} pid {}] ", s.slot, s.pid) : std::string();
+    line.reserve(line.size() + text.size() + 1);
     line.append(text);
     line.push_back('\n');
     write_whole(s.stream == WorkerStream::out ? 1 : 2, line);
