@@ -5,10 +5,10 @@
 #include <thread>
 #include <vector>
 
+#include <fmt/format.h>
 #include <cereal/archives/binary.hpp>
 #include <cereal/types/string.hpp>
 #include <cereal/types/vector.hpp>
-#include <fmt/format.h>
 
 long square(long x) { return x * x; }
 

@@ -99,7 +99,17 @@ class IMap {
   IMap(IMap&& other) noexcept = default;
   /// Cancels the tasks not yet started of the results this one held, as the
   /// destructor does, then takes over `other`'s results.
-  IMap& operator=(IMap&& other) noexcept = default;
+  IMap& operator=(IMap&& other) noexcept {
+    if (this != &other) {
+      feed_ = std::move(other.feed_);  // the old feed's destructor cancels its tasks
+      buffer_ = std::move(other.buffer_);
+      current_ = std::move(other.current_);
+      progress_ = std::move(other.progress_);
+      handed_ = other.handed_;
+      progress_failed_ = other.progress_failed_;
+    }
+    return *this;
+  }
   /// Not copyable: the results are consumed once.
   IMap(const IMap&) = delete;
   /// Not copyable: the results are consumed once.
@@ -270,8 +280,9 @@ class IMap {
 
   bool has_next() { return current_ || !buffer_.empty() || feed_->more(); }
 
-  /// Decodes the next chunk's results into buffer_ (or the input's error),
-  /// then makes the first current.
+  /// Decodes what the feed took at once into buffer_ (or the input's
+  /// error), then makes the first current. All of it: an outcome not yet
+  /// decoded holds its worker's shared result buffer.
   void fetch(detail::Deadline deadline) {
     while (buffer_.empty()) {
       auto piece = feed_->next(deadline);
@@ -279,17 +290,24 @@ class IMap {
         buffer_.emplace_back(std::in_place_index<1>, std::move(piece.input_error));
         break;
       }
-      const auto& job = feed_->job();
-      detail::decode_chunk<T>(
-          piece.outcome, job.call(), job.raise_original(), piece.first, piece.count,
-          [&](std::size_t, T&& value) { buffer_.emplace_back(std::in_place_index<0>, std::move(value)); },
-          [&](std::size_t, std::exception_ptr error) {
-            buffer_.emplace_back(std::in_place_index<1>, std::move(error));
-          });
+      decode(piece);
+      // One at a time: if decoding one throws, the rest are still there.
+      while (feed_->has_taken()) {
+        auto more = feed_->next(std::nullopt);
+        decode(more);
+      }
     }
     current_.emplace(std::move(buffer_.front()));
     buffer_.pop_front();
     report_handed();
+  }
+
+  void decode(detail::ImapFeed::Piece& piece) {
+    const auto& job = feed_->job();
+    detail::decode_chunk<T>(
+        piece.outcome, job.call(), job.raise_original(), piece.first, piece.count,
+        [&](std::size_t, T&& value) { buffer_.emplace_back(std::in_place_index<0>, std::move(value)); },
+        [&](std::size_t, std::exception_ptr error) { buffer_.emplace_back(std::in_place_index<1>, std::move(error)); });
   }
 
   std::unique_ptr<detail::ImapFeed> feed_;

@@ -73,6 +73,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
                    task_memory_, shm_threshold_),
         reader_(max_message_, shm_threshold_, scheduler_.task_time, timeouts_used_) {
     wake_ = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
+    workers_.reserve(2 * processes_);  // at most two a slot (start_missing_workers)
     if (options.worker_output != WorkerOutput::inherit || options.on_worker_output) {
       relay_ = std::make_unique<OutputRelay>(options.worker_output, options.on_worker_output);
     }

@@ -13,9 +13,11 @@ inline void Dispatcher::start_missing_workers(std::unique_lock<std::mutex>& lock
   // The first time, every worker starts whatever the state: a pool closed
   // as soon as it is made still runs its initializer once in each worker.
   const bool first = std::exchange(first_start_, false);
-  const bool want = !broken_ && (first || state_ == State::running ||
-                                 (state_ == State::closed && (streams_ > 0 || !pending_.empty())));
-  if (!want) return;
+  auto want = [&] {
+    return !broken_ &&
+           (first || state_ == State::running || (state_ == State::closed && (streams_ > 0 || !pending_.empty())));
+  };
+  if (!want()) return;
   // After a failed start, wait for the backoff unless tasks have nowhere to
   // go and have waited for one attempt already.
   if (start_failure_ && Clock::now() < next_start_ &&
@@ -49,8 +51,9 @@ inline void Dispatcher::start_missing_workers(std::unique_lock<std::mutex>& lock
     start_failure_.reset();
     start_failures_ = 0;
     start_backoff_ = std::chrono::milliseconds(0);
-    workers_.push_back(std::move(w));
-    if (state_ == State::terminating) return;
+    workers_.push_back(std::move(w));  // reserved: cannot throw
+    // Closed or terminated meanwhile: the other slots may need no worker now.
+    if (state_ == State::terminating || !want()) return;
   }
 }
 
@@ -72,30 +75,29 @@ inline std::unique_ptr<Worker> Dispatcher::start_worker(std::size_t slot) {
   if (relay_) output = OutputRelay::open();
   w->link = transport_->start(output ? output->child() : ChildStdio{}, w->claims ? w->claims.fd() : -1);
   w->claims.release_fd();
-  if (output) {
-    try {
-      relay_->attach(slot, w->pid(), std::move(*output));
-    } catch (...) {
-      w->link->kill(SIGKILL);
-      w->link->reap();
-      throw;
-    }
+  try {
+    if (output) relay_->attach(slot, w->pid(), std::move(*output));
+    const ShmBuffer* probe = shm_threshold_ != 0 ? task_memory_->probe() : nullptr;
+    TaskBytes config;
+    WorkerConfig{.slot = slot,
+                 .max_tasks = max_tasks_per_child_,
+                 .initializer = init_id_,
+                 .max_message = max_message_,
+                 .max_rss = max_rss_,
+                 .address_space_limit = address_space_limit_,
+                 .shm_threshold = shm_threshold_,
+                 .pool_pid = static_cast<std::int32_t>(::getpid()),
+                 .probe_fd = probe != nullptr ? probe->fd.get() : -1,
+                 .probe_id = probe != nullptr ? probe->id : 0,
+                 .initializer_state = init_state_}
+        .encode(config);
+    w->link->send(std::make_shared<TaskBytes>(std::move(config)));
+  } catch (...) {
+    // Started, but not to be used: it must not outlive this.
+    w->link->kill(SIGKILL);
+    w->link->reap();
+    throw;
   }
-  const ShmBuffer* probe = shm_threshold_ != 0 ? task_memory_->probe() : nullptr;
-  TaskBytes config;
-  WorkerConfig{.slot = slot,
-               .max_tasks = max_tasks_per_child_,
-               .initializer = init_id_,
-               .max_message = max_message_,
-               .max_rss = max_rss_,
-               .address_space_limit = address_space_limit_,
-               .shm_threshold = shm_threshold_,
-               .pool_pid = static_cast<std::int32_t>(::getpid()),
-               .probe_fd = probe != nullptr ? probe->fd.get() : -1,
-               .probe_id = probe != nullptr ? probe->id : 0,
-               .initializer_state = init_state_}
-      .encode(config);
-  w->link->send(std::make_shared<TaskBytes>(std::move(config)));
   return w;
 }
 

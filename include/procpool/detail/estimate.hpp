@@ -9,13 +9,15 @@ namespace procpool::detail {
 
 class RunTimeEstimate {
  public:
+  /// `weight`: of each new measurement against what came before.
+  explicit RunTimeEstimate(double weight) : weight_(weight) {}
   /// Takes one more measurement (ns, per task or per item).
-  void add(double ns) noexcept { value_ = value_ ? (1 - weight) * *value_ + weight * ns : ns; }
+  void add(double ns) noexcept { value_ = value_ ? (1 - weight_) * *value_ + weight_ * ns : ns; }
   /// The estimate, once there was a measurement.
   std::optional<double> get() const noexcept { return value_; }
 
  private:
-  static constexpr double weight = 0.25;  // of the newest measurement
+  double weight_;
   std::optional<double> value_;
 };
 

@@ -66,6 +66,9 @@ class ImapFeed {
     return taken_ < submitted_ || input_error_ != nullptr;
   }
 
+  /// Whether outcomes taken are waiting: next() returns one without waiting.
+  bool has_taken() const { return !batch_.empty(); }
+
   /// One chunk's outcome, with the input positions it covers; or, once every
   /// result before it was handed over, the input's own exception.
   struct Piece {

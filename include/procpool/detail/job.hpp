@@ -391,7 +391,7 @@ class JobState {
   std::size_t done_ = 0;
   bool progress_failed_ = false;
   std::size_t ready_bytes_ = 0;
-  RunTimeEstimate item_ns_;
+  RunTimeEstimate item_ns_{0.3};  // follows the input's changes within a few chunks
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::vector<Waiter> waiters_;

@@ -64,8 +64,12 @@ class Link {
   // ---- receiving: the bytes of the worker's messages, in order ------------
 
   /// Reads into `space` without blocking: the bytes read, 0 at the end (the
-  /// worker will send nothing more), or -1 when nothing is there now.
+  /// worker will send nothing more: it is gone or going), `nothing_yet`, or
+  /// `broken` (the channel failed: nothing more comes, but the worker may
+  /// still be alive; its end is learnt through end_fd() or try_reap()).
   virtual long receive(std::span<char> space) noexcept = 0;
+  static constexpr long nothing_yet = -1;
+  static constexpr long broken = -2;
 
   // ---- waiting -----------------------------------------------------------
 

@@ -40,7 +40,7 @@ class PipeLink final : public Link {
 
   long receive(std::span<char> space) noexcept override {
     ssize_t n = retry_eintr([&] { return ::read(proc_.result.get(), space.data(), space.size()); });
-    if (n < 0) return errno == EAGAIN ? -1 : 0;
+    if (n < 0) return errno == EAGAIN ? nothing_yet : broken;
     return static_cast<long>(n);
   }
 

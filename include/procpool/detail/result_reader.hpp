@@ -58,7 +58,8 @@ class ResultReader {
         if (w.link->end_fd() < 0) w.exited = true;
         return false;
       }
-      if (n < 0) return true;
+      if (n == Link::nothing_yet) return true;
+      if (n < 0) return false;  // broken: no more results, though the process may live on
       w.inbox.commit(static_cast<std::size_t>(n));
       if (!parse(w, deliveries)) return false;
       // Part of a message is in: from now, more of it must come.

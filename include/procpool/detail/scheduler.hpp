@@ -33,7 +33,7 @@ class Scheduler {
       : settings_(settings), task_memory_(std::move(task_memory)), shm_threshold_(shm_threshold) {}
 
   /// How long tasks run: results add to it.
-  RunTimeEstimate task_time;
+  RunTimeEstimate task_time{0.2};
 
   /// Tasks each worker may hold: one while tasks are long (so none waits
   /// behind another on a busy worker), more while they are short.

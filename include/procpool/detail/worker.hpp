@@ -226,175 +226,184 @@ inline void send_failure_frame(int fd, FrameKind kind, const std::string& type, 
 /// Runs the worker protocol on an already-connected pair of fds; returns the
 /// exit code. `relayed`: stdout and stderr go to the parent's output relay.
 /// `claims_fd`: the pool's claim area for this worker (claims.hpp), or -1.
-inline int worker_main(int task_fd, int result_fd, bool relayed = false, int claims_fd = -1) {
-  ClaimArea claims = ClaimArea::adopt(claims_fd);
-  {
-    // First of all: whatever happens from here on (a crashing initializer),
-    // the parent knows this process reached procpool's loop.
-    std::vector<char> hello;
-    encode_empty(hello, FrameKind::started);
-    if (!send_frame(result_fd, hello)) return 0;
-  }
-  FrameReader reader(task_fd, std::size_t{1} << 31);
-  FrameView frame{};
-  if (!reader.next(frame)) return 0;
-  WorkerConfig config;
-  if (!WorkerConfig::decode(frame, config)) return exit_protocol_error;
-  ProcessTitle::instance().set("procpool worker " + std::to_string(config.slot), "w" + std::to_string(config.slot));
-  const auto max_tasks = config.max_tasks;
-  const auto init_id = config.initializer;
-  const auto max_message = config.max_message;
-  const auto max_rss = config.max_rss;
-  const auto address_space_limit = config.address_space_limit;
-  const auto shm_threshold = config.shm_threshold;
-  // Large results go through shared memory only if this worker can open the
-  // pool's (the parent then opens ours the same way).
-  bool shm = shm_threshold != 0 && can_reach_shm(config.pool_pid, config.probe_fd, config.probe_id);
-  ShmReader shm_reader;
-  ShmWriter shm_writer("procpool-result", true);
-  std::vector<char> out;
-  // Waiting for work with shared memory or kept argument storage in hand:
-  // after a while, let go of the idle result buffers (telling the parent),
-  // of the pool's buffers and of the arguments' storage.
-  bool spares = false;  // some argument storage may be kept (a task ran since the last release)
-  reader.on_idle([&] { return spares || !shm_writer.empty() || !shm_reader.empty(); },
-                 [&] {
-                   std::vector<char> drops;
-                   shm_writer.trim(std::chrono::steady_clock::now(), &drops);
-                   shm_reader.clear();
-                   release_spares();
-                   spares = false;
-                   if (!drops.empty()) send_frame(result_fd, drops);
-                 },
-                 ShmWriter::keep_idle_for);
-  if (address_space_limit != 0) {
-    rlimit limit{address_space_limit, address_space_limit};
-    ::setrlimit(RLIMIT_AS, &limit);
-  }
+/// One worker's loop: its state, and the steps worker_main runs. Not moved
+/// once started (its idle callbacks refer to it).
+class WorkerLoop {
+ public:
+  /// A step's result that lets the loop go on; any other is an exit code.
+  static constexpr int go_on = -1;
 
-  if (init_id != 0) {
-    try {
-      const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(init_id);
-      if (entry == nullptr) throw std::runtime_error("the initializer is not registered in this binary");
-      Decoder decoder(config.initializer_state.data(), config.initializer_state.size());
-      Encoder unused(out);
-      entry->fn(decoder, 0, unused);
-    } catch (...) {
-      send_failure_frame(result_fd, FrameKind::init_failed, current_exception_type_name(), current_exception_message());
-      return exit_initializer_failed;
-    }
-  }
-  out.clear();
-  ReadyMessage{.pid = static_cast<std::int32_t>(::getpid()), .shm = shm, .claims = static_cast<bool>(claims)}.encode(
-      out);
-  if (!send_frame(result_fd, out)) return 0;
+  WorkerLoop(int task_fd, int result_fd, bool relayed, int claims_fd)
+      : claims_(ClaimArea::adopt(claims_fd)),
+        result_fd_(result_fd),
+        relayed_(relayed),
+        reader_(task_fd, std::size_t{1} << 31),
+        shm_writer_("procpool-result", true) {}
+  WorkerLoop(const WorkerLoop&) = delete;
+  WorkerLoop& operator=(const WorkerLoop&) = delete;
 
-  // SharedMemory blocks a result refers to (`shared`, filled by the
-  // encoder): announced (shm_share) before the result, which is sent once
-  // the parent has mapped them all (it sets each one's `mapped`): this
-  // process may die or exit right after it. Those the parent has not mapped
-  // within share_wait are held (`lent`) until it has, or this process goes.
-  SharedStates shared, lent;
-  constexpr auto share_wait = std::chrono::seconds(5);
-  auto await_parent = [&](std::chrono::milliseconds limit) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    for (const auto& state : lent) {
-      if (!state->header().wait_mapped(deadline)) break;
+  /// Says it started, reads its configuration, sets itself up, runs the
+  /// initializer and says it is ready.
+  int start() {
+    {
+      // First of all: whatever happens from here on (a crashing initializer),
+      // the parent knows this process reached procpool's loop.
+      std::vector<char> hello;
+      encode_empty(hello, FrameKind::started);
+      if (!send_frame(result_fd_, hello)) return 0;
     }
-    std::erase_if(lent, [](const auto& state) { return state->header().is_mapped(); });
-  };
-
-  // Tasks shorter than this make a worker look for its next one before sleeping.
-  constexpr auto spin_below = std::chrono::microseconds(200);
-  std::uint64_t done = 0;
-  for (;;) {
-    if (!reader.next(frame)) return 0;  // the parent closed our pipe: exit quietly
-    if (frame.kind == FrameKind::shm_off) {
-      shm = false;  // the parent cannot map our buffers: results take the pipe from now on
-      continue;
+    FrameView frame{};
+    if (!reader_.next(frame)) return 0;
+    WorkerConfig config;
+    if (!WorkerConfig::decode(frame, config)) return exit_protocol_error;
+    ProcessTitle::instance().set("procpool worker " + std::to_string(config.slot), "w" + std::to_string(config.slot));
+    max_tasks_ = config.max_tasks;
+    max_message_ = config.max_message;
+    max_rss_ = config.max_rss;
+    shm_threshold_ = config.shm_threshold;
+    // Large results go through shared memory only if this worker can open the
+    // pool's (the parent then opens ours the same way).
+    shm_ = shm_threshold_ != 0 && can_reach_shm(config.pool_pid, config.probe_fd, config.probe_id);
+    // Waiting for work with shared memory or kept argument storage in hand:
+    // after a while, let go of the idle result buffers (telling the parent),
+    // of the pool's buffers and of the arguments' storage.
+    reader_.on_idle([this] { return spares_ || !shm_writer_.empty() || !shm_reader_.empty(); },
+                    [this] {
+                      std::vector<char> drops;
+                      shm_writer_.trim(std::chrono::steady_clock::now(), &drops);
+                      shm_reader_.clear();
+                      release_spares();
+                      spares_ = false;
+                      if (!drops.empty()) send_frame(result_fd_, drops);
+                    },
+                    ShmWriter::keep_idle_for);
+    if (config.address_space_limit != 0) {
+      rlimit limit{config.address_space_limit, config.address_space_limit};
+      ::setrlimit(RLIMIT_AS, &limit);
     }
-    TaskHeader header;
-    if (frame.kind != FrameKind::task_header || !TaskHeader::decode(frame.data, frame.size, header)) {
-      send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError", "expected a task header");
-      return exit_protocol_error;
-    }
-    // The pool may have taken it back to run elsewhere: then it is skipped
-    // unread (its shared memory may already hold something else). Claimed
-    // before its body is read: a body that cannot be read (too large for this
-    // worker's memory limit) fails this task, it does not go round the pool.
-    const bool mine = !claims || claims.claim(header.id);
-    // The task itself (or where it is in shared memory).
-    if (!reader.next(frame)) return 0;
-    if (!mine) continue;
-    if (frame.kind == FrameKind::shm_ref) {
+    if (config.initializer != 0) {
       try {
-        // The mapping stays in shm_reader's cache while the frame is read.
-        frame = shm_reader.resolve(frame, max_message).frame;
-      } catch (const std::exception& e) {
-        send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError",
-                           std::string("the worker could not read a task from shared memory: ") + e.what());
-        return exit_protocol_error;
+        const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(config.initializer);
+        if (entry == nullptr) throw std::runtime_error("the initializer is not registered in this binary");
+        Decoder decoder(config.initializer_state.data(), config.initializer_state.size());
+        Encoder unused(out_);
+        entry->fn(decoder, 0, unused);
+      } catch (...) {
+        send_failure_frame(result_fd_, FrameKind::init_failed, current_exception_type_name(),
+                           current_exception_message());
+        return exit_initializer_failed;
       }
     }
-    TaskHead task;
-    if (!TaskHead::decode(frame, task)) {
-      send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError", "unexpected frame kind");
-      return exit_protocol_error;
+    out_.clear();
+    ReadyMessage{.pid = static_cast<std::int32_t>(::getpid()), .shm = shm_, .claims = static_cast<bool>(claims_)}
+        .encode(out_);
+    return send_frame(result_fd_, out_) ? go_on : 0;
+  }
+
+  /// Runs tasks until the parent closes the task pipe or the worker must
+  /// exit; returns its exit code.
+  int run() {
+    for (;;) {
+      TaskHeader header;
+      FrameView frame{};
+      if (int code = next_task(header, frame); code != go_on) return code;
+      if (int code = run_task(header, frame); code != go_on) return code;
+      if (int code = after_task(); code != go_on) return code;
     }
-    const auto task_id = header.id;
-    const auto handler_id = task.handler;
-    const auto count = task.count;
+  }
+
+ private:
+  /// Reads the next task this worker is to run: its header and its frame
+  /// (read from shared memory if it came as a reference).
+  int next_task(TaskHeader& header, FrameView& frame) {
+    for (;;) {
+      if (!reader_.next(frame)) return 0;  // the parent closed our pipe: exit quietly
+      if (frame.kind == FrameKind::shm_off) {
+        shm_ = false;  // the parent cannot map our buffers: results take the pipe from now on
+        continue;
+      }
+      if (frame.kind != FrameKind::task_header || !TaskHeader::decode(frame.data, frame.size, header)) {
+        return fatal("expected a task header");
+      }
+      // The pool may have taken it back to run elsewhere: then it is skipped
+      // unread (its shared memory may already hold something else). Claimed
+      // before its body is read: a body that cannot be read (too large for this
+      // worker's memory limit) fails this task, it does not go round the pool.
+      const bool mine = !claims_ || claims_.claim(header.id);
+      // The task itself (or where it is in shared memory).
+      if (!reader_.next(frame)) return 0;
+      if (!mine) continue;
+      if (frame.kind != FrameKind::shm_ref) return go_on;
+      try {
+        // The mapping stays in shm_reader_'s cache while the frame is read.
+        frame = shm_reader_.resolve(frame, max_message_).frame;
+        return go_on;
+      } catch (const std::exception& e) {
+        return fatal(std::string("the worker could not read a task from shared memory: ") + e.what());
+      }
+    }
+  }
+
+  /// Runs one task's items and sends its result.
+  int run_task(const TaskHeader& header, const FrameView& frame) {
+    TaskHead task;
+    if (!TaskHead::decode(frame, task)) return fatal("unexpected frame kind");
     const bool more_queued = (header.flags & task_more_queued) != 0;
     running_task_more_queued() = more_queued;
-    const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(handler_id);
+    const HandlerRegistry::Entry* entry = HandlerRegistry::instance().find(task.handler);
     if (entry == nullptr) {
-      send_failure_frame(result_fd, FrameKind::fatal, "procpool::ProtocolError",
-                         "the worker has no handler with id " + std::to_string(handler_id) +
-                             " (is it running the same binary as the parent?)");
-      return exit_protocol_error;
+      return fatal("the worker has no handler with id " + std::to_string(task.handler) +
+                   " (is it running the same binary as the parent?)");
     }
-    out.clear();
-    const std::size_t start = ResultHead::begin(out, task_id);  // the run time is set below
-    auto began = std::chrono::steady_clock::now();
+    out_.clear();
+    const std::size_t start = ResultHead::begin(out_, header.id);  // the run time is set below
+    const auto began = std::chrono::steady_clock::now();
     {
       Decoder decoder(frame.data + task_body_offset, frame.size - task_body_offset);
-      Encoder encoder(out, &shared);
-      entry->fn(decoder, count, encoder);
+      Encoder encoder(out_, &shared_);
+      entry->fn(decoder, task.count, encoder);
     }
-    spares = have_spares();
-    auto elapsed = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - began);
+    spares_ = have_spares();
+    const auto elapsed = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - began);
     // Worth a look for the next task only while tasks are short beside a round trip.
-    reader.spin_when_idle(more_queued && elapsed < spin_below);
-    if (relayed) flush_worker_output();
-    ResultHead::set_run_time(out, start, static_cast<std::uint64_t>(elapsed.count()));
-    if (out.size() - start - frame_header_size > max_message) {
+    reader_.spin_when_idle(more_queued && elapsed < spin_below);
+    if (relayed_) flush_worker_output();
+    ResultHead::set_run_time(out_, start, static_cast<std::uint64_t>(elapsed.count()));
+    if (out_.size() - start - frame_header_size > max_message_) {
       // Too large to send: report every item as failed instead.
-      std::string why = "the result message (" + std::to_string(out.size() - start - frame_header_size) +
+      std::string why = "the result message (" + std::to_string(out_.size() - start - frame_header_size) +
                         " bytes) is larger than Options::max_message_bytes";
-      out.resize(ResultHead::items_start(start));
-      Encoder encoder(out);
-      for (std::uint32_t i = 0; i < count; ++i) encoder(outcome_byte(ItemOutcome::unsent), why);
+      out_.resize(ResultHead::items_start(start));
+      Encoder encoder(out_);
+      for (std::uint32_t i = 0; i < task.count; ++i) encoder(outcome_byte(ItemOutcome::unsent), why);
     }
-    finish_frame(out, start);
-    std::vector<char> ref, control;  // out stays as it is: its capacity serves the next task
+    finish_frame(out_, start);
+    return send_result();
+  }
+
+  /// Sends the result in out_: after announcing the SharedMemory blocks it
+  /// refers to, through shared memory if it is large and the parent can map
+  /// this worker's buffers, else through the pipe.
+  int send_result() {
+    std::vector<char> ref, control;  // out_ stays as it is: its capacity serves the next task
     // Each block once.
-    std::sort(shared.begin(), shared.end());
-    shared.erase(std::unique(shared.begin(), shared.end()), shared.end());
-    const bool sharing = !shared.empty();
-    for (auto& state : shared) {
+    std::sort(shared_.begin(), shared_.end());
+    shared_.erase(std::unique(shared_.begin(), shared_.end()), shared_.end());
+    const bool sharing = !shared_.empty();
+    for (auto& state : shared_) {
       state->header().expect_reader();
       ShmLocation{static_cast<std::int32_t>(::getpid()), state->fd.get(), state->id(),
                   static_cast<std::uint64_t>(state->size())}
           .encode(control, FrameKind::shm_share);
-      lent.push_back(std::move(state));
+      lent_.push_back(std::move(state));
     }
-    shared.clear();
+    shared_.clear();
     ShmBuffer* buffer = nullptr;
-    if (shm && out.size() > shm_threshold) buffer = shm_writer.acquire(out.size(), &control);
-    if (!control.empty() && !send_frame(result_fd, control)) return 0;
+    if (shm_ && out_.size() > shm_threshold_) buffer = shm_writer_.acquire(out_.size(), &control);
+    if (!control.empty() && !send_frame(result_fd_, control)) return 0;
     if (sharing) await_parent(share_wait);
     if (buffer != nullptr) {
-      ref = ShmWriter::fill(*buffer, out.data(), out.size());
+      ref = ShmWriter::fill(*buffer, out_.data(), out_.size());
       // A new buffer is referred to only once the parent has it mapped: then
       // the result survives this process.
       if (!ShmWriter::wait_mapped(*buffer, std::chrono::milliseconds(50))) {
@@ -402,22 +411,74 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
         ref.clear();
       }
     }
-    if (!send_frame(result_fd, ref.empty() ? out : ref)) return 0;
-    if (max_tasks != 0 && ++done >= max_tasks) {
+    return send_frame(result_fd_, ref.empty() ? out_ : ref) ? go_on : 0;
+  }
+
+  /// After a task: exits once it ran maxtasksperchild tasks, or holds more
+  /// memory than max_memory_per_child.
+  int after_task() {
+    if (max_tasks_ != 0 && ++done_ >= max_tasks_) {
       await_parent(share_wait);  // for blocks of earlier results still unmarked
       return 0;
     }
-    if (max_rss != 0) release_spares();  // the cap is on what the tasks hold, not on procpool's cache
-    if (max_rss != 0 && resident_bytes() > max_rss) {
-      // Too big to keep: tell the parent that the tasks queued behind this
-      // one never started, so it runs them elsewhere.
-      out.clear();
-      encode_empty(out, FrameKind::leaving);
-      send_frame(result_fd, out);
-      await_parent(share_wait);
-      return 0;
-    }
+    if (max_rss_ == 0) return go_on;
+    release_spares();  // the cap is on what the tasks hold, not on procpool's cache
+    if (resident_bytes() <= max_rss_) return go_on;
+    // Too big to keep: tell the parent that the tasks queued behind this
+    // one never started, so it runs them elsewhere.
+    out_.clear();
+    encode_empty(out_, FrameKind::leaving);
+    send_frame(result_fd_, out_);
+    await_parent(share_wait);
+    return 0;
   }
+
+  /// Waits up to `limit` for the parent to map the blocks lent to it; lets
+  /// go of those it has.
+  void await_parent(std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    for (const auto& state : lent_) {
+      if (!state->header().wait_mapped(deadline)) break;
+    }
+    std::erase_if(lent_, [](const auto& state) { return state->header().is_mapped(); });
+  }
+
+  int fatal(const std::string& why) {
+    send_failure_frame(result_fd_, FrameKind::fatal, "procpool::ProtocolError", why);
+    return exit_protocol_error;
+  }
+
+  /// How long a result waits for the parent to map the blocks it refers to.
+  static constexpr std::chrono::milliseconds share_wait{5000};
+  /// Tasks shorter than this make a worker look for its next one before sleeping.
+  static constexpr auto spin_below = std::chrono::microseconds(200);
+
+  ClaimArea claims_;
+  const int result_fd_;
+  const bool relayed_;
+  FrameReader reader_;
+  std::uint64_t max_tasks_ = 0;
+  std::size_t max_message_ = 0;
+  std::size_t max_rss_ = 0;
+  std::size_t shm_threshold_ = 0;
+  bool shm_ = false;  // large results go through shared memory
+  ShmReader shm_reader_;
+  ShmWriter shm_writer_;
+  std::vector<char> out_;
+  bool spares_ = false;  // some argument storage may be kept (a task ran since the last release)
+  // SharedMemory blocks a result refers to (`shared_`, filled by the
+  // encoder): announced (shm_share) before the result, which is sent once
+  // the parent has mapped them all (it sets each one's `mapped`): this
+  // process may die or exit right after it. Those the parent has not mapped
+  // within share_wait are held (`lent_`) until it has, or this process goes.
+  SharedStates shared_, lent_;
+  std::uint64_t done_ = 0;
+};
+
+inline int worker_main(int task_fd, int result_fd, bool relayed = false, int claims_fd = -1) {
+  WorkerLoop loop(task_fd, result_fd, relayed, claims_fd);
+  if (int code = loop.start(); code != WorkerLoop::go_on) return code;
+  return loop.run();
 }
 
 /// Runs the worker loop, then leaves without running the parent's atexit
