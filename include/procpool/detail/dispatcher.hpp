@@ -317,7 +317,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
       lock.unlock();
       deliver_all(deliveries);
       const int ready = retry_eintr([&] { return ::poll(watch.fds.data(), watch.fds.size(), timeout_ms); });
-      lock.lock();
+      // Unmapping idle buffers takes no lock of ours: TaskMemory has its own.
       if (!task_memory_->empty()) {
         const auto now = Clock::now();
         if (now >= next_trim_) {
@@ -325,6 +325,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
           next_trim_ = now + std::chrono::milliseconds(500);
         }
       }
+      lock.lock();
       if (ready >= 0) handle_events(watch, deliveries);
     }
     const bool terminating = state_ == State::terminating;
