@@ -326,7 +326,7 @@ void read_as_dispatcher(const char* data, std::size_t size, std::size_t max_payl
     finish_task_frame(*task.frame, start, static_cast<std::uint32_t>(1 + (k % 4)));
     w.held.push_back(std::move(task));
   }
-  RunTimeEstimate task_time;
+  RunTimeEstimate task_time{0.2};
   const bool timeouts_used = false;
   ResultReader reader(max_payload, 0, task_time, timeouts_used);
   std::vector<Delivery> deliveries;
