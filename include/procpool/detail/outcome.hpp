@@ -7,16 +7,11 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <deque>
 #include <exception>
-#include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -26,10 +21,7 @@
 
 #include <fmt/format.h>
 
-#include "../call_options.hpp"
 #include "../errors.hpp"
-#include "callback_runner.hpp"
-#include "estimate.hpp"
 #include "handlers.hpp"
 #include "protocol.hpp"
 #include "ring.hpp"
