@@ -10,8 +10,9 @@ table shows medians over the rounds and the ratios between them.
 usage: python3 benchmarks/compare.py [--build BUILD_DIR] [--suite SUITE] [--rounds N] [--quick] [-v]
 
 suites: all (the default; ~7-10 minutes on a 2-core machine), tasks (1-3),
-payloads (4-5, with 5b), cpu (6), lifecycle (7-8), memory (9-10), or start (the
-older start-method table, procpool against Python only). --workloads 1,4,7 picks
+payloads (4-5, with 5b), cpu (6), lifecycle (7-8), memory (9-10), start (the
+older start-method table, procpool against Python only), or mpi (procpool on MPI
+ranks against mpi4py.futures; compare_mpi.py says how). --workloads 1,4,7 picks
 workloads by number instead (5 brings 5b). --quick shrinks every size for a run
 of about a minute (CI): its figures are rougher.
 
@@ -421,7 +422,7 @@ def main():
     global VERBOSE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", default=os.path.join(HERE, "..", "build"), help="the CMake build directory")
-    parser.add_argument("--suite", default="all", choices=sorted(SUITES) + ["start"])
+    parser.add_argument("--suite", default="all", choices=sorted(SUITES) + ["start", "mpi"])
     parser.add_argument("--workloads", help="comma-separated workload numbers (1-10), instead of --suite")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes, one round: about a minute")
@@ -439,6 +440,10 @@ def main():
     args.build = os.path.abspath(args.build)
     if args.suite == "start":
         start_suite(args.build, args.rounds)
+        return
+    if args.suite == "mpi":
+        import compare_mpi
+        compare_mpi.run(args, run_json, args.quick)
         return
     if args.quick and "--rounds" not in sys.argv:
         args.rounds = 1

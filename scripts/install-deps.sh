@@ -5,7 +5,7 @@
 # missing, and otherwise names what to install.
 set -euo pipefail
 packages=(cmake g++ make libcereal-dev libfmt-dev catch2 libbenchmark-dev python3 clang-format-14
-  clang libclang-rt-14-dev tmux doxygen)
+  clang libclang-rt-14-dev tmux doxygen openmpi-bin libopenmpi-dev)
 if (($# > 0)); then
   packages=("$@")
 fi

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <functional>
 
+#include "backend.hpp"
 #include "initializer.hpp"
 #include "start_method.hpp"
 #include "worker_output.hpp"
@@ -120,6 +121,10 @@ struct Options {
   /// false (the default): always `RemoteError`, whose `rethrow()` does the
   /// same on request.
   bool raise_original_exceptions = false;
+  /// Where the workers run: processes on this machine (the default), or on
+  /// MPI ranks with `procpool::mpi::world()` or `procpool::mpi::spawn(n)`
+  /// (`<procpool/mpi.hpp>`, docs/mpi.md).
+  Backend backend{};
 };
 
 }  // namespace procpool

@@ -52,7 +52,7 @@ class Pool {
    * @throws Error if the start method is not available; std::system_error if a
    *         system call fails.
    */
-  explicit Pool(Options options = {}) : calls_(resolve(std::move(options))) {}
+  explicit Pool(Options options = {}) : calls_(detail::Calls::open(std::move(options))) {}
 
   /// Takes over `other`'s workers; `other` may then only be destroyed or assigned to.
   Pool(Pool&& other) noexcept = default;
@@ -403,11 +403,6 @@ class Pool {
   void terminate() noexcept { calls_.dispatcher()->terminate(); }
 
  private:
-  static Options resolve(Options options) {
-    if (options.processes == 0) options.processes = cpu_count();
-    return options;
-  }
-
   detail::Calls calls_;
 };
 

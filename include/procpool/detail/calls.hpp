@@ -120,9 +120,17 @@ inline constexpr bool ends_with_callbacks<A, Rest...> =
 class Calls {
  public:
   Calls() = default;
+  /// Makes the pool's transport, then its dispatcher with
+  /// `options.processes` resolved.
+  static Calls open(Options options) {
+    std::unique_ptr<Transport> transport = make_transport(options);
+    if (options.processes == 0) options.processes = transport->default_processes();
+    return Calls(options, std::move(transport));
+  }
+
   /// `options.processes` is resolved (not 0).
-  explicit Calls(const Options& options)
-      : dispatcher_(std::make_shared<Dispatcher>(options, make_transport(options))),
+  Calls(const Options& options, std::unique_ptr<Transport> transport)
+      : dispatcher_(std::make_shared<Dispatcher>(options, std::move(transport))),
         processes_(options.processes),
         prefetch_bytes_(options.imap_prefetch_bytes),
         raise_original_(options.raise_original_exceptions) {

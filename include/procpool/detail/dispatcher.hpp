@@ -161,6 +161,13 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
                                                          "Options::max_message_bytes ({})",
                                                          frame.size(), max_message_)}),
                             TaskHead::count_of(frame)});
+        } else if (!chunk.shares.empty() && !transport_->shares_memory()) {
+          failed.push_back({std::move(chunk.job), chunk.index,
+                            failure_outcome({ChunkFailure::Kind::protocol, 0, 0, 0,
+                                             "it passes a procpool::SharedMemory block, which cannot reach workers "
+                                             "on other hosts (this pool's workers run on MPI ranks); pass the "
+                                             "data as a std::vector instead"}),
+                            TaskHead::count_of(frame)});
         } else {
           if (chunk.job->task_timeout() && !timeouts_used_) {
             // The running tasks' start times are kept from now on.

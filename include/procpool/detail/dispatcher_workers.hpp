@@ -129,7 +129,8 @@ inline void Dispatcher::bury(Worker& w, std::vector<Delivery>& deliveries) {
     return;
   }
   const int status = w.status ? *w.status : w.link->reap();
-  ChunkFailure lost = w.failure.value_or(ChunkFailure{ChunkFailure::Kind::worker_lost, w.pid(), w.slot, 0, {}});
+  ChunkFailure lost =
+      w.failure.value_or(ChunkFailure{ChunkFailure::Kind::worker_lost, w.pid(), w.slot, 0, {}, w.where()});
   lost.wait_status = status;
   if (!w.ready() && !broken_) judge_early_death(w, status);
   if (w.ready()) early_deaths_ = 0;
@@ -168,18 +169,30 @@ inline void Dispatcher::judge_early_death(Worker& w, int status) {
   } else if (w.stage == Stage::started && !w.failure) {
     // It reached its loop, so it died in the initializer: that is not
     // retried (it would fail again, and again).
-    broken_ = ChunkFailure{ChunkFailure::Kind::initializer, w.pid(), w.slot, status,
-                           fmt::format("the worker {} while running it", describe_wait_status(status))};
+    broken_ = ChunkFailure{ChunkFailure::Kind::initializer,
+                           w.pid(),
+                           w.slot,
+                           status,
+                           fmt::format("the worker {} while running it", describe_wait_status(status)),
+                           w.where()};
   } else if (!hint.empty() && !w.failure && !killed) {
     // A re-run binary that never reached the loop: main() did not hand it over.
-    broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, w.pid(), w.slot, status,
-                           fmt::format("worker {} (pid {}) {} before it was ready. {}", w.slot, w.pid(),
-                                       describe_wait_status(status), hint)};
+    broken_ = ChunkFailure{ChunkFailure::Kind::start_failed,
+                           w.pid(),
+                           w.slot,
+                           status,
+                           fmt::format("{} {} before it was ready. {}", worker_label(w.slot, w.pid(), w.where()),
+                                       describe_wait_status(status), hint),
+                           w.where()};
   } else if (++early_deaths_ > 3 * processes_ + 3) {
-    broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, w.pid(), w.slot, status,
-                           fmt::format("workers keep dying before they are ready (the last one, pid {}, {}); "
+    broken_ = ChunkFailure{ChunkFailure::Kind::start_failed,
+                           w.pid(),
+                           w.slot,
+                           status,
+                           fmt::format("workers keep dying before they are ready (the last one, {}, {}); "
                                        "the pool stopped replacing them",
-                                       w.pid(), describe_wait_status(status))};
+                                       worker_label(w.slot, w.pid(), w.where()), describe_wait_status(status)),
+                           w.where()};
   }
 }
 
@@ -228,7 +241,8 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
       sooner(deadline);
       continue;
     }
-    w->failure = ChunkFailure{ChunkFailure::Kind::timeout, w->pid(), w->slot, 0, fmt::format("{} ms", limit.count())};
+    w->failure = ChunkFailure{ChunkFailure::Kind::timeout,         w->pid(),  w->slot, 0,
+                              fmt::format("{} ms", limit.count()), w->where()};
     w->link->kill(SIGTERM);
     w->kill_at = now + kill_grace;
     sooner(*w->kill_at);

@@ -88,6 +88,7 @@ inline std::unique_ptr<Launcher> make_launcher(const Options& options) {
 
 /// The transport a pool's options ask for: local worker processes.
 inline std::unique_ptr<Transport> make_transport(const Options& options) {
+  if (!options.backend.local()) return options.backend.impl()->make_transport(options);
   return std::make_unique<PipeTransport>(make_launcher(options));
 }
 

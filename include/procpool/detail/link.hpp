@@ -18,6 +18,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../cpu_count.hpp"
 #include "shm.hpp"
 
 namespace procpool::detail {
@@ -45,6 +46,9 @@ class Link {
 
   /// The worker's process id (on its host), for messages and failures.
   virtual pid_t pid() const noexcept = 0;
+  /// Where it runs, for a worker on another host ("rank 2 on node7"), named
+  /// in its errors after its pid; null for a worker on this machine.
+  virtual std::shared_ptr<const std::string> where() const { return nullptr; }
 
   // ---- sending: the worker reads its messages in the order queued --------
 
@@ -109,6 +113,8 @@ class Transport {
   /// What to tell the user when a worker dies before it is ready; an empty
   /// string where such a death may be retried (launcher.hpp).
   virtual std::string start_hint() const { return {}; }
+  /// How many workers a pool makes when Options::processes is 0.
+  virtual std::size_t default_processes() const { return cpu_count(); }
   /// After the last worker has ended: lets go of what the transport runs
   /// besides the workers.
   virtual void shutdown() noexcept {}

@@ -41,7 +41,8 @@ struct ChunkFailure {
   pid_t pid = 0;
   std::size_t worker = 0;
   int wait_status = 0;
-  std::string detail;  // initializer: "type: message"; protocol/start_failed: the reason
+  std::string detail;                          // initializer: "type: message"; protocol/start_failed: the reason
+  std::shared_ptr<const std::string> where{};  // the worker's host, for a worker on another one (Link::where)
 };
 
 /// One chunk's outcome, on its way from the I/O thread to the caller. What
@@ -58,6 +59,7 @@ struct ChunkOutcome {
   std::uint64_t run_ns = 0;  // how long the worker ran the chunk
   pid_t pid = 0;
   std::size_t worker = 0;
+  std::shared_ptr<const std::string> where;  // set for a worker on another host (Link::where)
 
   struct Rare {
     std::unique_ptr<ShmSlice> shm;  // the outcomes are in the worker's shared memory (then payload is empty)
@@ -145,6 +147,19 @@ class ReadyOutcomes {
 
 // ---- turning outcomes into values and exceptions ----------------------------
 
+/// "worker 3 (pid 1234)", or "worker 3 (pid 1234, rank 2 on node7)" for a
+/// worker on another host.
+inline std::string worker_label(std::size_t worker, pid_t pid, const std::shared_ptr<const std::string>& where) {
+  if (where == nullptr) return fmt::format("worker {} (pid {})", worker, pid);
+  return fmt::format("worker {} (pid {}, {})", worker, pid, *where);
+}
+
+/// The same in parentheses: "(worker 3, pid 1234)", "(worker 3, pid 1234, rank 2 on node7)".
+inline std::string worker_note(std::size_t worker, pid_t pid, const std::shared_ptr<const std::string>& where) {
+  if (where == nullptr) return fmt::format("(worker {}, pid {})", worker, pid);
+  return fmt::format("(worker {}, pid {}, {})", worker, pid, *where);
+}
+
 inline std::string describe_input(std::string_view call, std::size_t index) {
   if (call == "apply" || call == "apply_async") return fmt::format("the {} task", call);
   return fmt::format("{} input #{}", call, index);
@@ -157,27 +172,28 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
       int status = failure.wait_status;
       int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
       int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      return std::make_exception_ptr(
-          WorkerLost(fmt::format("procpool: worker {} (pid {}) {} while running {}; the pool replaced it",
-                                 failure.worker, failure.pid, describe_wait_status(status), input),
-                     failure.pid, failure.worker, index, sig, code));
+      return std::make_exception_ptr(WorkerLost(fmt::format("procpool: {} {} while running {}; the pool replaced it",
+                                                            worker_label(failure.worker, failure.pid, failure.where),
+                                                            describe_wait_status(status), input),
+                                                failure.pid, failure.worker, index, sig, code));
     }
     case ChunkFailure::Kind::terminated:
       return std::make_exception_ptr(
           PoolNotRunning(fmt::format("procpool: the pool was terminated before {} finished", input)));
     case ChunkFailure::Kind::initializer:
       return std::make_exception_ptr(InitializerError(
-          fmt::format("procpool: {} was not run: the pool's initializer failed in worker {} (pid {}): {}. "
+          fmt::format("procpool: {} was not run: the pool's initializer failed in {}: {}. "
                       "The pool does not restart workers to retry a failing initializer; fix it and create a new pool",
-                      input, failure.worker, failure.pid, failure.detail)));
+                      input, worker_label(failure.worker, failure.pid, failure.where), failure.detail)));
     case ChunkFailure::Kind::protocol:
-      return std::make_exception_ptr(ProtocolError(fmt::format("procpool: {} failed: {} (worker {}, pid {})", input,
-                                                               failure.detail, failure.worker, failure.pid)));
+      return std::make_exception_ptr(
+          ProtocolError(fmt::format("procpool: {} failed: {} {}", input, failure.detail,
+                                    worker_note(failure.worker, failure.pid, failure.where))));
     case ChunkFailure::Kind::timeout:
-      return std::make_exception_ptr(TaskTimeout(fmt::format(
-          "procpool: {} ran longer than the task timeout ({}) in worker {} (pid {}); the worker was stopped "
-          "and replaced",
-          input, failure.detail, failure.worker, failure.pid)));
+      return std::make_exception_ptr(
+          TaskTimeout(fmt::format("procpool: {} ran longer than the task timeout ({}) in {}; the worker was stopped "
+                                  "and replaced",
+                                  input, failure.detail, worker_label(failure.worker, failure.pid, failure.where))));
     case ChunkFailure::Kind::start_failed:
       return std::make_exception_ptr(Error(fmt::format("procpool: {} was not run: {}", input, failure.detail)));
   }
@@ -209,28 +225,31 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
       } else if (byte == outcome_byte(ItemOutcome::unsent)) {
         std::string why;
         decoder(why);
-        on_error(first_index + i,
-                 make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0, std::move(why)}, call,
-                                  first_index + i));
+        on_error(first_index + i, make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
+                                                    std::move(why), outcome.where},
+                                                   call, first_index + i));
       } else if (byte != outcome_byte(ItemOutcome::raised)) {
         throw std::runtime_error(fmt::format("an item outcome of {}, which is none of 0, 1 and 2", byte));
       } else {
         std::string type, message;
         decoder(type, message);
-        std::string what =
-            fmt::format("procpool: {} raised {}: {} (worker {}, pid {})", describe_input(call, first_index + i), type,
-                        message, outcome.worker, outcome.pid);
+        std::string what = fmt::format("procpool: {} raised {}: {} {}", describe_input(call, first_index + i), type,
+                                       message, worker_note(outcome.worker, outcome.pid, outcome.where));
         RemoteError error(std::move(what), std::move(type), std::move(message), outcome.pid, outcome.worker,
                           first_index + i);
         on_error(first_index + i, raise_original ? error.original() : std::make_exception_ptr(std::move(error)));
       }
     }
   } catch (const std::exception& e) {
-    ChunkFailure bad{ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
+    ChunkFailure bad{ChunkFailure::Kind::protocol,
+                     outcome.pid,
+                     outcome.worker,
+                     0,
                      !outcome.rare || outcome.rare->share_failure.empty()
                          ? fmt::format("its result could not be decoded ({})", e.what())
                          : fmt::format("its result could not be decoded ({}; when the worker shared it: {})", e.what(),
-                                       outcome.rare->share_failure)};
+                                       outcome.rare->share_failure),
+                     outcome.where};
     for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i));
   }
 }

@@ -23,7 +23,7 @@ namespace procpool::detail {
 /// Takes a worker that broke the protocol for dead: kills it, and its
 /// running task fails with `why`. Returns false, for the reader's callers.
 inline bool protocol_violation(Worker& w, std::string why) {
-  w.failure = ChunkFailure{ChunkFailure::Kind::protocol, w.pid(), w.slot, 0, std::move(why)};
+  w.failure = ChunkFailure{ChunkFailure::Kind::protocol, w.pid(), w.slot, 0, std::move(why), w.where()};
   w.link->kill(SIGKILL);
   w.eof = true;
   w.inbox.clear();
@@ -189,8 +189,12 @@ class ResultReader {
       type = "unknown";
     }
     const bool init = frame.kind == FrameKind::init_failed;
-    ChunkFailure failure{init ? ChunkFailure::Kind::initializer : ChunkFailure::Kind::protocol, w.pid(), w.slot, 0,
-                         fmt::format("{}: {}", type, message)};
+    ChunkFailure failure{init ? ChunkFailure::Kind::initializer : ChunkFailure::Kind::protocol,
+                         w.pid(),
+                         w.slot,
+                         0,
+                         fmt::format("{}: {}", type, message),
+                         w.where()};
     if (init) init_failure = failure;
     w.failure = failure;
   }
@@ -225,6 +229,7 @@ class ResultReader {
     }
     outcome.pid = w.pid();
     outcome.worker = w.slot;
+    outcome.where = w.where();
     // The blocks the result refers to, all shared for it (even those its
     // task sent: they may go with the task).
     if (!w.shared.empty() || !w.share_failure.empty()) {

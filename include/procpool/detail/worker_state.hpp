@@ -84,6 +84,7 @@ struct Worker {
   std::optional<Clock::time_point> partial_since;  // it sent part of a message, and nothing more since then
 
   pid_t pid() const noexcept { return link->pid(); }
+  std::shared_ptr<const std::string> where() const { return link->where(); }
   bool ready() const noexcept { return stage == Stage::ready; }
   bool takes_tasks() const { return !retiring && !leaving && !eof && !exited && !failure && link->sending(); }
 };

@@ -1,0 +1,287 @@
+/// @file
+/// procpool on MPI ranks: procpool::mpi::init, procpool::mpi::world(),
+/// procpool::mpi::spawn(n). Link the CMake target procpool::mpi. See
+/// docs/mpi.md.
+#pragma once
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "detail/mpi_link.hpp"
+#include "detail/mpi_serve.hpp"
+#include "init.hpp"
+#include "procpool.hpp"
+
+namespace procpool::mpi {
+
+/// How a pool on MPI ranks watches them.
+struct Settings {
+  /// A serving rank not heard from for this long is lost: its workers'
+  /// tasks fail with `WorkerLost` (or are retried, `Options::retries`), and
+  /// the pool goes on with the other ranks. Each rank says it is there ten
+  /// times in this period.
+  std::chrono::milliseconds lost_after{5000};
+  /// For spawn(): MPI_Info keys for MPI_Comm_spawn, such as {"host",
+  /// "node1,node2"} or {"hostfile", "hosts.txt"}; added to Open MPI's
+  /// {"map_by", "slot:OVERSUBSCRIBE"}.
+  std::vector<std::pair<std::string, std::string>> spawn_info{};
+};
+
+namespace detail {
+
+struct State {
+  std::mutex mutex;
+  bool initialized = false;
+  bool own_mpi = false;  // init() called MPI_Init_thread
+  int provided = 0;      // MPI's thread level
+  MPI_Comm world = MPI_COMM_NULL;
+  int world_size = 1;
+  std::vector<std::string> args;  // argv[1..], for spawned ranks
+  std::atomic<bool> world_busy{false};
+  std::vector<int> world_lost;  // world ranks a pool lost: not told to finish
+};
+
+inline State& state() {
+  static auto* s = new State;  // never destroyed: used at exit
+  return *s;
+}
+
+inline void need_init(const char* what) {
+  State& s = state();
+  if (!s.initialized) {
+    throw Error(fmt::format("procpool: {} needs procpool::mpi::init(argc, argv) as the first line of main()", what));
+  }
+  if (s.provided < MPI_THREAD_MULTIPLE) {
+    throw Error(
+        fmt::format("procpool: {} needs MPI_THREAD_MULTIPLE, and this MPI gives only level {}", what, s.provided));
+  }
+}
+
+inline void check_options(const Options& options) {
+  if (options.worker_output != WorkerOutput::inherit || options.on_worker_output) {
+    throw Error(
+        "procpool: Options::worker_output and Options::on_worker_output are not available on MPI ranks: a worker's "
+        "output goes to its rank's stdout and stderr, which mpirun forwards (use mpirun's --tag-output to tell "
+        "ranks apart)");
+  }
+}
+
+/// At exit on rank 0: lets the serving ranks of the world go, and leaves MPI.
+inline void finish_world() {
+  State& s = state();
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized != 0) return;
+  for (int r = 1; r < s.world_size; ++r) {
+    if (std::find(s.world_lost.begin(), s.world_lost.end(), r) != s.world_lost.end()) continue;
+    MPI_Send(nullptr, 0, MPI_BYTE, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), s.world);
+  }
+  if (s.own_mpi) MPI_Finalize();
+}
+
+class WorldBackend final : public ::procpool::detail::BackendImpl {
+ public:
+  explicit WorldBackend(Settings settings) : settings_(std::move(settings)) {}
+  std::unique_ptr<::procpool::detail::Transport> make_transport(const Options& options) const override {
+    need_init("procpool::mpi::world()");
+    check_options(options);
+    State& s = state();
+    if (s.world_size < 2) {
+      throw Error(
+          "procpool: procpool::mpi::world() has no ranks to serve: this program runs as one MPI rank. Start it with "
+          "`mpirun -np N` (N >= 2; rank 0 runs main, the others serve), or use procpool::mpi::spawn(n)");
+    }
+    if (s.world_busy.exchange(true)) {
+      throw Error("procpool: another pool already runs on procpool::mpi::world(); destroy it before making the next");
+    }
+    try {
+      ::procpool::detail::MpiHub::Settings hub;
+      hub.comm = s.world;
+      hub.lost_after = settings_.lost_after;
+      for (int r = 1; r < s.world_size; ++r) {
+        if (std::find(s.world_lost.begin(), s.world_lost.end(), r) == s.world_lost.end()) hub.ranks.push_back(r);
+      }
+      if (hub.ranks.empty()) throw Error("procpool: every serving rank of procpool::mpi::world() was lost");
+      return std::make_unique<::procpool::detail::MpiTransport>(std::move(hub), options, [](auto& h) {
+        State& st = state();
+        for (int r : h.lost_ranks()) st.world_lost.push_back(r);
+        st.world_busy = false;
+      });
+    } catch (...) {
+      s.world_busy = false;
+      throw;
+    }
+  }
+
+ private:
+  Settings settings_;
+};
+
+class SpawnBackend final : public ::procpool::detail::BackendImpl {
+ public:
+  SpawnBackend(std::size_t ranks, Settings settings) : ranks_(ranks), settings_(std::move(settings)) {}
+  std::unique_ptr<::procpool::detail::Transport> make_transport(const Options& options) const override {
+    need_init("procpool::mpi::spawn()");
+    check_options(options);
+    if (ranks_ == 0 || ranks_ > INT_MAX) throw Error("procpool: procpool::mpi::spawn(n) needs 1 <= n");
+    MPI_Comm inter = spawn_ranks();
+    ::procpool::detail::MpiHub::Settings hub;
+    hub.comm = inter;
+    hub.lost_after = settings_.lost_after;
+    for (std::size_t r = 0; r < ranks_; ++r) hub.ranks.push_back(static_cast<int>(r));
+    try {
+      return std::make_unique<::procpool::detail::MpiTransport>(std::move(hub), options,
+                                                                [inter](auto& h) mutable { let_go(inter, h); });
+    } catch (...) {
+      let_go_all(inter, static_cast<int>(ranks_));
+      throw;
+    }
+  }
+
+ private:
+  MPI_Comm spawn_ranks() const {
+    char exe[PATH_MAX] = {};
+    const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n <= 0) throw Error("procpool: procpool::mpi::spawn() cannot find this program's file (/proc/self/exe)");
+    State& s = state();
+    std::vector<char*> argv;
+    for (auto& a : s.args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    MPI_Info info;
+    MPI_Info_create(&info);
+    MPI_Info_set(info, "map_by", "slot:OVERSUBSCRIBE");
+    for (const auto& [key, value] : settings_.spawn_info) MPI_Info_set(info, key.c_str(), value.c_str());
+    MPI_Comm inter = MPI_COMM_NULL;
+    std::vector<int> codes(ranks_, MPI_SUCCESS);
+    MPI_Comm_set_errhandler(MPI_COMM_SELF, MPI_ERRORS_RETURN);
+    const int rc =
+        MPI_Comm_spawn(exe, argv.data(), static_cast<int>(ranks_), info, 0, MPI_COMM_SELF, &inter, codes.data());
+    MPI_Info_free(&info);
+    if (rc != MPI_SUCCESS) {
+      char text[MPI_MAX_ERROR_STRING] = {};
+      int len = 0;
+      MPI_Error_string(rc, text, &len);
+      throw Error(fmt::format("procpool: procpool::mpi::spawn({}) could not start {}: {}", ranks_, exe, text));
+    }
+    MPI_Comm_set_errhandler(inter, MPI_ERRORS_RETURN);
+    return inter;
+  }
+  /// The pool is done: the spawned ranks leave MPI and exit.
+  static void let_go(MPI_Comm inter, ::procpool::detail::MpiHub& hub) {
+    const std::vector<int> lost = hub.lost_ranks();
+    int size = 0;
+    MPI_Comm_remote_size(inter, &size);
+    for (int r = 0; r < size; ++r) {
+      if (std::find(lost.begin(), lost.end(), r) != lost.end()) continue;
+      MPI_Send(nullptr, 0, MPI_BYTE, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), inter);
+    }
+    // A lost rank cannot take part in a disconnect, and the others cannot
+    // finish MPI without it: they stay until the program ends.
+    if (!lost.empty()) return;
+    MPI_Comm_disconnect(&inter);
+    wait_until_gone(hub.processes());
+  }
+  /// Waits for the ranks let go of to exit. Open MPI 4.1 can hang for
+  /// ever in MPI_Comm_spawn while ranks of an earlier spawn still finish
+  /// (seen: 1 spawn in about 40 without this wait; none in 160 with it).
+  /// Ranks on other hosts cannot be watched: for them, a pause.
+  static void wait_until_gone(const std::vector<std::pair<std::string, pid_t>>& ranks) {
+    const std::string here = ::procpool::detail::mpi_wire::host_name();
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    bool remote = false;
+    for (const auto& [host, pid] : ranks) {
+      if (host != here) {
+        remote = true;
+        continue;
+      }
+      while (::kill(pid, 0) == 0 && std::chrono::steady_clock::now() < deadline) ::usleep(1000);
+    }
+    if (remote) ::usleep(300'000);
+  }
+  static void let_go_all(MPI_Comm inter, int size) {
+    for (int r = 0; r < size; ++r) {
+      MPI_Send(nullptr, 0, MPI_BYTE, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), inter);
+    }
+    MPI_Comm_disconnect(&inter);
+  }
+
+  std::size_t ranks_;
+  Settings settings_;
+};
+
+}  // namespace detail
+
+/**
+ * The first line of `main` in a program that runs pools on MPI ranks, in
+ * place of `procpool::init`: `procpool::mpi::init(argc, argv);`.
+ *
+ * Calls `procpool::init` (a process procpool started to become a worker
+ * never returns from it), then `MPI_Init_thread` with MPI_THREAD_MULTIPLE
+ * unless MPI is initialized already. Then, on every rank but rank 0 of
+ * `MPI_COMM_WORLD`, and in every rank `procpool::mpi::spawn` started, it
+ * serves pools and never returns: it leaves MPI and exits when rank 0's
+ * program exits. On rank 0 it returns, and MPI is finalized at exit: do not
+ * call MPI_Finalize yourself.
+ */
+inline void init(int argc, char** argv) {
+  ::procpool::init(argc, argv);
+  detail::State& s = detail::state();
+  std::lock_guard lock(s.mutex);
+  if (s.initialized) return;
+  for (int k = 1; k < argc && argv != nullptr && argv[k] != nullptr; ++k) s.args.emplace_back(argv[k]);
+  int ready = 0;
+  MPI_Initialized(&ready);
+  if (ready == 0) {
+    if (MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &s.provided) != MPI_SUCCESS) {
+      throw Error("procpool: MPI_Init_thread failed");
+    }
+    s.own_mpi = true;
+  } else {
+    MPI_Query_thread(&s.provided);
+  }
+  MPI_Comm parent = MPI_COMM_NULL;
+  MPI_Comm_get_parent(&parent);
+  if (parent != MPI_COMM_NULL) {
+    MPI_Comm_set_errhandler(parent, MPI_ERRORS_RETURN);
+    ::procpool::detail::RankServer(parent, 0, true).run();
+  }
+  MPI_Comm_dup(MPI_COMM_WORLD, &s.world);
+  MPI_Comm_set_errhandler(s.world, MPI_ERRORS_RETURN);
+  int rank = 0;
+  MPI_Comm_rank(s.world, &rank);
+  MPI_Comm_size(s.world, &s.world_size);
+  if (rank != 0) ::procpool::detail::RankServer(s.world, 0, false).run();
+  s.initialized = true;
+  std::atexit(detail::finish_world);
+}
+
+/**
+ * Workers on the ranks of `mpirun -np N` (or `srun`): rank 0 runs `main`
+ * and the pool; ranks 1..N-1 each start worker processes of their own.
+ * `Options::processes` counts worker processes over all of them; 0 means
+ * every CPU of every serving rank. One such pool at a time.
+ */
+inline Backend world(Settings settings = {}) {
+  return Backend(std::make_shared<detail::WorldBackend>(std::move(settings)));
+}
+
+/**
+ * Workers on `ranks` new MPI ranks, which the pool starts (MPI_Comm_spawn
+ * of this program's binary) and lets go of when it is destroyed. Works in a
+ * program run on its own or under `mpirun -np 1`.
+ */
+inline Backend spawn(std::size_t ranks, Settings settings = {}) {
+  return Backend(std::make_shared<detail::SpawnBackend>(ranks, std::move(settings)));
+}
+
+}  // namespace procpool::mpi

@@ -1,0 +1,311 @@
+// procpool on MPI ranks: the same Pool API, its workers on serving ranks.
+// Run by ctest under `mpirun -np 3` (world) and as a plain program (spawn),
+// chosen by PROCPOOL_TEST_BACKEND; see tests/mpi/CMakeLists.txt.
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+#include <procpool/mpi.hpp>
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <numeric>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using namespace std::chrono_literals;
+using procpool::StartMethod;
+
+const StartMethod methods[] = {StartMethod::fork, StartMethod::posix_spawn, StartMethod::forkserver};
+
+std::string mode() {
+  const char* m = std::getenv("PROCPOOL_TEST_BACKEND");
+  return m != nullptr ? m : "world";
+}
+
+procpool::Backend backend(procpool::mpi::Settings settings = {}) {
+  return mode() == "spawn" ? procpool::mpi::spawn(2, std::move(settings)) : procpool::mpi::world(std::move(settings));
+}
+
+procpool::Options options(StartMethod method, std::size_t processes = 2) {
+  procpool::Options o;
+  o.processes = processes;
+  o.start_method = method;
+  o.backend = backend();
+  return o;
+}
+
+long square(long x) { return x * x; }
+long add(long a, long b) { return a + b; }
+long fails_on_7(long x) {
+  if (x == 7) throw std::invalid_argument("seven");
+  return x;
+}
+long crashes_on_3(long x) {
+  if (x == 3) ::raise(SIGSEGV);
+  return x;
+}
+long sleeps(long ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return ms;
+}
+long my_pid(long) { return ::getpid(); }
+std::vector<char> echo(std::vector<char> v) { return v; }
+
+pid_t parent_of(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  std::istringstream rest(text.substr(text.rfind(')') + 2));
+  char state;
+  pid_t ppid = 0;
+  rest >> state >> ppid;
+  return ppid;
+}
+
+std::string comm(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/comm");
+  std::string s;
+  std::getline(f, s);
+  return s;
+}
+
+/// The serving rank this worker runs for: its ancestor that MPI's launcher
+/// (mpirun, or the orted it starts) started.
+long rank_pid(long) {
+  pid_t pid = ::getppid();
+  for (int k = 0; k < 8 && pid > 1; ++k) {
+    const std::string up = comm(parent_of(pid));
+    if (up == "mpirun" || up == "orted" || up == "orterun" || up == "mpiexec" || up == "prterun") return pid;
+    pid = parent_of(pid);
+  }
+  throw std::runtime_error("no MPI launcher among the worker's ancestors");
+}
+
+/// Kills the serving rank this worker runs for (and so, this worker).
+long kill_my_rank(long) {
+  ::kill(static_cast<pid_t>(rank_pid(0)), SIGKILL);
+  std::this_thread::sleep_for(10s);
+  return 0;
+}
+
+double cpu_seconds(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  std::istringstream rest(text.substr(text.rfind(')') + 2));
+  std::string field;
+  for (int k = 3; k < 14; ++k) rest >> field;  // fields 3..13
+  unsigned long utime = 0, stime = 0;
+  rest >> utime >> stime;
+  return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+std::vector<long> iota(long n) {
+  std::vector<long> v(static_cast<std::size_t>(n));
+  std::iota(v.begin(), v.end(), 0L);
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("the map family gives exact results in order on MPI ranks", "[mpi]") {
+  for (StartMethod method : methods) {
+    INFO("start method " << static_cast<int>(method));
+    procpool::Pool pool(options(method));
+    const auto xs = iota(2000);
+    std::vector<long> want;
+    for (long x : xs) want.push_back(x * x);
+    CHECK(pool.map<square>(xs) == want);
+    CHECK(pool.map<square>(xs, 1) == want);
+    std::vector<long> got;
+    for (long v : pool.imap<square>(xs, 7)) got.push_back(v);
+    CHECK(got == want);
+    std::multiset<long> unordered;
+    for (long v : pool.imap_unordered<square>(xs)) unordered.insert(v);
+    CHECK(unordered == std::multiset<long>(want.begin(), want.end()));
+    std::vector<std::tuple<long, long>> pairs{{1, 2}, {3, 4}, {5, 6}};
+    CHECK(pool.starmap<add>(pairs) == std::vector<long>{3, 7, 11});
+    CHECK(pool.apply<square>(9) == 81);
+    CHECK(pool.map_async<square>(xs).get() == want);
+  }
+}
+
+TEST_CASE("processes 0 means every CPU of every serving rank", "[mpi]") {
+  procpool::Options o = options(StartMethod::forkserver, 0);
+  procpool::Pool pool(o);
+  CHECK(pool.processes() >= 2);
+  CHECK(pool.map<square>(iota(100)).size() == 100);
+}
+
+TEST_CASE("a task's exception names the rank and host of its worker", "[mpi]") {
+  for (StartMethod method : methods) {
+    procpool::Pool pool(options(method));
+    try {
+      pool.map<fails_on_7>(iota(20), 1);
+      FAIL("no exception");
+    } catch (const procpool::RemoteError& e) {
+      const std::string what = e.what();
+      CHECK(e.type_name() == "std::invalid_argument");
+      CHECK(what.find("map input #7") != std::string::npos);
+      CHECK(what.find("rank ") != std::string::npos);
+      CHECK(what.find(" on " + procpool::detail::mpi_wire::host_name()) != std::string::npos);
+    }
+    CHECK(pool.apply<square>(3) == 9);  // the pool goes on
+  }
+}
+
+TEST_CASE("a segfaulting task costs that task, and the rank lives on", "[mpi]") {
+  for (StartMethod method : methods) {
+    procpool::Pool pool(options(method));
+    try {
+      pool.map<crashes_on_3>(iota(8), 1);
+      FAIL("no exception");
+    } catch (const procpool::WorkerLost& e) {
+      const std::string what = e.what();
+      CHECK(e.signal() == SIGSEGV);
+      CHECK(what.find("map input #3") != std::string::npos);
+      CHECK(what.find("rank ") != std::string::npos);
+    }
+    CHECK(pool.map<square>(iota(50), 1) == pool.map<square>(iota(50)));
+  }
+}
+
+TEST_CASE("a task over its time limit fails with TaskTimeout", "[mpi]") {
+  for (StartMethod method : methods) {
+    procpool::Options o = options(method);
+    o.task_timeout = 300ms;
+    procpool::Pool pool(o);
+    auto slow = pool.apply_async<sleeps>(5000);
+    CHECK_THROWS_AS(slow.get(), procpool::TaskTimeout);
+    CHECK(pool.apply<sleeps>(1) == 1);
+  }
+}
+
+TEST_CASE("maxtasksperchild replaces workers on the ranks", "[mpi]") {
+  for (StartMethod method : methods) {
+    procpool::Options o = options(method);
+    o.maxtasksperchild = 2;
+    procpool::Pool pool(o);
+    auto pids = pool.map<my_pid>(iota(20), 1);
+    CHECK(std::set<long>(pids.begin(), pids.end()).size() >= 10);
+  }
+}
+
+TEST_CASE("retries run a lost task again on another worker", "[mpi]") {
+  procpool::Options o = options(StartMethod::forkserver);
+  o.retries = 1;
+  procpool::Pool pool(o);
+  // Crashes every time: the retry fails too, and says so.
+  CHECK_THROWS_AS(pool.apply<crashes_on_3>(3), procpool::WorkerLost);
+  CHECK(pool.apply<crashes_on_3>(4) == 4);
+}
+
+TEST_CASE("pools on MPI ranks follow one another", "[mpi]") {
+  for (int k = 0; k < 4; ++k) {
+    procpool::Pool pool(options(methods[k % 3]));
+    CHECK(pool.apply<add>(k, 1) == k + 1);
+    if (k % 2 == 0) {
+      pool.close();
+      pool.join();
+    }
+  }
+}
+
+TEST_CASE("large payloads cross in pieces, intact", "[mpi]") {
+  procpool::Options o = options(StartMethod::forkserver);
+  o.max_message_bytes = std::size_t{1} << 31;
+  procpool::Pool pool(o);
+  std::vector<char> big(std::size_t{48} << 20);
+  for (std::size_t k = 0; k < big.size(); ++k) big[k] = static_cast<char>(k * 131 + k / 977);
+  auto back = pool.map<echo>(std::vector<std::vector<char>>{big, big, std::vector<char>(1, 'x')}, 1);
+  REQUIRE(back.size() == 3);
+  CHECK(back[0] == big);
+  CHECK(back[1] == big);
+  CHECK(back[2] == std::vector<char>(1, 'x'));
+}
+
+TEST_CASE("idle serving ranks use under 2 % of a core", "[mpi]") {
+  procpool::Pool pool(options(StartMethod::forkserver));
+  auto ranks = pool.map<rank_pid>(iota(40), 1);
+  std::set<long> pids(ranks.begin(), ranks.end());
+  REQUIRE(!pids.empty());
+  std::this_thread::sleep_for(300ms);  // past the short waits after the last task
+  std::vector<double> before;
+  for (long pid : pids) before.push_back(cpu_seconds(static_cast<pid_t>(pid)));
+  const auto t0 = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(3s);
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::size_t k = 0;
+  for (long pid : pids) {
+    const double share = (cpu_seconds(static_cast<pid_t>(pid)) - before[k++]) / wall;
+    INFO("rank pid " << pid << " used " << share * 100 << " % of a core");
+    CHECK(share < 0.02);
+  }
+}
+
+long first_byte(procpool::SharedMemory block) { return block.as<char>()[0]; }
+
+TEST_CASE("a SharedMemory argument fails its task clearly, and nothing else", "[mpi]") {
+  procpool::Pool pool(options(StartMethod::forkserver));
+  procpool::SharedMemory block(4096);
+  block.as<char>()[0] = 5;
+  try {
+    pool.apply<first_byte>(block);
+    FAIL("no exception");
+  } catch (const procpool::ProtocolError& e) {
+    CHECK_THAT(e.what(), Catch::Contains("std::vector instead"));
+  }
+  CHECK(pool.apply<square>(4) == 16);
+}
+
+TEST_CASE("worker output options that need the parent are refused clearly", "[mpi]") {
+  procpool::Options o = options(StartMethod::forkserver);
+  o.worker_output = procpool::WorkerOutput::prefixed;
+  CHECK_THROWS_WITH(procpool::Pool(o), Catch::Contains("not available on MPI ranks"));
+}
+
+// ---- run on their own by ctest ----------------------------------------------------------
+
+TEST_CASE("a killed rank fails its tasks with WorkerLost, and the pool goes on", "[.lost]") {
+  procpool::mpi::Settings settings;
+  settings.lost_after = 2s;
+  procpool::Options o;
+  o.processes = 2;
+  o.backend = mode() == "spawn" ? procpool::mpi::spawn(2, settings) : procpool::mpi::world(settings);
+  procpool::Pool pool(o);
+  auto where = pool.map<rank_pid>(iota(20), 1);
+  REQUIRE(std::set<long>(where.begin(), where.end()).size() == 2);  // a worker on each rank
+  const auto t0 = std::chrono::steady_clock::now();
+  auto killer = pool.apply_async<kill_my_rank>(0);
+  try {
+    killer.get();
+    FAIL("no exception");
+  } catch (const procpool::WorkerLost& e) {
+    INFO(e.what());
+    CHECK(std::string(e.what()).find("lost") != std::string::npos);
+  }
+  CHECK(std::chrono::steady_clock::now() - t0 < 8s);
+  // The other rank serves on.
+  CHECK(pool.map<square>(iota(100), 1) == pool.map<square>(iota(100), 50));
+}
+
+TEST_CASE("a killed rank without recovery ends the job", "[.abort]") {
+  procpool::Pool pool(options(StartMethod::forkserver));
+  pool.apply<kill_my_rank>(0);
+  FAIL("the job was not ended");
+}
+
+TEST_CASE("a rank running another build is refused clearly", "[.mismatch]") {
+  CHECK_THROWS_WITH(procpool::Pool(options(StartMethod::forkserver)), Catch::Contains("another build"));
+}
+
+int main(int argc, char** argv) {
+  procpool::mpi::init(argc, argv);
+  return Catch::Session().run(argc, argv);
+}
