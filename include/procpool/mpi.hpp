@@ -48,7 +48,7 @@ struct State {
   int world_size = 1;
   std::vector<std::string> args;  // argv[1..], for spawned ranks
   std::atomic<bool> world_busy{false};
-  std::vector<int> world_lost;  // world ranks a pool lost: not told to finish
+  std::vector<int> world_lost;  // world ranks a pool lost: left out of later pools
 };
 
 inline State& state() {
@@ -76,17 +76,29 @@ inline void check_options(const Options& options) {
   }
 }
 
-/// At exit on rank 0: lets the serving ranks of the world go, and leaves MPI.
-inline void finish_world() {
+/// Run by MPI_Finalize on rank 0 (an attribute of MPI_COMM_SELF, deleted
+/// first thing in MPI_Finalize), whoever calls it: the pools still alive let
+/// their ranks go, then every serving rank of the world is told to finish,
+/// lost ones too (one that was only slow must not keep the job alive). A
+/// rank that cannot take the message gets 2 seconds.
+inline int on_finalize(MPI_Comm, int, void*, void*) {
+  ::procpool::detail::MpiTransport::shutdown_all();
   State& s = state();
+  ::procpool::detail::mpi_wire::Sends sends;
+  for (int r = 1; r < s.world_size; ++r) {
+    sends.send(s.world, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), {});
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (sends.progress() && std::chrono::steady_clock::now() < deadline) ::usleep(100);
+  sends.abandon_all();
+  return MPI_SUCCESS;
+}
+
+/// At exit on rank 0: leaves MPI, if init() entered it.
+inline void finish_world() {
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (finalized != 0) return;
-  for (int r = 1; r < s.world_size; ++r) {
-    if (std::find(s.world_lost.begin(), s.world_lost.end(), r) != s.world_lost.end()) continue;
-    MPI_Send(nullptr, 0, MPI_BYTE, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), s.world);
-  }
-  if (s.own_mpi) MPI_Finalize();
+  if (finalized == 0 && state().own_mpi) MPI_Finalize();
 }
 
 class WorldBackend final : public ::procpool::detail::BackendImpl {
@@ -208,11 +220,17 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
     }
     if (remote) ::usleep(300'000);
   }
+  /// The pool could not open: lets go of the ranks without waiting for
+  /// any (one may not answer). Those alive finish MPI when this program does.
   static void let_go_all(MPI_Comm inter, int size) {
+    ::procpool::detail::mpi_wire::Sends sends;
     for (int r = 0; r < size; ++r) {
-      MPI_Send(nullptr, 0, MPI_BYTE, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), inter);
+      sends.send(inter, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), {});
     }
-    MPI_Comm_disconnect(&inter);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (sends.progress() && std::chrono::steady_clock::now() < deadline) ::usleep(100);
+    sends.abandon_all();
+    MPI_Comm_free(&inter);
   }
 
   std::size_t ranks_;
@@ -261,6 +279,9 @@ inline void init(int argc, char** argv) {
   MPI_Comm_rank(s.world, &rank);
   MPI_Comm_size(s.world, &s.world_size);
   if (rank != 0) ::procpool::detail::RankServer(s.world, 0, false).run();
+  int key = MPI_KEYVAL_INVALID;
+  MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, detail::on_finalize, &key, nullptr);
+  MPI_Comm_set_attr(MPI_COMM_SELF, key, nullptr);
   s.initialized = true;
   std::atexit(detail::finish_world);
 }

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <numeric>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -106,6 +107,35 @@ double cpu_seconds(pid_t pid) {
   return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
 }
 
+/// A small item: dies 300 ms later, with the large ones queued behind it.
+std::size_t dies_on_small(std::vector<char> v) {
+  if (v.size() == 1) {
+    std::this_thread::sleep_for(300ms);
+    ::raise(SIGKILL);
+  }
+  return v.size();
+}
+
+/// Dies while a child it forked (without exec) holds its pipes for 3 s.
+long dies_leaving_a_child(long) {
+  if (::fork() == 0) {
+    std::this_thread::sleep_for(3s);
+    ::_exit(0);
+  }
+  ::_exit(7);
+}
+
+/// Stops the rank this worker serves for `ms`, then lets it go on.
+long pause_my_rank(long ms) {
+  const auto rank = static_cast<pid_t>(rank_pid(0));
+  ::kill(rank, SIGSTOP);
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  ::kill(rank, SIGCONT);
+  return ms;
+}
+
+procpool::SharedMemory make_block(long n) { return procpool::SharedMemory(static_cast<std::size_t>(n)); }
+
 std::vector<long> iota(long n) {
   std::vector<long> v(static_cast<std::size_t>(n));
   std::iota(v.begin(), v.end(), 0L);
@@ -185,6 +215,49 @@ TEST_CASE("a task over its time limit fails with TaskTimeout", "[mpi]") {
     CHECK_THROWS_AS(slow.get(), procpool::TaskTimeout);
     CHECK(pool.apply<sleeps>(1) == 1);
   }
+}
+
+TEST_CASE("a worker that dies with large tasks queued behind it costs its task, not the rank", "[mpi]") {
+  for (StartMethod method : methods) {
+    procpool::Pool pool(options(method, 1));            // one worker: the large tasks wait behind the small one
+    CHECK(pool.map<square>(iota(50), 1).size() == 50);  // short tasks: several in flight from now on
+    std::vector<std::vector<char>> items{std::vector<char>(1), std::vector<char>(std::size_t{32} << 20),
+                                         std::vector<char>(std::size_t{32} << 20)};
+    auto imap = pool.imap<dies_on_small>(items, 1);
+    std::vector<procpool::Result<std::size_t>> got;
+    for (auto& r : imap.results()) got.push_back(std::move(r));
+    REQUIRE(got.size() == 3);
+    CHECK_THROWS_AS(got[0].value(), procpool::WorkerLost);
+    CHECK(got[1].value() == items[1].size());  // run again elsewhere: the rank lived on
+    CHECK(got[2].value() == items[2].size());
+    CHECK(pool.apply<square>(5) == 25);
+  }
+}
+
+TEST_CASE("a worker's end is news even while a child of it holds its pipes", "[mpi]") {
+  for (StartMethod method : methods) {
+    procpool::Pool pool(options(method));
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+      pool.apply<dies_leaving_a_child>(0);
+      FAIL("no exception");
+    } catch (const procpool::WorkerLost& e) {
+      CHECK(e.exit_code() == 7);
+    }
+    CHECK(std::chrono::steady_clock::now() - t0 < 2500ms);  // before the child lets go of the pipes
+    CHECK(pool.apply<square>(6) == 36);
+  }
+}
+
+TEST_CASE("a SharedMemory result fails its task clearly, and nothing else", "[mpi]") {
+  procpool::Pool pool(options(StartMethod::forkserver));
+  try {
+    pool.apply<make_block>(4096);
+    FAIL("no exception");
+  } catch (const procpool::ProtocolError& e) {
+    CHECK_THAT(e.what(), Catch::Contains("std::vector instead"));
+  }
+  CHECK(pool.apply<square>(4) == 16);
 }
 
 TEST_CASE("maxtasksperchild replaces workers on the ranks", "[mpi]") {
@@ -293,6 +366,30 @@ TEST_CASE("a killed rank fails its tasks with WorkerLost, and the pool goes on",
   CHECK(std::chrono::steady_clock::now() - t0 < 8s);
   // The other rank serves on.
   CHECK(pool.map<square>(iota(100), 1) == pool.map<square>(iota(100), 50));
+}
+
+TEST_CASE("a rank lost while only stopped does not keep the program from ending", "[.paused]") {
+  procpool::mpi::Settings settings;
+  settings.lost_after = 1s;
+  procpool::Options o;
+  o.processes = 2;
+  o.backend = procpool::mpi::world(settings);
+  procpool::Pool pool(o);
+  auto where = pool.map<rank_pid>(iota(20), 1);
+  REQUIRE(std::set<long>(where.begin(), where.end()).size() == 2);
+  // The paused rank is lost after 1 s; its task fails, and it wakes at 3 s.
+  CHECK_THROWS_AS(pool.apply<pause_my_rank>(3000), procpool::WorkerLost);
+  CHECK(pool.map<square>(iota(100), 1) == pool.map<square>(iota(100), 50));
+  std::this_thread::sleep_for(3s);  // it is awake again: exit must still end it
+}
+
+namespace {
+std::optional<procpool::Pool> global_pool;  // destroyed after MPI is finalized
+}
+
+TEST_CASE("a pool still alive when the program exits lets its ranks go", "[.static]") {
+  global_pool.emplace(options(StartMethod::forkserver));
+  CHECK(global_pool->apply<square>(7) == 49);
 }
 
 TEST_CASE("a killed rank without recovery ends the job", "[.abort]") {

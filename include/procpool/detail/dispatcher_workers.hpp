@@ -86,6 +86,7 @@ inline std::unique_ptr<Worker> Dispatcher::start_worker(std::size_t slot) {
                  .max_rss = max_rss_,
                  .address_space_limit = address_space_limit_,
                  .shm_threshold = shm_threshold_,
+                 .remote = transport_->shares_memory() ? 0u : 1u,
                  .pool_pid = static_cast<std::int32_t>(::getpid()),
                  .probe_fd = probe != nullptr ? probe->fd.get() : -1,
                  .probe_id = probe != nullptr ? probe->id : 0,

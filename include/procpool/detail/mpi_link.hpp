@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -89,7 +90,8 @@ class MpiHub {
   ~MpiHub() { stop(); }
 
   /// Ends the pool on every rank (they stop what workers are left) and
-  /// stops the pump. Idempotent.
+  /// stops the pump. Every worker not known to have ended then counts as
+  /// killed: nothing waits for news that cannot come. Idempotent.
   void stop() noexcept {
     {
       std::lock_guard lock(mutex_);
@@ -98,6 +100,10 @@ class MpiHub {
     }
     wake();
     pump_.join();
+    std::lock_guard lock(mutex_);
+    std::vector<MpiWorker*> left;
+    for (auto& [key, w] : workers_) left.push_back(w.get());
+    for (MpiWorker* w : left) end(*w, SIGKILL);
   }
 
   std::size_t cpus() const {
@@ -134,6 +140,7 @@ class MpiHub {
     auto w = std::make_shared<MpiWorker>();
     w->event = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
     std::unique_lock lock(mutex_);
+    if (stopping_) throw StartRefused("the pool's MPI ranks were let go (MPI is being finalized)");
     MpiPeer* best = nullptr;
     for (auto& p : peers_) {
       if (p.lost) continue;
@@ -273,7 +280,8 @@ class MpiHub {
     for (const auto& p : peers_) {
       sends_.send(comm_, p.rank, mpi_wire::tag(mpi_wire::open), bytes);
     }
-    const auto deadline = Clock::now() + std::max<std::chrono::milliseconds>(lost_after_, std::chrono::seconds(30));
+    const auto answer_within = std::max<std::chrono::milliseconds>(lost_after_, std::chrono::seconds(30));
+    const auto deadline = Clock::now() + answer_within;
     std::size_t waiting = peers_.size();
     std::vector<bool> said(peers_.size(), false);
     std::string problem;
@@ -320,9 +328,8 @@ class MpiHub {
       peers_[k].where = std::make_shared<const std::string>(fmt::format("rank {}", peers_[k].rank));
     }
     if (problem.empty() && waiting == peers_.size()) {
-      problem =
-          fmt::format("no serving rank answered within {} s",
-                      std::chrono::duration_cast<std::chrono::seconds>(deadline - Clock::now() + lost_after_).count());
+      problem = fmt::format("no serving rank answered within {} s",
+                            std::chrono::duration_cast<std::chrono::seconds>(answer_within).count());
     }
     if (!problem.empty()) {
       close_peers();
@@ -345,9 +352,11 @@ class MpiHub {
       bool busy = !batch.empty();
       issue(batch);
       batch.clear();
-      busy = take_messages() || busy;
+      const std::size_t taken = take_messages();
+      busy = busy || taken > 0;
       const bool sending = sends_.progress();
-      watch_heartbeats();
+      // Judged only with no backlog: a pump held up (its process stopped) first reads the news.
+      if (taken < mpi_wire::take_at_most) watch_heartbeats();
       if (busy) {
         idle = 0;
         idle_since = Clock::now();
@@ -405,7 +414,7 @@ class MpiHub {
     send_merged(nullptr);
   }
 
-  bool take_messages() {
+  std::size_t take_messages() {
     return mpi_wire::take_waiting(comm_, MPI_ANY_SOURCE, [&](MPI_Message& msg, MPI_Status& status) {
       std::vector<char> bytes = mpi_wire::receive(msg, status);
       auto it = by_rank_.find(status.MPI_SOURCE);
@@ -459,7 +468,7 @@ class MpiHub {
 
   /// With mutex_ held.
   void end(MpiWorker& w, int status) {
-    if (w.stage == MpiWorker::Stage::ended) return;
+    if (w.stage == MpiWorker::Stage::ended || w.stage == MpiWorker::Stage::failed) return;
     if (w.stage == MpiWorker::Stage::starting) {
       w.stage = MpiWorker::Stage::failed;
       w.failure = "the rank was lost";
@@ -524,9 +533,8 @@ class MpiHub {
   /// Tells every rank still here that the pool ends, and waits for each to
   /// answer (what it sent before is then all received and dropped).
   void close_peers() {
-    for (auto& p : peers_) {
-      if (!p.lost) sends_.send(comm_, p.rank, mpi_wire::tag(mpi_wire::close), {});
-    }
+    // Lost ranks too: one that was only slow stops its workers.
+    for (auto& p : peers_) sends_.send(comm_, p.rank, mpi_wire::tag(mpi_wire::close), {});
     const auto deadline = Clock::now() + lost_after_;
     for (;;) {
       bool all = true;
@@ -535,7 +543,7 @@ class MpiHub {
         for (auto& p : peers_) all = all && (p.lost || p.closed);
       }
       if (all || Clock::now() >= deadline) break;
-      if (!take_messages()) ::usleep(100);
+      if (take_messages() == 0) ::usleep(100);
       sends_.progress();
     }
     std::lock_guard lock(mutex_);
@@ -543,7 +551,9 @@ class MpiHub {
       if (!p.lost && !p.closed) p.lost = true;  // never answered: not to be trusted again
       if (p.lost) sends_.abandon(p.rank);
     }
-    while (sends_.progress()) ::usleep(100);
+    // The others answered, so they have what was sent before.
+    const auto drained = Clock::now() + lost_after_;
+    while (sends_.progress() && Clock::now() < drained) ::usleep(100);
   }
 
   MPI_Comm comm_;
@@ -619,8 +629,17 @@ class MpiLink final : public Link {
 class MpiTransport final : public Transport {
  public:
   MpiTransport(MpiHub::Settings settings, const Options& options, std::function<void(MpiHub&)> on_stop = {})
-      : hub_(std::make_shared<MpiHub>(std::move(settings), options)), on_stop_(std::move(on_stop)) {}
-  ~MpiTransport() override { shutdown(); }
+      : hub_(std::make_shared<MpiHub>(std::move(settings), options)), on_stop_(std::move(on_stop)) {
+    std::lock_guard lock(live_mutex());
+    live().insert(this);
+  }
+  ~MpiTransport() override {
+    {
+      std::lock_guard lock(live_mutex());
+      live().erase(this);
+    }
+    shutdown();
+  }
 
   std::unique_ptr<Link> start(const ChildStdio&, int) override {
     return std::make_unique<MpiLink>(hub_, hub_->start());
@@ -628,16 +647,32 @@ class MpiTransport final : public Transport {
   bool shares_memory() const noexcept override { return false; }
   std::size_t default_processes() const override { return hub_->cpus(); }
   void shutdown() noexcept override {
-    if (stopped_) return;
-    stopped_ = true;
+    if (stopped_.exchange(true)) return;
     hub_->stop();
     if (on_stop_) on_stop_(*hub_);
   }
 
+  /// MPI is about to be finalized: every pool still alive (a Pool at
+  /// namespace scope) lets its ranks go now. Its workers then count as
+  /// killed, and it starts no more.
+  static void shutdown_all() noexcept {
+    std::lock_guard lock(live_mutex());
+    for (MpiTransport* t : live()) t->shutdown();
+  }
+
  private:
+  static std::mutex& live_mutex() {
+    static auto* m = new std::mutex;  // never destroyed: used at exit
+    return *m;
+  }
+  static std::set<MpiTransport*>& live() {
+    static auto* transports = new std::set<MpiTransport*>;
+    return *transports;
+  }
+
   std::shared_ptr<MpiHub> hub_;
   std::function<void(MpiHub&)> on_stop_;
-  bool stopped_ = false;
+  std::atomic<bool> stopped_{false};
 };
 
 }  // namespace procpool::detail

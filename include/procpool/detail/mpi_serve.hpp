@@ -6,6 +6,8 @@
 #pragma once
 
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -31,7 +33,17 @@ class RankServer {
 
   /// Serves until rank 0 says `finish`, then leaves MPI and exits.
   [[noreturn]] void run() {
+    // A write to a worker that just died fails with EPIPE; the signal would end the rank.
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    ::pthread_sigmask(SIG_BLOCK, &pipe, nullptr);
+    auto next_look = Clock::now();
     for (;;) {
+      if (Clock::now() >= next_look) {
+        look_for_ends();
+        next_look = Clock::now() + std::chrono::milliseconds(20);
+      }
       bool busy = take_messages();
       for (auto it = locals_.begin(); it != locals_.end();) {
         busy = pump(it->first, it->second) || busy;
@@ -56,13 +68,23 @@ class RankServer {
  private:
   struct Local {
     std::unique_ptr<Link> link;
-    bool eof = false;   // its stream ended
-    bool gone = false;  // `ended` sent: forget it
+    bool eof = false;           // its stream ended
+    std::optional<int> status;  // it was reaped
+    bool gone = false;          // `ended` sent: forget it
   };
+
+  /// A worker may end while its result pipe stays open (a child it forked
+  /// without exec holds it): its end is news of its own.
+  void look_for_ends() {
+    for (auto& [id, local] : locals_) {
+      if (!local.eof && !local.status) local.status = local.link->try_reap();
+    }
+  }
 
   /// Handles what rank 0 sent. Returns whether there was anything.
   bool take_messages() {
-    return mpi_wire::take_waiting(comm_, boss_, [&](MPI_Message& msg, MPI_Status& status) { handle(msg, status); });
+    auto take = [&](MPI_Message& msg, MPI_Status& status) { handle(msg, status); };
+    return mpi_wire::take_waiting(comm_, boss_, take) > 0;
   }
 
   void handle(MPI_Message& msg, MPI_Status& status) {
@@ -137,6 +159,7 @@ class RankServer {
   /// Stops every worker of the pool and lets go of its launcher.
   void close_pool() {
     for (auto& [id, local] : locals_) {
+      if (local.status) continue;
       local.link->kill(SIGKILL);
       local.link->reap();
     }
@@ -157,7 +180,7 @@ class RankServer {
         if (fd >= 0) (void)::fcntl(fd, F_SETPIPE_SZ, 1 << 20);
       }
       const auto pid = static_cast<std::int32_t>(link->pid());
-      locals_[id] = Local{std::move(link)};
+      locals_[id].link = std::move(link);
       sends_.send(comm_, boss_, reply, mpi_wire::Writer().put(pid).take());
     } catch (const std::exception& e) {
       const bool refused = dynamic_cast<const StartRefused*>(&e) != nullptr;
@@ -186,7 +209,8 @@ class RankServer {
           used += static_cast<std::size_t>(n);
           continue;
         }
-        if (n == 0 || n == Link::broken) local.eof = true;
+        // Ended, with its pipe held open elsewhere: what it wrote is all read.
+        if (n == 0 || n == Link::broken || local.status) local.eof = true;
         break;
       }
       if (used > 0) {
@@ -196,7 +220,8 @@ class RankServer {
       }
     }
     if (local.eof) {
-      if (std::optional<int> status = link.try_reap()) {
+      if (!local.status) local.status = link.try_reap();
+      if (const std::optional<int>& status = local.status) {
         sends_.send(comm_, boss_, mpi_wire::tag(mpi_wire::ended, id),
                     mpi_wire::Writer().put(static_cast<std::int32_t>(*status)).take());
         local.gone = true;

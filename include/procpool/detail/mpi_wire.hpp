@@ -51,8 +51,11 @@ enum Kind : int {
 
 inline constexpr int kind_bits = 4;
 inline constexpr std::uint32_t version = 1;
-/// Bytes of one MPI message at most (MPI counts in int).
-inline constexpr std::size_t max_piece = std::size_t{1} << 30;
+/// Bytes of one MPI message at most: MPI counts in int, and a receive this
+/// large takes well under a heartbeat period even over 1 Gb/s.
+inline constexpr std::size_t max_piece = std::size_t{64} << 20;
+/// Messages taken in one go before a side looks at its other work.
+inline constexpr std::size_t take_at_most = 256;
 
 inline int tag(Kind kind, std::uint32_t id = 0) { return static_cast<int>(kind) | static_cast<int>(id << kind_bits); }
 inline Kind kind_of(int tag) { return static_cast<Kind>(tag & ((1 << kind_bits) - 1)); }
@@ -305,21 +308,20 @@ inline long rest_us(std::chrono::steady_clock::duration idle_for, bool sending) 
 }
 
 /// Hands each message waiting from `source` (MPI_ANY_SOURCE: any), up to
-/// 256, to on_message(MPI_Message&, MPI_Status&), which must receive it.
-/// Returns whether there was any.
+/// take_at_most, to on_message(MPI_Message&, MPI_Status&), which must
+/// receive it. Returns how many there were.
 template <class OnMessage>
-bool take_waiting(MPI_Comm comm, int source, OnMessage&& on_message) {
-  bool any = false;
-  for (int k = 0; k < 256; ++k) {
+std::size_t take_waiting(MPI_Comm comm, int source, OnMessage&& on_message) {
+  std::size_t taken = 0;
+  for (; taken < take_at_most; ++taken) {
     int flag = 0;
     MPI_Message msg;
     MPI_Status status;
     MPI_Improbe(source, MPI_ANY_TAG, comm, &flag, &msg, &status);
     if (flag == 0) break;
-    any = true;
     on_message(msg, status);
   }
-  return any;
+  return taken;
 }
 
 /// Receives the message `msg` (of `bytes` bytes) into a new buffer.

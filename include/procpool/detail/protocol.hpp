@@ -238,17 +238,19 @@ struct WorkerConfig {
   std::uint64_t max_rss = 0;              // resident bytes over which it leaves (0: no cap)
   std::uint64_t address_space_limit = 0;  // RLIMIT_AS (0: none)
   std::uint64_t shm_threshold = 0;        // larger frames go through shared memory (0: never)
+  std::uint64_t remote = 0;               // 1: the pool is on another host (no SharedMemory in results)
   std::int32_t pool_pid = 0;              // the pool's process, whose probe buffer it tries to open
   std::int32_t probe_fd = -1;
   std::uint64_t probe_id = 0;
   std::span<const char> initializer_state;  // the initializer's arguments (cereal)
 
-  static constexpr std::size_t fixed_size = 7 * 8 + 4 + 4 + 8;
+  static constexpr std::size_t fixed_size = 8 * 8 + 4 + 4 + 8;
 
   template <class Bytes>
   void encode(Bytes& out) const {
     std::size_t start = begin_frame(out, FrameKind::config);
-    for (std::uint64_t v : {slot, max_tasks, initializer, max_message, max_rss, address_space_limit, shm_threshold}) {
+    for (std::uint64_t v :
+         {slot, max_tasks, initializer, max_message, max_rss, address_space_limit, shm_threshold, remote}) {
       put<std::uint64_t>(out, v);
     }
     put<std::int32_t>(out, pool_pid);
@@ -262,7 +264,7 @@ struct WorkerConfig {
     if (frame.kind != FrameKind::config || frame.size < fixed_size) return false;
     const char* p = frame.data;
     for (std::uint64_t* v : {&config.slot, &config.max_tasks, &config.initializer, &config.max_message, &config.max_rss,
-                             &config.address_space_limit, &config.shm_threshold}) {
+                             &config.address_space_limit, &config.shm_threshold, &config.remote}) {
       *v = get<std::uint64_t>(p);
       p += 8;
     }

@@ -261,6 +261,7 @@ class WorkerLoop {
     max_message_ = config.max_message;
     max_rss_ = config.max_rss;
     shm_threshold_ = config.shm_threshold;
+    remote_ = config.remote != 0;
     // Large results go through shared memory only if this worker can open the
     // pool's (the parent then opens ours the same way).
     shm_ = shm_threshold_ != 0 && can_reach_shm(config.pool_pid, config.probe_fd, config.probe_id);
@@ -369,10 +370,15 @@ class WorkerLoop {
     reader_.spin_when_idle(more_queued && elapsed < spin_below);
     if (relayed_) flush_worker_output();
     ResultHead::set_run_time(out_, start, static_cast<std::uint64_t>(elapsed.count()));
-    if (out_.size() - start - frame_header_size > max_message_) {
-      // Too large to send: report every item as failed instead.
-      std::string why = "the result message (" + std::to_string(out_.size() - start - frame_header_size) +
-                        " bytes) is larger than Options::max_message_bytes";
+    const bool too_large = out_.size() - start - frame_header_size > max_message_;
+    if (too_large || (remote_ && !shared_.empty())) {
+      // Cannot be sent: report every item as failed instead.
+      std::string why = too_large ? "the result message (" + std::to_string(out_.size() - start - frame_header_size) +
+                                        " bytes) is larger than Options::max_message_bytes"
+                                  : "its result holds a procpool::SharedMemory block, which cannot reach the pool "
+                                    "on another host (this pool's workers run on MPI ranks); return the data as a "
+                                    "std::vector instead";
+      shared_.clear();
       out_.resize(ResultHead::items_start(start));
       Encoder encoder(out_);
       for (std::uint32_t i = 0; i < task.count; ++i) encoder(outcome_byte(ItemOutcome::unsent), why);
@@ -461,7 +467,8 @@ class WorkerLoop {
   std::size_t max_message_ = 0;
   std::size_t max_rss_ = 0;
   std::size_t shm_threshold_ = 0;
-  bool shm_ = false;  // large results go through shared memory
+  bool remote_ = false;  // the pool is on another host: SharedMemory cannot reach it
+  bool shm_ = false;     // large results go through shared memory
   ShmReader shm_reader_;
   ShmWriter shm_writer_;
   std::vector<char> out_;
