@@ -33,10 +33,13 @@ class Backend {
  public:
   /// Worker processes on this machine.
   Backend() = default;
+  /// A backend that makes its pools' transports with `impl`; made by
+  /// `procpool::mpi::world()` and `procpool::mpi::spawn(n)`.
   explicit Backend(std::shared_ptr<const detail::BackendImpl> impl) noexcept : impl_(std::move(impl)) {}
 
   /// Whether this is the default: processes on this machine.
   bool local() const noexcept { return impl_ == nullptr; }
+  /// What makes the transport; null for the local backend.
   const detail::BackendImpl* impl() const noexcept { return impl_.get(); }
 
  private:

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -35,6 +36,13 @@ struct Settings {
   /// "node1,node2"} or {"hostfile", "hosts.txt"}; added to Open MPI's
   /// {"map_by", "slot:OVERSUBSCRIBE"}.
   std::vector<std::pair<std::string, std::string>> spawn_info{};
+  /// For spawn(): when the pool is destroyed, its ranks wait, idle, for the
+  /// next spawn() pool with the same number of ranks and spawn_info, and
+  /// leave when MPI is finalized (at the program's exit). false: they leave
+  /// with the pool. Open MPI 4.1 can hang for ever in MPI_Comm_spawn while
+  /// the ranks of an earlier spawn exit: a program that makes spawn() pools
+  /// one after another spawns only once this way.
+  bool reuse_ranks = true;
 };
 
 namespace detail {
@@ -49,6 +57,14 @@ struct State {
   std::vector<std::string> args;  // argv[1..], for spawned ranks
   std::atomic<bool> world_busy{false};
   std::vector<int> world_lost;  // world ranks a pool lost: left out of later pools
+  /// Ranks spawn() started and a pool let go of, waiting for the next
+  /// (Settings::reuse_ranks), by the spawn that made them.
+  struct Idle {
+    std::size_t ranks;
+    std::vector<std::pair<std::string, std::string>> info;
+    MPI_Comm inter;
+  };
+  std::vector<Idle> idle;
 };
 
 inline State& state() {
@@ -76,6 +92,27 @@ inline void check_options(const Options& options) {
   }
 }
 
+/// Tells spawned ranks to leave MPI and exit. Waits for the disconnect only
+/// when no rank is `lost` (a lost rank cannot take part; the others then
+/// stay until this program finishes MPI); sends are bounded either way.
+inline void let_go_spawned(MPI_Comm inter, const std::vector<int>& lost, bool finalizing) {
+  int size = 0;
+  MPI_Comm_remote_size(inter, &size);
+  ::procpool::detail::mpi_wire::Sends sends;
+  for (int r = 0; r < size; ++r) {
+    if (std::find(lost.begin(), lost.end(), r) != lost.end() && !finalizing) continue;
+    sends.send(inter, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), {});
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (sends.progress() && std::chrono::steady_clock::now() < deadline) ::usleep(100);
+  sends.abandon_all();
+  if (lost.empty()) {
+    MPI_Comm_disconnect(&inter);
+  } else {
+    MPI_Comm_free(&inter);
+  }
+}
+
 /// Run by MPI_Finalize on rank 0 (an attribute of MPI_COMM_SELF, deleted
 /// first thing in MPI_Finalize), whoever calls it: the pools still alive let
 /// their ranks go, then every serving rank of the world is told to finish,
@@ -84,6 +121,8 @@ inline void check_options(const Options& options) {
 inline int on_finalize(MPI_Comm, int, void*, void*) {
   ::procpool::detail::MpiTransport::shutdown_all();
   State& s = state();
+  for (auto& idle : s.idle) let_go_spawned(idle.inter, {}, true);
+  s.idle.clear();
   ::procpool::detail::mpi_wire::Sends sends;
   for (int r = 1; r < s.world_size; ++r) {
     sends.send(s.world, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), {});
@@ -146,21 +185,50 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
     need_init("procpool::mpi::spawn()");
     check_options(options);
     if (ranks_ == 0 || ranks_ > INT_MAX) throw Error("procpool: procpool::mpi::spawn(n) needs 1 <= n");
-    MPI_Comm inter = spawn_ranks();
+    MPI_Comm inter = take_idle();
+    if (inter == MPI_COMM_NULL) inter = spawn_ranks();
     ::procpool::detail::MpiHub::Settings hub;
     hub.comm = inter;
     hub.lost_after = settings_.lost_after;
     for (std::size_t r = 0; r < ranks_; ++r) hub.ranks.push_back(static_cast<int>(r));
     try {
-      return std::make_unique<::procpool::detail::MpiTransport>(std::move(hub), options,
-                                                                [inter](auto& h) mutable { let_go(inter, h); });
+      return std::make_unique<::procpool::detail::MpiTransport>(
+          std::move(hub), options, [inter, ranks = ranks_, settings = settings_](auto& h) {
+            // Healthy ranks wait for the next pool, if asked to.
+            if (settings.reuse_ranks && h.lost_ranks().empty()) {
+              std::lock_guard lock(state().mutex);
+              state().idle.push_back(State::Idle{ranks, settings.spawn_info, inter});
+              return;
+            }
+            const std::vector<int> lost = h.lost_ranks();
+            let_go_spawned(inter, lost, false);
+            // With a rank lost, the others cannot finish MPI: no waiting for them.
+            if (lost.empty()) wait_until_gone(h.processes());
+          });
     } catch (...) {
-      let_go_all(inter, static_cast<int>(ranks_));
+      // It could not open (a rank did not answer): no waiting on any.
+      std::vector<int> all(ranks_);
+      std::iota(all.begin(), all.end(), 0);
+      let_go_spawned(inter, all, false);
       throw;
     }
   }
 
  private:
+  /// Idle ranks of an earlier spawn() like this one, or MPI_COMM_NULL.
+  MPI_Comm take_idle() const {
+    if (!settings_.reuse_ranks) return MPI_COMM_NULL;
+    std::lock_guard lock(state().mutex);
+    auto& idle = state().idle;
+    for (auto it = idle.begin(); it != idle.end(); ++it) {
+      if (it->ranks != ranks_ || it->info != settings_.spawn_info) continue;
+      MPI_Comm inter = it->inter;
+      idle.erase(it);
+      return inter;
+    }
+    return MPI_COMM_NULL;
+  }
+
   MPI_Comm spawn_ranks() const {
     char exe[PATH_MAX] = {};
     const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
@@ -188,25 +256,11 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
     MPI_Comm_set_errhandler(inter, MPI_ERRORS_RETURN);
     return inter;
   }
-  /// The pool is done: the spawned ranks leave MPI and exit.
-  static void let_go(MPI_Comm inter, ::procpool::detail::MpiHub& hub) {
-    const std::vector<int> lost = hub.lost_ranks();
-    int size = 0;
-    MPI_Comm_remote_size(inter, &size);
-    for (int r = 0; r < size; ++r) {
-      if (std::find(lost.begin(), lost.end(), r) != lost.end()) continue;
-      MPI_Send(nullptr, 0, MPI_BYTE, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), inter);
-    }
-    // A lost rank cannot take part in a disconnect, and the others cannot
-    // finish MPI without it: they stay until the program ends.
-    if (!lost.empty()) return;
-    MPI_Comm_disconnect(&inter);
-    wait_until_gone(hub.processes());
-  }
+
   /// Waits for the ranks let go of to exit. Open MPI 4.1 can hang for
   /// ever in MPI_Comm_spawn while ranks of an earlier spawn still finish
-  /// (seen: 1 spawn in about 40 without this wait; none in 160 with it).
-  /// Ranks on other hosts cannot be watched: for them, a pause.
+  /// (seen: 1 spawn in about 40 without this wait). Ranks on other hosts
+  /// cannot be watched: for them, a pause.
   static void wait_until_gone(const std::vector<std::pair<std::string, pid_t>>& ranks) {
     const std::string here = ::procpool::detail::mpi_wire::host_name();
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
@@ -219,18 +273,6 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
       while (::kill(pid, 0) == 0 && std::chrono::steady_clock::now() < deadline) ::usleep(1000);
     }
     if (remote) ::usleep(300'000);
-  }
-  /// The pool could not open: lets go of the ranks without waiting for
-  /// any (one may not answer). Those alive finish MPI when this program does.
-  static void let_go_all(MPI_Comm inter, int size) {
-    ::procpool::detail::mpi_wire::Sends sends;
-    for (int r = 0; r < size; ++r) {
-      sends.send(inter, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), {});
-    }
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-    while (sends.progress() && std::chrono::steady_clock::now() < deadline) ::usleep(100);
-    sends.abandon_all();
-    MPI_Comm_free(&inter);
   }
 
   std::size_t ranks_;

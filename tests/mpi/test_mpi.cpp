@@ -134,6 +134,15 @@ long pause_my_rank(long ms) {
   return ms;
 }
 
+long seed = 0;
+void set_seed(long s) { seed = s; }
+long seeded(long x) { return x + seed; }
+
+std::size_t allocates(std::size_t mib) {
+  std::vector<char> big(mib << 20, 'x');
+  return big.size() >> 20;
+}
+
 procpool::SharedMemory make_block(long n) { return procpool::SharedMemory(static_cast<std::size_t>(n)); }
 
 std::vector<long> iota(long n) {
@@ -270,6 +279,24 @@ TEST_CASE("maxtasksperchild replaces workers on the ranks", "[mpi]") {
   }
 }
 
+TEST_CASE("the initializer and the memory limit apply to each worker on the ranks", "[mpi]") {
+  for (StartMethod method : methods) {
+    procpool::Options o = options(method);
+    o.initializer = procpool::initializer<set_seed>(1000L);
+    o.memory_limit_per_child = std::size_t{768} << 20;
+    procpool::Pool pool(o);
+    CHECK(pool.map<seeded>(iota(10), 1) ==
+          std::vector<long>{1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009});
+    CHECK(pool.apply<allocates>(16) == 16);
+    try {
+      pool.apply<allocates>(1024);
+      FAIL("no exception");
+    } catch (const procpool::RemoteError& e) {
+      CHECK(e.type_name() == "std::bad_alloc");
+    }
+  }
+}
+
 TEST_CASE("retries run a lost task again on another worker", "[mpi]") {
   procpool::Options o = options(StartMethod::forkserver);
   o.retries = 1;
@@ -390,6 +417,41 @@ std::optional<procpool::Pool> global_pool;  // destroyed after MPI is finalized
 TEST_CASE("a pool still alive when the program exits lets its ranks go", "[.static]") {
   global_pool.emplace(options(StartMethod::forkserver));
   CHECK(global_pool->apply<square>(7) == 49);
+}
+
+std::set<long> ranks_of(procpool::Pool& pool) {
+  auto pids = pool.map<rank_pid>(iota(40), 1);
+  return {pids.begin(), pids.end()};
+}
+
+bool gone(long pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  return text.empty() || text.substr(text.rfind(')') + 2, 1) == "Z";
+}
+
+TEST_CASE("spawned ranks wait for the next spawn pool, or leave with theirs", "[.spawn]") {
+  std::set<long> first, second;
+  {
+    procpool::Pool pool({.processes = 2, .backend = procpool::mpi::spawn(2)});
+    first = ranks_of(pool);
+  }
+  {
+    procpool::Pool pool({.processes = 2, .backend = procpool::mpi::spawn(2)});
+    second = ranks_of(pool);
+  }
+  CHECK(first.size() == 2);
+  CHECK(first == second);  // the same ranks served both
+  std::set<long> own;
+  {
+    procpool::mpi::Settings settings;
+    settings.reuse_ranks = false;
+    procpool::Pool pool({.processes = 2, .backend = procpool::mpi::spawn(2, settings)});
+    own = ranks_of(pool);
+    CHECK(own != first);  // new ones: the idle ranks are kept for pools that reuse
+  }
+  for (long pid : own) CHECK(gone(pid));  // they left with their pool
+  for (long pid : first) CHECK(!gone(pid));
 }
 
 TEST_CASE("a killed rank without recovery ends the job", "[.abort]") {

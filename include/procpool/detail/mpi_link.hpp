@@ -44,7 +44,7 @@ struct MpiWorker {
   int status = 0;
   std::string failure;  // why it could not start
   bool refused = false;
-  std::deque<std::vector<char>> inbound;
+  std::deque<mpi_wire::Received> inbound;
   std::size_t offset = 0;  // read of inbound.front()
   bool dropped = false;    // its Link is gone
   std::shared_ptr<const std::string> where;
@@ -210,11 +210,11 @@ class MpiHub {
     std::size_t got = 0;
     while (got < space.size() && !w.inbound.empty()) {
       auto& front = w.inbound.front();
-      const std::size_t n = std::min(space.size() - got, front.size() - w.offset);
-      std::memcpy(space.data() + got, front.data() + w.offset, n);
+      const std::size_t n = std::min(space.size() - got, front.size - w.offset);
+      std::memcpy(space.data() + got, front.data.get() + w.offset, n);
       got += n;
       w.offset += n;
-      if (w.offset == front.size()) {
+      if (w.offset == front.size) {
         w.inbound.pop_front();
         w.offset = 0;
       }
@@ -295,7 +295,7 @@ class MpiHub {
         ::usleep(100);
         continue;
       }
-      std::vector<char> got = mpi_wire::receive(msg, status);
+      mpi_wire::Received got = mpi_wire::receive(msg, status);
       auto it = by_rank_.find(status.MPI_SOURCE);
       if (it == by_rank_.end() || mpi_wire::kind_of(status.MPI_TAG) != mpi_wire::hello || said[it->second]) continue;
       said[it->second] = true;
@@ -416,13 +416,13 @@ class MpiHub {
 
   std::size_t take_messages() {
     return mpi_wire::take_waiting(comm_, MPI_ANY_SOURCE, [&](MPI_Message& msg, MPI_Status& status) {
-      std::vector<char> bytes = mpi_wire::receive(msg, status);
+      mpi_wire::Received bytes = mpi_wire::receive(msg, status);
       auto it = by_rank_.find(status.MPI_SOURCE);
       if (it != by_rank_.end()) handle(it->second, status.MPI_TAG, std::move(bytes));
     });
   }
 
-  void handle(std::size_t peer, int tag, std::vector<char> bytes) {
+  void handle(std::size_t peer, int tag, mpi_wire::Received bytes) {
     std::lock_guard lock(mutex_);
     MpiPeer& p = peers_[peer];
     p.heard = Clock::now();
@@ -437,7 +437,7 @@ class MpiHub {
     try {
       switch (kind) {
         case mpi_wire::data:
-          if (w.dropped || bytes.empty()) return;
+          if (w.dropped || bytes.size == 0) return;
           w.inbound.push_back(std::move(bytes));
           if (w.inbound.size() == 1) signal(w);
           return;

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <optional>
@@ -101,7 +102,7 @@ class RankServer {
       it->second.link->flush();
       return;
     }
-    std::vector<char> bytes = mpi_wire::receive(msg, status);
+    const mpi_wire::Received bytes = mpi_wire::receive(msg, status);
     switch (kind) {
       case mpi_wire::open:
         open_pool(bytes);
@@ -130,7 +131,7 @@ class RankServer {
     }
   }
 
-  void open_pool(const std::vector<char>& bytes) {
+  void open_pool(std::span<const char> bytes) {
     close_pool();
     mpi_wire::HelloMessage hello;
     hello.cpus = static_cast<std::uint32_t>(cpu_count());
@@ -195,30 +196,7 @@ class RankServer {
     Link& link = *local.link;
     bool moved = false;
     if (link.has_unsent()) link.flush();
-    if (!local.eof) {
-      // What it wrote, up to 4 MiB, as one message.
-      if (scratch_.empty()) scratch_.resize(64 << 10);
-      std::size_t used = 0;
-      for (;;) {
-        if (used == scratch_.size()) {
-          if (scratch_.size() >= (std::size_t{4} << 20)) break;
-          scratch_.resize(scratch_.size() * 2);
-        }
-        const long n = link.receive({scratch_.data() + used, scratch_.size() - used});
-        if (n > 0) {
-          used += static_cast<std::size_t>(n);
-          continue;
-        }
-        // Ended, with its pipe held open elsewhere: what it wrote is all read.
-        if (n == 0 || n == Link::broken || local.status) local.eof = true;
-        break;
-      }
-      if (used > 0) {
-        sends_.send(comm_, boss_, mpi_wire::tag(mpi_wire::data, id),
-                    std::vector<char>(scratch_.begin(), scratch_.begin() + static_cast<std::ptrdiff_t>(used)));
-        moved = true;
-      }
-    }
+    if (!local.eof) moved = forward(id, local);
     if (local.eof) {
       if (!local.status) local.status = link.try_reap();
       if (const std::optional<int>& status = local.status) {
@@ -229,6 +207,41 @@ class RankServer {
       }
     }
     return moved;
+  }
+
+  /// Sends what the worker wrote, up to 4 MiB, as one message: a little
+  /// into the scratch buffer (copied out), more straight into a buffer of
+  /// its own that the send then holds.
+  bool forward(std::uint32_t id, Local& local) {
+    constexpr std::size_t small = 64 << 10, large = 4 << 20;
+    if (scratch_ == nullptr) scratch_ = std::make_unique_for_overwrite<char[]>(small);
+    std::unique_ptr<char[]> own;
+    char* buffer = scratch_.get();
+    std::size_t used = 0, capacity = small;
+    for (;;) {
+      if (used == capacity) {
+        if (own != nullptr) break;
+        own = std::make_unique_for_overwrite<char[]>(large);
+        std::memcpy(own.get(), buffer, used);
+        buffer = own.get();
+        capacity = large;
+      }
+      const long n = local.link->receive({buffer + used, capacity - used});
+      if (n > 0) {
+        used += static_cast<std::size_t>(n);
+        continue;
+      }
+      // Ended, with its pipe held open elsewhere: what it wrote is all read.
+      if (n == 0 || n == Link::broken || local.status) local.eof = true;
+      break;
+    }
+    if (used == 0) return false;
+    if (own == nullptr) {
+      own = std::make_unique_for_overwrite<char[]>(used);
+      std::memcpy(own.get(), buffer, used);
+    }
+    sends_.send(comm_, boss_, mpi_wire::tag(mpi_wire::data, id), std::move(own), used);
+    return true;
   }
 
   /// Nothing moved: waits for a worker, or a while for rank 0 (MPI has no
@@ -266,7 +279,7 @@ class RankServer {
   std::unique_ptr<Transport> transport_;
   std::map<std::uint32_t, Local> locals_;
   mpi_wire::Sends sends_;
-  std::vector<char> scratch_;
+  std::unique_ptr<char[]> scratch_;
   bool open_ = false;
   bool finishing_ = false;
   std::chrono::milliseconds beat_every_{500};

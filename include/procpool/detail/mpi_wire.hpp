@@ -21,6 +21,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -93,7 +94,7 @@ class Writer {
 
 class Reader {
  public:
-  explicit Reader(const std::vector<char>& bytes) : bytes_(bytes) {}
+  explicit Reader(std::span<const char> bytes) : bytes_(bytes) {}
   template <class T>
   T get() {
     T value{};
@@ -114,7 +115,7 @@ class Reader {
   void need(std::size_t n) const {
     if (bytes_.size() - at_ < n) throw std::runtime_error("a message from another rank was cut short");
   }
-  const std::vector<char>& bytes_;
+  std::span<const char> bytes_;
   std::size_t at_ = 0;
 };
 
@@ -128,7 +129,7 @@ struct OpenMessage {
   std::vector<char> encode() const {
     return Writer().put(version).put(start_method).put(error_on_threaded_fork).put(beat_ms).take();
   }
-  static OpenMessage decode(const std::vector<char>& bytes) {
+  static OpenMessage decode(std::span<const char> bytes) {
     Reader r(bytes);
     OpenMessage m;
     m.version = r.get<std::uint32_t>();
@@ -151,7 +152,7 @@ struct HelloMessage {
   std::vector<char> encode() const {
     return Writer().put(version).put(cpus).put(pid).put(build).put(host).put(error).take();
   }
-  static HelloMessage decode(const std::vector<char>& bytes) {
+  static HelloMessage decode(std::span<const char> bytes) {
     Reader r(bytes);
     HelloMessage m;
     m.version = r.get<std::uint32_t>();
@@ -233,6 +234,12 @@ class Sends {
     const char* p = held->data();
     const std::size_t n = held->size();
     post(comm, dest, tag, p, n, std::shared_ptr<const void>(held, held.get()));
+  }
+  /// Sends the first `size` bytes of `bytes` (owned until done).
+  void send(MPI_Comm comm, int dest, int tag, std::unique_ptr<char[]> bytes, std::size_t size) {
+    std::shared_ptr<char[]> held(std::move(bytes));
+    const char* p = held.get();
+    post(comm, dest, tag, p, size, std::shared_ptr<const void>(held, p));
   }
   /// Sends `size` bytes at `p`, which `keep` keeps alive; in pieces of at
   /// most max_piece.
@@ -324,13 +331,21 @@ std::size_t take_waiting(MPI_Comm comm, int source, OnMessage&& on_message) {
   return taken;
 }
 
-/// Receives the message `msg` (of `bytes` bytes) into a new buffer.
-inline std::vector<char> receive(MPI_Message& msg, MPI_Status& status) {
+/// A message's bytes, received where no zeros were written first.
+struct Received {
+  std::unique_ptr<char[]> data;
+  std::size_t size = 0;
+  operator std::span<const char>() const noexcept { return {data.get(), size}; }  // NOLINT: for Reader
+};
+
+/// Receives the message `msg` into a new buffer.
+inline Received receive(MPI_Message& msg, MPI_Status& status) {
   int count = 0;
   MPI_Get_count(&status, MPI_BYTE, &count);
-  std::vector<char> bytes(static_cast<std::size_t>(count));
-  MPI_Mrecv(bytes.data(), count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
-  return bytes;
+  Received got{std::make_unique_for_overwrite<char[]>(static_cast<std::size_t>(count)),
+               static_cast<std::size_t>(count)};
+  MPI_Mrecv(got.data.get(), count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
+  return got;
 }
 
 }  // namespace procpool::detail::mpi_wire
