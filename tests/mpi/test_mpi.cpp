@@ -321,7 +321,9 @@ TEST_CASE("large payloads cross in pieces, intact", "[mpi]") {
   procpool::Options o = options(StartMethod::forkserver);
   o.max_message_bytes = std::size_t{1} << 31;
   procpool::Pool pool(o);
-  std::vector<char> big(std::size_t{48} << 20);
+  // More than one MPI message's worth on its way to the rank.
+  std::vector<char> big(std::size_t{80} << 20);
+  static_assert(procpool::detail::mpi_wire::max_piece < (std::size_t{80} << 20));
   for (std::size_t k = 0; k < big.size(); ++k) big[k] = static_cast<char>(k * 131 + k / 977);
   auto back = pool.map<echo>(std::vector<std::vector<char>>{big, big, std::vector<char>(1, 'x')}, 1);
   REQUIRE(back.size() == 3);
