@@ -1,5 +1,5 @@
 // procpool - what rank 0 and a serving rank say to each other over MPI
-// (mpi_link.hpp is rank 0's side, mpi_serve.hpp a serving rank's), and the
+// (mpi_hub.hpp is rank 0's side, mpi_serve.hpp a serving rank's), and the
 // sends both sides keep in flight. A message's tag says its kind and, for a
 // worker's messages, which worker: tag = kind + 16 * worker id. The bytes of
 // a worker's frames (protocol.hpp) travel as `data` messages, cut anywhere:
