@@ -123,6 +123,73 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
   return n == static_cast<ssize_t>(sizeof(msg));
 }
 
+/// In a child the server just forked: keeps only its own two pipe ends, as
+/// fds 3 and 4, its claim area as fd 5 (-1: none), and the relay's pipes as
+/// its 1 and 2 (-1: the server's own), then runs the worker.
+[[noreturn]] inline void become_worker(int task, int result, int claims, int out, int err, const sigset_t& chld,
+                                       pid_t server) noexcept {
+  // Every source is first copied above 5, so no dup2 below can overwrite another's.
+  const int sources[5] = {task, result, claims, out, err};
+  const int targets[5] = {worker_task_fd, worker_result_fd, worker_claims_fd, 1, 2};
+  int high[5] = {-1, -1, -1, -1, -1};
+  for (int i = 0; i < 5; ++i) {
+    if (sources[i] >= 0 && (high[i] = ::fcntl(sources[i], F_DUPFD, 6)) < 0) ::_exit(exit_protocol_error);
+  }
+  for (int i = 0; i < 5; ++i) {
+    if (high[i] >= 0 && ::dup2(high[i], targets[i]) < 0) ::_exit(exit_protocol_error);
+  }
+  // Without a claim area, fd 5 is one of the server's: it goes too.
+  ::close_range(claims >= 0 ? 6 : worker_claims_fd, ~0U, 0);
+  ::sigprocmask(SIG_UNBLOCK, &chld, nullptr);
+  prepare_worker_process(server);
+  const bool relayed = out >= 0;
+  if (relayed) use_relayed_output();
+  run_worker_and_exit(worker_task_fd, worker_result_fd, relayed, claims >= 0 ? worker_claims_fd : -1);
+}
+
+/// Starts the worker one request asks for, with the fds `given` with it,
+/// and answers with its pipe ends ('W') or why it failed ('F').
+inline void serve_request(int sock, const ForkserverMessage& request, std::vector<Fd>& given, bool truncated,
+                          const sigset_t& chld, std::set<pid_t>& workers) {
+  const bool with_area = (request.value & with_claims) != 0;
+  const bool relayed = (request.value & with_stdio) != 0;
+  if (truncated || given.size() != (with_area ? 1U : 0U) + (relayed ? 2U : 0U)) {
+    send_message(sock, {'F', failed_receive, EMFILE});
+    return;
+  }
+  const int claims = with_area ? given[0].get() : -1;
+  const std::size_t stdio_at = with_area ? 1 : 0;
+  int task[2], result[2];
+  if (pipe_above_stdio(task) == -1) {
+    send_message(sock, {'F', failed_pipe, errno});
+    return;
+  }
+  if (pipe_above_stdio(result) == -1) {
+    send_message(sock, {'F', failed_pipe, errno});
+    ::close(task[0]);
+    ::close(task[1]);
+    return;
+  }
+  const pid_t server = ::getpid();
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    become_worker(task[0], result[1], claims, relayed ? given[stdio_at].get() : -1,
+                  relayed ? given[stdio_at + 1].get() : -1, chld, server);
+  }
+  int err = errno;
+  ::close(task[0]);
+  ::close(result[1]);
+  if (pid < 0) {
+    send_message(sock, {'F', failed_fork, err});
+  } else {
+    workers.insert(pid);
+    int theirs[2] = {task[1], result[0]};
+    send_message(sock, {'W', pid, 0}, theirs, 2);
+  }
+  ::close(task[1]);
+  ::close(result[0]);
+}
+
 /// The server's loop, entered from procpool::init. Single-threaded by
 /// construction: it runs before main() has done anything.
 [[noreturn]] inline void run_forkserver(int sock, pid_t parent) noexcept {
@@ -157,60 +224,7 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
     std::vector<Fd> given;  // its claim area, and the relay's pipe ends, as the flags say
     bool truncated = false;
     if (!receive_message(sock, request, given, &truncated)) break;  // the pool is gone: its workers go with us
-    const bool with_area = (request.value & with_claims) != 0;
-    const bool relayed = (request.value & with_stdio) != 0;
-    if (truncated || given.size() != (with_area ? 1U : 0U) + (relayed ? 2U : 0U)) {
-      send_message(sock, {'F', failed_receive, EMFILE});
-      continue;
-    }
-    const int claims = with_area ? given[0].get() : -1;
-    const std::size_t stdio_at = with_area ? 1 : 0;
-    int task[2], result[2];
-    if (pipe_above_stdio(task) == -1) {
-      send_message(sock, {'F', failed_pipe, errno});
-      continue;
-    }
-    if (pipe_above_stdio(result) == -1) {
-      send_message(sock, {'F', failed_pipe, errno});
-      ::close(task[0]);
-      ::close(task[1]);
-      continue;
-    }
-    const pid_t server = ::getpid();
-    pid_t pid = ::fork();
-    if (pid == 0) {
-      // The worker keeps only its own two pipe ends, as fds 3 and 4, its
-      // claim area as fd 5, and the relay's pipes as its 1 and 2. Every source
-      // is first copied above 5, so no dup2 below can overwrite another's.
-      const int sources[5] = {task[0], result[1], claims, relayed ? given[stdio_at].get() : -1,
-                              relayed ? given[stdio_at + 1].get() : -1};
-      const int targets[5] = {worker_task_fd, worker_result_fd, worker_claims_fd, 1, 2};
-      int high[5] = {-1, -1, -1, -1, -1};
-      for (int i = 0; i < 5; ++i) {
-        if (sources[i] >= 0 && (high[i] = ::fcntl(sources[i], F_DUPFD, 6)) < 0) ::_exit(exit_protocol_error);
-      }
-      for (int i = 0; i < 5; ++i) {
-        if (high[i] >= 0 && ::dup2(high[i], targets[i]) < 0) ::_exit(exit_protocol_error);
-      }
-      // Without a claim area, fd 5 is one of the server's: it goes too.
-      ::close_range(claims >= 0 ? 6 : worker_claims_fd, ~0U, 0);
-      ::sigprocmask(SIG_UNBLOCK, &chld, nullptr);
-      prepare_worker_process(server);
-      if (relayed) use_relayed_output();
-      run_worker_and_exit(worker_task_fd, worker_result_fd, relayed, claims >= 0 ? worker_claims_fd : -1);
-    }
-    int err = errno;
-    ::close(task[0]);
-    ::close(result[1]);
-    if (pid < 0) {
-      send_message(sock, {'F', failed_fork, err});
-    } else {
-      workers.insert(pid);
-      int theirs[2] = {task[1], result[0]};
-      send_message(sock, {'W', pid, 0}, theirs, 2);
-    }
-    ::close(task[1]);
-    ::close(result[0]);
+    serve_request(sock, request, given, truncated, chld, workers);
   }
   // The pool is gone or done: its workers are gone or going. Reap them all
   // before exiting, or a PID 1 or subreaper parent would inherit them.
