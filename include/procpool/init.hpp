@@ -2,6 +2,7 @@
 /// The one line a program's main() needs: procpool::init().
 #pragma once
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -11,6 +12,15 @@
 #include "detail/worker.hpp"
 
 namespace procpool {
+
+namespace detail {
+/// Whether procpool::init has run in this process (procpool::mpi::init
+/// checks that it ran before MPI did).
+inline std::atomic<bool>& init_called() {
+  static std::atomic<bool> called{false};
+  return called;
+}
+}  // namespace detail
 
 /**
  * Call first thing in `main`: `procpool::init(argc, argv);`.
@@ -38,6 +48,7 @@ namespace procpool {
  * This function is thread-safe.
  */
 inline void init(int argc, char** argv) {
+  detail::init_called() = true;
   // Before any fd of procpool's exists, in the program and in its workers.
   detail::occupy_closed_stdio();
   if (argc < 3 || argv == nullptr || argv[1] == nullptr) return;

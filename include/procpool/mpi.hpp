@@ -7,14 +7,18 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -51,12 +55,15 @@ struct State {
   std::mutex mutex;
   bool initialized = false;
   bool own_mpi = false;  // init() called MPI_Init_thread
-  int provided = 0;      // MPI's thread level
+  // At exit, finish_world() is in MPI_Finalize (1), or it returned (2).
+  std::atomic<int> exit_finalize{0};
+  int provided = 0;  // MPI's thread level
   MPI_Comm world = MPI_COMM_NULL;
   int world_size = 1;
   std::vector<std::string> args;  // argv[1..], for spawned ranks
   std::atomic<bool> world_busy{false};
-  std::vector<int> world_lost;  // world ranks a pool lost: left out of later pools
+  std::vector<int> world_lost;                               // world ranks a pool lost: left out of later pools
+  std::map<int, std::pair<std::string, pid_t>> world_ranks;  // host and pid of each, once known
   /// Ranks spawn() started and a pool let go of, waiting for the next
   /// (Settings::reuse_ranks), by the spawn that made them.
   struct Idle {
@@ -92,44 +99,91 @@ inline void check_options(const Options& options) {
   }
 }
 
-/// Tells spawned ranks to leave MPI and exit. Waits for the disconnect only
-/// when no rank is `lost` (a lost rank cannot take part; the others then
-/// stay until this program finishes MPI); sends are bounded either way.
-inline void let_go_spawned(MPI_Comm inter, const std::vector<int>& lost, bool finalizing) {
+/// Tells spawned ranks to leave MPI and exit, taking in what they still
+/// send. Waits for the disconnect only when every rank answered and none is
+/// `lost` (a lost rank cannot take part; the others then stay until this
+/// program finishes MPI). Returns the ranks that did not answer.
+inline std::vector<int> let_go_spawned(MPI_Comm inter, const std::vector<int>& lost, bool finalizing) {
   int size = 0;
   MPI_Comm_remote_size(inter, &size);
-  ::procpool::detail::mpi_wire::Sends sends;
+  std::vector<int> ranks;
   for (int r = 0; r < size; ++r) {
-    if (std::find(lost.begin(), lost.end(), r) != lost.end() && !finalizing) continue;
-    sends.send(inter, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), {});
+    if (finalizing || std::find(lost.begin(), lost.end(), r) == lost.end()) ranks.push_back(r);
   }
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-  while (sends.progress() && std::chrono::steady_clock::now() < deadline) ::usleep(100);
-  sends.abandon_all();
-  if (lost.empty()) {
+  const std::vector<int> left =
+      ::procpool::detail::mpi_wire::finish_ranks(inter, ranks,
+                                                 std::chrono::steady_clock::now() + std::chrono::seconds(3));
+  if (lost.empty() && left.empty()) {
     MPI_Comm_disconnect(&inter);
   } else {
     MPI_Comm_free(&inter);
   }
+  return left;
+}
+
+/// A rank that did not answer `finish`: its name, and its pid where it runs
+/// on this host (0 elsewhere).
+struct Silent {
+  std::string name;
+  pid_t here = 0;
+};
+
+/// MPI_Finalize waits for every rank, and Open MPI's for a rank that stopped
+/// answering too, for ever. Where ranks did not answer `finish` and MPI is
+/// finalized at exit, a thread steps in if MPI_Finalize has not returned 5 s
+/// later: it kills those on this host, and 5 s after that (or at once if
+/// none is here) ends the job with MPI_Abort. (MPI_Finalized says true as
+/// soon as MPI_Finalize has begun: finish_world says when it returned.)
+inline void watch_finalize(std::vector<Silent> silent) {
+  if (state().exit_finalize != 1) return;
+  std::thread([silent = std::move(silent)] {
+    std::string names = silent.front().name;
+    for (std::size_t k = 1; k < silent.size(); ++k) names += ", " + silent[k].name;
+    if (std::any_of(silent.begin(), silent.end(), [](const Silent& r) { return r.here > 0; })) {
+      std::this_thread::sleep_for(std::chrono::seconds(5));
+      if (state().exit_finalize != 1) return;
+      std::fprintf(stderr,
+                   "procpool: MPI_Finalize is waiting for %s, which stopped answering and was taken for lost; "
+                   "killing what of it runs on this host\n",
+                   names.c_str());
+      for (const Silent& r : silent) {
+        if (r.here > 0) ::kill(r.here, SIGKILL);
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::seconds(5));
+    if (state().exit_finalize != 1) return;
+    std::fprintf(stderr,
+                 "procpool: MPI_Finalize is waiting for %s, which stopped answering and was taken for lost; "
+                 "MPI_Abort ends the job\n",
+                 names.c_str());
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }).detach();
 }
 
 /// Run by MPI_Finalize on rank 0 (an attribute of MPI_COMM_SELF, deleted
 /// first thing in MPI_Finalize), whoever calls it: the pools still alive let
 /// their ranks go, then every serving rank of the world is told to finish,
-/// lost ones too (one that was only slow must not keep the job alive). A
-/// rank that cannot take the message gets 2 seconds.
+/// lost ones too (one that was only slow must not keep the job alive), and
+/// what they still send is taken in until each answers, for up to 3 s.
 inline int on_finalize(MPI_Comm, int, void*, void*) {
   ::procpool::detail::MpiTransport::shutdown_all();
   State& s = state();
-  for (auto& idle : s.idle) let_go_spawned(idle.inter, {}, true);
-  s.idle.clear();
-  ::procpool::detail::mpi_wire::Sends sends;
-  for (int r = 1; r < s.world_size; ++r) {
-    sends.send(s.world, r, ::procpool::detail::mpi_wire::tag(::procpool::detail::mpi_wire::finish), {});
+  std::vector<Silent> silent;
+  for (auto& idle : s.idle) {
+    for (int r : let_go_spawned(idle.inter, {}, true)) silent.push_back({fmt::format("spawned rank {}", r)});
   }
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-  while (sends.progress() && std::chrono::steady_clock::now() < deadline) ::usleep(100);
-  sends.abandon_all();
+  s.idle.clear();
+  std::vector<int> ranks(static_cast<std::size_t>(std::max(s.world_size - 1, 0)));
+  std::iota(ranks.begin(), ranks.end(), 1);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  const std::string host = ::procpool::detail::mpi_wire::host_name();
+  for (int r : ::procpool::detail::mpi_wire::finish_ranks(s.world, ranks, deadline)) {
+    std::lock_guard lock(s.mutex);
+    auto it = s.world_ranks.find(r);
+    const bool here = it != s.world_ranks.end() && it->second.first == host;
+    silent.push_back({fmt::format("rank {}", r), here ? it->second.second : 0});
+  }
+  if (!silent.empty()) watch_finalize(std::move(silent));
   return MPI_SUCCESS;
 }
 
@@ -137,7 +191,10 @@ inline int on_finalize(MPI_Comm, int, void*, void*) {
 inline void finish_world() {
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (finalized == 0 && state().own_mpi) MPI_Finalize();
+  if (finalized != 0 || !state().own_mpi) return;
+  state().exit_finalize = 1;
+  MPI_Finalize();
+  state().exit_finalize = 2;
 }
 
 class WorldBackend final : public ::procpool::detail::BackendImpl {
@@ -166,6 +223,10 @@ class WorldBackend final : public ::procpool::detail::BackendImpl {
       return std::make_unique<::procpool::detail::MpiTransport>(std::move(hub), options, [](auto& h) {
         State& st = state();
         for (int r : h.lost_ranks()) st.world_lost.push_back(r);
+        {
+          std::lock_guard lock(st.mutex);
+          for (auto& [r, where] : h.whereabouts()) st.world_ranks[r] = where;
+        }
         st.world_busy = false;
       });
     } catch (...) {
@@ -201,9 +262,8 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
               return;
             }
             const std::vector<int> lost = h.lost_ranks();
-            let_go_spawned(inter, lost, false);
             // With a rank lost, the others cannot finish MPI: no waiting for them.
-            if (lost.empty()) wait_until_gone(h.processes());
+            if (let_go_spawned(inter, lost, false).empty() && lost.empty()) wait_until_gone(h.processes());
           });
     } catch (...) {
       // It could not open (a rank did not answer): no waiting on any.
@@ -287,17 +347,28 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
  *
  * Calls `procpool::init` (a process procpool started to become a worker
  * never returns from it), then `MPI_Init_thread` with MPI_THREAD_MULTIPLE
- * unless MPI is initialized already. Then, on every rank but rank 0 of
+ * unless MPI is initialized already (allowed only where `procpool::init`
+ * ran before MPI did; otherwise it throws procpool::Error, since worker
+ * processes re-run `main`). Then, on every rank but rank 0 of
  * `MPI_COMM_WORLD`, and in every rank `procpool::mpi::spawn` started, it
  * serves pools and never returns: it leaves MPI and exits when rank 0's
  * program exits. On rank 0 it returns, and MPI is finalized at exit: do not
  * call MPI_Finalize yourself.
  */
 inline void init(int argc, char** argv) {
+  const bool core_first = ::procpool::detail::init_called();
   ::procpool::init(argc, argv);
   detail::State& s = detail::state();
   std::lock_guard lock(s.mutex);
   if (s.initialized) return;
+  int entered = 0;
+  MPI_Initialized(&entered);
+  if (entered != 0 && !core_first) {
+    // A worker re-runs main() and would enter MPI first too, as an MPI process it is not.
+    throw Error(
+        "procpool: MPI was initialized before procpool::mpi::init(argc, argv). Make procpool::mpi::init the first "
+        "line of main() in place of MPI_Init, or call procpool::init(argc, argv) before MPI_Init");
+  }
   for (int k = 1; k < argc && argv != nullptr && argv[k] != nullptr; ++k) s.args.emplace_back(argv[k]);
   int ready = 0;
   MPI_Initialized(&ready);

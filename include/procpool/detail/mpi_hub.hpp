@@ -129,6 +129,16 @@ class MpiHub {
     return out;
   }
 
+  /// The host and pid of each serving rank that said hello, lost or not, by rank.
+  std::map<int, std::pair<std::string, pid_t>> whereabouts() const {
+    std::lock_guard lock(mutex_);
+    std::map<int, std::pair<std::string, pid_t>> out;
+    for (const auto& p : peers_) {
+      if (p.pid != 0) out[p.rank] = {p.host, p.pid};
+    }
+    return out;
+  }
+
   /// The host and pid of each serving rank that said hello and was not lost.
   std::vector<std::pair<std::string, pid_t>> processes() const {
     std::lock_guard lock(mutex_);

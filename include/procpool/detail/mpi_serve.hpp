@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -15,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../cpu_count.hpp"
@@ -55,7 +57,9 @@ class RankServer {
         sends_.send(comm_, boss_, mpi_wire::tag(mpi_wire::beat), {});
         last_beat_ = Clock::now();
       }
-      if (finishing_ && !sending) finish();
+      // Rank 0 takes what was sent before it lets this rank go; one that
+      // gave up on it (lost) gets 10 s, then MPI is left all the same.
+      if (finishing_ && (!sending || Clock::now() - finishing_since_ > std::chrono::seconds(10))) finish();
       if (busy) {
         idle_ = 0;
         idle_since_ = Clock::now();
@@ -124,7 +128,7 @@ class RankServer {
         break;
       case mpi_wire::finish:
         close_pool();
-        finishing_ = true;
+        if (!std::exchange(finishing_, true)) finishing_since_ = Clock::now();
         break;
       default:
         break;  // not for a serving rank
@@ -267,7 +271,13 @@ class RankServer {
     ::ppoll(fds.data(), fds.size(), &timeout, nullptr);
   }
 
+  /// Answers `finish` (nothing more comes from here), leaves MPI and exits.
   [[noreturn]] void finish() {
+    sends_.abandon_all();
+    sends_.send(comm_, boss_, mpi_wire::tag(mpi_wire::finished), {});
+    const auto deadline = Clock::now() + std::chrono::seconds(2);
+    while (sends_.progress() && Clock::now() < deadline) ::usleep(100);
+    sends_.abandon_all();
     if (spawned_) MPI_Comm_disconnect(&comm_);
     MPI_Finalize();
     std::exit(0);
@@ -282,6 +292,7 @@ class RankServer {
   std::unique_ptr<char[]> scratch_;
   bool open_ = false;
   bool finishing_ = false;
+  Clock::time_point finishing_since_{};
   std::chrono::milliseconds beat_every_{500};
   Clock::time_point last_beat_{};
   long idle_ = 0;

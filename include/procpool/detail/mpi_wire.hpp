@@ -48,10 +48,11 @@ enum Kind : int {
   ended = 11,         // int32 wait status; nothing more comes for the id
   beat = 12,          // still here (every heartbeat interval)
   closed = 13,        // answers `close`: nothing more comes for the pool
+  finished = 14,      // answers `finish`: nothing more comes; it leaves MPI
 };
 
 inline constexpr int kind_bits = 4;
-inline constexpr std::uint32_t version = 1;
+inline constexpr std::uint32_t version = 2;
 /// Bytes of one MPI message at most: MPI counts in int, and a receive this
 /// large takes well under a heartbeat period even over 1 Gb/s.
 inline constexpr std::size_t max_piece = std::size_t{64} << 20;
@@ -346,6 +347,26 @@ inline Received receive(MPI_Message& msg, MPI_Status& status) {
                static_cast<std::size_t>(count)};
   MPI_Mrecv(got.data.get(), count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
   return got;
+}
+
+/// Tells `ranks` of `comm` that the program ends (`finish`), and takes in
+/// and drops what they still send (so their sends end, and they can leave
+/// MPI) until each answers `finished` or `deadline` passes. Returns the
+/// ranks that did not answer.
+inline std::vector<int> finish_ranks(MPI_Comm comm, const std::vector<int>& ranks,
+                                     std::chrono::steady_clock::time_point deadline) {
+  Sends sends;
+  for (int r : ranks) sends.send(comm, r, tag(finish), {});
+  std::vector<int> left = ranks;
+  while (!left.empty() && std::chrono::steady_clock::now() < deadline) {
+    sends.progress();
+    const std::size_t taken = take_waiting(comm, MPI_ANY_SOURCE, [&](MPI_Message& msg, MPI_Status& status) {
+      (void)receive(msg, status);
+      if (kind_of(status.MPI_TAG) == finished) std::erase(left, status.MPI_SOURCE);
+    });
+    if (taken == 0) ::usleep(100);
+  }
+  return left;  // the finish sends not taken are given up with `sends`
 }
 
 }  // namespace procpool::detail::mpi_wire
