@@ -229,6 +229,30 @@ POOL_TEST("maxtasksperchild replaces workers after that many tasks", "[lifecycle
   CHECK(pids.size() <= 2);
 }
 
+/// When this task ran: [start, end) in ns of CLOCK_MONOTONIC, the same clock in every process.
+std::pair<long, long> busy_for(long ms) {
+  auto now = [] { return std::chrono::steady_clock::now().time_since_epoch() / 1ns; };
+  const long start = static_cast<long>(now());
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return {start, static_cast<long>(now())};
+}
+
+POOL_TEST("with maxtasksperchild no more than processes tasks run at once", "[lifecycle][maxtasksperchild]") {
+  for (std::size_t processes : {std::size_t{1}, std::size_t{2}}) {
+    CAPTURE(processes);
+    procpool::Pool pool(test::options<TestType>({.processes = processes, .maxtasksperchild = 1}));
+    const auto spans = pool.map<busy_for>(std::vector<long>(12, 40L), 1);
+    // The most tasks running at any one moment: at each start, those begun and not yet ended.
+    std::size_t most = 0;
+    for (const auto& [start, end] : spans) {
+      std::size_t running = 0;
+      for (const auto& [s, e] : spans) running += s <= start && start < e ? 1 : 0;
+      most = std::max(most, running);
+    }
+    CHECK(most <= processes);
+  }
+}
+
 // ---- initializer ------------------------------------------------------------------
 
 POOL_TEST("an initializer runs once in each worker before its first task", "[lifecycle][initializer]") {
@@ -244,6 +268,21 @@ POOL_TEST("an initializer runs once in each worker before its first task", "[lif
   pool.join();
   // once in each of the two workers, none of them replaced
   CHECK(dir.files().size() == 2);
+}
+
+void hang_in_initializer() { std::this_thread::sleep_for(30s); }
+
+POOL_TEST("task_timeout bounds a hung initializer: its calls fail, none waits for ever",
+          "[lifecycle][initializer][timeout]") {
+  procpool::Pool pool(test::options<TestType>(
+      {.processes = 2, .initializer = procpool::initializer<hang_in_initializer>(), .task_timeout = 300ms}));
+  const auto t0 = std::chrono::steady_clock::now();
+  auto e = test::thrown<procpool::InitializerError>([&] { pool.map<squared>(iota_vec(4), 1); });
+  INFO(e.what());
+  CHECK_THAT(e.what(), Catch::Contains("longer than the task timeout (300 ms)"));
+  CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+  // Not started again: later calls fail at once the same way.
+  CHECK_THROWS_AS(pool.apply<squared>(2L), procpool::InitializerError);
 }
 
 POOL_TEST("a captureless lambda can be the initializer", "[lifecycle][initializer]") {

@@ -3,6 +3,7 @@
 // names the cause; the pool keeps trying and recovers once it can. An
 // initializer that crashes is reported as such, not as a missing init().
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 
@@ -174,6 +175,41 @@ POOL_TEST("an initializer that crashes is reported as such, never as a missing i
     // Not retried for ever: later calls fail at once the same way.
     CHECK_THROWS_AS(pool.apply<sq>(2L), procpool::InitializerError);
   }
+}
+
+long crash(long) {
+  ::raise(SIGSEGV);
+  return 0;
+}
+
+/// Ignores SIGCHLD for its lifetime, as many daemons do: the system then
+/// reaps children itself, and waitpid() has no status to give.
+class IgnoredSigchld {
+ public:
+  IgnoredSigchld() {
+    struct sigaction ignore {};
+    ignore.sa_handler = SIG_IGN;
+    REQUIRE(::sigaction(SIGCHLD, &ignore, &saved_) == 0);
+  }
+  ~IgnoredSigchld() { ::sigaction(SIGCHLD, &saved_, nullptr); }
+
+ private:
+  struct sigaction saved_ {};
+};
+
+POOL_TEST("in a program that ignores SIGCHLD a crash is never reported as a clean exit", "[recovery][reaping]") {
+  IgnoredSigchld ignored;
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  auto e = test::thrown<procpool::WorkerLost>([&] { pool.apply<crash>(0L); });
+  INFO(e.what());
+  CHECK_THAT(e.what(), !Catch::Contains("exited with code 0"));
+  CHECK(e.exit_code() != 0);
+  if constexpr (TestType::method == procpool::StartMethod::forkserver) {
+    CHECK(e.signal() == SIGSEGV);  // the fork server reaps its workers itself
+  } else {
+    CHECK_THAT(e.what(), Catch::Contains("ignores SIGCHLD"));
+  }
+  CHECK(pool.apply<sq>(3L) == 9);  // and the pool goes on
 }
 
 POOL_TEST("a worker whose result stream stops mid-frame is a ProtocolError in bounded time, and is replaced",

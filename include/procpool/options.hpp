@@ -64,7 +64,9 @@ struct Options {
   std::size_t retries = 0;
   /// A task (a chunk) running longer than this has its worker stopped
   /// (SIGTERM, SIGKILL 200 ms later) and fails with `procpool::TaskTimeout`;
-  /// the worker is replaced. 0 means no limit.
+  /// the worker is replaced. It bounds each worker's initializer too: one
+  /// that runs longer fails the pool's calls with InitializerError. 0 means
+  /// no limit.
   std::chrono::milliseconds task_timeout{0};
   /// A worker whose resident memory of its own (heap and stacks, not pages
   /// of files or shared memory) exceeds this many bytes after a task exits

@@ -165,8 +165,12 @@ inline void Dispatcher::bury(Worker& w, std::vector<Delivery>& deliveries) {
 inline void Dispatcher::judge_early_death(Worker& w, int status) {
   const std::string hint = transport_->start_hint();
   const bool killed = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+  // Forked by the fork server and out of fds: not a main() that forgot init.
+  const bool no_fds = WIFEXITED(status) && WEXITSTATUS(status) == exit_no_fds;
   if (reader_.init_failure) {
     broken_ = *reader_.init_failure;
+  } else if (w.failure && w.failure->kind == ChunkFailure::Kind::initializer) {
+    broken_ = *w.failure;  // stopped for running past the task timeout
   } else if (w.stage == Stage::started && !w.failure) {
     // It reached its loop, so it died in the initializer: that is not
     // retried (it would fail again, and again).
@@ -176,7 +180,7 @@ inline void Dispatcher::judge_early_death(Worker& w, int status) {
                            status,
                            fmt::format("the worker {} while running it", describe_wait_status(status)),
                            w.where()};
-  } else if (!hint.empty() && !w.failure && !killed) {
+  } else if (!hint.empty() && !w.failure && !killed && !no_fds) {
     // A re-run binary that never reached the loop: main() did not hand it over.
     broken_ = ChunkFailure{ChunkFailure::Kind::start_failed,
                            w.pid(),
@@ -190,9 +194,10 @@ inline void Dispatcher::judge_early_death(Worker& w, int status) {
                            w.pid(),
                            w.slot,
                            status,
-                           fmt::format("workers keep dying before they are ready (the last one, {}, {}); "
+                           fmt::format("workers keep dying before they are ready (the last one, {}, {}{}); "
                                        "the pool stopped replacing them",
-                                       worker_label(w.slot, w.pid(), w.where()), describe_wait_status(status)),
+                                       worker_label(w.slot, w.pid(), w.where()), describe_wait_status(status),
+                                       no_fds ? ": it found no free file descriptor for its pipes" : ""),
                            w.where()};
   }
 }
@@ -225,6 +230,26 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
       } else {
         sooner(*w->kill_at);
       }
+      continue;
+    }
+    if (w->stage == Stage::started && init_id_ != 0 && task_timeout_.count() > 0 && !w->failure) {
+      // Options::task_timeout bounds the initializer too: one that hangs is
+      // an initializer failure, not a pool that waits for ever.
+      const auto deadline = w->front_since + task_timeout_;
+      if (now < deadline) {
+        sooner(deadline);
+        continue;
+      }
+      w->failure = ChunkFailure{ChunkFailure::Kind::initializer,
+                                w->pid(),
+                                w->slot,
+                                0,
+                                fmt::format("it ran longer than the task timeout ({} ms) and was stopped",
+                                            task_timeout_.count()),
+                                w->where()};
+      w->link->kill(SIGTERM);
+      w->kill_at = now + kill_grace;
+      sooner(*w->kill_at);
       continue;
     }
     if (!timeouts_used_ || w->held.empty() || !w->ready() || w->failure) continue;

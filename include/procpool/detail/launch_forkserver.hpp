@@ -133,10 +133,10 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
   const int targets[5] = {worker_task_fd, worker_result_fd, worker_claims_fd, 1, 2};
   int high[5] = {-1, -1, -1, -1, -1};
   for (int i = 0; i < 5; ++i) {
-    if (sources[i] >= 0 && (high[i] = ::fcntl(sources[i], F_DUPFD, 6)) < 0) ::_exit(exit_protocol_error);
+    if (sources[i] >= 0 && (high[i] = ::fcntl(sources[i], F_DUPFD, 6)) < 0) ::_exit(exit_no_fds);
   }
   for (int i = 0; i < 5; ++i) {
-    if (high[i] >= 0 && ::dup2(high[i], targets[i]) < 0) ::_exit(exit_protocol_error);
+    if (high[i] >= 0 && ::dup2(high[i], targets[i]) < 0) ::_exit(exit_no_fds);
   }
   // Without a claim area, fd 5 is one of the server's: it goes too.
   ::close_range(claims >= 0 ? 6 : worker_claims_fd, ~0U, 0);

@@ -3,6 +3,7 @@
 // pipe transport (pipe_link.hpp) starts its workers with one.
 #pragma once
 
+#include <signal.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -58,14 +59,24 @@ class ChildLauncher : public Launcher {
  public:
   int reap(const LaunchedWorker& worker) override {
     int status = 0;
-    if (retry_eintr([&] { return ::waitpid(worker.pid, &status, 0); }) == -1) return 0;
+    if (retry_eintr([&] { return ::waitpid(worker.pid, &status, 0); }) == -1) return gone_status();
     return status;
   }
   std::optional<int> try_reap(const LaunchedWorker& worker) override {
     int status = 0;
     pid_t r = retry_eintr([&] { return ::waitpid(worker.pid, &status, WNOHANG); });
     if (r == 0) return std::nullopt;
-    return r == worker.pid ? status : 0;
+    return r == worker.pid ? status : gone_status();
+  }
+
+ private:
+  /// A child waitpid() cannot report (ECHILD): where SIGCHLD is ignored, the
+  /// system reaped it and how it ended is lost; otherwise, treat it as a
+  /// plain exit.
+  static int gone_status() {
+    struct sigaction current {};
+    const bool ignored = ::sigaction(SIGCHLD, nullptr, &current) == 0 && current.sa_handler == SIG_IGN;
+    return ignored || (current.sa_flags & SA_NOCLDWAIT) != 0 ? wait_status_unknown : 0;
   }
 };
 

@@ -121,7 +121,10 @@ class ResultReader {
   bool handle(Worker& w, const FrameView& frame, std::vector<Delivery>& deliveries) {
     switch (frame.kind) {
       case FrameKind::started:
-        if (w.stage == Stage::starting) w.stage = Stage::started;
+        if (w.stage == Stage::starting) {
+          w.stage = Stage::started;
+          w.front_since = Clock::now();  // its initializer's clock
+        }
         return true;
       case FrameKind::ready: {
         ReadyMessage ready;

@@ -55,6 +55,7 @@ class Scheduler {
       Worker* best = nullptr;
       for (auto& w : workers) {
         if (!w->takes_tasks() || w->stalled || w->held.size() >= limit || !has_claim_slot(*w)) continue;
+        if (waits_for_predecessor(*w, workers)) continue;
         // The least loaded; of those, one that is ready over one still starting.
         if (best == nullptr || w->held.size() < best->held.size() ||
             (w->held.size() == best->held.size() && w->ready() && !best->ready())) {
@@ -85,8 +86,9 @@ class Scheduler {
    */
   void rebalance(Ring<Task>& pending, Workers& workers) {
     if (!pending.empty()) return;
-    const bool idle = std::any_of(workers.begin(), workers.end(),
-                                  [](const auto& w) { return w->ready() && w->takes_tasks() && w->held.empty(); });
+    const bool idle = std::any_of(workers.begin(), workers.end(), [&](const auto& w) {
+      return w->ready() && w->takes_tasks() && w->held.empty() && !waits_for_predecessor(*w, workers);
+    });
     if (!idle) return;
     std::vector<Task> taken;
     for (auto& w : workers) {
@@ -111,6 +113,15 @@ class Scheduler {
   }
 
  private:
+  /// Whether `w` replaces a worker of its slot that still runs its last
+  /// tasks (maxtasksperchild): it starts early, but takes tasks only once
+  /// that one is done, so no more than `processes` tasks ever run at once.
+  static bool waits_for_predecessor(const Worker& w, const Workers& workers) {
+    return std::any_of(workers.begin(), workers.end(), [&](const auto& other) {
+      return other.get() != &w && other->slot == w.slot && other->retiring && !other->held.empty();
+    });
+  }
+
   /// Whether the worker's claim slot for its next task is free: the oldest
   /// task it holds must not share it (a task taken back and sent elsewhere
   /// again and again uses up ids while the one before it runs on).

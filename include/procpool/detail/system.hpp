@@ -248,8 +248,19 @@ inline const char* signal_abbrev(int sig) {
   return abbrev != nullptr ? abbrev : "?";
 }
 
+/// Exit code of a forked worker that could not place its fds (out of them).
+inline constexpr int exit_no_fds = 6;
+
+/// The wait status of a child the system reaped itself, since this program
+/// ignores SIGCHLD: how it ended is lost. (No real status looks like it.)
+inline constexpr int wait_status_unknown = 0xffff;
+
 /// Human-readable waitpid() status: "was killed by signal 9 (SIGKILL: Killed)".
 inline std::string describe_wait_status(int status) {
+  if (status == wait_status_unknown) {
+    return "ended, how is unknown (this program ignores SIGCHLD, so the system reaped it without a word; "
+           "procpool::StartMethod::forkserver keeps that word)";
+  }
   if (WIFSIGNALED(status)) {
     int sig = WTERMSIG(status);
     std::string text = "was killed by signal " + std::to_string(sig) + " (SIG" + signal_abbrev(sig);

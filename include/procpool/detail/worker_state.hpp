@@ -79,7 +79,7 @@ struct Worker {
   std::optional<ChunkFailure> failure;             // why its running task fails, if not a plain death
   std::optional<int> status;                       // wait status, once reaped
   bool leaving = false;                            // it said it exits before its queued tasks (memory cap)
-  Clock::time_point front_since{};                 // when held.front() started, near enough
+  Clock::time_point front_since{};                 // when held.front() started (or its initializer), near enough
   std::optional<Clock::time_point> kill_at;        // SIGKILL then, after a SIGTERM for a timeout
   std::optional<Clock::time_point> partial_since;  // it sent part of a message, and nothing more since then
 
