@@ -397,6 +397,8 @@ TEST_CASE("a killed rank fails its tasks with WorkerLost, and the pool goes on",
   } catch (const procpool::WorkerLost& e) {
     INFO(e.what());
     CHECK(std::string(e.what()).find("lost") != std::string::npos);
+    CHECK(std::string(e.what()).find("killed by signal") == std::string::npos);  // nothing says so
+    CHECK(e.signal() == 0);
   }
   CHECK(std::chrono::steady_clock::now() - t0 < 8s);
   // The other rank serves on.

@@ -516,7 +516,7 @@ class MpiHub {
       }
       for (MpiWorker* w : on_it) {
         w->where = p.where;
-        end(*w, SIGKILL);  // a wait status: killed by SIGKILL
+        end(*w, wait_status_lost);  // how it ended, if it did, is not known
       }
       sends_.abandon(p.rank);
     }

@@ -254,6 +254,8 @@ inline constexpr int exit_no_fds = 6;
 /// The wait status of a child the system reaped itself, since this program
 /// ignores SIGCHLD: how it ended is lost. (No real status looks like it.)
 inline constexpr int wait_status_unknown = 0xffff;
+/// The wait status of a worker on an MPI rank that was lost (mpi_hub.hpp).
+inline constexpr int wait_status_lost = 0xfeff;
 
 /// Human-readable waitpid() status: "was killed by signal 9 (SIGKILL: Killed)".
 inline std::string describe_wait_status(int status) {
@@ -261,6 +263,7 @@ inline std::string describe_wait_status(int status) {
     return "ended, how is unknown (this program ignores SIGCHLD, so the system reaped it without a word; "
            "procpool::StartMethod::forkserver keeps that word)";
   }
+  if (status == wait_status_lost) return "was lost with its MPI rank";
   if (WIFSIGNALED(status)) {
     int sig = WTERMSIG(status);
     std::string text = "was killed by signal " + std::to_string(sig) + " (SIG" + signal_abbrev(sig);
