@@ -110,9 +110,8 @@ inline std::vector<int> let_go_spawned(MPI_Comm inter, const std::vector<int>& l
   for (int r = 0; r < size; ++r) {
     if (finalizing || std::find(lost.begin(), lost.end(), r) == lost.end()) ranks.push_back(r);
   }
-  const std::vector<int> left =
-      ::procpool::detail::mpi_wire::finish_ranks(inter, ranks,
-                                                 std::chrono::steady_clock::now() + std::chrono::seconds(3));
+  const std::vector<int> left = ::procpool::detail::mpi_wire::finish_ranks(
+      inter, ranks, std::chrono::steady_clock::now() + ::procpool::detail::mpi_wire::finish_wait);
   if (lost.empty() && left.empty()) {
     MPI_Comm_disconnect(&inter);
   } else {
@@ -164,7 +163,8 @@ inline void watch_finalize(std::vector<Silent> silent) {
 /// first thing in MPI_Finalize), whoever calls it: the pools still alive let
 /// their ranks go, then every serving rank of the world is told to finish,
 /// lost ones too (one that was only slow must not keep the job alive), and
-/// what they still send is taken in until each answers, for up to 3 s.
+/// what they still send is taken in until each answers (at most
+/// mpi_wire::finish_wait: one that stopped answers never).
 inline int on_finalize(MPI_Comm, int, void*, void*) {
   ::procpool::detail::MpiTransport::shutdown_all();
   State& s = state();
@@ -175,7 +175,7 @@ inline int on_finalize(MPI_Comm, int, void*, void*) {
   s.idle.clear();
   std::vector<int> ranks(static_cast<std::size_t>(std::max(s.world_size - 1, 0)));
   std::iota(ranks.begin(), ranks.end(), 1);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  const auto deadline = std::chrono::steady_clock::now() + ::procpool::detail::mpi_wire::finish_wait;
   const std::string host = ::procpool::detail::mpi_wire::host_name();
   for (int r : ::procpool::detail::mpi_wire::finish_ranks(s.world, ranks, deadline)) {
     std::lock_guard lock(s.mutex);

@@ -133,7 +133,9 @@ inline void Dispatcher::bury(Worker& w, std::vector<Delivery>& deliveries) {
   ChunkFailure lost =
       w.failure.value_or(ChunkFailure{ChunkFailure::Kind::worker_lost, w.pid(), w.slot, 0, {}, w.where()});
   lost.wait_status = status;
-  if (!w.ready() && !broken_) judge_early_death(w, status);
+  // One stopped over its initializer's time may have just said ready.
+  const bool init_timed_out = w.failure && w.failure->kind == ChunkFailure::Kind::initializer;
+  if ((!w.ready() || init_timed_out) && !broken_) judge_early_death(w, status);
   if (w.ready()) early_deaths_ = 0;
   const bool front_started = w.ready() && !w.leaving;
   std::vector<Task> again;
@@ -180,7 +182,7 @@ inline void Dispatcher::judge_early_death(Worker& w, int status) {
                            status,
                            fmt::format("the worker {} while running it", describe_wait_status(status)),
                            w.where()};
-  } else if (!hint.empty() && !w.failure && !killed && !no_fds) {
+  } else if (!hint.empty() && !w.failure && !killed && !no_fds && status != wait_status_unknown) {
     // A re-run binary that never reached the loop: main() did not hand it over.
     broken_ = ChunkFailure{ChunkFailure::Kind::start_failed,
                            w.pid(),

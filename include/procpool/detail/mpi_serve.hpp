@@ -57,9 +57,9 @@ class RankServer {
         sends_.send(comm_, boss_, mpi_wire::tag(mpi_wire::beat), {});
         last_beat_ = Clock::now();
       }
-      // Rank 0 takes what was sent before it lets this rank go; one that
-      // gave up on it (lost) gets 10 s, then MPI is left all the same.
-      if (finishing_ && (!sending || Clock::now() - finishing_since_ > std::chrono::seconds(10))) finish();
+      // Rank 0 takes in what was sent before it lets this rank go; sends
+      // it never takes are given up after a while, and MPI left all the same.
+      if (finishing_ && (!sending || Clock::now() - finishing_since_ > mpi_wire::give_up_sends)) finish();
       if (busy) {
         idle_ = 0;
         idle_since_ = Clock::now();

@@ -349,6 +349,13 @@ inline Received receive(MPI_Message& msg, MPI_Status& status) {
   return got;
 }
 
+/// How long a serving rank told to finish waits for its sends to be taken
+/// before it gives them up and answers `finished` anyway; rank 0 takes in
+/// what ranks send for a little longer (finish_wait), so a rank that is
+/// slow but alive always answers in time.
+inline constexpr std::chrono::seconds give_up_sends{10};
+inline constexpr std::chrono::seconds finish_wait{12};
+
 /// Tells `ranks` of `comm` that the program ends (`finish`), and takes in
 /// and drops what they still send (so their sends end, and they can leave
 /// MPI) until each answers `finished` or `deadline` passes. Returns the
