@@ -138,24 +138,22 @@ inline void watch_finalize(std::vector<Silent> silent) {
   std::thread([silent = std::move(silent)] {
     std::string names = silent.front().name;
     for (std::size_t k = 1; k < silent.size(); ++k) names += ", " + silent[k].name;
-    if (std::any_of(silent.begin(), silent.end(), [](const Silent& r) { return r.here > 0; })) {
+    // Waits 5 s; then, if MPI_Finalize still has not returned, says what it does about it.
+    auto still_waiting = [&](const char* action) {
       std::this_thread::sleep_for(std::chrono::seconds(5));
-      if (state().exit_finalize != 1) return;
+      if (state().exit_finalize != 1) return false;
       std::fprintf(stderr,
-                   "procpool: MPI_Finalize is waiting for %s, which stopped answering and was taken for lost; "
-                   "killing what of it runs on this host\n",
-                   names.c_str());
+                   "procpool: MPI_Finalize is waiting for %s, which stopped answering and was taken for lost; %s\n",
+                   names.c_str(), action);
+      return true;
+    };
+    if (std::any_of(silent.begin(), silent.end(), [](const Silent& r) { return r.here > 0; })) {
+      if (!still_waiting("killing what of it runs on this host")) return;
       for (const Silent& r : silent) {
         if (r.here > 0) ::kill(r.here, SIGKILL);
       }
     }
-    std::this_thread::sleep_for(std::chrono::seconds(5));
-    if (state().exit_finalize != 1) return;
-    std::fprintf(stderr,
-                 "procpool: MPI_Finalize is waiting for %s, which stopped answering and was taken for lost; "
-                 "MPI_Abort ends the job\n",
-                 names.c_str());
-    MPI_Abort(MPI_COMM_WORLD, 1);
+    if (still_waiting("MPI_Abort ends the job")) MPI_Abort(MPI_COMM_WORLD, 1);
   }).detach();
 }
 
@@ -361,17 +359,15 @@ inline void init(int argc, char** argv) {
   detail::State& s = detail::state();
   std::lock_guard lock(s.mutex);
   if (s.initialized) return;
-  int entered = 0;
-  MPI_Initialized(&entered);
-  if (entered != 0 && !core_first) {
+  int ready = 0;
+  MPI_Initialized(&ready);
+  if (ready != 0 && !core_first) {
     // A worker re-runs main() and would enter MPI first too, as an MPI process it is not.
     throw Error(
         "procpool: MPI was initialized before procpool::mpi::init(argc, argv). Make procpool::mpi::init the first "
         "line of main() in place of MPI_Init, or call procpool::init(argc, argv) before MPI_Init");
   }
   for (int k = 1; k < argc && argv != nullptr && argv[k] != nullptr; ++k) s.args.emplace_back(argv[k]);
-  int ready = 0;
-  MPI_Initialized(&ready);
   if (ready == 0) {
     if (MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &s.provided) != MPI_SUCCESS) {
       throw Error("procpool: MPI_Init_thread failed");

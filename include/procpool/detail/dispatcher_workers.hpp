@@ -211,6 +211,13 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
   std::optional<Clock::time_point> next;
   auto sooner = [&](Clock::time_point t) { next = next ? std::min(*next, t) : t; };
   const auto now = Clock::now();
+  // SIGTERM now, SIGKILL after the grace; `failure` is what its tasks get.
+  auto stop = [&](Worker& w, ChunkFailure failure) {
+    w.failure = std::move(failure);
+    w.link->kill(SIGTERM);
+    w.kill_at = now + kill_grace;
+    sooner(*w.kill_at);
+  };
   for (auto& w : workers_) {
     if (w->exited) continue;
     if (w->partial_since && !w->eof) {
@@ -242,16 +249,10 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
         sooner(deadline);
         continue;
       }
-      w->failure = ChunkFailure{ChunkFailure::Kind::initializer,
-                                w->pid(),
-                                w->slot,
-                                0,
-                                fmt::format("it ran longer than the task timeout ({} ms) and was stopped",
-                                            task_timeout_.count()),
-                                w->where()};
-      w->link->kill(SIGTERM);
-      w->kill_at = now + kill_grace;
-      sooner(*w->kill_at);
+      stop(*w, ChunkFailure{ChunkFailure::Kind::initializer, w->pid(), w->slot, 0,
+                            fmt::format("it ran longer than the task timeout ({} ms) and was stopped",
+                                        task_timeout_.count()),
+                            w->where()});
       continue;
     }
     if (!timeouts_used_ || w->held.empty() || !w->ready() || w->failure) continue;
@@ -269,11 +270,8 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
       sooner(deadline);
       continue;
     }
-    w->failure = ChunkFailure{ChunkFailure::Kind::timeout,         w->pid(),  w->slot, 0,
-                              fmt::format("{} ms", limit.count()), w->where()};
-    w->link->kill(SIGTERM);
-    w->kill_at = now + kill_grace;
-    sooner(*w->kill_at);
+    stop(*w, ChunkFailure{ChunkFailure::Kind::timeout, w->pid(), w->slot, 0, fmt::format("{} ms", limit.count()),
+                          w->where()});
   }
   return next;
 }
