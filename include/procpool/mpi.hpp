@@ -70,6 +70,7 @@ struct State {
     std::size_t ranks;
     std::vector<std::pair<std::string, std::string>> info;
     MPI_Comm inter;
+    std::vector<std::pair<std::string, pid_t>> processes;  // host and pid of each rank
   };
   std::vector<Idle> idle;
 };
@@ -120,6 +121,22 @@ inline std::vector<int> let_go_spawned(MPI_Comm inter, const std::vector<int>& l
   return left;
 }
 
+/// Waits (up to 10 s) until ranks let go of on this host have exited, and
+/// 300 ms for those elsewhere, so none outlives the program that spawned it.
+inline void wait_until_gone(const std::vector<std::pair<std::string, pid_t>>& ranks) {
+  const std::string here = ::procpool::detail::mpi_wire::host_name();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  bool remote = false;
+  for (const auto& [host, pid] : ranks) {
+    if (host != here) {
+      remote = true;
+      continue;
+    }
+    while (::kill(pid, 0) == 0 && std::chrono::steady_clock::now() < deadline) ::usleep(1000);
+  }
+  if (remote) ::usleep(300'000);
+}
+
 /// A rank that did not answer `finish`: its name, and its pid where it runs
 /// on this host (0 elsewhere).
 struct Silent {
@@ -168,7 +185,9 @@ inline int on_finalize(MPI_Comm, int, void*, void*) {
   State& s = state();
   std::vector<Silent> silent;
   for (auto& idle : s.idle) {
-    for (int r : let_go_spawned(idle.inter, {}, true)) silent.push_back({fmt::format("spawned rank {}", r)});
+    const std::vector<int> left = let_go_spawned(idle.inter, {}, true);
+    for (int r : left) silent.push_back({fmt::format("spawned rank {}", r)});
+    if (left.empty()) wait_until_gone(idle.processes);
   }
   s.idle.clear();
   std::vector<int> ranks(static_cast<std::size_t>(std::max(s.world_size - 1, 0)));
@@ -256,7 +275,7 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
             // Healthy ranks wait for the next pool, if asked to.
             if (settings.reuse_ranks && h.lost_ranks().empty()) {
               std::lock_guard lock(state().mutex);
-              state().idle.push_back(State::Idle{ranks, settings.spawn_info, inter});
+              state().idle.push_back(State::Idle{ranks, settings.spawn_info, inter, h.processes()});
               return;
             }
             const std::vector<int> lost = h.lost_ranks();
@@ -319,20 +338,6 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
   /// ever in MPI_Comm_spawn while ranks of an earlier spawn still finish
   /// (seen: 1 spawn in about 40 without this wait). Ranks on other hosts
   /// cannot be watched: for them, a pause.
-  static void wait_until_gone(const std::vector<std::pair<std::string, pid_t>>& ranks) {
-    const std::string here = ::procpool::detail::mpi_wire::host_name();
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    bool remote = false;
-    for (const auto& [host, pid] : ranks) {
-      if (host != here) {
-        remote = true;
-        continue;
-      }
-      while (::kill(pid, 0) == 0 && std::chrono::steady_clock::now() < deadline) ::usleep(1000);
-    }
-    if (remote) ::usleep(300'000);
-  }
-
   std::size_t ranks_;
   Settings settings_;
 };
