@@ -91,6 +91,12 @@ long partial_header(long x) {
   return x;
 }
 
+procpool::SharedMemory shared_block(std::size_t n) {
+  procpool::SharedMemory block(n);
+  block.as<char>()[0] = 's';
+  return block;
+}
+
 void crash_in_initializer() { ::raise(SIGSEGV); }
 void abort_in_initializer() { std::abort(); }
 void exit_in_initializer() { ::_exit(3); }
@@ -125,6 +131,45 @@ POOL_TEST("a worker that cannot be started for want of fds fails only the tasks 
   // The limit is back: the pool starts workers again, on its own.
   CHECK(pool.map<sq>(iota_vec(10), 1) == squares(10));
   CHECK(pool.apply<sq>(5L) == 25);
+}
+
+POOL_TEST("a SharedMemory result this process cannot map fails at once, and the next one arrives",
+          "[recovery][emfile][shared_memory]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  REQUIRE(pool.apply<shared_block>(std::size_t{4096}).as<char>()[0] == 's');
+  std::string what;
+  std::chrono::steady_clock::duration took{};
+  {
+    NoNewFds guard;
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      (void)pool.apply<shared_block>(std::size_t{4096});
+    } catch (const procpool::Error& e) {
+      what = e.what();
+    }
+    took = std::chrono::steady_clock::now() - start;
+  }
+  INFO(what);
+  CHECK_THAT(what, Catch::Contains("cannot map the block of 4096 bytes"));
+  CHECK_THAT(what, Catch::Contains("Too many open files"));
+  // The worker learns of the refusal from the pool, and does not wait out its
+  // 5 s for a mark that cannot come (a bound for that, not a timing).
+  CHECK(took < 4s);
+  CHECK(pool.apply<shared_block>(std::size_t{4096}).as<char>()[0] == 's');
+}
+
+POOL_TEST("a pool works at a soft fd limit of 10, and fails clearly at 9", "[recovery][emfile]") {
+  // 10 is the fewest fds a pool of two can run in: the workers' starts take
+  // no fd beyond their pipes, in this process and in the fork server.
+  auto run =
+      test::run_program({PROCPOOL_HELPER, "fewfds", std::string(procpool::to_string(TestType::method)), "10"}, 60000);
+  INFO(run.output);
+  CHECK(WIFEXITED(run.status));
+  CHECK(run.output == "squares ok\nbig ok\n");
+  run = test::run_program({PROCPOOL_HELPER, "fewfds", std::string(procpool::to_string(TestType::method)), "9"}, 60000);
+  INFO(run.output);
+  CHECK_THAT(run.output, Catch::Contains("could not start worker 0"));
+  CHECK_THAT(run.output, Catch::Contains("Too many open files"));
 }
 
 POOL_TEST("with the process limit reached, Pool() and worker starts fail with clear errors, and the pool recovers",

@@ -19,6 +19,11 @@
 //                         with no thread to be had, then a map with no process
 //                         to be had, then the same pool once the limit is raised;
 //                         prints "pool: <error>", "map: <error>", "recovered: ..."
+//   fewfds <method> <limit>
+//                         under a soft RLIMIT_NOFILE of <limit>: a pool of 2
+//                         whose workers are replaced every 5 tasks maps 60
+//                         squares and returns 4 MiB; prints "squares ok" and
+//                         "big ok", or the error
 //   reaper <method> <cycles> [subreaper]
 //                         <cycles> times: a pool of 2, a map, close(), join();
 //                         counts this process's children (zombies or not)
@@ -283,6 +288,29 @@ int reaper(const std::string& method, int cycles, bool subreaper) {
 
 }  // namespace
 
+std::vector<char> megabytes(int n) { return std::vector<char>(static_cast<std::size_t>(n) << 20, 'm'); }
+
+int few_fds(const std::string& method, int limit) {
+  rlimit low{};
+  ::getrlimit(RLIMIT_NOFILE, &low);
+  low.rlim_cur = static_cast<rlim_t>(limit);
+  if (::setrlimit(RLIMIT_NOFILE, &low) != 0) return 3;
+  try {
+    procpool::Pool pool({.processes = 2, .start_method = method_named(method), .maxtasksperchild = 5});
+    std::vector<long> xs(60);
+    for (std::size_t i = 0; i < xs.size(); ++i) xs[i] = static_cast<long>(i);
+    const auto squares = pool.map<square>(xs, 1);
+    bool right = squares.size() == xs.size();
+    for (std::size_t i = 0; right && i < xs.size(); ++i) right = squares[i] == xs[i] * xs[i];
+    std::printf("squares %s\n", right ? "ok" : "wrong");
+    const auto big = pool.apply<megabytes>(4);
+    std::printf("big %s\n", big.size() == (std::size_t{4} << 20) && big.back() == 'm' ? "ok" : "wrong");
+  } catch (const std::exception& e) {
+    std::printf("error: %s\n", e.what());
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   procpool::init(argc, argv);
   std::string mode = argc > 1 ? argv[1] : "";
@@ -293,6 +321,7 @@ int main(int argc, char** argv) {
     return closed_stdio(argv[2], argv[3], argv[4], argc > 5 && std::string(argv[5]) == "late");
   }
   if (mode == "nproc" && argc > 2) return nproc(argv[2]);
+  if (mode == "fewfds" && argc > 3) return few_fds(argv[2], std::atoi(argv[3]));
   if (mode == "reaper" && argc > 3) {
     return reaper(argv[2], std::atoi(argv[3]), argc > 4 && std::string(argv[4]) == "subreaper");
   }

@@ -10,6 +10,11 @@
 // task never runs, and a started one is never sent again. A worker that
 // reads a task whose word is no longer `seq` (revoked, or the slot reused
 // since) skips it without reading its body.
+//
+// After the slots, one more word counts the SharedMemory blocks the pool
+// could not map (shm_share): a worker waiting for its blocks to be mapped
+// stops waiting when it changes, as the pool cannot mark a block it has not
+// mapped.
 #pragma once
 
 #include <sys/mman.h>
@@ -53,7 +58,7 @@ class ClaimArea {
   /// least), zeroed; its fd() goes to the worker at launch.
   static ClaimArea create(std::size_t min_slots) {
     const std::size_t slots = std::bit_ceil(std::max<std::size_t>(min_slots, 4096 / sizeof(std::uint64_t)));
-    auto [fd, base] = create_mapped_memfd("procpool-claims", slots * sizeof(std::uint64_t), true);
+    auto [fd, base] = create_mapped_memfd("procpool-claims", slots * sizeof(std::uint64_t) + tail_bytes, true);
     ClaimArea area;
     area.words_ = static_cast<std::atomic<std::uint64_t>*>(base);
     area.slots_ = slots;
@@ -67,15 +72,15 @@ class ClaimArea {
     ClaimArea area;
     if (fd < 0) return area;
     struct stat st {};
-    const bool valid = ::fstat(fd, &st) == 0 && st.st_size > 0 &&
-                       (static_cast<std::size_t>(st.st_size) & (static_cast<std::size_t>(st.st_size) - 1)) == 0;
+    const bool valid = ::fstat(fd, &st) == 0 && static_cast<std::size_t>(st.st_size) > tail_bytes &&
+                       std::has_single_bit(static_cast<std::size_t>(st.st_size) - tail_bytes);
     void* base = valid
                      ? ::mmap(nullptr, static_cast<std::size_t>(st.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
                      : MAP_FAILED;
     ::close(fd);  // whatever it was: a task must not inherit it
     if (base == MAP_FAILED) return area;
     area.words_ = static_cast<std::atomic<std::uint64_t>*>(base);
-    area.slots_ = static_cast<std::size_t>(st.st_size) / sizeof(std::uint64_t);
+    area.slots_ = (static_cast<std::size_t>(st.st_size) - tail_bytes) / sizeof(std::uint64_t);
     return area;
   }
 
@@ -103,11 +108,23 @@ class ClaimArea {
     return word(seq).compare_exchange_strong(expected, seq | started, std::memory_order_acq_rel);
   }
 
+  /// The pool: it could not map a SharedMemory block the worker shared.
+  void refuse_share() noexcept {
+    if (words_ != nullptr) words_[slots_].fetch_add(1, std::memory_order_release);
+  }
+  /// The worker: how many blocks the pool could not map so far (0 without an area).
+  std::uint64_t refused_shares() const noexcept {
+    return words_ != nullptr ? words_[slots_].load(std::memory_order_acquire) : 0;
+  }
+
  private:
+  /// The refusal counter, on a cache line of its own.
+  static constexpr std::size_t tail_bytes = 64;
+
   std::atomic<std::uint64_t>& word(std::uint64_t seq) const noexcept { return words_[seq & (slots_ - 1)]; }
 
   void unmap() noexcept {
-    if (words_ != nullptr) ::munmap(words_, slots_ * sizeof(std::uint64_t));
+    if (words_ != nullptr) ::munmap(words_, slots_ * sizeof(std::uint64_t) + tail_bytes);
     words_ = nullptr;
   }
 

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <optional>
 #include <set>
@@ -125,18 +126,23 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
 
 /// In a child the server just forked: keeps only its own two pipe ends, as
 /// fds 3 and 4, its claim area as fd 5 (-1: none), and the relay's pipes as
-/// its 1 and 2 (-1: the server's own), then runs the worker.
-[[noreturn]] inline void become_worker(int task, int result, int claims, int out, int err, const sigset_t& chld,
+/// its 1 and 2 (-1: the server's own), then runs the worker. `unneeded` (the
+/// server's socket and signalfd, the parent's pipe ends) are closed first:
+/// that frees the one spare fd the placement below needs, so a server that
+/// could create the pipes never starts a worker that cannot place them.
+[[noreturn]] inline void become_worker(int task, int result, int claims, int out, int err,
+                                       std::initializer_list<int> unneeded, const sigset_t& chld,
                                        pid_t server) noexcept {
-  // Every source is first copied above 5, so no dup2 below can overwrite another's.
-  const int sources[5] = {task, result, claims, out, err};
+  for (int fd : unneeded) ::close(fd);
+  int at[5] = {task, result, claims, out, err};
   const int targets[5] = {worker_task_fd, worker_result_fd, worker_claims_fd, 1, 2};
-  int high[5] = {-1, -1, -1, -1, -1};
   for (int i = 0; i < 5; ++i) {
-    if (sources[i] >= 0 && (high[i] = ::fcntl(sources[i], F_DUPFD, 6)) < 0) ::_exit(exit_no_fds);
-  }
-  for (int i = 0; i < 5; ++i) {
-    if (high[i] >= 0 && ::dup2(high[i], targets[i]) < 0) ::_exit(exit_no_fds);
+    if (at[i] < 0) continue;
+    // A source not yet placed that sits where this one goes moves aside first.
+    for (int j = i + 1; j < 5; ++j) {
+      if (at[j] == targets[i] && (at[j] = ::fcntl(at[j], F_DUPFD, 3)) < 0) ::_exit(exit_no_fds);
+    }
+    if (at[i] != targets[i] && ::dup2(at[i], targets[i]) < 0) ::_exit(exit_no_fds);
   }
   // Without a claim area, fd 5 is one of the server's: it goes too.
   ::close_range(claims >= 0 ? 6 : worker_claims_fd, ~0U, 0);
@@ -149,7 +155,7 @@ inline bool receive_message(int sock, ForkserverMessage& msg, std::vector<Fd>& f
 
 /// Starts the worker one request asks for, with the fds `given` with it,
 /// and answers with its pipe ends ('W') or why it failed ('F').
-inline void serve_request(int sock, const ForkserverMessage& request, std::vector<Fd>& given, bool truncated,
+inline void serve_request(int sock, int sigfd, const ForkserverMessage& request, std::vector<Fd>& given, bool truncated,
                           const sigset_t& chld, std::set<pid_t>& workers) {
   const bool with_area = (request.value & with_claims) != 0;
   const bool relayed = (request.value & with_stdio) != 0;
@@ -174,7 +180,7 @@ inline void serve_request(int sock, const ForkserverMessage& request, std::vecto
   pid_t pid = ::fork();
   if (pid == 0) {
     become_worker(task[0], result[1], claims, relayed ? given[stdio_at].get() : -1,
-                  relayed ? given[stdio_at + 1].get() : -1, chld, server);
+                  relayed ? given[stdio_at + 1].get() : -1, {sock, sigfd, task[1], result[0]}, chld, server);
   }
   int err = errno;
   ::close(task[0]);
@@ -224,7 +230,7 @@ inline void serve_request(int sock, const ForkserverMessage& request, std::vecto
     std::vector<Fd> given;  // its claim area, and the relay's pipe ends, as the flags say
     bool truncated = false;
     if (!receive_message(sock, request, given, &truncated)) break;  // the pool is gone: its workers go with us
-    serve_request(sock, request, given, truncated, chld, workers);
+    serve_request(sock, sigfd, request, given, truncated, chld, workers);
   }
   // The pool is gone or done: its workers are gone or going. Reap them all
   // before exiting, or a PID 1 or subreaper parent would inherit them.

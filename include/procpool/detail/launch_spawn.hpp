@@ -45,29 +45,33 @@ inline constexpr const char* relayed_output_flag = "--procpool-relayed-output";
 /// with `fds[i]` as fd 3 + i and no other fd but 0, 1 and 2; with `stdio`'s
 /// fds as its 1 and 2 (and `relayed_output_flag` as argv[3]) if relayed.
 inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds, const ChildStdio& stdio = {}) {
-  // Move the fds above the target range first, so one dup2 cannot
-  // overwrite another's source.
+  // An fd that sits where an earlier dup2 puts another is first copied above
+  // the target range; the others are used where they are, which spares the
+  // fds a copy would take (a program near its fd limit can still spawn).
   const int first_free = 3 + static_cast<int>(fds.size());
-  auto move_high = [&](int fd) {
-    return make_tracked("fcntl(F_DUPFD_CLOEXEC)", [&] { return ::fcntl(fd, F_DUPFD_CLOEXEC, first_free); });
-  };
-  std::vector<Fd> high;
-  for (int fd : fds) high.push_back(move_high(fd));
-  Fd high_out, high_err;
-  if (stdio.relayed()) {
-    high_out = move_high(stdio.out);
-    high_err = move_high(stdio.err);
+  std::vector<Fd> copies;
+  std::vector<int> sources;
+  for (int fd : fds) {
+    const int target = 3 + static_cast<int>(sources.size());
+    if (fd >= target) {
+      sources.push_back(fd);
+      continue;
+    }
+    copies.push_back(make_tracked("fcntl(F_DUPFD_CLOEXEC)", [&] { return ::fcntl(fd, F_DUPFD_CLOEXEC, first_free); }));
+    sources.push_back(copies.back().get());
   }
   posix_spawn_file_actions_t actions;
   posix_spawnattr_t attr;
   ::posix_spawn_file_actions_init(&actions);
   ::posix_spawnattr_init(&attr);
+  // The relay's fds are read before anything is placed over them.
   if (stdio.relayed()) {
-    ::posix_spawn_file_actions_adddup2(&actions, high_out.get(), 1);
-    ::posix_spawn_file_actions_adddup2(&actions, high_err.get(), 2);
+    ::posix_spawn_file_actions_adddup2(&actions, stdio.out, 1);
+    ::posix_spawn_file_actions_adddup2(&actions, stdio.err, 2);
   }
-  for (std::size_t i = 0; i < high.size(); ++i) {
-    ::posix_spawn_file_actions_adddup2(&actions, high[i].get(), 3 + static_cast<int>(i));
+  // dup2 onto itself clears close-on-exec, as an fd already in place needs.
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    ::posix_spawn_file_actions_adddup2(&actions, sources[i], 3 + static_cast<int>(i));
   }
   // The new process inherits nothing the program left open without O_CLOEXEC.
   ::posix_spawn_file_actions_addclosefrom_np(&actions, first_free);

@@ -262,8 +262,9 @@ class ResultReader {
       state->header().mark_mapped();
       w.shared.push_back(std::move(state));
     } catch (const std::exception& e) {
-      // The worker waits a while for the mark, then sends its result anyway.
+      // The worker stops waiting for the mark once it sees the refusal.
       if (w.share_failure.empty()) w.share_failure = e.what();
+      w.claims.refuse_share();
     }
     return true;
   }

@@ -396,6 +396,8 @@ class WorkerLoop {
     std::sort(shared_.begin(), shared_.end());
     shared_.erase(std::unique(shared_.begin(), shared_.end()), shared_.end());
     const bool sharing = !shared_.empty();
+    const std::size_t first_lent = lent_.size();
+    const std::uint64_t refused = claims_.refused_shares();
     for (auto& state : shared_) {
       state->header().expect_reader();
       ShmLocation{static_cast<std::int32_t>(::getpid()), state->fd.get(), state->id(),
@@ -407,7 +409,7 @@ class WorkerLoop {
     ShmBuffer* buffer = nullptr;
     if (shm_ && out_.size() > shm_threshold_) buffer = shm_writer_.acquire(out_.size(), &control);
     if (!control.empty() && !send_frame(result_fd_, control)) return 0;
-    if (sharing) await_parent(share_wait);
+    if (sharing) await_shares(first_lent, refused);
     if (buffer != nullptr) {
       ref = ShmWriter::fill(*buffer, out_.data(), out_.size());
       // A new buffer is referred to only once the parent has it mapped: then
@@ -439,6 +441,24 @@ class WorkerLoop {
     return 0;
   }
 
+  /// Waits up to share_wait for the parent to map the blocks just lent to
+  /// it (from `lent_[first]` on), or to refuse one: then the result fails
+  /// anyway, and none of them is kept for it. `refused`: the pool's count
+  /// of refusals before they were announced.
+  void await_shares(std::size_t first, std::uint64_t refused) {
+    const auto deadline = std::chrono::steady_clock::now() + share_wait;
+    bool refusal = false;
+    for (std::size_t i = first; i < lent_.size() && !refusal; ++i) {
+      auto& header = lent_[i]->header();
+      // In slices: a refusal wakes nobody.
+      while (!header.wait_mapped(std::min(deadline, std::chrono::steady_clock::now() + refusal_poll))) {
+        if ((refusal = claims_.refused_shares() != refused) || std::chrono::steady_clock::now() >= deadline) break;
+      }
+    }
+    if (refusal) lent_.erase(lent_.begin() + static_cast<std::ptrdiff_t>(first), lent_.end());
+    std::erase_if(lent_, [](const auto& state) { return state->header().is_mapped(); });
+  }
+
   /// Waits up to `limit` for the parent to map the blocks lent to it; lets
   /// go of those it has.
   void await_parent(std::chrono::milliseconds limit) {
@@ -456,6 +476,8 @@ class WorkerLoop {
 
   /// How long a result waits for the parent to map the blocks it refers to.
   static constexpr std::chrono::milliseconds share_wait{5000};
+  /// How often that wait looks whether the parent refused a block.
+  static constexpr std::chrono::milliseconds refusal_poll{2};
   /// Tasks shorter than this make a worker look for its next one before sleeping.
   static constexpr auto spin_below = std::chrono::microseconds(200);
 
