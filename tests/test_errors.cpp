@@ -239,8 +239,7 @@ POOL_TEST("an exception of a non-std type is reported by its type name", "[error
   auto e = test::thrown<procpool::RemoteError>([&] { pool.map<throw_int>(iota_vec(4)); });
   CHECK(e.type_name() == "int");
   CHECK(e.input_index() == 1);
-  CHECK_THAT(e.what(), Catch::Contains("int"));
-  CHECK_THAT(e.what(), Catch::Contains("input #1"));
+  CHECK_THAT(e.what(), Catch::Contains("input #1 raised int (worker"));  // no ": " before an empty message
 
   auto oops = test::thrown<procpool::RemoteError>([&] { pool.apply<throw_oops>(5L); });
   CHECK(oops.type_name() == "errors_test::Oops");
@@ -640,3 +639,20 @@ POOL_TEST("strings and structs around a failure midway through a chunk still arr
 }
 
 }  // namespace errors_test
+
+TEST_CASE("reports of a throwing callback read right for every call and exception", "[errors]") {
+  using procpool::detail::with_article;
+  CHECK(with_article("map") == "a map");
+  CHECK(with_article("apply_async") == "an apply_async");
+  CHECK(with_article("imap_unordered") == "an imap_unordered");
+  try {
+    throw 42;
+  } catch (...) {
+    CHECK(procpool::detail::current_exception_summary() == "int");
+  }
+  try {
+    throw std::runtime_error("bar broke");
+  } catch (...) {
+    CHECK(procpool::detail::current_exception_summary() == "std::runtime_error: bar broke");
+  }
+}

@@ -5,12 +5,15 @@
 #include <atomic>
 #include <chrono>
 #include <forward_list>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <numeric>
 #include <optional>
 #include <ranges>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -41,6 +44,14 @@ std::size_t slow_size(const std::string& s) {
   return s.size();
 }
 std::string shout(const std::string& s) { return s + "!"; }
+long key_plus_value(std::pair<int, long> kv) { return kv.first + kv.second; }
+/// Sleeps `job.second` ms; one that sleeps at all appends a byte to the file `job.first`.
+long nap_and_mark(const std::pair<std::string, long>& job) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(job.second));
+  if (job.second > 0) std::ofstream(job.first, std::ios::app) << 'x';
+  return job.second;
+}
+std::size_t view_size(std::string_view s) { return s.size(); }
 std::size_t total_size(const std::vector<std::vector<std::string>>& v) {
   std::size_t n = 0;
   for (const auto& inner : v) n += inner.size();
@@ -262,6 +273,20 @@ POOL_TEST("map takes any input range, sized or not", "[map]") {
   CHECK(got[49] == 99 * 99);
 }
 
+POOL_TEST("a std::map's items and string literals travel as values", "[map][types]") {
+  // pair<const int, long> goes as pair<int, long>; const char* as std::string.
+  procpool::Pool pool(test::options<TestType>());
+  const std::map<int, long> m{{1, 10}, {2, 20}};
+  CHECK(pool.map<key_plus_value>(m) == std::vector<long>{11, 22});
+  const std::map<long, long> pairs{{1, 2}, {3, 4}};
+  CHECK(pool.starmap<add>(pairs) == std::vector<long>{3, 7});
+  CHECK(pool.map<shout>({"ab", "c"}) == std::vector<std::string>{"ab!", "c!"});
+  const std::vector<const char*> words{"x", "yy", "zzz"};
+  std::vector<std::size_t> sizes;
+  for (std::size_t n : pool.imap<view_size>(words)) sizes.push_back(n);
+  CHECK(sizes == std::vector<std::size_t>{1, 2, 3});
+}
+
 POOL_TEST("strings, nested containers and user structs travel both ways", "[map][types]") {
   procpool::Pool pool(test::options<TestType>());
   std::vector<std::string> words{"a", "", "hello world", std::string(100'000, 'x')};
@@ -339,6 +364,26 @@ POOL_TEST("imap reads an endless input only as far as it is consumed", "[imap]")
   }
   // 8 chunks of 2 ahead of the consumer at most, plus the chunk being read
   CHECK(pulled <= 100 + 8 * 2 + 2);
+}
+
+POOL_TEST("an imap left early withdraws the tasks queued in its workers' pipes", "[imap][cancel]") {
+  // After many short tasks each worker is sent several at once; leaving the
+  // loop must take back those not started, not only those not yet sent.
+  test::TempDir dir;
+  const std::string log = dir / "ran";
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  std::vector<std::pair<std::string, long>> jobs(200, {log, 0L});
+  jobs.insert(jobs.end(), 40, {log, 100L});
+  for (long ms : pool.imap<nap_and_mark>(jobs)) {
+    if (ms != 0) break;
+  }
+  pool.close();
+  pool.join();  // whatever was not withdrawn has run
+  std::ifstream in(log);
+  const std::string ran((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  INFO(ran.size() << " slow tasks ran");
+  // Those running when the loop left, and the one it saw; 16 ran before.
+  CHECK(ran.size() <= 6);
 }
 
 POOL_TEST("imap submits 1024 chunks ahead by default, and more for many workers", "[imap]") {

@@ -257,6 +257,41 @@ POOL_TEST("in a program that ignores SIGCHLD a crash is never reported as a clea
   CHECK(pool.apply<sq>(3L) == 9);  // and the pool goes on
 }
 
+/// Reaps every child in a SIGCHLD handler for its lifetime, as some daemons
+/// do: it races procpool's own waitpid() for each worker that ends.
+class ReapingSigchldHandler {
+ public:
+  ReapingSigchldHandler() {
+    struct sigaction reap {};
+    reap.sa_handler = [](int) {
+      const int saved = errno;
+      while (::waitpid(-1, nullptr, WNOHANG) > 0) {
+      }
+      errno = saved;
+    };
+    reap.sa_flags = SA_RESTART;
+    REQUIRE(::sigaction(SIGCHLD, &reap, &saved_) == 0);
+  }
+  ~ReapingSigchldHandler() { ::sigaction(SIGCHLD, &saved_, nullptr); }
+
+ private:
+  struct sigaction saved_ {};
+};
+
+POOL_TEST("with a SIGCHLD handler that reaps, a crash is never reported as a clean exit", "[recovery][reaping]") {
+  ReapingSigchldHandler handler;
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  // The handler wins the race for some of the crashes, procpool for others.
+  for (int round = 0; round < 6; ++round) {
+    auto e = test::thrown<procpool::WorkerLost>([&] { pool.apply<crash>(0L); });
+    INFO(e.what());
+    CHECK_THAT(e.what(), !Catch::Contains("exited with code"));
+    CHECK(e.exit_code() != 0);
+    if (e.signal() != SIGSEGV) CHECK_THAT(e.what(), Catch::Contains("how is unknown"));
+  }
+  CHECK(pool.apply<sq>(3L) == 9);
+}
+
 POOL_TEST("a worker whose result stream stops mid-frame is a ProtocolError in bounded time, and is replaced",
           "[recovery][protocol]") {
   procpool::Pool pool(test::options<TestType>({.processes = 2}));

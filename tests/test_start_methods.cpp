@@ -131,6 +131,20 @@ TEST_CASE("fork in a single-threaded program does not warn", "[start]") {
   CHECK(pool.apply([](int x) { return x + 1; }, 1) == 2);
 }
 
+TEST_CASE("a fork pool made before a thread starts has forked its workers when its constructor returns", "[start]") {
+  // As with Python's Pool(): the thread started right after the pool is in
+  // none of its forks. The workers used to be forked later, by the I/O
+  // thread, and the check saw this test's thread in about 1 run in 5.
+  for (int round = 0; round < 20; ++round) {
+    procpool::Pool pool({.processes = 2, .start_method = procpool::StartMethod::fork, .error_on_threaded_fork = true});
+    std::thread side([] { std::this_thread::sleep_for(std::chrono::milliseconds(20)); });
+    long got = 0;
+    CHECK_NOTHROW(got = pool.apply([](long x) { return x * 3; }, 3L));
+    CHECK(got == 9);
+    side.join();
+  }
+}
+
 TEMPLATE_TEST_CASE("a program that forgets procpool::init gets a clear error, not a process storm", "[start]",
                    test::PosixSpawn, test::Forkserver) {
   test::TempDir dir;
@@ -151,6 +165,19 @@ TEMPLATE_TEST_CASE("a program that forgets procpool::init gets a clear error, no
   for (const auto& pid : runs) {
     CHECK((::kill(std::stoi(pid), 0) == -1 && errno == ESRCH));
   }
+}
+
+POOL_TEST("a Pool at namespace scope, made before main(), works", "[start]") {
+  // Its workers make it again before their main() reaches procpool::init:
+  // it stays dormant there. A fork pool made then waits for its first call
+  // to fork, when the program's static initialization is complete.
+  auto run =
+      test::run_program({"/usr/bin/env", "PROCPOOL_TEST_METHOD=" + std::string(procpool::to_string(TestType::method)),
+                         PROCPOOL_GLOBAL_POOL});
+  INFO(run.output);
+  REQUIRE(WIFEXITED(run.status));
+  CHECK(WEXITSTATUS(run.status) == 0);
+  CHECK(run.output == "squares: 0 1 4 9\njoined\n");
 }
 
 POOL_TEST("workers and the fork server show the program's name and their role in ps and top", "[start]") {

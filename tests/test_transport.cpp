@@ -92,11 +92,12 @@ POOL_TEST("a message over max_message_bytes fails its task, not the pool", "[tra
   procpool::Pool pool(test::options<TestType>({.max_message_bytes = 4096}));
   // Too large to send: fails before it leaves the parent.
   auto big_argument = test::thrown<procpool::ProtocolError>([&] { pool.apply<echo>(std::string(10000, 'a')); });
-  CHECK_THAT(big_argument.what(), Catch::Contains("max_message_bytes"));
+  CHECK_THAT(big_argument.what(), Catch::Contains("max_message_bytes (4096)"));
+  CHECK_THAT(big_argument.what(), !Catch::Contains("pid 0"));  // it reached no worker
   // Too large a result: the worker reports it instead of sending it.
   auto big_result = test::thrown<procpool::ProtocolError>(
       [&] { pool.apply([](int n) { return std::string(static_cast<std::size_t>(n), 'b'); }, 10000); });
-  CHECK_THAT(big_result.what(), Catch::Contains("max_message_bytes"));
+  CHECK_THAT(big_result.what(), Catch::Contains("max_message_bytes (4096)"));
   // And the pool goes on.
   CHECK(pool.apply<echo>(std::string("fine")) == "fine");
 }

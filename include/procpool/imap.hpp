@@ -252,8 +252,8 @@ class IMap {
     } catch (...) {
       if (!progress_failed_) {
         progress_failed_ = true;
-        fmt::print(stderr, "procpool: a {} progress callback threw {}: {}; the call goes on\n", feed_->job().call(),
-                   detail::current_exception_type_name(), detail::current_exception_message());
+        fmt::print(stderr, "procpool: {} progress callback threw {}; the call goes on\n",
+                   detail::with_article(feed_->job().call()), detail::current_exception_summary());
       }
     }
   }

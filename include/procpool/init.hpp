@@ -13,15 +13,6 @@
 
 namespace procpool {
 
-namespace detail {
-/// Whether procpool::init has run in this process (procpool::mpi::init
-/// checks that it ran before MPI did).
-inline std::atomic<bool>& init_called() {
-  static std::atomic<bool> called{false};
-  return called;
-}
-}  // namespace detail
-
 /**
  * Call first thing in `main`: `procpool::init(argc, argv);`.
  *

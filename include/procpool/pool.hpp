@@ -391,16 +391,18 @@ class Pool {
   /// running tasks still complete, and so does a map that another thread
   /// had started (it may still be sending its input). Calling it again does
   /// nothing.
-  void close() { calls_.dispatcher()->close(); }
+  void close() { calls_.live()->close(); }
 
   /// After close() or terminate(): waits for the queued work and for every
   /// worker to exit, and for their relayed output to be delivered.
   /// @throws PoolNotRunning if the pool is still open.
-  void join() { calls_.dispatcher()->join(); }
+  void join() { calls_.live()->join(); }
 
   /// Stops the workers at once (SIGTERM, SIGKILL after 200 ms); every
   /// unfinished task fails with PoolNotRunning. Never throws, never hangs.
-  void terminate() noexcept { calls_.dispatcher()->terminate(); }
+  void terminate() noexcept {
+    if (calls_.dispatcher() != nullptr) calls_.dispatcher()->terminate();
+  }
 
  private:
   detail::Calls calls_;

@@ -213,8 +213,8 @@ class AsyncState : public JobState {
     try {
       callback();
     } catch (...) {
-      fmt::print(stderr, "procpool: a {} {} callback threw {}: {}; the pool goes on\n", call(), what,
-                 current_exception_type_name(), current_exception_message());
+      fmt::print(stderr, "procpool: {} {} callback threw {}; the pool goes on\n", with_article(call()), what,
+                 current_exception_summary());
     }
   }
 
@@ -241,8 +241,8 @@ class AsyncState : public JobState {
         callback_(*value_);
       }
     } catch (...) {
-      fmt::print(stderr, "procpool: a {} callback threw {}: {}; the pool goes on\n", call(),
-                 current_exception_type_name(), current_exception_message());
+      fmt::print(stderr, "procpool: {} callback threw {}; the pool goes on\n", with_article(call()),
+                 current_exception_summary());
     }
   }
 

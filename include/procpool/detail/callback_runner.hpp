@@ -142,8 +142,7 @@ class CallbackRunner {
       work();
     } catch (...) {
       // The work items catch the callbacks' own exceptions; this is the backstop.
-      fmt::print(stderr, "procpool: a callback threw {}: {}; the pool goes on\n", current_exception_type_name(),
-                 current_exception_message());
+      fmt::print(stderr, "procpool: a callback threw {}; the pool goes on\n", current_exception_summary());
     }
   }
 

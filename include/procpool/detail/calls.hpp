@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <ranges>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
@@ -29,8 +30,9 @@
 
 namespace procpool::detail {
 
+/// The type an input item travels as (see wire).
 template <class R>
-using item_t = std::remove_cvref_t<std::ranges::range_value_t<R>>;
+using item_t = wire_t<std::remove_cvref_t<std::ranges::range_value_t<R>>>;
 
 /// The value a call with callable F on items of type Arg yields on the parent side.
 template <class F, class Arg, bool Star>
@@ -123,6 +125,13 @@ class Calls {
   /// Makes the pool's transport, then its dispatcher with
   /// `options.processes` resolved.
   static Calls open(Options options) {
+    if (in_worker_before_init()) {
+      // A global Pool in a worker: no thread, no process. Used, it is a
+      // main() that forgot init (live()).
+      Calls dormant;
+      dormant.processes_ = options.processes;
+      return dormant;
+    }
     std::unique_ptr<Transport> transport = make_transport(options);
     if (options.processes == 0) options.processes = transport->default_processes();
     return Calls(options, std::move(transport));
@@ -141,6 +150,15 @@ class Calls {
   }
 
   Dispatcher* dispatcher() const noexcept { return dispatcher_.get(); }
+  /// The dispatcher, for a call. A dormant pool (open) in a process whose
+  /// main() forgot procpool::init stops that process with the hint.
+  const std::shared_ptr<Dispatcher>& live() const {
+    if (dispatcher_ == nullptr) {
+      refuse_uninitialized_worker();
+      throw PoolNotRunning("procpool: this Pool was moved from; it accepts no work");
+    }
+    return dispatcher_;
+  }
   std::size_t processes() const noexcept { return processes_; }
 
   template <class C>
@@ -195,7 +213,7 @@ class Calls {
       // What the call needs of the pool, taken now: the Pool may be destroyed
       // by another thread while this one encodes (the call then ends with
       // PoolNotRunning); the dispatcher lives on while the call holds it.
-      const std::shared_ptr<detail::Dispatcher> dispatcher = dispatcher_;
+      const std::shared_ptr<detail::Dispatcher> dispatcher = live();
       const std::size_t prefetch_bytes = prefetch_bytes_;
       const std::uint64_t handler = detail::call_handler_id<F, Arg, Star>();
       const auto count = static_cast<std::size_t>(std::ranges::size(items));
@@ -285,7 +303,7 @@ class Calls {
     using Arg = std::tuple<detail::travel_t<Args>...>;
     using T = detail::result_of_t<F, Arg, true>;
     const std::uint64_t handler = detail::call_handler_id<F, Arg, true>();
-    const std::shared_ptr<detail::Dispatcher> dispatcher = dispatcher_;  // as in submit_map
+    const std::shared_ptr<detail::Dispatcher> dispatcher = live();  // as in submit_map
     auto state = std::make_shared<detail::ApplyState<T>>(call);
     state->configure(options, 1);
     state->set_raise_original(raise_original_);
@@ -346,7 +364,7 @@ class Calls {
     using T = detail::result_of_t<F, Arg, Star>;
     using View = detail::held_t<R>;
     // As map does, even for an empty input: the pool takes no new work.
-    dispatcher_->require_running();
+    live()->require_running();
     std::optional<std::size_t> total;
     if constexpr (std::ranges::sized_range<R>) total = static_cast<std::size_t>(std::ranges::size(items));
     auto source =

@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -77,7 +79,16 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     if (options.worker_output != WorkerOutput::inherit || options.on_worker_output) {
       relay_ = std::make_unique<OutputRelay>(options.worker_output, options.on_worker_output);
     }
+    const bool forks = options.start_method == StartMethod::fork && options.backend.local();
+    start_at_first_call_ = forks && !init_called();
     thread_ = InternalThread("the pool's I/O thread", [this] { io_loop(); });
+    // A fork pool forks its first workers before the constructor returns, as
+    // Python's Pool() does: a thread the program starts after it is in none
+    // of those forks, and not counted by the threaded-fork check.
+    if (forks && !start_at_first_call_) {
+      std::unique_lock lock(mutex_);
+      first_round_cv_.wait_for(lock, std::chrono::seconds(10), [this] { return first_round_done_; });
+    }
   }
 
   Dispatcher(const Dispatcher&) = delete;
@@ -317,6 +328,10 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     for (;;) {
       if (state_ == State::terminating) break;
       maintain(lock, deliveries);
+      if (!first_round_done_) {
+        first_round_done_ = true;
+        first_round_cv_.notify_all();
+      }
       if (state_ == State::terminating) break;
       // With no workers, no task is held.
       if (state_ == State::closed && streams_ == 0 && pending_.empty() && workers_.empty()) break;
@@ -505,6 +520,9 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   std::optional<ChunkFailure> broken_;
   std::size_t early_deaths_ = 0;
   bool first_start_ = true;                    // no worker started yet
+  bool first_round_done_ = false;              // the first workers were started (or failed to)
+  std::condition_variable first_round_cv_;     // for the constructor of a fork pool
+  bool start_at_first_call_ = false;           // a fork pool made before procpool::init
   std::optional<ChunkFailure> start_failure_;  // the last start failed: why (cleared by the next that works)
   std::size_t start_failures_ = 0;             // failed starts in a row
   Clock::time_point next_start_{};             // when to try again after a failed start

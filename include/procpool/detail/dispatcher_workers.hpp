@@ -10,6 +10,11 @@
 namespace procpool::detail {
 
 inline void Dispatcher::start_missing_workers(std::unique_lock<std::mutex>& lock) {
+  // A fork pool made before procpool::init (a global, made before main())
+  // starts its workers at its first call: a fork then copies a program
+  // whose static initialization is complete.
+  if (start_at_first_call_ && state_ == State::running && pending_.empty() && streams_ == 0) return;
+  start_at_first_call_ = false;
   // The first time, every worker starts whatever the state: a pool closed
   // as soon as it is made still runs its initializer once in each worker.
   const bool first = std::exchange(first_start_, false);

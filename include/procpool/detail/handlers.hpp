@@ -8,6 +8,7 @@
 #include <functional>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -25,9 +26,8 @@ namespace procpool::detail {
 template <auto Fn>
 struct FnConst {
   template <class... A>
-  decltype(auto) operator()(A&&... args) const {
-    return std::invoke(Fn, std::forward<A>(args)...);
-  }
+  requires std::is_invocable_v<decltype(Fn), A...>
+  decltype(auto) operator()(A&&... args) const { return std::invoke(Fn, std::forward<A>(args)...); }
 };
 
 template <class F>
@@ -74,9 +74,50 @@ concept unpacked_item = requires {
   typename Arg::procpool_unpacked;
 };
 
+/// Whether F can be called with the elements of the tuple-like `Tuple` (an rvalue).
+template <class F, class Tuple>
+constexpr bool applicable() {
+  using T = std::remove_cvref_t<Tuple>;
+  if constexpr (requires { std::tuple_size<T>::value; }) {
+    return []<std::size_t... I>(std::index_sequence<I...>) {
+      return std::is_invocable_v<F&, decltype(std::get<I>(std::declval<T&&>()))...>;
+    }
+    (std::make_index_sequence<std::tuple_size_v<T>>{});
+  } else {
+    return false;
+  }
+}
+
+/// Whether the worker can call F with an Arg (see call_traits).
+template <class F, class Arg, bool Star>
+constexpr bool callable_with() {
+  if constexpr (unpacked_item<Arg>) {
+    return applicable<F, decltype(std::declval<Arg&&>().values)>();
+  } else if constexpr (Star) {
+    return applicable<F, Arg>();
+  } else {
+    return std::is_invocable_v<F&, Arg&&>;
+  }
+}
+
+template <class F, class Arg, bool Star>
+struct require_callable {
+  static_assert(callable_with<F, Arg, Star>(),
+                "procpool: the function cannot be called with the call's items. map, imap and "
+                "apply with one argument call f(item); starmap, apply with several and zip's items "
+                "call f(a, b, ...) with the item's tuple, pair or array unpacked. Check the number "
+                "and types of the function's parameters. A parameter T& cannot bind to a value "
+                "received from another process: take T or const T&. The item type is the Arg in "
+                "'require_callable<F, Arg, Star>' in this message's instantiation context.");
+  static constexpr bool value = true;
+};
+
 template <class F, class Arg, bool Star>
 constexpr auto call_result() {
-  if constexpr (unpacked_item<Arg>) {
+  if constexpr (!callable_with<F, Arg, Star>()) {
+    static_assert(require_callable<F, Arg, Star>::value);
+    return std::type_identity<int>{};  // the assertion has said why; nothing more fails
+  } else if constexpr (unpacked_item<Arg>) {
     return std::type_identity<decltype(std::apply(std::declval<F&>(), std::declval<Arg&&>().values))>{};
   } else if constexpr (Star) {
     return std::type_identity<decltype(std::apply(std::declval<F&>(), std::declval<Arg&&>()))>{};
@@ -92,12 +133,35 @@ struct call_traits {
   using result = typename decltype(call_result<F, Arg, Star>())::type;
 };
 
-/// How an argument of type T travels: by value, and a C string as std::string
-/// (a pointer cannot cross into another process).
+/// The type an input item travels as: what the worker can rebuild. A
+/// std::map's `pair<const K, V>` goes as `pair<K, V>`, a string literal
+/// (`const char*`, which points into this process) as a std::string.
 template <class T>
-using travel_t =
-    std::conditional_t<std::is_same_v<std::decay_t<T>, const char*> || std::is_same_v<std::decay_t<T>, char*>,
-                       std::string, std::decay_t<T>>;
+struct wire {
+  using type = T;
+};
+template <class T>
+using wire_t = typename wire<T>::type;
+template <>
+struct wire<const char*> {
+  using type = std::string;
+};
+template <>
+struct wire<char*> {
+  using type = std::string;
+};
+template <class A, class B>
+struct wire<std::pair<A, B>> {
+  using type = std::pair<wire_t<std::remove_const_t<A>>, wire_t<std::remove_const_t<B>>>;
+};
+template <class... Ts>
+struct wire<std::tuple<Ts...>> {
+  using type = std::tuple<wire_t<std::remove_const_t<Ts>>...>;
+};
+
+/// How an argument of type T travels: by value, as its wire_t.
+template <class T>
+using travel_t = wire_t<std::decay_t<T>>;
 
 /// Result a call produces on the parent side: void becomes std::monostate (Python's None).
 template <class R>
@@ -111,6 +175,19 @@ inline std::string current_exception_message() {
   } catch (...) {
     return {};
   }
+}
+
+/// "type: message" of the exception being handled; "type" alone when its
+/// message is empty (`throw 42`).
+inline std::string current_exception_summary() {
+  std::string message = current_exception_message();
+  return message.empty() ? current_exception_type_name() : current_exception_type_name() + ": " + message;
+}
+
+/// "a map callback", "an apply_async callback".
+inline std::string with_article(std::string_view word) {
+  const bool vowel = !word.empty() && std::string_view("aeiouAEIOU").find(word.front()) != std::string_view::npos;
+  return (vowel ? "an " : "a ") + std::string(word);
 }
 
 /// Per-item outcome on the wire (protocol.hpp's ItemOutcome): `value, the
@@ -240,7 +317,9 @@ struct CallHandler {
 
  private:
   static decltype(auto) invoke(F& fn, Arg&& arg) {
-    if constexpr (unpacked_item<Arg>) {
+    if constexpr (!callable_with<F, Arg, Star>()) {
+      return Result{};  // unreachable: require_callable failed the build
+    } else if constexpr (unpacked_item<Arg>) {
       return std::apply(fn, std::move(arg.values));
     } else if constexpr (Star) {
       return std::apply(fn, std::move(arg));
@@ -255,9 +334,11 @@ struct CallHandler {
 template <class F, class Arg, bool Star>
 std::uint64_t call_handler_id() {
   static_assert(require_travelling_callable<F>::value);
-  static_assert(require_serializable<Arg>::value);
+  static_assert(require_serializable<Arg>::value && require_default_constructible<Arg>::value);
   using Result = typename call_traits<F, Arg, Star>::result;
-  static_assert(require_serializable<stored_t<Result>>::value);
+  static_assert(require_serializable<stored_t<Result>>::value &&
+                require_default_constructible<stored_t<Result>>::value);
+  if constexpr (!std::is_default_constructible_v<Arg>) return 0;  // the assertion has said why
   const std::uint64_t id = Registered<CallHandler<F, Arg, Star>>::id;
   HandlerRegistry::instance().require_unambiguous(id);
   return id;

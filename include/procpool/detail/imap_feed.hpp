@@ -53,8 +53,16 @@ class ImapFeed {
       : dispatcher_(std::move(dispatcher)), source_(std::move(source)), job_(std::move(job)), settings_(settings) {}
   ImapFeed(const ImapFeed&) = delete;
   ImapFeed& operator=(const ImapFeed&) = delete;
-  /// Cancels the tasks not yet started; the input is read no further.
-  ~ImapFeed() { job_->cancel(); }
+  /// Cancels the tasks not yet started, those queued in a worker's pipe
+  /// too; the input is read no further.
+  ~ImapFeed() {
+    job_->cancel();
+    if (submitted_ == taken_) return;
+    try {
+      dispatcher_->withdraw(*job_);
+    } catch (...) {  // a lock that cannot be taken: they run, and nobody reads them
+    }
+  }
 
   const JobState& job() const { return *job_; }
   std::optional<std::size_t> total() const { return settings_.total; }

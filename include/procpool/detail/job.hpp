@@ -372,8 +372,8 @@ class JobState {
     } catch (...) {
       if (!progress_failed_) {
         progress_failed_ = true;
-        fmt::print(stderr, "procpool: a {} progress callback threw {}: {}; the pool goes on\n", call_,
-                   current_exception_type_name(), current_exception_message());
+        fmt::print(stderr, "procpool: {} progress callback threw {}; the pool goes on\n", with_article(call_),
+                   current_exception_summary());
       }
     }
   }

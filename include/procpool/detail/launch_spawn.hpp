@@ -26,6 +26,11 @@ inline constexpr const char* worker_env = "PROCPOOL_WORKER";
 /// Exit code of a re-executed process whose main() never called init.
 inline constexpr int exit_missing_init = 5;
 
+/// A process procpool re-executed (a worker or the fork server) in which
+/// init has not run yet: a Pool made now is a global's, made before main().
+/// It stays dormant, as main() will call init and never return.
+inline bool in_worker_before_init() { return std::getenv(worker_env) != nullptr && !init_called(); }
+
 inline std::string missing_init_hint(std::string_view method) {
   return "Under StartMethod::" + std::string(method) +
          " procpool re-runs this program's binary to start its processes, and main() must hand them "

@@ -70,14 +70,10 @@ class ChildLauncher : public Launcher {
   }
 
  private:
-  /// A child waitpid() cannot report (ECHILD): where SIGCHLD is ignored, the
-  /// system reaped it and how it ended is lost; otherwise, treat it as a
-  /// plain exit.
-  static int gone_status() {
-    struct sigaction current {};
-    const bool ignored = ::sigaction(SIGCHLD, nullptr, &current) == 0 && current.sa_handler == SIG_IGN;
-    return ignored || (current.sa_flags & SA_NOCLDWAIT) != 0 ? wait_status_unknown : 0;
-  }
+  /// A child waitpid() cannot report (ECHILD): the system reaped it (SIGCHLD
+  /// ignored), or another waitpid() of the program's did (a SIGCHLD handler
+  /// reaping every child). How it ended is lost.
+  static int gone_status() { return wait_status_unknown; }
 };
 
 }  // namespace procpool::detail

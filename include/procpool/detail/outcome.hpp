@@ -187,8 +187,10 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
                       input, worker_label(failure.worker, failure.pid, failure.where), failure.detail)));
     case ChunkFailure::Kind::protocol:
       return std::make_exception_ptr(
-          ProtocolError(fmt::format("procpool: {} failed: {} {}", input, failure.detail,
-                                    worker_note(failure.worker, failure.pid, failure.where))));
+          ProtocolError(fmt::format("procpool: {} failed: {}{}", input, failure.detail,
+                                    // pid 0: refused before it reached a worker
+                                    failure.pid == 0 ? std::string()
+                                                     : " " + worker_note(failure.worker, failure.pid, failure.where))));
     case ChunkFailure::Kind::timeout:
       return std::make_exception_ptr(
           TaskTimeout(fmt::format("procpool: {} ran longer than the task timeout ({}) in {}; the worker was stopped "
@@ -233,8 +235,9 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
       } else {
         std::string type, message;
         decoder(type, message);
-        std::string what = fmt::format("procpool: {} raised {}: {} {}", describe_input(call, first_index + i), type,
-                                       message, worker_note(outcome.worker, outcome.pid, outcome.where));
+        std::string what =
+            fmt::format("procpool: {} raised {}{}{} {}", describe_input(call, first_index + i), type,
+                        message.empty() ? "" : ": ", message, worker_note(outcome.worker, outcome.pid, outcome.where));
         RemoteError error(std::move(what), std::move(type), std::move(message), outcome.pid, outcome.worker,
                           first_index + i);
         on_error(first_index + i, raise_original ? error.original() : std::make_exception_ptr(std::move(error)));
@@ -247,7 +250,8 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
                      0,
                      !outcome.rare || outcome.rare->share_failure.empty()
                          ? fmt::format("its result could not be decoded ({})", e.what())
-                         : fmt::format("its result could not be decoded ({}; when the worker shared it: {})", e.what(),
+                         : fmt::format("a procpool::SharedMemory block in its result could not be mapped in this "
+                                       "process ({})",
                                        outcome.rare->share_failure),
                      outcome.where};
     for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i));

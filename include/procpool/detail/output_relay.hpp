@@ -198,8 +198,7 @@ class OutputRelay {
       try {
         callback_(WorkerLine{s.slot, s.pid, s.stream, std::string(text)});
       } catch (...) {
-        std::string what = "procpool: Options::on_worker_output threw " + current_exception_type_name() + ": " +
-                           current_exception_message() + "\n";
+        std::string what = "procpool: Options::on_worker_output threw " + current_exception_summary() + "\n";
         write_whole(2, what);
       }
       return;

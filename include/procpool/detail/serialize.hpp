@@ -93,6 +93,19 @@ struct travels<std::variant<T...>> {
   static constexpr bool value = (travels<T>::value && ...);
 };
 
+/// A worker decodes each argument, and the parent each result, into a
+/// default-constructed value.
+template <class T>
+struct require_default_constructible {
+  static_assert(
+      std::is_default_constructible_v<T>,
+      "procpool: this argument or result type has no default constructor. procpool "
+      "builds the value, then loads it from the message: add a public constructor taking "
+      "no arguments. The offending type is the T in 'require_default_constructible<T>' in this message's instantiation "
+      "context.");
+  static constexpr bool value = true;
+};
+
 /// Instantiated for every argument and result type. When it fails, the
 /// compiler's "required from" line names the type that cannot travel.
 template <class T>

@@ -22,6 +22,13 @@
 
 namespace procpool::detail {
 
+/// Whether procpool::init has run in this process (procpool::mpi::init
+/// checks that it ran before MPI did).
+inline std::atomic<bool>& init_called() {
+  static std::atomic<bool> called{false};
+  return called;
+}
+
 /// Threads procpool itself runs (one I/O thread per pool): they are not the
 /// program's, and never hold a lock a forked worker could need.
 inline std::atomic<int>& io_thread_count() {
@@ -251,8 +258,9 @@ inline const char* signal_abbrev(int sig) {
 /// Exit code of a forked worker that could not place its fds (out of them).
 inline constexpr int exit_no_fds = 6;
 
-/// The wait status of a child the system reaped itself, since this program
-/// ignores SIGCHLD: how it ended is lost. (No real status looks like it.)
+/// The wait status of a child reaped before procpool could: by the system,
+/// since this program ignores SIGCHLD, or by a waitpid() of the program's
+/// own. How it ended is lost. (No real status looks like it.)
 inline constexpr int wait_status_unknown = 0xffff;
 /// The wait status of a worker on an MPI rank that was lost (mpi_hub.hpp).
 inline constexpr int wait_status_lost = 0xfeff;
@@ -260,8 +268,9 @@ inline constexpr int wait_status_lost = 0xfeff;
 /// Human-readable waitpid() status: "was killed by signal 9 (SIGKILL: Killed)".
 inline std::string describe_wait_status(int status) {
   if (status == wait_status_unknown) {
-    return "ended, how is unknown (this program ignores SIGCHLD, so the system reaped it without a word; "
-           "procpool::StartMethod::forkserver keeps that word)";
+    return "ended, how is unknown (its exit status was taken before procpool could read it: this program "
+           "ignores SIGCHLD, or a SIGCHLD handler or another thread called waitpid() for it; "
+           "procpool::StartMethod::forkserver keeps the status)";
   }
   if (status == wait_status_lost) return "was lost with its MPI rank";
   if (WIFSIGNALED(status)) {

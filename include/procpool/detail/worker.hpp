@@ -374,7 +374,8 @@ class WorkerLoop {
     if (too_large || (remote_ && !shared_.empty())) {
       // Cannot be sent: report every item as failed instead.
       std::string why = too_large ? "the result message (" + std::to_string(out_.size() - start - frame_header_size) +
-                                        " bytes) is larger than Options::max_message_bytes"
+                                        " bytes) is larger than Options::max_message_bytes (" +
+                                        std::to_string(max_message_) + ")"
                                   : "its result holds a procpool::SharedMemory block, which cannot reach the pool "
                                     "on another host (this pool's workers run on MPI ranks); return the data as a "
                                     "std::vector instead";

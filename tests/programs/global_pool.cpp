@@ -1,0 +1,45 @@
+// A Pool at namespace scope, made before main() runs (Python's module-level
+// pool), under the start method PROCPOOL_TEST_METHOD names. Its workers
+// re-run this binary (posix_spawn, forkserver) and make this Pool again
+// before their main() reaches procpool::init.
+//
+// usage: PROCPOOL_TEST_METHOD=<method> procpool_global_pool
+//        prints "squares: 0 1 4 9" and "joined"
+#include <procpool/procpool.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace {
+
+procpool::StartMethod method_from_environment() {
+  const char* name = std::getenv("PROCPOOL_TEST_METHOD");
+  const std::string method = name != nullptr ? name : "";
+  if (method == "fork") return procpool::StartMethod::fork;
+  if (method == "posix_spawn") return procpool::StartMethod::posix_spawn;
+  return procpool::StartMethod::forkserver;
+}
+
+procpool::Pool pool({.processes = 2, .start_method = method_from_environment()});
+
+long square(long x) { return x * x; }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  procpool::init(argc, argv);
+  try {
+    std::printf("squares:");
+    for (long v : pool.map<square>(std::vector<long>{0, 1, 2, 3}, 1)) std::printf(" %ld", v);
+    std::printf("\n");
+    pool.close();
+    pool.join();
+    std::printf("joined\n");
+  } catch (const std::exception& e) {
+    std::printf("error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
