@@ -225,6 +225,21 @@ TEST_CASE("ProgressBar::println prints a line above a live bar and draws the bar
   CHECK(out == "done\n");
 }
 
+TEST_CASE("ProgressBar pads by characters, not bytes, over UTF-8 text", "[results][progress]") {
+  std::string out;
+  procpool::ProgressBar bar({.label = "fichiers traités",  // "é": 2 bytes, 1 column
+                             .draw = procpool::ProgressDraw::always,
+                             .sink = [&](std::string_view text) { out += text; },
+                             .clock = [] { return std::chrono::steady_clock::time_point{}; }});
+  bar(5, 10);
+  const std::size_t bar_columns = out.size() - 1 - 1;  // no '\r'; one 2-byte character
+  out.clear();
+  bar.println("déjà vu");  // 9 bytes, 7 columns
+  const std::string line = out.substr(0, out.find('\n'));
+  // The whole bar is blanked: 7 columns of text, then spaces to the bar's width.
+  CHECK(line == "\rdéjà vu" + std::string(bar_columns - 7, ' '));
+}
+
 TEST_CASE("ProgressBar::println without a live bar just prints the line", "[results][progress]") {
   std::string out;
   procpool::ProgressBar bar(

@@ -162,7 +162,8 @@ class ProgressState {
     if (live_ && drawn_ && !finished_) {
       // Over the bar's line (blanked to its end), then the bar again below.
       out = '\r' + std::string(text);
-      if (text.size() < drawn_length_) out.append(drawn_length_ - text.size(), ' ');
+      const std::size_t columns = display_columns(text);
+      if (columns < drawn_length_) out.append(drawn_length_ - columns, ' ');
       out += '\n';
       write(out);
       drawn_length_ = 0;
@@ -175,11 +176,19 @@ class ProgressState {
 
   bool live() const noexcept { return live_; }
 
+  /// The columns `text` takes on a terminal, counting each UTF-8 character
+  /// as one: what is padded with spaces to blank a line out.
+  static std::size_t display_columns(std::string_view text) noexcept {
+    std::size_t columns = 0;
+    for (char c : text) columns += (static_cast<unsigned char>(c) & 0xC0) != 0x80 ? 1 : 0;
+    return columns;
+  }
+
  private:
   void draw(TimePoint now, bool last) {
     std::string text = '\r' + render(now);
     // Blank out what is left of a longer previous line (the rate or ETA can shrink).
-    const std::size_t length = text.size() - 1;
+    const std::size_t length = display_columns(text) - 1;
     if (length < drawn_length_) text.append(drawn_length_ - length, ' ');
     if (last) text += '\n';
     drawn_ = true;
@@ -237,7 +246,7 @@ class ProgressState {
   bool drawn_ = false;
   TimePoint drawn_at_{};
   std::size_t drawn_done_ = 0;
-  std::size_t drawn_length_ = 0;
+  std::size_t drawn_length_ = 0;  // in columns (display_columns)
 };
 
 }  // namespace detail
