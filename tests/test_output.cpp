@@ -196,6 +196,21 @@ POOL_TEST("relayed worker lines reach the parent's stdout and stderr whole", "[o
   }
 }
 
+POOL_TEST("what tasks printed to a file without fflush is written when the pool is destroyed", "[output]") {
+  // Inherited stdout, a file: stdio buffers it in the worker. An idle
+  // worker used to be sent SIGTERM with its EOF, and the buffer was lost.
+  test::TempDir dir;
+  const std::string file = dir / "out";
+  auto run =
+      test::run_program({PROCPOOL_HELPER, "unflushed", std::string(procpool::to_string(TestType::method)), file});
+  INFO(run.output);
+  REQUIRE(WIFEXITED(run.status));
+  REQUIRE(WEXITSTATUS(run.status) == 0);
+  auto lines = test::read_lines(file);
+  std::sort(lines.begin(), lines.end());
+  CHECK(lines == std::vector<std::string>{"task 1", "task 2", "task 3", "task 4"});
+}
+
 POOL_TEST("on_worker_output receives each line with its worker's slot, pid and stream", "[output]") {
   Collector got;
   std::vector<long> tasks(12);

@@ -20,9 +20,9 @@ namespace procpool {
  * binary again to start their processes; in such a process `init` becomes
  * the worker (or the fork server) and never returns, so the rest of `main`
  * never runs there (the analogue of Python's `if __name__ == "__main__":`
- * guard). In a program started normally it does nothing, so it is harmless
- * with `fork`. A program that forgets it gets a clear error, never a storm
- * of processes.
+ * guard). In a program started normally it marks where `main` begins: a
+ * `fork` pool made before it (a global) forks its workers here. A program
+ * that forgets it gets a clear error, never a storm of processes.
  *
  * @code
  * int main(int argc, char** argv) {
@@ -42,10 +42,15 @@ inline void init(int argc, char** argv) {
   detail::init_called() = true;
   // Before any fd of procpool's exists, in the program and in its workers.
   detail::occupy_closed_stdio();
-  if (argc < 3 || argv == nullptr || argv[1] == nullptr) return;
-  const bool worker = std::strcmp(argv[1], detail::worker_flag) == 0;
-  const bool server = std::strcmp(argv[1], detail::forkserver_flag) == 0;
-  if (!worker && !server) return;
+  const bool ours = argc >= 3 && argv != nullptr && argv[1] != nullptr;
+  const bool worker = ours && std::strcmp(argv[1], detail::worker_flag) == 0;
+  const bool server = ours && std::strcmp(argv[1], detail::forkserver_flag) == 0;
+  if (!worker && !server) {
+    // The program itself: fork pools made before now (globals) fork their
+    // workers here, as its static initialization is complete.
+    detail::DeferredStarts::instance().run_all();
+    return;
+  }
   auto parent = static_cast<pid_t>(std::strtol(argv[2], nullptr, 10));
   // Our own children must not mistake themselves for procpool processes.
   ::unsetenv(detail::worker_env);

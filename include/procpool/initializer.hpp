@@ -53,7 +53,7 @@ class Initializer {
       Initializer(F&& fn) {  // NOLINT(google-explicit-constructor): `.initializer = [] {...}`
     using Fn = std::remove_cvref_t<F>;
     static_assert(detail::require_travelling_callable<Fn>::value);
-    id_ = detail::Registered<detail::InitHandler<Fn>>::id;
+    id_ = detail::Registered<detail::InitHandler<Fn>>::get();
     detail::HandlerRegistry::instance().require_unambiguous(id_);
     detail::Encoder encoder(state_, &shares_);
     detail::save_callable(encoder, fn);

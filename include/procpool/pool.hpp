@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <exception>
 #include <initializer_list>
 #include <ranges>
 #include <utility>
@@ -392,6 +393,61 @@ class Pool {
   /// had started (it may still be sending its input). Calling it again does
   /// nothing.
   void close() { calls_.live()->close(); }
+
+  // ---- mistakes that get a message instead of pages of errors ------------------
+  /// @cond PROCPOOL_MISTAKES (not part of the API: each one is a compile error)
+  // Python's pool.map(f, xs) passes f by value; a C++ function pointer is an
+  // address, which no worker can use. These say so at compile time, and
+  // return what the real call would, so the caller's code adds no errors.
+
+  template <class Ret, class... P, class... Rest>
+  std::vector<detail::stored_t<Ret>> map(Ret (*)(P...), Rest&&...) {
+    static_assert(detail::refuse_function_pointer<Ret>::value);
+    std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
+  }
+  template <class Ret, class... P, class... Rest>
+  AsyncResult<std::vector<detail::stored_t<Ret>>> map_async(Ret (*)(P...), Rest&&...) {
+    static_assert(detail::refuse_function_pointer<Ret>::value);
+    std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
+  }
+  template <class Ret, class... P, class... Rest>
+  std::vector<detail::stored_t<Ret>> starmap(Ret (*)(P...), Rest&&...) {
+    static_assert(detail::refuse_function_pointer<Ret>::value);
+    std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
+  }
+  template <class Ret, class... P, class... Rest>
+  AsyncResult<std::vector<detail::stored_t<Ret>>> starmap_async(Ret (*)(P...), Rest&&...) {
+    static_assert(detail::refuse_function_pointer<Ret>::value);
+    std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
+  }
+  template <class Ret, class... P, class... Rest>
+  std::vector<detail::stored_t<Ret>> imap(Ret (*)(P...), Rest&&...) {
+    static_assert(detail::refuse_function_pointer<Ret>::value);
+    std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
+  }
+  template <class Ret, class... P, class... Rest>
+  std::vector<detail::stored_t<Ret>> imap_unordered(Ret (*)(P...), Rest&&...) {
+    static_assert(detail::refuse_function_pointer<Ret>::value);
+    std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
+  }
+  template <class Ret, class... P, class... Rest>
+  Ret apply(Ret (*)(P...), Rest&&...) {
+    static_assert(detail::refuse_function_pointer<Ret>::value);
+    std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
+  }
+  template <class Ret, class... P, class... Rest>
+  AsyncResult<Ret> apply_async(Ret (*)(P...), Rest&&...) {
+    static_assert(detail::refuse_function_pointer<Ret>::value);
+    std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
+  }
+  /// `Pool pool(4)`: the settings are named, `Pool pool({.processes = 4})`.
+  template <std::integral I>
+  explicit Pool(I) {
+    static_assert(detail::always_false<I>,
+                  "procpool: name the setting: procpool::Pool pool({.processes = 4}), as Options' fields are "
+                  "named (Python's Pool(4) is Pool(processes=4))");
+  }
+  /// @endcond
 
   /// After close() or terminate(): waits for the queued work and for every
   /// worker to exit, and for their relayed output to be delivered.

@@ -1,15 +1,18 @@
 // A Pool at namespace scope, made before main() runs (Python's module-level
 // pool), under the start method PROCPOOL_TEST_METHOD names. Its workers
 // re-run this binary (posix_spawn, forkserver) and make this Pool again
-// before their main() reaches procpool::init.
+// before their main() reaches procpool::init. Its initializer must run in
+// every worker, and under fork its workers are forked in procpool::init.
 //
 // usage: PROCPOOL_TEST_METHOD=<method> procpool_global_pool
 //        prints "squares: 0 1 4 9" and "joined"
 #include <procpool/procpool.hpp>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -22,14 +25,25 @@ procpool::StartMethod method_from_environment() {
   return procpool::StartMethod::forkserver;
 }
 
-procpool::Pool pool({.processes = 2, .start_method = method_from_environment()});
+long g_factor = 0;  // 1 in a worker whose initializer ran
 
-long square(long x) { return x * x; }
+void set_factor() { g_factor = 1; }
+
+// Its initializer is named during static initialization too.
+procpool::Pool pool({.processes = 2,
+                     .start_method = method_from_environment(),
+                     .initializer = procpool::initializer<set_factor>(),
+                     .error_on_threaded_fork = true});
+
+long square(long x) { return x * x * g_factor; }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   procpool::init(argc, argv);
+  // A fork pool made before init has forked its workers in init: this
+  // thread is in none of those forks (error_on_threaded_fork would throw).
+  std::thread side([] { std::this_thread::sleep_for(std::chrono::milliseconds(50)); });
   try {
     std::printf("squares:");
     for (long v : pool.map<square>(std::vector<long>{0, 1, 2, 3}, 1)) std::printf(" %ld", v);
@@ -39,7 +53,9 @@ int main(int argc, char** argv) {
     std::printf("joined\n");
   } catch (const std::exception& e) {
     std::printf("error: %s\n", e.what());
+    side.join();
     return 1;
   }
+  side.join();
   return 0;
 }

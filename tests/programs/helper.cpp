@@ -24,6 +24,9 @@
 //                         whose workers are replaced every 5 tasks maps 60
 //                         squares and returns 4 MiB; prints "squares ok" and
 //                         "big ok", or the error
+//   unflushed <method> <file>
+//                         stdout to <file>; a pool of 2 maps 4 tasks that
+//                         printf "task N" without fflush, and is destroyed
 //   reaper <method> <cycles> [subreaper]
 //                         <cycles> times: a pool of 2, a map, close(), join();
 //                         counts this process's children (zombies or not)
@@ -290,6 +293,20 @@ int reaper(const std::string& method, int cycles, bool subreaper) {
 
 std::vector<char> megabytes(int n) { return std::vector<char>(static_cast<std::size_t>(n) << 20, 'm'); }
 
+long print_unflushed(long x) {
+  std::printf("task %ld\n", x);  // stdout is a file: fully buffered
+  return x;
+}
+
+int unflushed(const std::string& method, const char* file) {
+  if (std::freopen(file, "w", stdout) == nullptr) return 3;
+  {
+    procpool::Pool pool({.processes = 2, .start_method = method_named(method)});
+    pool.map<print_unflushed>(std::vector<long>{1, 2, 3, 4}, 1);
+  }  // destroyed at once: the workers are idle
+  return 0;
+}
+
 int few_fds(const std::string& method, int limit) {
   ::close_range(3, ~0U, 0);  // fds the test runner left open would count against the limit
   rlimit low{};
@@ -323,6 +340,7 @@ int main(int argc, char** argv) {
   }
   if (mode == "nproc" && argc > 2) return nproc(argv[2]);
   if (mode == "fewfds" && argc > 3) return few_fds(argv[2], std::atoi(argv[3]));
+  if (mode == "unflushed" && argc > 3) return unflushed(argv[2], argv[3]);
   if (mode == "reaper" && argc > 3) {
     return reaper(argv[2], std::atoi(argv[3]), argc > 4 && std::string(argv[4]) == "subreaper");
   }

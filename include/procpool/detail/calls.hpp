@@ -42,6 +42,27 @@ using result_of_t = stored_t<typename call_traits<F, Arg, Star>::result>;
 /// input throws, the items read before it stay in the frame and the
 /// exception is stored in `error` (or rethrown when `error` is null and no
 /// item was read).
+template <class T>
+inline constexpr bool is_pair_v = false;
+template <class A, class B>
+inline constexpr bool is_pair_v<std::pair<A, B>> = true;
+
+/// Encodes `value` as its wire type Arg. A std::map's `pair<const K, V>`
+/// has the bytes of `pair<K, V>`: its members are encoded in place, not
+/// copied into one (a map of vectors would copy every vector).
+template <class Arg, class T>
+void encode_as(Encoder& encoder, const T& value) {
+  if constexpr (std::is_same_v<T, Arg>) {
+    encoder(value);
+  } else if constexpr (is_pair_v<T> && is_pair_v<Arg>) {
+    encode_as<typename Arg::first_type>(encoder, value.first);
+    encode_as<typename Arg::second_type>(encoder, value.second);
+  } else {
+    const Arg& converted = value;
+    encoder(converted);
+  }
+}
+
 template <class F, class Arg, class It, class End>
 std::uint32_t encode_items(TaskBytes& frame, SharedStates& shares, const F& fn, It& it, const End& end,
                            std::size_t max_items, std::exception_ptr* error = nullptr) {
@@ -51,10 +72,7 @@ std::uint32_t encode_items(TaskBytes& frame, SharedStates& shares, const F& fn, 
   std::size_t mark = frame.size();
   try {
     while (count < max_items && it != end) {
-      {
-        const Arg& item = *it;
-        encoder(item);
-      }
+      encode_as<Arg>(encoder, *it);
       ++count;
       mark = frame.size();
       ++it;
@@ -104,6 +122,20 @@ inline constexpr bool options_first = false;
 template <class A, class... Rest>
 inline constexpr bool options_first<A, Rest...> = std::is_same_v<std::remove_cvref_t<A>, CallOptions>;
 
+template <class>
+inline constexpr bool always_false = false;
+
+/// Instantiated by Pool's calls given a function pointer (pool.map(f, xs)).
+template <class Ret>
+struct refuse_function_pointer {
+  static_assert(always_false<Ret>,
+                "procpool: pass a function as a template argument, pool.map<f>(items), not as an "
+                "argument, pool.map(f, items): a worker finds the code by its type, never by its "
+                "address, which differs between processes. A captureless lambda or a function object "
+                "may be passed as an argument.");
+  static constexpr bool value = true;
+};
+
 template <class F>
 concept callable_object = std::is_class_v<std::remove_cvref_t<F>> && !std::ranges::range<F>;
 
@@ -130,6 +162,7 @@ class Calls {
       // main() that forgot init (live()).
       Calls dormant;
       dormant.processes_ = options.processes;
+      dormant.dormant_ = true;
       return dormant;
     }
     std::unique_ptr<Transport> transport = make_transport(options);
@@ -154,8 +187,11 @@ class Calls {
   /// main() forgot procpool::init stops that process with the hint.
   const std::shared_ptr<Dispatcher>& live() const {
     if (dispatcher_ == nullptr) {
-      refuse_uninitialized_worker();
-      throw PoolNotRunning("procpool: this Pool was moved from; it accepts no work");
+      if (!dormant_) throw PoolNotRunning("procpool: this Pool was moved from; it accepts no work");
+      refuse_uninitialized_worker();  // main() forgot procpool::init: stops here, with the hint
+      throw PoolNotRunning(
+          "procpool: this Pool was made at namespace scope, before main(), in a process procpool started "
+          "(a worker or the fork server), where it never runs: a task cannot use the pool of the program");
     }
     return dispatcher_;
   }
@@ -386,6 +422,7 @@ class Calls {
 
  private:
   std::shared_ptr<Dispatcher> dispatcher_;
+  bool dormant_ = false;  // made before main() in a worker (open)
   std::size_t processes_ = 0;
   std::size_t prefetch_ = 0;
   std::size_t adaptive_prefetch_ = 0;  // with chunksize procpool::adaptive: chunks of about 2 ms need no deep queue

@@ -11,10 +11,11 @@
 // reads a task whose word is no longer `seq` (revoked, or the slot reused
 // since) skips it without reading its body.
 //
-// After the slots, one more word counts the SharedMemory blocks the pool
-// could not map (shm_share): a worker waiting for its blocks to be mapped
-// stops waiting when it changes, as the pool cannot mark a block it has not
-// mapped.
+// After the slots, one more word counts the SharedMemory blocks the worker
+// shared (shm_share) that the pool has handled: mapped, or failed to map. A
+// worker waits until the count covers all it shared, then knows that a
+// block still not marked mapped never will be (the pool cannot mark a block
+// it could not map).
 #pragma once
 
 #include <sys/mman.h>
@@ -108,17 +109,18 @@ class ClaimArea {
     return word(seq).compare_exchange_strong(expected, seq | started, std::memory_order_acq_rel);
   }
 
-  /// The pool: it could not map a SharedMemory block the worker shared.
-  void refuse_share() noexcept {
+  /// The pool: it has handled (mapped, or failed to map) one more
+  /// SharedMemory block the worker shared.
+  void share_handled() noexcept {
     if (words_ != nullptr) words_[slots_].fetch_add(1, std::memory_order_release);
   }
-  /// The worker: how many blocks the pool could not map so far (0 without an area).
-  std::uint64_t refused_shares() const noexcept {
+  /// The worker: how many of the blocks it shared the pool has handled.
+  std::uint64_t handled_shares() const noexcept {
     return words_ != nullptr ? words_[slots_].load(std::memory_order_acquire) : 0;
   }
 
  private:
-  /// The refusal counter, on a cache line of its own.
+  /// The handled-shares counter, on a cache line of its own.
   static constexpr std::size_t tail_bytes = 64;
 
   std::atomic<std::uint64_t>& word(std::uint64_t seq) const noexcept { return words_[seq & (slots_ - 1)]; }

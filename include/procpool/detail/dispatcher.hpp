@@ -80,14 +80,17 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
       relay_ = std::make_unique<OutputRelay>(options.worker_output, options.on_worker_output);
     }
     const bool forks = options.start_method == StartMethod::fork && options.backend.local();
-    start_at_first_call_ = forks && !init_called();
+    start_at_init_ = deferred_ = forks && !init_called();
     thread_ = InternalThread("the pool's I/O thread", [this] { io_loop(); });
     // A fork pool forks its first workers before the constructor returns, as
     // Python's Pool() does: a thread the program starts after it is in none
-    // of those forks, and not counted by the threaded-fork check.
-    if (forks && !start_at_first_call_) {
-      std::unique_lock lock(mutex_);
-      first_round_cv_.wait_for(lock, std::chrono::seconds(10), [this] { return first_round_done_; });
+    // of those forks, and not counted by the threaded-fork check. Made
+    // before procpool::init, it does so in init (DeferredStarts).
+    if (start_at_init_) {
+      DeferredStarts::instance().add(
+          this, [](void* self) { static_cast<Dispatcher*>(self)->start_deferred(); }, this);
+    } else if (forks) {
+      wait_first_round();
     }
   }
 
@@ -99,11 +102,18 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// what terminate() failed among them) and ends the callback thread. Called
   /// by ~Pool while the Pool is whole, so a callback may still use it.
   void shutdown() noexcept {
+    if (deferred_) DeferredStarts::instance().remove(this);
     terminate();
     runner_.stop();
   }
 
   std::size_t processes() const { return processes_; }
+
+  /// procpool::init has run: a pool that waited for it starts its workers.
+  void start_deferred() {
+    wake();
+    wait_first_round();
+  }
 
   /// An empty task frame to encode a chunk into: once large, it grows in the
   /// pool's shared memory, where the worker will read it.
@@ -321,6 +331,13 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     }
   };
 
+  /// Waits (10 s at most) until the I/O thread has started the first
+  /// workers, or failed to.
+  void wait_first_round() {
+    std::unique_lock lock(mutex_);
+    first_round_cv_.wait_for(lock, std::chrono::seconds(10), [this] { return first_round_done_; });
+  }
+
   void io_loop() {
     Watch watch;
     std::vector<Delivery> deliveries;
@@ -328,7 +345,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     for (;;) {
       if (state_ == State::terminating) break;
       maintain(lock, deliveries);
-      if (!first_round_done_) {
+      if (!first_round_done_ && !start_at_init_) {
         first_round_done_ = true;
         first_round_cv_.notify_all();
       }
@@ -351,6 +368,8 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
       if (ready >= 0) handle_events(watch, deliveries);
     }
     const bool terminating = state_ == State::terminating;
+    first_round_done_ = true;  // or nobody would stop waiting for it
+    first_round_cv_.notify_all();
     lock.unlock();
     deliver_all(deliveries);
     if (terminating) stop_workers();
@@ -522,7 +541,8 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   bool first_start_ = true;                    // no worker started yet
   bool first_round_done_ = false;              // the first workers were started (or failed to)
   std::condition_variable first_round_cv_;     // for the constructor of a fork pool
-  bool start_at_first_call_ = false;           // a fork pool made before procpool::init
+  bool deferred_ = false;                      // a fork pool made before procpool::init
+  bool start_at_init_ = false;                 // the same, not started yet (under mutex_)
   std::optional<ChunkFailure> start_failure_;  // the last start failed: why (cleared by the next that works)
   std::size_t start_failures_ = 0;             // failed starts in a row
   Clock::time_point next_start_{};             // when to try again after a failed start

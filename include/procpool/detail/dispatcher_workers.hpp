@@ -11,10 +11,11 @@ namespace procpool::detail {
 
 inline void Dispatcher::start_missing_workers(std::unique_lock<std::mutex>& lock) {
   // A fork pool made before procpool::init (a global, made before main())
-  // starts its workers at its first call: a fork then copies a program
-  // whose static initialization is complete.
-  if (start_at_first_call_ && state_ == State::running && pending_.empty() && streams_ == 0) return;
-  start_at_first_call_ = false;
+  // starts its workers at init or at its first call (DeferredStarts).
+  if (start_at_init_) {
+    if (!init_called() && state_ == State::running && pending_.empty() && streams_ == 0) return;
+    start_at_init_ = false;
+  }
   // The first time, every worker starts whatever the state: a pool closed
   // as soon as it is made still runs its initializer once in each worker.
   const bool first = std::exchange(first_start_, false);
@@ -294,13 +295,14 @@ inline void Dispatcher::stop_workers() noexcept {
     // The tasks' frames (and shared buffers, which a worker may still be
     // reading) stay with their workers until these are gone below.
     for (auto& w : workers_) {
+      // An idle worker exits on EOF at once, and the normal way: what its
+      // tasks printed and left in stdio's buffers is written out. A busy
+      // one gets SIGTERM.
+      w->link->close_sending();
+      if (!w->held.empty()) w->link->kill(SIGTERM);
       for (auto& task : w->held) {
         deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(terminated), task.items()});
       }
-    }
-    for (auto& w : workers_) {
-      w->link->close_sending();  // an idle worker exits on EOF at once
-      w->link->kill(SIGTERM);
     }
     // A short grace for SIGTERM, then SIGKILL.
     auto deadline = Clock::now() + std::chrono::milliseconds(200);

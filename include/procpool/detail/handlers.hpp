@@ -107,7 +107,9 @@ struct require_callable {
                 "apply with one argument call f(item); starmap, apply with several and zip's items "
                 "call f(a, b, ...) with the item's tuple, pair or array unpacked. Check the number "
                 "and types of the function's parameters. A parameter T& cannot bind to a value "
-                "received from another process: take T or const T&. The item type is the Arg in "
+                "received from another process: take T or const T&. apply_async takes its "
+                "callbacks wrapped, after the arguments: procpool::callbacks(on_value, on_error). "
+                "The item type is the Arg in "
                 "'require_callable<F, Arg, Star>' in this message's instantiation context.");
   static constexpr bool value = true;
 };
@@ -338,8 +340,8 @@ std::uint64_t call_handler_id() {
   using Result = typename call_traits<F, Arg, Star>::result;
   static_assert(require_serializable<stored_t<Result>>::value &&
                 require_default_constructible<stored_t<Result>>::value);
-  if constexpr (!std::is_default_constructible_v<Arg>) return 0;  // the assertion has said why
-  const std::uint64_t id = Registered<CallHandler<F, Arg, Star>>::id;
+  if constexpr (!value_initializable<Arg>) return 0;  // the assertion has said why
+  const std::uint64_t id = Registered<CallHandler<F, Arg, Star>>::get();
   HandlerRegistry::instance().require_unambiguous(id);
   return id;
 }

@@ -83,10 +83,19 @@ class HandlerRegistry {
   std::unordered_map<std::uint64_t, Entry> entries_;
 };
 
-/// Odr-using `Registered<H>::id` is what instantiates, and so registers, a handler.
+/// A handler's id, registered on first use. get() also odr-uses `id`, whose
+/// initialization registers the handler in every process before main(): a
+/// re-run worker knows every handler the program can send. get() is right
+/// even during static initialization (a global Pool's initializer), when
+/// `id` itself may not be set yet.
 template <class Handler>
 struct Registered {
-  static inline const std::uint64_t id = HandlerRegistry::instance().add(typeid(Handler).name(), &Handler::run);
+  static std::uint64_t get() {
+    (void)&id;
+    static const std::uint64_t registered = HandlerRegistry::instance().add(typeid(Handler).name(), &Handler::run);
+    return registered;
+  }
+  static inline const std::uint64_t id = get();
 };
 
 }  // namespace procpool::detail

@@ -262,10 +262,10 @@ class ResultReader {
       state->header().mark_mapped();
       w.shared.push_back(std::move(state));
     } catch (const std::exception& e) {
-      // The worker stops waiting for the mark once it sees the refusal.
       if (w.share_failure.empty()) w.share_failure = e.what();
-      w.claims.refuse_share();
     }
+    // Mapped or not: the worker stops waiting once all it shared is handled.
+    w.claims.share_handled();
     return true;
   }
 

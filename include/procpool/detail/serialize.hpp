@@ -96,9 +96,14 @@ struct travels<std::variant<T...>> {
 /// A worker decodes each argument, and the parent each result, into a
 /// default-constructed value.
 template <class T>
+concept value_initializable = requires {
+  T{};
+};
+
+template <class T>
 struct require_default_constructible {
   static_assert(
-      std::is_default_constructible_v<T>,
+      value_initializable<T>,
       "procpool: this argument or result type has no default constructor. procpool "
       "builds the value, then loads it from the message: add a public constructor taking "
       "no arguments. The offending type is the T in 'require_default_constructible<T>' in this message's instantiation "

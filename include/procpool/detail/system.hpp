@@ -29,6 +29,42 @@ inline std::atomic<bool>& init_called() {
   return called;
 }
 
+/// Fork pools made before procpool::init (a global, made before main())
+/// start their workers at init, or at their first call if that comes first:
+/// a fork before then would copy a program whose static initialization is
+/// not complete. init() runs each one's `start`, which returns once that
+/// pool's first workers are forked.
+class DeferredStarts {
+ public:
+  static DeferredStarts& instance() {
+    static DeferredStarts starts;
+    return starts;
+  }
+  void add(const void* pool, void (*start)(void*), void* arg) {
+    std::lock_guard lock(mutex_);
+    starts_.push_back({pool, start, arg});
+  }
+  /// A pool going away (or started already): init() must not touch it.
+  void remove(const void* pool) noexcept {
+    std::lock_guard lock(mutex_);
+    std::erase_if(starts_, [pool](const Entry& e) { return e.pool == pool; });
+  }
+  void run_all() {
+    std::lock_guard lock(mutex_);
+    for (const Entry& e : starts_) e.start(e.arg);
+    starts_.clear();
+  }
+
+ private:
+  struct Entry {
+    const void* pool;
+    void (*start)(void*);
+    void* arg;
+  };
+  std::mutex mutex_;
+  std::vector<Entry> starts_;
+};
+
 /// Threads procpool itself runs (one I/O thread per pool): they are not the
 /// program's, and never hold a lock a forked worker could need.
 inline std::atomic<int>& io_thread_count() {

@@ -398,19 +398,19 @@ class WorkerLoop {
     shared_.erase(std::unique(shared_.begin(), shared_.end()), shared_.end());
     const bool sharing = !shared_.empty();
     const std::size_t first_lent = lent_.size();
-    const std::uint64_t refused = claims_.refused_shares();
     for (auto& state : shared_) {
       state->header().expect_reader();
       ShmLocation{static_cast<std::int32_t>(::getpid()), state->fd.get(), state->id(),
                   static_cast<std::uint64_t>(state->size())}
           .encode(control, FrameKind::shm_share);
       lent_.push_back(std::move(state));
+      ++announced_;
     }
     shared_.clear();
     ShmBuffer* buffer = nullptr;
     if (shm_ && out_.size() > shm_threshold_) buffer = shm_writer_.acquire(out_.size(), &control);
     if (!control.empty() && !send_frame(result_fd_, control)) return 0;
-    if (sharing) await_shares(first_lent, refused);
+    if (sharing) await_shares(first_lent);
     if (buffer != nullptr) {
       ref = ShmWriter::fill(*buffer, out_.data(), out_.size());
       // A new buffer is referred to only once the parent has it mapped: then
@@ -442,21 +442,23 @@ class WorkerLoop {
     return 0;
   }
 
-  /// Waits up to share_wait for the parent to map the blocks just lent to
-  /// it (from `lent_[first]` on), or to refuse one: then the result fails
-  /// anyway, and none of them is kept for it. `refused`: the pool's count
-  /// of refusals before they were announced.
-  void await_shares(std::size_t first, std::uint64_t refused) {
+  /// Waits up to share_wait for the parent to handle the blocks just lent
+  /// to it (from `lent_[first]` on). One it handled but did not map, it
+  /// could not: the result fails anyway, and none of them is kept for it.
+  void await_shares(std::size_t first) {
     const auto deadline = std::chrono::steady_clock::now() + share_wait;
-    bool refusal = false;
-    for (std::size_t i = first; i < lent_.size() && !refusal; ++i) {
-      auto& header = lent_[i]->header();
-      // In slices: a refusal wakes nobody.
-      while (!header.wait_mapped(std::min(deadline, std::chrono::steady_clock::now() + refusal_poll))) {
-        if ((refusal = claims_.refused_shares() != refused) || std::chrono::steady_clock::now() >= deadline) break;
-      }
+    const auto unmapped = [](const auto& state) { return !state->header().is_mapped(); };
+    bool handled = false;
+    for (;;) {
+      const auto waiting = std::find_if(lent_.begin() + static_cast<std::ptrdiff_t>(first), lent_.end(), unmapped);
+      if (waiting == lent_.end()) break;  // all mapped
+      if ((handled = claims_ && claims_.handled_shares() >= announced_)) break;
+      const auto now = std::chrono::steady_clock::now();
+      if (now >= deadline) break;
+      // Its mark wakes us; a refusal wakes nobody: look again within refusal_poll.
+      (*waiting)->header().wait_mapped(std::min(deadline, now + refusal_poll));
     }
-    if (refusal) lent_.erase(lent_.begin() + static_cast<std::ptrdiff_t>(first), lent_.end());
+    if (handled) lent_.erase(lent_.begin() + static_cast<std::ptrdiff_t>(first), lent_.end());
     std::erase_if(lent_, [](const auto& state) { return state->header().is_mapped(); });
   }
 
@@ -477,7 +479,7 @@ class WorkerLoop {
 
   /// How long a result waits for the parent to map the blocks it refers to.
   static constexpr std::chrono::milliseconds share_wait{5000};
-  /// How often that wait looks whether the parent refused a block.
+  /// How often that wait looks whether the parent has handled every block.
   static constexpr std::chrono::milliseconds refusal_poll{2};
   /// Tasks shorter than this make a worker look for its next one before sleeping.
   static constexpr auto spin_below = std::chrono::microseconds(200);
@@ -502,6 +504,7 @@ class WorkerLoop {
   // process may die or exit right after it. Those the parent has not mapped
   // within share_wait are held (`lent_`) until it has, or this process goes.
   SharedStates shared_, lent_;
+  std::uint64_t announced_ = 0;  // SharedMemory blocks shared so far (ClaimArea::handled_shares counts them back)
   std::uint64_t done_ = 0;
 };
 
