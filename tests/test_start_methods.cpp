@@ -125,6 +125,11 @@ TEST_CASE("fork in a threaded program: the pool's own locks are never copied loc
   CHECK(expected == 300);
 }
 
+TEST_CASE("a pool's first setting can be given alone, as Pool({2})", "[start]") {
+  procpool::Pool pool({2});  // Options::processes, its first field
+  CHECK(pool.processes() == 2);
+}
+
 TEST_CASE("fork in a single-threaded program does not warn", "[start]") {
   // This test process runs only the Catch2 thread here.
   procpool::Pool pool({.processes = 2, .start_method = procpool::StartMethod::fork, .error_on_threaded_fork = true});

@@ -39,8 +39,9 @@ namespace procpool {
  *
  * Destroying a pool that was not joined terminates it, as leaving Python's
  * `with Pool() as pool:` block does: unfinished tasks fail with
- * PoolNotRunning and the workers are stopped (SIGTERM, then SIGKILL after
- * 200 ms). To wait for queued work instead, call close() then join().
+ * PoolNotRunning and the workers are stopped: idle ones exit the normal way,
+ * busy ones get SIGTERM, then SIGKILL after 200 ms. To wait for queued work
+ * instead, call close() then join().
  *
  * All member functions but the move operations are thread-safe: several
  * threads may submit work to one pool at once.
@@ -440,13 +441,6 @@ class Pool {
     static_assert(detail::refuse_function_pointer<Ret>::value);
     std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
   }
-  /// `Pool pool(4)`: the settings are named, `Pool pool({.processes = 4})`.
-  template <std::integral I>
-  explicit Pool(I) {
-    static_assert(detail::always_false<I>,
-                  "procpool: name the setting: procpool::Pool pool({.processes = 4}), as Options' fields are "
-                  "named (Python's Pool(4) is Pool(processes=4))");
-  }
   /// @endcond
 
   /// After close() or terminate(): waits for the queued work and for every
@@ -454,7 +448,8 @@ class Pool {
   /// @throws PoolNotRunning if the pool is still open.
   void join() { calls_.live()->join(); }
 
-  /// Stops the workers at once (SIGTERM, SIGKILL after 200 ms); every
+  /// Stops the workers at once (idle ones exit; busy ones get SIGTERM, then
+  /// SIGKILL after 200 ms); every
   /// unfinished task fails with PoolNotRunning. Never throws, never hangs.
   void terminate() noexcept {
     if (calls_.dispatcher() != nullptr) calls_.dispatcher()->terminate();

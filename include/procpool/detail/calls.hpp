@@ -176,6 +176,7 @@ class Calls {
         processes_(options.processes),
         prefetch_bytes_(options.imap_prefetch_bytes),
         raise_original_(options.raise_original_exceptions) {
+    Dispatcher::defer_start(dispatcher_);
     // Four times what the workers hold at once.
     const std::size_t held_x4 = 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
     prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : std::max(imap_default_prefetch, held_x4);

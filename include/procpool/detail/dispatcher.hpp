@@ -85,13 +85,18 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     // A fork pool forks its first workers before the constructor returns, as
     // Python's Pool() does: a thread the program starts after it is in none
     // of those forks, and not counted by the threaded-fork check. Made
-    // before procpool::init, it does so in init (DeferredStarts).
-    if (start_at_init_) {
-      DeferredStarts::instance().add(
-          this, [](void* self) { static_cast<Dispatcher*>(self)->start_deferred(); }, this);
-    } else if (forks) {
-      wait_first_round();
-    }
+    // before procpool::init, it does so in init: see defer_start().
+    if (forks && !deferred_) wait_first_round();
+  }
+
+  /// Called once the pool owns this dispatcher: a fork pool made before
+  /// procpool::init starts its workers in init (DeferredStarts).
+  static void defer_start(const std::shared_ptr<Dispatcher>& self) {
+    if (!self->deferred_) return;
+    const bool added = DeferredStarts::instance().add(self, [](const std::shared_ptr<void>& pool) {
+      static_cast<Dispatcher*>(pool.get())->start_deferred();
+    });
+    if (!added) self->start_deferred();  // init ran meanwhile
   }
 
   Dispatcher(const Dispatcher&) = delete;
@@ -102,7 +107,6 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// what terminate() failed among them) and ends the callback thread. Called
   /// by ~Pool while the Pool is whole, so a callback may still use it.
   void shutdown() noexcept {
-    if (deferred_) DeferredStarts::instance().remove(this);
     terminate();
     runner_.stop();
   }
@@ -498,6 +502,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   // Starting, burying and stopping workers: dispatcher_workers.hpp.
   void start_missing_workers(std::unique_lock<std::mutex>& lock);
   std::unique_ptr<Worker> start_worker(std::size_t slot);
+  static void warn_forked_at_first_call();
   void start_failed(std::size_t slot, const std::exception& e);
   void bury(Worker& w, std::vector<Delivery>& deliveries);
   void judge_early_death(Worker& w, int status);
@@ -541,7 +546,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   bool first_start_ = true;                    // no worker started yet
   bool first_round_done_ = false;              // the first workers were started (or failed to)
   std::condition_variable first_round_cv_;     // for the constructor of a fork pool
-  bool deferred_ = false;                      // a fork pool made before procpool::init
+  bool deferred_ = false;                      // a fork pool made before procpool::init (set once)
   bool start_at_init_ = false;                 // the same, not started yet (under mutex_)
   std::optional<ChunkFailure> start_failure_;  // the last start failed: why (cleared by the next that works)
   std::size_t start_failures_ = 0;             // failed starts in a row

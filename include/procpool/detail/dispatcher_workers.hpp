@@ -15,6 +15,7 @@ inline void Dispatcher::start_missing_workers(std::unique_lock<std::mutex>& lock
   if (start_at_init_) {
     if (!init_called() && state_ == State::running && pending_.empty() && streams_ == 0) return;
     start_at_init_ = false;
+    if (!init_called() && state_ == State::running) warn_forked_at_first_call();
   }
   // The first time, every worker starts whatever the state: a pool closed
   // as soon as it is made still runs its initializer once in each worker.
@@ -294,21 +295,25 @@ inline void Dispatcher::stop_workers() noexcept {
     fail_all_pending(terminated, deliveries);
     // The tasks' frames (and shared buffers, which a worker may still be
     // reading) stay with their workers until these are gone below.
+    // An idle worker (ready, holding nothing) exits on EOF at once, and the
+    // normal way: what its tasks printed and left in stdio's buffers is
+    // written out. It has a second for that; any other gets SIGTERM, and
+    // 200 ms. Then SIGKILL.
+    const auto now = Clock::now();
+    std::vector<Clock::time_point> deadlines;
     for (auto& w : workers_) {
-      // An idle worker exits on EOF at once, and the normal way: what its
-      // tasks printed and left in stdio's buffers is written out. A busy
-      // one gets SIGTERM.
+      const bool idle = w->held.empty() && w->stage == Stage::ready && !w->failure;
       w->link->close_sending();
-      if (!w->held.empty()) w->link->kill(SIGTERM);
+      if (!idle) w->link->kill(SIGTERM);
+      deadlines.push_back(now + (idle ? std::chrono::milliseconds(1000) : std::chrono::milliseconds(200)));
       for (auto& task : w->held) {
         deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(terminated), task.items()});
       }
     }
-    // A short grace for SIGTERM, then SIGKILL.
-    auto deadline = Clock::now() + std::chrono::milliseconds(200);
-    for (auto& w : workers_) {
+    for (std::size_t k = 0; k < workers_.size(); ++k) {
+      auto& w = workers_[k];
       while (!(w->status = w->link->try_reap())) {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadlines[k] - Clock::now()).count();
         if (left <= 0) break;
         pollfd p{w->link->end_fd(), POLLIN, 0};
         ::poll(&p, 1, 1);
@@ -322,6 +327,16 @@ inline void Dispatcher::stop_workers() noexcept {
     workers_.clear();
   }
   deliver_all(deliveries);
+}
+
+/// A fork pool made before procpool::init in a program that has not called
+/// it: it forks at its first call, not when it was made. Said once.
+inline void Dispatcher::warn_forked_at_first_call() {
+  static std::atomic<bool> warned{false};
+  if (warned.exchange(true)) return;
+  fmt::print(stderr,
+             "procpool: warning: a StartMethod::fork pool made before procpool::init(argc, argv) forks its "
+             "workers at its first call, not when it is made. Call procpool::init(argc, argv) first in main().\n");
 }
 
 }  // namespace procpool::detail

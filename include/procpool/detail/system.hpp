@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstdio>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -32,36 +33,43 @@ inline std::atomic<bool>& init_called() {
 /// Fork pools made before procpool::init (a global, made before main())
 /// start their workers at init, or at their first call if that comes first:
 /// a fork before then would copy a program whose static initialization is
-/// not complete. init() runs each one's `start`, which returns once that
-/// pool's first workers are forked.
+/// not complete. init() runs each live one's `start`, which returns once
+/// that pool's first workers are forked.
 class DeferredStarts {
  public:
+  using Start = void (*)(const std::shared_ptr<void>&);
+  /// Never destroyed: pools destroyed at exit may still look at it.
   static DeferredStarts& instance() {
-    static DeferredStarts starts;
-    return starts;
+    static auto* starts = new DeferredStarts;
+    return *starts;
   }
-  void add(const void* pool, void (*start)(void*), void* arg) {
+  /// false if init has run already: then the caller starts the pool itself.
+  bool add(std::weak_ptr<void> pool, Start start) {
     std::lock_guard lock(mutex_);
-    starts_.push_back({pool, start, arg});
-  }
-  /// A pool going away (or started already): init() must not touch it.
-  void remove(const void* pool) noexcept {
-    std::lock_guard lock(mutex_);
-    std::erase_if(starts_, [pool](const Entry& e) { return e.pool == pool; });
+    if (ran_) return false;
+    starts_.push_back({std::move(pool), start});
+    return true;
   }
   void run_all() {
-    std::lock_guard lock(mutex_);
-    for (const Entry& e : starts_) e.start(e.arg);
-    starts_.clear();
+    std::vector<Entry> starts;
+    {
+      std::lock_guard lock(mutex_);
+      ran_ = true;
+      starts.swap(starts_);
+    }
+    // Without the lock: a pool may start, or go, meanwhile.
+    for (const Entry& e : starts) {
+      if (auto pool = e.pool.lock()) e.start(pool);
+    }
   }
 
  private:
   struct Entry {
-    const void* pool;
-    void (*start)(void*);
-    void* arg;
+    std::weak_ptr<void> pool;
+    Start start;
   };
   std::mutex mutex_;
+  bool ran_ = false;
   std::vector<Entry> starts_;
 };
 
