@@ -268,7 +268,8 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     runner_.drain();
   }
 
-  /// Stops the workers now (SIGTERM, then SIGKILL after a short grace) and
+  /// Stops the workers now (idle ones on EOF, busy ones by SIGTERM; SIGKILL
+  /// after a short grace) and
   /// fails every unfinished task. Never throws, never hangs.
   void terminate() noexcept {
     {
