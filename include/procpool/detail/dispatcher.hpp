@@ -269,8 +269,8 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   }
 
   /// Stops the workers now (idle ones on EOF, busy ones by SIGTERM; SIGKILL
-  /// after a short grace) and
-  /// fails every unfinished task. Never throws, never hangs.
+  /// after a short grace) and fails every unfinished task. Never throws,
+  /// never hangs.
   void terminate() noexcept {
     {
       std::lock_guard lock(mutex_);
