@@ -227,23 +227,35 @@ long crash(long) {
   return 0;
 }
 
-/// Ignores SIGCHLD for its lifetime, as many daemons do: the system then
-/// reaps children itself, and waitpid() has no status to give.
-class IgnoredSigchld {
+/// Sets SIGCHLD's disposition for its lifetime.
+class SigchldDisposition {
  public:
-  IgnoredSigchld() {
-    struct sigaction ignore {};
-    ignore.sa_handler = SIG_IGN;
-    REQUIRE(::sigaction(SIGCHLD, &ignore, &saved_) == 0);
+  explicit SigchldDisposition(void (*handler)(int), int flags = 0) {
+    struct sigaction action {};
+    action.sa_handler = handler;
+    action.sa_flags = flags;
+    REQUIRE(::sigaction(SIGCHLD, &action, &saved_) == 0);
   }
-  ~IgnoredSigchld() { ::sigaction(SIGCHLD, &saved_, nullptr); }
+  SigchldDisposition(const SigchldDisposition&) = delete;
+  SigchldDisposition& operator=(const SigchldDisposition&) = delete;
+  ~SigchldDisposition() { ::sigaction(SIGCHLD, &saved_, nullptr); }
 
  private:
   struct sigaction saved_ {};
 };
 
+/// Reaps every child, as some daemons' SIGCHLD handlers do: it races
+/// procpool's own waitpid() for each worker that ends.
+void reap_every_child(int) {
+  const int saved = errno;
+  while (::waitpid(-1, nullptr, WNOHANG) > 0) {
+  }
+  errno = saved;
+}
+
 POOL_TEST("in a program that ignores SIGCHLD a crash is never reported as a clean exit", "[recovery][reaping]") {
-  IgnoredSigchld ignored;
+  // The system then reaps children itself, and waitpid() has no status to give.
+  SigchldDisposition ignored(SIG_IGN);
   procpool::Pool pool(test::options<TestType>({.processes = 1}));
   auto e = test::thrown<procpool::WorkerLost>([&] { pool.apply<crash>(0L); });
   INFO(e.what());
@@ -257,29 +269,8 @@ POOL_TEST("in a program that ignores SIGCHLD a crash is never reported as a clea
   CHECK(pool.apply<sq>(3L) == 9);  // and the pool goes on
 }
 
-/// Reaps every child in a SIGCHLD handler for its lifetime, as some daemons
-/// do: it races procpool's own waitpid() for each worker that ends.
-class ReapingSigchldHandler {
- public:
-  ReapingSigchldHandler() {
-    struct sigaction reap {};
-    reap.sa_handler = [](int) {
-      const int saved = errno;
-      while (::waitpid(-1, nullptr, WNOHANG) > 0) {
-      }
-      errno = saved;
-    };
-    reap.sa_flags = SA_RESTART;
-    REQUIRE(::sigaction(SIGCHLD, &reap, &saved_) == 0);
-  }
-  ~ReapingSigchldHandler() { ::sigaction(SIGCHLD, &saved_, nullptr); }
-
- private:
-  struct sigaction saved_ {};
-};
-
 POOL_TEST("with a SIGCHLD handler that reaps, a crash is never reported as a clean exit", "[recovery][reaping]") {
-  ReapingSigchldHandler handler;
+  SigchldDisposition handler(reap_every_child, SA_RESTART);
   procpool::Pool pool(test::options<TestType>({.processes = 1}));
   // The handler wins the race for some of the crashes, procpool for others.
   for (int round = 0; round < 6; ++round) {

@@ -38,10 +38,6 @@ using item_t = wire_t<std::remove_cvref_t<std::ranges::range_value_t<R>>>;
 template <class F, class Arg, bool Star>
 using result_of_t = stored_t<typename call_traits<F, Arg, Star>::result>;
 
-/// Appends the callable and up to `max_items` items to a task frame. If the
-/// input throws, the items read before it stay in the frame and the
-/// exception is stored in `error` (or rethrown when `error` is null and no
-/// item was read).
 template <class T>
 inline constexpr bool is_pair_v = false;
 template <class A, class B>
@@ -63,6 +59,10 @@ void encode_as(Encoder& encoder, const T& value) {
   }
 }
 
+/// Appends the callable and up to `max_items` items to a task frame. If the
+/// input throws, the items read before it stay in the frame and the
+/// exception is stored in `error` (or rethrown when `error` is null and no
+/// item was read).
 template <class F, class Arg, class It, class End>
 std::uint32_t encode_items(TaskBytes& frame, SharedStates& shares, const F& fn, It& it, const End& end,
                            std::size_t max_items, std::exception_ptr* error = nullptr) {
