@@ -189,6 +189,22 @@ POOL_TEST("a Pool at namespace scope, made before main(), works", "[start]") {
   CHECK(run.output == "squares: 0 1 4 9\njoined\n");
 }
 
+TEST_CASE("fork pools in a program without procpool::init fork at their first call, and say so once", "[start]") {
+  // Made before main(), in main() and owned by a global, and never used: all
+  // work, and all are destroyed at exit without touching freed memory.
+  auto run = test::run_program({PROCPOOL_NO_INIT});
+  INFO(run.output);
+  REQUIRE(WIFEXITED(run.status));
+  CHECK(WEXITSTATUS(run.status) == 0);
+  CHECK_THAT(run.output, Catch::Contains("squares: 0 1 4 9\ncubes: 0 1 8 27\n"));
+  const std::string warning = "forks its workers at its first call";
+  const auto first = run.output.find(warning);
+  CHECK(first != std::string::npos);
+  CHECK(run.output.find(warning, first + 1) == std::string::npos);
+  CHECK_THAT(run.output, Catch::Contains("Call procpool::init(argc, argv) first in main()"));
+  CHECK_THAT(run.output, !Catch::Contains("ERROR"));  // a sanitizer's report
+}
+
 POOL_TEST("workers and the fork server show the program's name and their role in ps and top", "[start]") {
   auto read_proc = [](int pid, const char* what) {
     std::ifstream in("/proc/" + std::to_string(pid) + "/" + what);
