@@ -136,6 +136,39 @@ struct refuse_function_pointer {
   static constexpr bool value = true;
 };
 
+/// A call's value callback as its state holds it; one clear error for a
+/// callable that cannot take the result.
+template <class Function, class C>
+Function value_callback(C callback) {
+  if constexpr (std::is_null_pointer_v<C>) {
+    return {};
+  } else if constexpr (std::is_constructible_v<Function, C>) {
+    return Function(std::move(callback));
+  } else {
+    static_assert(always_false<C>,
+                  "procpool: a callback is called with the call's result as a const reference: `const T&` "
+                  "for apply_async (T is what the function returns; std::monostate for void), "
+                  "`const std::vector<T>&` for map_async and starmap_async. This callback cannot take that.");
+    return {};
+  }
+}
+
+/// A call's error callback as its state holds it, likewise.
+template <class Function, class C>
+Function error_callback(C callback) {
+  if constexpr (std::is_null_pointer_v<C>) {
+    return {};
+  } else if constexpr (std::is_constructible_v<Function, C>) {
+    return Function(std::move(callback));
+  } else {
+    static_assert(always_false<C>,
+                  "procpool: an error_callback is called with a `const procpool::Error&`: the error get() "
+                  "would throw, a RemoteError, WorkerLost or TaskTimeout (all derive from procpool::Error; "
+                  "dynamic_cast tells them apart). Take `const procpool::Error&` or `const std::exception&`.");
+    return {};
+  }
+}
+
 template <class F>
 concept callable_object = std::is_class_v<std::remove_cvref_t<F>> && !std::ranges::range<F>;
 
@@ -262,11 +295,9 @@ class Calls {
       state->configure(options, count);
       state->set_raise_original(raise_original_);
       if constexpr (!std::is_null_pointer_v<Callback> || !std::is_null_pointer_v<ErrorCallback>) {
-        typename detail::AsyncState<std::vector<T>>::Callback on_value;
-        typename detail::AsyncState<std::vector<T>>::ErrorCallback on_error;
-        if constexpr (!std::is_null_pointer_v<Callback>) on_value = std::move(callback);
-        if constexpr (!std::is_null_pointer_v<ErrorCallback>) on_error = std::move(error_callback);
-        state->set_callbacks(std::move(on_value), std::move(on_error));
+        using State = detail::AsyncState<std::vector<T>>;
+        state->set_callbacks(detail::value_callback<typename State::Callback>(std::move(callback)),
+                             detail::error_callback<typename State::ErrorCallback>(std::move(error_callback)));
       }
       // Chunks go to the workers in batches as they are encoded, so the
       // first run while the rest are still being encoded. The stream keeps
@@ -345,11 +376,9 @@ class Calls {
     state->configure(options, 1);
     state->set_raise_original(raise_original_);
     if constexpr (!std::is_null_pointer_v<OnValue> || !std::is_null_pointer_v<OnError>) {
-      typename detail::AsyncState<T>::Callback value_callback;
-      typename detail::AsyncState<T>::ErrorCallback error_callback;
-      if constexpr (!std::is_null_pointer_v<OnValue>) value_callback = std::move(on_value);
-      if constexpr (!std::is_null_pointer_v<OnError>) error_callback = std::move(on_error);
-      state->set_callbacks(std::move(value_callback), std::move(error_callback));
+      using State = detail::AsyncState<T>;
+      state->set_callbacks(detail::value_callback<typename State::Callback>(std::move(on_value)),
+                           detail::error_callback<typename State::ErrorCallback>(std::move(on_error)));
     }
     detail::Chunk chunk{state, 0, dispatcher->new_frame(), {}};
     std::size_t start = detail::begin_task_frame(chunk.frame, handler);
