@@ -2,17 +2,17 @@
 /// How many CPUs this process may use: procpool::cpu_count().
 #pragma once
 
+#include <fcntl.h>
 #include <sched.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <cstddef>
-#include <filesystem>
-#include <fstream>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -24,13 +24,21 @@ namespace procpool {
 namespace detail {
 
 /// The whole of a small file (cgroup and /proc pseudo-files), or nullopt if it cannot be read.
-inline std::optional<std::string> read_small_file(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) return std::nullopt;
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) return std::nullopt;
-  return std::move(text).str();
+inline std::optional<std::string> read_small_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
+  std::string text;
+  char buffer[4096];
+  for (;;) {
+    const ssize_t n = ::read(fd, buffer, sizeof(buffer));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      ::close(fd);
+      if (n < 0) return std::nullopt;
+      return text;
+    }
+    text.append(buffer, static_cast<std::size_t>(n));
+  }
 }
 
 /// `text` without leading and trailing whitespace.
@@ -86,16 +94,29 @@ inline std::optional<double> parse_cfs_quota(std::string_view quota_us, std::str
  * The directory of the cgroup `cgroup_path` (as /proc/self/cgroup names it) in the hierarchy mounted at `mount`, and
  * each of its ancestors up to `mount` itself: a quota on any of them limits the process.
  */
-inline std::vector<std::filesystem::path> cgroup_levels(const std::filesystem::path& mount,
-                                                        std::string_view cgroup_path) {
-  std::vector<std::filesystem::path> levels{mount};
-  std::filesystem::path dir = mount;
-  for (const auto& part : std::filesystem::path(cgroup_path).relative_path().lexically_normal()) {
-    // "/.." is how the kernel names a cgroup outside this process's cgroup namespace: nothing under the mount
-    // is known to be an ancestor of it.
-    if (part == "..") return {};
+inline std::vector<std::string> cgroup_levels(const std::string& mount, std::string_view cgroup_path) {
+  // The path's parts with "." and "a/.." taken out.
+  std::vector<std::string_view> parts;
+  while (!cgroup_path.empty()) {
+    const auto slash = cgroup_path.find('/');
+    const std::string_view part = cgroup_path.substr(0, slash);
+    cgroup_path.remove_prefix(slash == std::string_view::npos ? cgroup_path.size() : slash + 1);
     if (part.empty() || part == ".") continue;
-    dir /= part;
+    if (part != "..") {
+      parts.push_back(part);
+    } else if (!parts.empty()) {
+      parts.pop_back();
+    } else {
+      // "/.." is how the kernel names a cgroup outside this process's cgroup namespace: nothing under the mount
+      // is known to be an ancestor of it.
+      return {};
+    }
+  }
+  std::vector<std::string> levels{mount};
+  std::string dir = mount;
+  for (const auto part : parts) {
+    if (dir.empty() || dir.back() != '/') dir += '/';
+    dir += part;
     levels.push_back(dir);
   }
   return levels;
@@ -123,7 +144,7 @@ inline bool has_controller(std::string_view controllers, std::string_view contro
  * @throws std::bad_alloc only.
  */
 inline std::optional<double> cgroup_cpu_limit(std::string_view proc_self_cgroup,
-                                              const std::filesystem::path& root = "/sys/fs/cgroup") {
+                                              const std::string& root = "/sys/fs/cgroup") {
   std::optional<double> limit;
   auto tighten = [&limit](std::optional<double> cpus) {
     if (cpus && (!limit || *cpus < *limit)) limit = cpus;
@@ -144,15 +165,15 @@ inline std::optional<double> cgroup_cpu_limit(std::string_view proc_self_cgroup,
       // cgroup v2. In a container with its own cgroup namespace the path is "/" and root is the container's cgroup;
       // where the path does not exist under root, walking up still reaches root.
       for (const auto& dir : cgroup_levels(root, path)) {
-        if (auto text = read_small_file(dir / "cpu.max")) tighten(parse_cpu_max(*text));
+        if (auto text = read_small_file(dir + "/cpu.max")) tighten(parse_cpu_max(*text));
       }
     } else if (has_controller(controllers, "cpu")) {
-      std::error_code ignored;
-      std::filesystem::path mount = root / std::string(controllers);
-      if (!std::filesystem::is_directory(mount, ignored)) mount = root / "cpu";
+      std::string mount = root + "/" + std::string(controllers);
+      struct ::stat info {};
+      if (::stat(mount.c_str(), &info) != 0 || !S_ISDIR(info.st_mode)) mount = root + "/cpu";
       for (const auto& dir : cgroup_levels(mount, path)) {
-        auto quota = read_small_file(dir / "cpu.cfs_quota_us");
-        auto period = quota ? read_small_file(dir / "cpu.cfs_period_us") : std::nullopt;
+        auto quota = read_small_file(dir + "/cpu.cfs_quota_us");
+        auto period = quota ? read_small_file(dir + "/cpu.cfs_period_us") : std::nullopt;
         if (quota && period) tighten(parse_cfs_quota(*quota, *period));
       }
     }
