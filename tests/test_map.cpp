@@ -52,6 +52,8 @@ long nap_and_mark(const std::pair<std::string, long>& job) {
   return job.second;
 }
 std::size_t view_size(std::string_view s) { return s.size(); }
+long key_value_times(std::pair<int, long> kv, long factor) { return (kv.first + kv.second) * factor; }
+std::size_t view_size_times(std::string_view s, long factor) { return s.size() * static_cast<std::size_t>(factor); }
 std::size_t total_size(const std::vector<std::vector<std::string>>& v) {
   std::size_t n = 0;
   for (const auto& inner : v) n += inner.size();
@@ -285,6 +287,12 @@ POOL_TEST("a std::map's items and string literals travel as values", "[map][type
   std::vector<std::size_t> sizes;
   for (std::size_t n : pool.imap<view_size>(words)) sizes.push_back(n);
   CHECK(sizes == std::vector<std::size_t>{1, 2, 3});
+  // Likewise inside procpool::zip's items.
+  const std::vector<long> factors{100, 1000};
+  CHECK(pool.map<key_value_times>(procpool::zip(m, factors)) == std::vector<long>{1100, 22000});
+  std::vector<std::size_t> scaled;
+  for (std::size_t n : pool.imap<view_size_times>(procpool::zip(words, factors))) scaled.push_back(n);
+  CHECK(scaled == std::vector<std::size_t>{100, 2000});
 }
 
 POOL_TEST("strings, nested containers and user structs travel both ways", "[map][types]") {

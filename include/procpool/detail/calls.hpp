@@ -42,10 +42,15 @@ template <class T>
 inline constexpr bool is_pair_v = false;
 template <class A, class B>
 inline constexpr bool is_pair_v<std::pair<A, B>> = true;
+template <class T>
+inline constexpr bool is_zipped_v = false;
+template <class... Ts>
+inline constexpr bool is_zipped_v<Zipped<Ts...>> = true;
 
 /// Encodes `value` as its wire type Arg. A std::map's `pair<const K, V>`
 /// has the bytes of `pair<K, V>`: its members are encoded in place, not
-/// copied into one (a map of vectors would copy every vector).
+/// copied into one (a map of vectors would copy every vector). So do
+/// procpool::zip's items.
 template <class Arg, class T>
 void encode_as(Encoder& encoder, const T& value) {
   if constexpr (std::is_same_v<T, Arg>) {
@@ -53,6 +58,12 @@ void encode_as(Encoder& encoder, const T& value) {
   } else if constexpr (is_pair_v<T> && is_pair_v<Arg>) {
     encode_as<typename Arg::first_type>(encoder, value.first);
     encode_as<typename Arg::second_type>(encoder, value.second);
+  } else if constexpr (is_zipped_v<T> && is_zipped_v<Arg>) {
+    using Values = decltype(Arg::values);
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (encode_as<std::tuple_element_t<I, Values>>(encoder, std::get<I>(value.values)), ...);
+    }
+    (std::make_index_sequence<std::tuple_size_v<Values>>{});
   } else {
     const Arg& converted = value;
     encoder(converted);

@@ -19,6 +19,11 @@
 #include "registry.hpp"
 #include "serialize.hpp"
 
+namespace procpool {
+template <class... Ts>
+struct Zipped;
+}  // namespace procpool
+
 namespace procpool::detail {
 
 /// A function named by template argument, `map<square>`, wrapped in an empty
@@ -137,7 +142,8 @@ struct call_traits {
 
 /// The type an input item travels as: what the worker can rebuild. A
 /// std::map's `pair<const K, V>` goes as `pair<K, V>`, a string literal
-/// (`const char*`, which points into this process) as a std::string.
+/// (`const char*`, which points into this process) as a std::string; so
+/// do the elements of pairs, tuples and procpool::zip's items.
 template <class T>
 struct wire {
   using type = T;
@@ -159,6 +165,10 @@ struct wire<std::pair<A, B>> {
 template <class... Ts>
 struct wire<std::tuple<Ts...>> {
   using type = std::tuple<wire_t<std::remove_const_t<Ts>>...>;
+};
+template <class... Ts>
+struct wire<Zipped<Ts...>> {
+  using type = Zipped<wire_t<std::remove_const_t<Ts>>...>;
 };
 
 /// How an argument of type T travels: by value, as its wire_t.
