@@ -103,6 +103,33 @@ POOL_TEST("a call's task_timeout overrides the pool's", "[call][timeout]") {
             procpool::CallOptions{.task_timeout = 0ms}, 400L) == 400);
 }
 
+POOL_TEST("timeouts too long for the clock mean no limit; negative task timeouts are refused", "[call][timeout]") {
+  // milliseconds::max() and the like, "wait for ever", overflowed the
+  // clock: every task was stopped at once, and every wait timed out.
+  auto nap = [](long ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+  };
+  procpool::Pool pool(test::options<TestType>({.processes = 2, .task_timeout = std::chrono::milliseconds::max()}));
+  CHECK(pool.apply(nap, 150L) == 150);
+  CHECK(pool.apply(nap, procpool::CallOptions{.task_timeout = std::chrono::milliseconds::max()}, 150L) == 150);
+  auto result = pool.apply_async(nap, 150L);
+  CHECK(result.wait(std::chrono::nanoseconds::max()));
+  CHECK(pool.apply_async(nap, 150L).get(std::chrono::hours::max()) == 150);
+  auto results = pool.imap(nap, std::vector<long>{150, 10});
+  CHECK(results.next(std::chrono::seconds::max()) == 150);
+  CHECK(results.next(std::chrono::duration<double>(1e300)) == 10);
+  CHECK(procpool::wait(std::vector{pool.apply_async(nap, 150L)}, std::chrono::hours::max()).not_done.empty());
+  // A negative timeout is no "no limit": it is refused, saying what to use.
+  auto bad_pool = test::thrown<std::invalid_argument>(
+      [&] { procpool::Pool refused(test::options<TestType>({.task_timeout = std::chrono::milliseconds(-5)})); });
+  CHECK_THAT(bad_pool.what(), Catch::Contains("Options::task_timeout is negative (-5 ms)"));
+  auto bad_call =
+      test::thrown<std::invalid_argument>([&] { pool.apply(nap, procpool::CallOptions{.task_timeout = -1ms}, 1L); });
+  CHECK_THAT(bad_call.what(), Catch::Contains("CallOptions::task_timeout is negative (-1 ms)"));
+  CHECK(pool.apply(nap, 1L) == 1);  // nothing was lost
+}
+
 POOL_TEST("a call's retries override the pool's", "[call][retries]") {
   test::TempDir dir;
   procpool::Pool pool(test::options<TestType>());  // no retries for the pool

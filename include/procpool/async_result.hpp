@@ -65,8 +65,9 @@ class AsyncResult {
   template <class Rep, class Period>
   decltype(auto) get(std::chrono::duration<Rep, Period> timeout) const {
     if (!wait(timeout)) {
+      const double ms = std::chrono::duration<double, std::milli>(timeout).count();
       throw TimeoutError(fmt::format("procpool: {} did not finish within {} ms", state_->call(),
-                                     std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count()));
+                                     ms > -1 && ms < 1 ? fmt::format("{:.3g}", ms) : fmt::format("{:.0f}", ms)));
     }
     return result();
   }
@@ -81,7 +82,7 @@ class AsyncResult {
    */
   template <class Rep, class Period>
   bool wait(std::chrono::duration<Rep, Period> timeout) const {
-    return state_->wait_complete(detail::Clock::now() + std::chrono::duration_cast<detail::Clock::duration>(timeout));
+    return state_->wait_complete(detail::Clock::now() + detail::clamp_timeout(timeout));
   }
 
   /// Whether the call has finished (successfully or not, or cancelled), without waiting.

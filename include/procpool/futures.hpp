@@ -80,7 +80,7 @@ struct AsyncResultTraits<AsyncResult<R>> {
 template <std::ranges::input_range Results, class Rep, class Period>
 WaitResult wait(const Results& results, std::chrono::duration<Rep, Period> timeout,
                 ReturnWhen when = ReturnWhen::all_completed) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::ceil<std::chrono::nanoseconds>(timeout);
+  const auto deadline = detail::Clock::now() + detail::clamp_timeout(timeout);
   std::vector<detail::result_of_range_t<Results>> all(std::ranges::begin(results), std::ranges::end(results));
   auto order = detail::listen(all);
   {
@@ -235,7 +235,7 @@ auto as_completed(const Results& results, std::chrono::duration<Rep, Period> tim
   using Result = detail::result_of_range_t<Results>;
   return AsCompleted<typename detail::AsyncResultTraits<Result>::value_type>(
       std::vector<Result>(std::ranges::begin(results), std::ranges::end(results)),
-      std::chrono::steady_clock::now() + std::chrono::ceil<std::chrono::steady_clock::duration>(timeout));
+      detail::Clock::now() + detail::clamp_timeout(timeout));
 }
 
 }  // namespace procpool

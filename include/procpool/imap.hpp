@@ -234,7 +234,7 @@ class IMap {
    */
   template <class Rep, class Period>
   std::optional<T> next(std::chrono::duration<Rep, Period> timeout) {
-    return next_until(detail::Clock::now() + std::chrono::duration_cast<detail::Clock::duration>(timeout));
+    return next_until(detail::Clock::now() + detail::clamp_timeout(timeout));
   }
 
  private:

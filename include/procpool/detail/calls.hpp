@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <ranges>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -208,6 +209,10 @@ class Calls {
       dormant.processes_ = options.processes;
       dormant.dormant_ = true;
       return dormant;
+    }
+    if (options.task_timeout.count() < 0) {
+      throw std::invalid_argument(fmt::format("procpool: Options::task_timeout is negative ({} ms); use 0 for no limit",
+                                              options.task_timeout.count()));
     }
     std::unique_ptr<Transport> transport = make_transport(options);
     if (options.processes == 0) options.processes = transport->default_processes();

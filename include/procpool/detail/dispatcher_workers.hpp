@@ -251,7 +251,7 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
     if (w->stage == Stage::started && init_id_ != 0 && task_timeout_.count() > 0 && !w->failure) {
       // Options::task_timeout bounds the initializer too: one that hangs is
       // an initializer failure, not a pool that waits for ever.
-      const auto deadline = w->front_since + task_timeout_;
+      const auto deadline = w->front_since + clamp_timeout(task_timeout_);
       if (now < deadline) {
         sooner(deadline);
         continue;
@@ -272,7 +272,7 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
       sooner(now + std::min<Clock::duration>(limit, std::chrono::milliseconds(10)));
       continue;
     }
-    const auto deadline = w->front_since + limit;
+    const auto deadline = w->front_since + clamp_timeout(limit);
     if (now < deadline) {
       sooner(deadline);
       continue;

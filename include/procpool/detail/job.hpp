@@ -18,6 +18,7 @@
 #include <mutex>
 #include <optional>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -64,7 +65,14 @@ class JobState {
 
   /// Takes a call's settings: its retry and timeout overrides, and whom to
   /// tell of progress (`total` items, if known). Before the first submit only.
+  /// @throws std::invalid_argument a negative task_timeout.
   void configure(const CallOptions& options, std::optional<std::size_t> total) {
+    if (options.task_timeout && options.task_timeout->count() < 0) {
+      throw std::invalid_argument(
+          fmt::format("procpool: {}: CallOptions::task_timeout is negative ({} ms); use 0ms "
+                      "to lift the pool's limit",
+                      call_, options.task_timeout->count()));
+    }
     retries_ = options.retries;
     task_timeout_ = options.task_timeout;
     progress_ = options.progress;

@@ -34,6 +34,16 @@ namespace procpool::detail {
 using Clock = std::chrono::steady_clock;
 using Deadline = std::optional<Clock::time_point>;
 
+/// A user's timeout as a Clock duration, at most 100 years: a longer one
+/// (`milliseconds::max()` for "no limit") would overflow the clock and come
+/// out as a deadline in the past. Negative ones stay negative.
+template <class Rep, class Period>
+Clock::duration clamp_timeout(std::chrono::duration<Rep, Period> timeout) {
+  constexpr std::chrono::hours longest{24 * 365 * 100};
+  if (std::chrono::duration<double>(timeout) >= std::chrono::duration<double>(longest)) return longest;
+  return std::chrono::ceil<Clock::duration>(timeout);
+}
+
 /// Why a whole chunk produced no results.
 struct ChunkFailure {
   enum class Kind { worker_lost, terminated, initializer, protocol, start_failed, timeout };
