@@ -57,6 +57,24 @@ std::size_t allocate_gib(int) {
   return big.size();
 }
 
+/// Allocates and touches `mib` MiB for the call; returns the pid.
+int allocate_mib(long mib) {
+  std::vector<char> block(static_cast<std::size_t>(mib) << 20, 'z');
+  return block[block.size() / 2] == 'z' ? static_cast<int>(::getpid()) : 0;
+}
+
+/// Keeps `mib` MiB of touched memory for the rest of the worker's life; returns the pid.
+int leak_mib(long mib) {
+  static std::vector<std::vector<char>> kept;
+  kept.emplace_back(static_cast<std::size_t>(mib) << 20, 'x');
+  return static_cast<int>(::getpid());
+}
+
+int pid_of(int) { return static_cast<int>(::getpid()); }
+
+std::size_t byte_count(const std::vector<char>& bytes) { return bytes.size(); }
+std::vector<char> bytes_of(long mib) { return std::vector<char>(static_cast<std::size_t>(mib) << 20, 'b'); }
+
 /// Writes garbage where the worker's results go (its only write-only pipe).
 long scribble(long) {
   for (int fd = 3; fd < 256; ++fd) {
@@ -168,6 +186,50 @@ POOL_TEST("memory_limit_per_child makes an allocation storm a clean bad_alloc", 
   auto error = test::thrown<procpool::RemoteError>([&] { pool.apply<allocate_gib>(0); });
   CHECK(error.type_name() == "std::bad_alloc");
   CHECK(pool.apply<twice>(5L) == 10);
+}
+
+POOL_TEST("max_memory_per_child counts what a worker holds alone, not what it shares with a forked parent",
+          "[faults][memory]") {
+  // 200 MiB the parent wrote: a forked worker maps them too, shared until
+  // either writes them. They were counted, and every worker was replaced
+  // after its first task.
+  std::vector<char> held(std::size_t{200} << 20);
+  std::memset(held.data(), 1, held.size());
+  procpool::Pool pool(test::options<TestType>({.processes = 2, .max_memory_per_child = 100u << 20}));
+  auto pids = pool.map<pid_of>(std::vector<int>(20, 0), 1);
+  CHECK(std::set<int>(pids.begin(), pids.end()).size() <= 2);
+  // What a worker holds alone still counts: 150 MiB kept is over the cap.
+  const int leaky = pool.apply<leak_mib>(150L);
+  for (int k = 0; k < 10; ++k) CHECK(pool.apply<pid_of>(0) != leaky);
+  CHECK(held[12345] == 1);
+}
+
+POOL_TEST("memory_limit_per_child bounds what a worker's tasks add, and a worker that ran out is replaced",
+          "[faults][memory]") {
+#ifdef PROCPOOL_TEST_NO_RLIMIT_AS
+  WARN("RLIMIT_AS cannot be combined with a sanitizer's shadow memory; not checked in this build");
+  return;
+#endif
+  // 1 GiB of the parent's address space (reserved, never touched): under
+  // fork it was counted against the workers' limit, and every allocation failed.
+  std::unique_ptr<char[]> reserved(new char[std::size_t{1} << 30]);
+  reserved[0] = 1;
+  procpool::Pool pool(test::options<TestType>({.processes = 1, .memory_limit_per_child = std::size_t{512} << 20}));
+  CHECK(pool.apply<allocate_mib>(100L) != 0);
+  // A worker that keeps 350 MiB fails the next 250 MiB, saying why...
+  const int leaky = pool.apply<leak_mib>(350L);
+  auto error = test::thrown<procpool::RemoteError>([&] { pool.apply<allocate_mib>(250L); });
+  CHECK(error.type_name() == "std::bad_alloc");
+  CHECK_THAT(error.what(), Catch::Contains("Options::memory_limit_per_child is 512 MiB"));
+  // ... and is replaced after that task: it would fail every one after it.
+  const int next = pool.apply<allocate_mib>(250L);
+  CHECK(next != 0);
+  CHECK(next != leaky);
+  // procpool's own caches are let go of after each task: a 200 MiB
+  // argument, then a 200 MiB result, fit in 512 MiB one after the other.
+  CHECK(pool.apply<byte_count>(std::vector<char>(std::size_t{200} << 20, 'a')) == std::size_t{200} << 20);
+  CHECK(pool.apply<bytes_of>(200L).size() == std::size_t{200} << 20);
+  CHECK(reserved[0] == 1);
 }
 
 POOL_TEST("garbage on the result pipe is a ProtocolError, and the pool goes on", "[faults][protocol]") {

@@ -69,12 +69,15 @@ struct Options {
   /// no limit.
   std::chrono::milliseconds task_timeout{0};
   /// A worker whose resident memory of its own (heap and stacks, not pages
-  /// of files or shared memory) exceeds this many bytes after a task exits
-  /// and is replaced (its queued tasks run elsewhere). 0 means no limit.
+  /// of files or shared memory, nor a forked parent's pages it has not
+  /// written) exceeds this many bytes after a task exits and is replaced
+  /// (its queued tasks run elsewhere). 0 means no limit.
   std::size_t max_memory_per_child = 0;
-  /// Hard limit on each worker's address space in bytes (RLIMIT_AS): an
-  /// allocation beyond it fails inside the task (`std::bad_alloc`, reported
-  /// as RemoteError). 0 means no limit. Does not mix with AddressSanitizer.
+  /// Hard limit in bytes on the address space a worker's tasks may add to
+  /// what it has mapped at start (RLIMIT_AS): an allocation beyond it fails
+  /// inside the task (`std::bad_alloc`, reported as RemoteError), and the
+  /// worker is replaced after that task. 0 means no limit. Does not mix with
+  /// AddressSanitizer.
   std::size_t memory_limit_per_child = 0;
   /// `imap`/`imap_unordered` read no further ahead while the tasks they
   /// sent and the results not yet consumed hold this many bytes (at least

@@ -7,6 +7,7 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <new>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -204,8 +205,42 @@ inline std::string with_article(std::string_view word) {
 
 /// Per-item outcome on the wire (protocol.hpp's ItemOutcome): `value, the
 /// value` or `raised, type name, message`.
+/// In a worker: where it says which item it runs (ClaimArea::running_word),
+/// and the running task's part of that word. Null without a claim area.
+struct RunningItem {
+  std::atomic<std::uint64_t>* word = nullptr;
+  std::uint64_t task = 0;
+  void at(std::uint32_t item) const noexcept {
+    if (word != nullptr) word->store(task | item, std::memory_order_relaxed);
+  }
+};
+inline RunningItem& running_item() {
+  static RunningItem running;
+  return running;
+}
+
+/// In a worker: whether a task threw std::bad_alloc since the flag was last
+/// taken (after_task takes it).
+inline bool& task_ran_out_of_memory() {
+  static bool ran_out = false;
+  return ran_out;
+}
+/// In a worker with a memory_limit_per_child: says so, for its bad_allocs.
+inline std::string& memory_limit_note() {
+  static std::string note;
+  return note;
+}
+
 inline void write_current_failure(Encoder& out) {
-  out(outcome_byte(ItemOutcome::raised), current_exception_type_name(), current_exception_message());
+  std::string message = current_exception_message();
+  try {
+    throw;
+  } catch (const std::bad_alloc&) {
+    task_ran_out_of_memory() = true;
+    if (!memory_limit_note().empty()) message += " (" + memory_limit_note() + ")";
+  } catch (...) {
+  }
+  out(outcome_byte(ItemOutcome::raised), current_exception_type_name(), message);
 }
 
 // ---- argument storage kept for the next item ----------------------------------

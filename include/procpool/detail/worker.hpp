@@ -13,8 +13,12 @@
 #include <cstdio>
 #include <functional>
 #include <iostream>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include <fmt/format.h>
 
 #include "claims.hpp"
 #include "handlers.hpp"
@@ -153,17 +157,74 @@ class FrameReader {
   std::size_t begin_ = 0, end_ = 0, pending_ = 0;
 };
 
-/// This process's resident memory of its own (heap, stacks), from
-/// /proc/self/statm: resident pages less those backed by a file or shared
-/// memory (the binary, libraries, procpool's shared buffers).
-inline std::size_t resident_bytes() {
+/// This process's pages from /proc/self/statm: its address space, and its
+/// resident memory less what is backed by a file or shared memory (the
+/// binary, libraries, procpool's shared buffers). That resident count still
+/// includes the pages a fork shares with its parent until either writes them.
+struct StatmBytes {
+  std::size_t address_space = 0;
+  std::size_t resident = 0;
+};
+inline StatmBytes statm_bytes() {
   std::size_t pages_total = 0, pages_resident = 0, pages_shared = 0;
   if (FILE* f = std::fopen("/proc/self/statm", "r")) {
     if (std::fscanf(f, "%zu %zu %zu", &pages_total, &pages_resident, &pages_shared) != 3) pages_resident = 0;
     std::fclose(f);
   }
-  return (pages_resident - std::min(pages_shared, pages_resident)) * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  return {pages_total * page, (pages_resident - std::min(pages_shared, pages_resident)) * page};
 }
+
+/// The resident memory this process alone holds (Private_Clean plus
+/// Private_Dirty of /proc/self/smaps_rollup), or nullopt where that cannot
+/// be read. The kernel walks the page tables for it: about 10 ms per GiB.
+inline std::optional<std::size_t> private_bytes() {
+  FILE* f = std::fopen("/proc/self/smaps_rollup", "r");
+  if (f == nullptr) return std::nullopt;
+  std::size_t total = 0;
+  bool found = false;
+  char line[256];
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    std::size_t kb = 0;
+    if (std::sscanf(line, "Private_Clean: %zu kB", &kb) == 1 || std::sscanf(line, "Private_Dirty: %zu kB", &kb) == 1) {
+      total += kb << 10;
+      found = true;
+    }
+  }
+  std::fclose(f);
+  if (!found) return std::nullopt;
+  return total;
+}
+
+/// Whether a worker holds more than max_memory_per_child of its own. statm
+/// is cheap, and exact but for the pages a fork shares with its parent: only
+/// past the cap does the gauge ask for the private count, and then at most
+/// about a tenth of the time (between two counts, it adds what statm grew).
+class MemoryGauge {
+ public:
+  bool over(std::size_t cap) {
+    const std::size_t resident = statm_bytes().resident;
+    if (resident <= cap) return false;
+    const auto now = std::chrono::steady_clock::now();
+    if (counted_ && now < next_count_) {
+      return private_ + (resident > resident_then_ ? resident - resident_then_ : 0) > cap;
+    }
+    const std::optional<std::size_t> own = private_bytes();
+    if (!own) return true;  // statm's count stands
+    const auto after = std::chrono::steady_clock::now();
+    counted_ = true;
+    private_ = *own;
+    resident_then_ = resident;
+    next_count_ = after + 9 * (after - now);
+    return private_ > cap;
+  }
+
+ private:
+  bool counted_ = false;
+  std::size_t private_ = 0;
+  std::size_t resident_then_ = 0;
+  std::chrono::steady_clock::time_point next_count_{};
+};
 
 /// Signals and parent-death handling every worker needs, whatever started it.
 /// `parent` is the process that started it.
@@ -279,8 +340,14 @@ class WorkerLoop {
                     },
                     ShmWriter::keep_idle_for);
     if (config.address_space_limit != 0) {
-      rlimit limit{config.address_space_limit, config.address_space_limit};
+      // On top of what the worker has mapped at start: under fork, that is
+      // the parent's address space, which is not the tasks'.
+      address_space_limit_ = config.address_space_limit;
+      const std::size_t start = statm_bytes().address_space;
+      const rlim_t most = start > RLIM_INFINITY - address_space_limit_ ? RLIM_INFINITY : start + address_space_limit_;
+      rlimit limit{most, most};
       ::setrlimit(RLIMIT_AS, &limit);
+      memory_limit_note() = fmt::format("Options::memory_limit_per_child is {} MiB", address_space_limit_ >> 20);
     }
     if (config.initializer != 0) {
       try {
@@ -340,7 +407,9 @@ class WorkerLoop {
         frame = shm_reader_.resolve(frame, max_message_).frame;
         return go_on;
       } catch (const std::exception& e) {
-        return fatal(std::string("the worker could not read a task from shared memory: ") + e.what());
+        std::string why = std::string("the worker could not read a task from shared memory: ") + e.what();
+        if (address_space_limit_ != 0) why += " (" + memory_limit_note() + ")";
+        return fatal(why);
       }
     }
   }
@@ -423,16 +492,28 @@ class WorkerLoop {
     return send_frame(result_fd_, ref.empty() ? out_ : ref) ? go_on : 0;
   }
 
-  /// After a task: exits once it ran maxtasksperchild tasks, or holds more
-  /// memory than max_memory_per_child.
+  /// After a task: exits once it ran maxtasksperchild tasks, holds more
+  /// memory than max_memory_per_child, or ran out of its
+  /// memory_limit_per_child (what it holds may be a leak: it would fail
+  /// every task after, and, failing them fast, take most of them).
   int after_task() {
     if (max_tasks_ != 0 && ++done_ >= max_tasks_) {
       await_parent(share_wait);  // for blocks of earlier results still unmarked
       return 0;
     }
-    if (max_rss_ == 0) return go_on;
-    release_spares();  // the cap is on what the tasks hold, not on procpool's cache
-    if (resident_bytes() <= max_rss_) return go_on;
+    const bool ran_out = std::exchange(task_ran_out_of_memory(), false) && address_space_limit_ != 0;
+    if (address_space_limit_ != 0) {
+      // The limit is on what the tasks map: procpool's caches go at once.
+      release_spares();
+      spares_ = false;
+      shm_reader_.clear();
+      if (out_.capacity() > out_kept_under_limit) std::vector<char>().swap(out_);
+    }
+    if (!ran_out) {
+      if (max_rss_ == 0) return go_on;
+      release_spares();  // the cap is on what the tasks hold, not on procpool's cache
+      if (!gauge_.over(max_rss_)) return go_on;
+    }
     // Too big to keep: tell the parent that the tasks queued behind this
     // one never started, so it runs them elsewhere.
     out_.clear();
@@ -483,6 +564,8 @@ class WorkerLoop {
   static constexpr std::chrono::milliseconds refusal_poll{2};
   /// Tasks shorter than this make a worker look for its next one before sleeping.
   static constexpr auto spin_below = std::chrono::microseconds(200);
+  /// Under memory_limit_per_child, the result buffer's capacity kept between tasks.
+  static constexpr std::size_t out_kept_under_limit = std::size_t{1} << 20;
 
   ClaimArea claims_;
   const int result_fd_;
@@ -491,6 +574,8 @@ class WorkerLoop {
   std::uint64_t max_tasks_ = 0;
   std::size_t max_message_ = 0;
   std::size_t max_rss_ = 0;
+  MemoryGauge gauge_;
+  std::size_t address_space_limit_ = 0;  // memory_limit_per_child; 0: none
   std::size_t shm_threshold_ = 0;
   bool remote_ = false;  // the pool is on another host: SharedMemory cannot reach it
   bool shm_ = false;     // large results go through shared memory
