@@ -8,6 +8,7 @@
 #include <csignal>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <numeric>
 #include <ranges>
 #include <set>
@@ -129,6 +130,34 @@ POOL_TEST("a crash costs exactly the task that was running", "[faults]") {
   }
 }
 
+POOL_TEST("a crash or a timeout in a chunk names the item that was running", "[faults][timeout]") {
+  // One chunk of 10: item 5 crashes. Each item's error says what became of
+  // it, and names item 5. The first item's error (what map throws) named
+  // itself as the one running.
+  procpool::Pool pool(test::options<TestType>({.processes = 1, .task_timeout = 500ms}));
+  std::vector<std::string> crashed;
+  for (const auto& r : pool.imap<crash_on_five>(test::iota_vec(10), 10).results()) crashed.push_back(r.error_message());
+  REQUIRE(crashed.size() == 10);
+  for (std::size_t x = 0; x < 10; ++x) {
+    CAPTURE(x, crashed[x]);
+    CHECK_THAT(crashed[x], Catch::Contains("while running imap input #5, in the same chunk,") ||
+                               Catch::Contains("while running imap input #5; the pool replaced it"));
+    if (x < 5)
+      CHECK_THAT(crashed[x], Catch::StartsWith(fmt::format("procpool: imap input #{} ran, but its result "
+                                                           "was lost with its chunk: worker 0",
+                                                           x)));
+    if (x > 5) CHECK_THAT(crashed[x], Catch::StartsWith(fmt::format("procpool: imap input #{} did not run", x)));
+  }
+  CHECK_THAT(crashed[5], Catch::StartsWith("procpool: worker 0"));
+  auto lost = test::thrown<procpool::WorkerLost>([&] { pool.map<crash_on_five>(test::iota_vec(10), 10); });
+  CHECK(lost.input_index() == 0);
+  CHECK_THAT(lost.what(), Catch::Contains("map input #5"));
+  // Item 3 of 6 hangs past the timeout.
+  auto timeout = test::thrown<procpool::TaskTimeout>([&] { pool.map<hang_on_three>(test::iota_vec(6), 6); });
+  CHECK_THAT(timeout.what(), Catch::StartsWith("procpool: map input #0 ran, but its result was lost with its chunk: "
+                                               "map input #3, in the same chunk, ran longer than the task timeout"));
+}
+
 POOL_TEST("retries run a task lost to a crash again, a bounded number of times", "[faults][retries]") {
   test::TempDir dir;
   {
@@ -141,6 +170,7 @@ POOL_TEST("retries run a task lost to a crash again, a bounded number of times",
   procpool::Pool pool(test::options<TestType>({.retries = 2}));
   auto lost = test::thrown<procpool::WorkerLost>([&] { pool.apply<always_crash>(1L); });
   CHECK(lost.signal() == SIGKILL);
+  CHECK_THAT(lost.what(), Catch::Contains("The task ran 3 times (retries = 2), and its worker was lost each time"));
   CHECK(pool.apply<twice>(21L) == 42);
   // Without retries, one crash is final.
   procpool::Pool strict(test::options<TestType>());

@@ -15,7 +15,8 @@
 // shared (shm_share) that the pool has handled: mapped, or failed to map. A
 // worker waits until the count covers all it shared, then knows that a
 // block still not marked mapped never will be (the pool cannot mark a block
-// it could not map).
+// it could not map). The next word says which item of which task the worker
+// is running: a crash or a timeout in a chunk names that item.
 #pragma once
 
 #include <sys/mman.h>
@@ -120,8 +121,24 @@ class ClaimArea {
     return words_ != nullptr ? words_[slots_].load(std::memory_order_acquire) : 0;
   }
 
+  /// The worker's word for the item it runs: task `seq`'s item `item` is
+  /// ((seq mod 2^32) << 32) | item. Stored before each item; read by the pool
+  /// once the worker is gone, to name the item that was running.
+  std::atomic<std::uint64_t>* running_word() const noexcept {
+    return words_ != nullptr ? &words_[slots_ + 1] : nullptr;
+  }
+  static constexpr std::uint64_t running_base(std::uint64_t seq) noexcept { return seq << 32; }
+  /// The pool: the item of task `seq` its worker last said it was running,
+  /// if that word is about this task.
+  std::optional<std::uint32_t> running_item(std::uint64_t seq) const noexcept {
+    if (words_ == nullptr) return std::nullopt;
+    const std::uint64_t word = words_[slots_ + 1].load(std::memory_order_acquire);
+    if ((word >> 32) != (seq & 0xffffffffU)) return std::nullopt;
+    return static_cast<std::uint32_t>(word);
+  }
+
  private:
-  /// The handled-shares counter, on a cache line of its own.
+  /// The handled-shares counter and the running item, on a cache line of their own.
   static constexpr std::size_t tail_bytes = 64;
 
   std::atomic<std::uint64_t>& word(std::uint64_t seq) const noexcept { return words_[seq & (slots_ - 1)]; }

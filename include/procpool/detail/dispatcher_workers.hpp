@@ -152,9 +152,17 @@ inline void Dispatcher::bury(Worker& w, std::vector<Delivery>& deliveries) {
     // Which one ran: its claim word says; without claims, only the first
     // it held can have started (tasks run in the order sent).
     const bool started = w.claiming ? w.claims.was_started(task.id) : k == 0 && front_started;
+    if (started && w.claiming) lost.running_item = w.claims.running_item(task.id);
     if (started) {
       const bool retry =
           lost.kind == ChunkFailure::Kind::worker_lost && task.attempts < task.job->retries().value_or(retries_);
+      if (!retry && task.attempts != 0 && lost.kind == ChunkFailure::Kind::worker_lost) {
+        ChunkFailure last = lost;
+        last.detail = fmt::format("The task ran {} times (retries = {}), and its worker was lost each time",
+                                  task.attempts + 1, task.attempts);
+        deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(last), task.items()});
+        continue;
+      }
       if (!retry) {
         deliveries.push_back({std::move(task.job), task.chunk, failure_outcome(lost), task.items()});
         continue;

@@ -3,6 +3,7 @@
 // type that cannot travel a compile error.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -333,6 +334,7 @@ struct CallHandler {
     try {
       F fn = load_callable<F>(in);
       for (; i < count; ++i) {
+        running_item().at(i);
         Arg arg{};
         // A decode failure leaves the stream unusable: fail the rest below.
         if constexpr (reuse) {

@@ -53,6 +53,9 @@ struct ChunkFailure {
   int wait_status = 0;
   std::string detail;                          // initializer: "type: message"; protocol/start_failed: the reason
   std::shared_ptr<const std::string> where{};  // the worker's host, for a worker on another one (Link::where)
+  /// worker_lost, timeout: the position in its chunk of the item that was
+  /// running, where the worker said (its claim area).
+  std::optional<std::uint32_t> running_item{};
 };
 
 /// One chunk's outcome, on its way from the I/O thread to the caller. What
@@ -175,17 +178,32 @@ inline std::string describe_input(std::string_view call, std::size_t index) {
   return fmt::format("{} input #{}", call, index);
 }
 
-inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call, std::size_t index) {
+/// The error of item `index` of a chunk that failed whole; `first` is the
+/// chunk's first item. Where the item that was running is known and is
+/// another, the message says what became of this one, and names that one.
+inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call, std::size_t index,
+                                           std::size_t first) {
   std::string input = describe_input(call, index);
+  const std::optional<std::size_t> culprit =
+      failure.running_item ? std::optional<std::size_t>(first + *failure.running_item) : std::nullopt;
+  // "map input #3 did not run: " for an item of the chunk other than the one running.
+  std::string fate;
+  if (culprit && *culprit != index) {
+    fate = fmt::format("procpool: {} {}: ", input,
+                       index < *culprit ? "ran, but its result was lost with its chunk" : "did not run");
+    input = describe_input(call, *culprit) + ", in the same chunk,";
+  }
   switch (failure.kind) {
     case ChunkFailure::Kind::worker_lost: {
       int status = failure.wait_status;
       int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
       int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      return std::make_exception_ptr(WorkerLost(fmt::format("procpool: {} {} while running {}; the pool replaced it",
-                                                            worker_label(failure.worker, failure.pid, failure.where),
-                                                            describe_wait_status(status), input),
-                                                failure.pid, failure.worker, index, sig, code));
+      return std::make_exception_ptr(
+          WorkerLost(fmt::format("{}{}{} {} while running {}; the pool replaced it{}{}", fate,
+                                 fate.empty() ? "procpool: " : "",
+                                 worker_label(failure.worker, failure.pid, failure.where), describe_wait_status(status),
+                                 input, failure.detail.empty() ? "" : ". ", failure.detail),
+                     failure.pid, failure.worker, index, sig, code));
     }
     case ChunkFailure::Kind::terminated:
       return std::make_exception_ptr(
@@ -203,9 +221,10 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
                                                      : " " + worker_note(failure.worker, failure.pid, failure.where))));
     case ChunkFailure::Kind::timeout:
       return std::make_exception_ptr(
-          TaskTimeout(fmt::format("procpool: {} ran longer than the task timeout ({}) in {}; the worker was stopped "
+          TaskTimeout(fmt::format("{}{}{} ran longer than the task timeout ({}) in {}; the worker was stopped "
                                   "and replaced",
-                                  input, failure.detail, worker_label(failure.worker, failure.pid, failure.where))));
+                                  fate, fate.empty() ? "procpool: " : "", input, failure.detail,
+                                  worker_label(failure.worker, failure.pid, failure.where))));
     case ChunkFailure::Kind::start_failed:
       return std::make_exception_ptr(Error(fmt::format("procpool: {} was not run: {}", input, failure.detail)));
   }
@@ -219,7 +238,7 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
                   std::size_t count, OnValue&& on_value, OnError&& on_error) {
   if (const ChunkFailure* failure = outcome.failure()) {
     for (std::size_t i = 0; i < count; ++i) {
-      on_error(first_index + i, make_chunk_error(*failure, call, first_index + i));
+      on_error(first_index + i, make_chunk_error(*failure, call, first_index + i, first_index));
     }
     return;
   }
@@ -239,7 +258,7 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
         decoder(why);
         on_error(first_index + i, make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
                                                     std::move(why), outcome.where},
-                                                   call, first_index + i));
+                                                   call, first_index + i, first_index));
       } else if (byte != outcome_byte(ItemOutcome::raised)) {
         throw std::runtime_error(fmt::format("an item outcome of {}, which is none of 0, 1 and 2", byte));
       } else {
@@ -264,7 +283,7 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
                                        "process ({})",
                                        outcome.rare->share_failure),
                      outcome.where};
-    for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i));
+    for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i, first_index));
   }
 }
 

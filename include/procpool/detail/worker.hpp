@@ -299,7 +299,9 @@ class WorkerLoop {
         result_fd_(result_fd),
         relayed_(relayed),
         reader_(task_fd, std::size_t{1} << 31),
-        shm_writer_("procpool-result", true) {}
+        shm_writer_("procpool-result", true) {
+    running_item().word = claims_.running_word();
+  }
   WorkerLoop(const WorkerLoop&) = delete;
   WorkerLoop& operator=(const WorkerLoop&) = delete;
 
@@ -425,6 +427,7 @@ class WorkerLoop {
       return fatal("the worker has no handler with id " + std::to_string(task.handler) +
                    " (is it running the same binary as the parent?)");
     }
+    running_item().task = ClaimArea::running_base(header.id);
     out_.clear();
     const std::size_t start = ResultHead::begin(out_, header.id);  // the run time is set below
     const auto began = std::chrono::steady_clock::now();
