@@ -137,6 +137,64 @@ POOL_TEST("terminate() and close() from a callback end the pool cleanly", "[call
   }
 }
 
+POOL_TEST("a callback may terminate, or close and join, its pool while the caller is in join()",
+          "[callbacks][reentrant]") {
+  // join() held its lock while it waited for the callbacks: a callback's
+  // terminate() or join() waited for that lock, and both waited for ever.
+  for (int variant = 0; variant < 2; ++variant) {
+    CAPTURE(variant);
+    procpool::Pool pool(test::options<TestType>());
+    std::atomic<bool> done{false};
+    auto r = pool.apply_async<sq>(3L, procpool::callbacks([&](const long&) {
+                                    std::this_thread::sleep_for(200ms);  // the caller is in join() by now
+                                    if (variant == 0) {
+                                      pool.terminate();
+                                    } else {
+                                      pool.close();
+                                      pool.join();
+                                    }
+                                    done = true;
+                                  }));
+    pool.close();
+    pool.join();
+    CHECK(done);
+    CHECK(r.get() == 9);
+  }
+  // Nor does another thread's terminate() wait for a long callback join() waits for.
+  procpool::Pool pool(test::options<TestType>());
+  auto r = pool.apply_async<sq>(3L, procpool::callbacks([](const long&) { std::this_thread::sleep_for(5s); }));
+  pool.close();
+  std::thread joiner([&] { pool.join(); });
+  std::this_thread::sleep_for(300ms);
+  const auto start = std::chrono::steady_clock::now();
+  pool.terminate();
+  CHECK(std::chrono::steady_clock::now() - start < 3s);  // not the callback's 5 s
+  joiner.join();
+  CHECK(r.get() == 9);
+}
+
+POOL_TEST("a callback that waits for its own call gets an error, not a wait for ever", "[callbacks][reentrant]") {
+  // Its call is complete once the callback returns: waiting for it there
+  // hung, and so did the pool's destructor after it.
+  procpool::Pool pool(test::options<TestType>());
+  std::promise<std::string> said;
+  procpool::AsyncResult<std::vector<long>> self;
+  std::promise<void> ready;
+  auto waiting = ready.get_future().share();
+  self = pool.map_async<sq>(iota_vec(3), 0, [&, waiting](const std::vector<long>&) {
+    waiting.wait();
+    try {
+      self.get();
+      said.set_value("returned");
+    } catch (const procpool::Error& e) {
+      said.set_value(e.what());
+    }
+  });
+  ready.set_value();
+  CHECK_THAT(said.get_future().get(), Catch::Contains("own callback waited for it to finish"));
+  CHECK(self.get() == squares(3));
+}
+
 POOL_TEST("on_worker_output may call back into its pool", "[callbacks][reentrant][output]") {
   // The first line's callback acts; the others return at once. (Not
   // std::call_once: after a callable that threw, libstdc++'s call_once can

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <variant>
@@ -59,7 +60,16 @@ class AsyncState : public JobState {
     if (withdrawn_.load(std::memory_order_acquire)) return true;
     return has_callbacks_ ? done_.load(std::memory_order_acquire) : delivered() >= chunks_;
   }
+  /// @throws Error waiting for ever from this call's own callback, which
+  /// the call's completion waits for.
   bool wait_complete(Deadline deadline) {
+    if (!deadline && has_callbacks_ && !complete() &&
+        callback_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id()) {
+      throw Error(
+          fmt::format("procpool: {}'s own callback waited for it to finish, which it does once that "
+                      "callback returns: it would wait for ever. Use the value the callback is given",
+                      call()));
+    }
     return this->wait_for(deadline, [&] {
       if (withdrawn_.load(std::memory_order_relaxed)) return true;
       return has_callbacks_ ? done_.load(std::memory_order_relaxed) : this->delivered_locked() >= chunks_;
@@ -219,6 +229,11 @@ class AsyncState : public JobState {
   }
 
   void run_callbacks() {
+    callback_thread_.store(std::this_thread::get_id(), std::memory_order_relaxed);
+    struct Done {
+      std::atomic<std::thread::id>& thread;
+      ~Done() { thread.store(std::thread::id(), std::memory_order_relaxed); }
+    } done{callback_thread_};
     // A throwing callback must not take the callback thread down with it.
     try {
       if (error_) {
@@ -247,9 +262,10 @@ class AsyncState : public JobState {
   }
 
   std::size_t chunks_;
-  bool has_callbacks_ = false;          // a callback or error_callback: the call completes once they ran
-  std::atomic<bool> done_{false};       // (with callbacks) they have run: the call is complete
-  std::atomic<bool> withdrawn_{false};  // cancel() withdrew part of it: it is complete, as Cancelled
+  bool has_callbacks_ = false;                      // a callback or error_callback: the call completes once they ran
+  std::atomic<bool> done_{false};                   // (with callbacks) they have run: the call is complete
+  std::atomic<std::thread::id> callback_thread_{};  // where its callback runs now, if it does
+  std::atomic<bool> withdrawn_{false};              // cancel() withdrew part of it: it is complete, as Cancelled
   std::once_flag once_;
   std::optional<V> value_;
   std::exception_ptr error_;

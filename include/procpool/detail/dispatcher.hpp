@@ -260,11 +260,14 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
         throw PoolNotRunning("procpool: join() called on a running pool; call close() or terminate() first");
       }
     }
-    std::lock_guard join_lock(join_mutex_);
-    thread_.join();
-    // Every worker has exited: what they printed is in the relay's pipes.
-    if (relay_) relay_->finish(std::chrono::seconds(1), std::chrono::seconds(5));
+    {
+      std::lock_guard join_lock(join_mutex_);
+      thread_.join();
+      // Every worker has exited: what they printed is in the relay's pipes.
+      if (relay_) relay_->finish(std::chrono::seconds(1), std::chrono::seconds(5));
+    }
     // And every callback has run (but the one calling join(), if one is).
+    // Without the lock: a callback may call terminate() or join() meanwhile.
     runner_.drain();
   }
 
