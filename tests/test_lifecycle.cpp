@@ -672,4 +672,33 @@ POOL_TEST("destroying a pool while another thread is inside map ends that call w
   }
 }
 
+POOL_TEST("terminate() stops a map that is still reading its slow input in another thread", "[lifecycle][terminate]") {
+  // A sized input that takes 5 ms an item to read: map went on reading all
+  // 2,000 items (10 s) after terminate(), and only then threw. Nor did any
+  // task start before it had read them all.
+  procpool::Pool pool(test::options<TestType>());
+  std::atomic<long> read{0};
+  auto slow = tv::iota(0L, 2000L) | tv::transform([&read](long x) {
+                std::this_thread::sleep_for(std::chrono::milliseconds(5));
+                ++read;
+                return x;
+              });
+  std::atomic<std::size_t> done{0};
+  std::string error;
+  std::thread caller([&] {
+    try {
+      pool.map([](long x) { return x; }, slow,
+               {.chunksize = 1, .progress = [&done](std::size_t n, auto) { done = n; }});
+    } catch (const procpool::PoolNotRunning& e) {
+      error = e.what();
+    }
+  });
+  while (read < 200) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  CHECK(done > 0);  // tasks ran while the input was being read
+  pool.terminate();
+  caller.join();
+  CHECK(read < 1000);
+  CHECK_THAT(error, Catch::Contains("the pool was terminated while map read its input"));
+}
+
 }  // namespace lifecycle_test

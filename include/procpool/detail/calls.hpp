@@ -247,6 +247,9 @@ class Calls {
   }
   std::size_t processes() const noexcept { return processes_; }
 
+  /// How long a map encodes chunks before it submits them, at most.
+  static constexpr std::chrono::milliseconds batch_time{20};
+
   template <class C>
   static auto to_callback(C callback) {
     if constexpr (std::is_null_pointer_v<C>) {
@@ -331,16 +334,24 @@ class Calls {
       try {
         auto it = std::ranges::begin(items);
         auto end = std::ranges::end(items);
+        auto batch_began = detail::Clock::now();
         for (std::uint64_t index = 0; it != end; ++index) {
+          // A pool terminated meanwhile: the input is read no further.
+          if (dispatcher->terminated()) {
+            throw PoolNotRunning(fmt::format("procpool: the pool was terminated while {} read its input", call));
+          }
           detail::Chunk chunk{state, index, dispatcher->new_frame(), {}};
           std::size_t start = detail::begin_task_frame(chunk.frame, handler);
           auto n = detail::encode_items<F, Arg>(chunk.frame, chunk.shares, fn, it, end, chunksize);
           detail::finish_task_frame(chunk.frame, start, n);
           bytes += chunk.frame.size();
           batch.push_back(std::move(chunk));
-          if (bytes >= batch_bytes) {
+          // A batch goes at 1 MiB, or after batch_time for an input slow to
+          // read (looked at every 8 chunks): the workers start meanwhile.
+          if (bytes >= batch_bytes || ((index & 7) == 7 && detail::Clock::now() - batch_began >= batch_time)) {
             submit_batch(*dispatcher, prefetch_bytes, *state, batch, synchronous);
             bytes = 0;
+            batch_began = detail::Clock::now();
           }
         }
         if (!batch.empty()) submit_batch(*dispatcher, prefetch_bytes, *state, batch, synchronous);

@@ -147,6 +147,9 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     if (last_on_closed_pool) wake();
   }
 
+  /// Whether terminate() was called: a call still reading its input stops.
+  bool terminated() const noexcept { return terminated_.load(std::memory_order_relaxed); }
+
   /// Throws PoolNotRunning unless the pool takes new work.
   void require_running() {
     std::lock_guard lock(mutex_);
@@ -275,6 +278,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// after a short grace) and fails every unfinished task. Never throws,
   /// never hangs.
   void terminate() noexcept {
+    terminated_.store(true, std::memory_order_relaxed);
     {
       std::lock_guard lock(mutex_);
       if (state_ != State::stopped) state_ = State::terminating;
@@ -541,6 +545,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
 
   std::mutex mutex_;
   std::mutex join_mutex_;
+  std::atomic<bool> terminated_{false};
   State state_ = State::running;
   std::size_t streams_ = 0;  // calls still submitting their batches (open_stream)
   Workers workers_;
