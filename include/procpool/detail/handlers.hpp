@@ -114,7 +114,8 @@ struct require_callable {
                 "apply with one argument call f(item); starmap, apply with several and zip's items "
                 "call f(a, b, ...) with the item's tuple, pair or array unpacked. Check the number "
                 "and types of the function's parameters. A parameter T& cannot bind to a value "
-                "received from another process: take T or const T&. apply_async takes its "
+                "received from another process: take T or const T&. A const char* arrives as a "
+                "std::string: take std::string or std::string_view. apply_async takes its "
                 "callbacks wrapped, after the arguments: procpool::callbacks(on_value, on_error). "
                 "The item type is the Arg in "
                 "'require_callable<F, Arg, Star>' in this message's instantiation context.");
