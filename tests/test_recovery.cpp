@@ -199,6 +199,18 @@ TEST_CASE("a killed fork server is started again, and the pool goes on", "[recov
   auto now = test::child_pids();
   REQUIRE(now.size() == 1);
   CHECK(now[0] != servers[0]);
+  // A task running when the server dies fails saying so, not as a mere SIGKILL.
+  auto running = pool.apply_async(
+      [](long ms) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+        return ms;
+      },
+      30'000L);
+  std::this_thread::sleep_for(300ms);
+  ::kill(now[0], SIGKILL);
+  auto lost = test::thrown<procpool::WorkerLost>([&] { running.get(); });
+  CHECK_THAT(lost.what(), Catch::Contains("was lost with its fork server, which died"));
+  CHECK(pool.apply<sq>(8L) == 64);
 }
 
 POOL_TEST("an initializer that crashes is reported as such, never as a missing init()", "[recovery][initializer]") {

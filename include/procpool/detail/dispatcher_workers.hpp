@@ -197,7 +197,8 @@ inline void Dispatcher::judge_early_death(Worker& w, int status) {
                            status,
                            fmt::format("the worker {} while running it", describe_wait_status(status)),
                            w.where()};
-  } else if (!hint.empty() && !w.failure && !killed && !no_fds && status != wait_status_unknown) {
+  } else if (!hint.empty() && !w.failure && !killed && !no_fds && status != wait_status_unknown &&
+             status != wait_status_server_lost) {
     // A re-run binary that never reached the loop: main() did not hand it over.
     broken_ = ChunkFailure{ChunkFailure::Kind::start_failed,
                            w.pid(),

@@ -447,7 +447,7 @@ class ForkserverLauncher final : public Launcher {
 
   /// What a worker of a dead server is reported as: killed by its
   /// parent-death signal.
-  static constexpr int server_gone_status = SIGKILL;
+  static constexpr int server_gone_status = wait_status_server_lost;
 
   pid_t server_pid_ = -1;
   bool server_alive_ = false;

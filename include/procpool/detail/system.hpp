@@ -308,6 +308,8 @@ inline constexpr int exit_no_fds = 6;
 inline constexpr int wait_status_unknown = 0xffff;
 /// The wait status of a worker on an MPI rank that was lost (mpi_hub.hpp).
 inline constexpr int wait_status_lost = 0xfeff;
+/// A forkserver worker whose fork server died: it died with it.
+inline constexpr int wait_status_server_lost = 0xfdff;
 
 /// Human-readable waitpid() status: "was killed by signal 9 (SIGKILL: Killed)".
 inline std::string describe_wait_status(int status) {
@@ -317,6 +319,10 @@ inline std::string describe_wait_status(int status) {
            "procpool::StartMethod::forkserver keeps the status)";
   }
   if (status == wait_status_lost) return "was lost with its MPI rank";
+  if (status == wait_status_server_lost) {
+    return "was lost with its fork server, which died (killed, or out of memory; a new one starts the pool's "
+           "workers)";
+  }
   if (WIFSIGNALED(status)) {
     int sig = WTERMSIG(status);
     std::string text = "was killed by signal " + std::to_string(sig) + " (SIG" + signal_abbrev(sig);
