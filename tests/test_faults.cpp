@@ -140,7 +140,7 @@ POOL_TEST("a crash or a timeout in a chunk names the item that was running", "[f
   REQUIRE(crashed.size() == 10);
   for (std::size_t x = 0; x < 10; ++x) {
     CAPTURE(x, crashed[x]);
-    CHECK_THAT(crashed[x], Catch::Contains("while running imap input #5, in the same chunk,") ||
+    CHECK_THAT(crashed[x], Catch::Contains("while running imap input #5, in the same chunk; the pool replaced it") ||
                                Catch::Contains("while running imap input #5; the pool replaced it"));
     if (x < 5)
       CHECK_THAT(crashed[x], Catch::StartsWith(fmt::format("procpool: imap input #{} ran, but its result "
@@ -152,10 +152,24 @@ POOL_TEST("a crash or a timeout in a chunk names the item that was running", "[f
   auto lost = test::thrown<procpool::WorkerLost>([&] { pool.map<crash_on_five>(test::iota_vec(10), 10); });
   CHECK(lost.input_index() == 0);
   CHECK_THAT(lost.what(), Catch::Contains("map input #5"));
-  // Item 3 of 6 hangs past the timeout.
-  auto timeout = test::thrown<procpool::TaskTimeout>([&] { pool.map<hang_on_three>(test::iota_vec(6), 6); });
-  CHECK_THAT(timeout.what(), Catch::StartsWith("procpool: map input #0 ran, but its result was lost with its chunk: "
-                                               "map input #3, in the same chunk, ran longer than the task timeout"));
+  // Item 3 of 6 hangs: the timeout bounds the chunk, and names the item that was running.
+  std::vector<std::string> timed_out;
+  for (const auto& r : pool.imap<hang_on_three>(test::iota_vec(6), 6).results()) timed_out.push_back(r.error_message());
+  REQUIRE(timed_out.size() == 6);
+  CHECK_THAT(timed_out[0], Catch::StartsWith("procpool: imap input #0 ran, but its result was lost: its chunk (imap "
+                                             "inputs #0 to #5) ran longer than the task timeout (500 ms) in worker 0"));
+  CHECK_THAT(timed_out[0], Catch::EndsWith(", while imap input #3 was running; the worker was stopped and replaced"));
+  CHECK_THAT(timed_out[3], Catch::StartsWith("procpool: imap input #3 was running when its chunk (imap inputs #0 to "
+                                             "#5) ran longer than the task timeout"));
+  CHECK_THAT(timed_out[5], Catch::StartsWith("procpool: imap input #5 did not run: its chunk"));
+  // A protocol failure is not a crash: each item's error names that item.
+  std::vector<std::string> garbled;
+  for (const auto& r : pool.imap<scribble>(std::vector<long>{0, 1, 2}, 3).results())
+    garbled.push_back(r.error_message());
+  REQUIRE(garbled.size() == 3);
+  for (std::size_t x = 0; x < 3; ++x) {
+    CHECK_THAT(garbled[x], Catch::StartsWith(fmt::format("procpool: imap input #{} failed", x)));
+  }
 }
 
 POOL_TEST("retries run a task lost to a crash again, a bounded number of times", "[faults][retries]") {

@@ -152,7 +152,10 @@ inline void Dispatcher::bury(Worker& w, std::vector<Delivery>& deliveries) {
     // Which one ran: its claim word says; without claims, only the first
     // it held can have started (tasks run in the order sent).
     const bool started = w.claiming ? w.claims.was_started(task.id) : k == 0 && front_started;
-    if (started && w.claiming) lost.running_item = w.claims.running_item(task.id);
+    if (started && w.claiming &&
+        (lost.kind == ChunkFailure::Kind::worker_lost || lost.kind == ChunkFailure::Kind::timeout)) {
+      lost.running_item = w.claims.running_item(task.id);
+    }
     if (started) {
       const bool retry =
           lost.kind == ChunkFailure::Kind::worker_lost && task.attempts < task.job->retries().value_or(retries_);
@@ -278,7 +281,7 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
       // Not started yet (still arriving through the pipe, say): its clock
       // has not started either. Look again a little later.
       w->front_since = now;
-      sooner(now + std::min<Clock::duration>(limit, std::chrono::milliseconds(10)));
+      sooner(now + std::min<Clock::duration>(clamp_timeout(limit), std::chrono::milliseconds(10)));
       continue;
     }
     const auto deadline = w->front_since + clamp_timeout(limit);

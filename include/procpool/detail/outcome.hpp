@@ -36,11 +36,13 @@ using Deadline = std::optional<Clock::time_point>;
 
 /// A user's timeout as a Clock duration, at most 100 years: a longer one
 /// (`milliseconds::max()` for "no limit") would overflow the clock and come
-/// out as a deadline in the past. Negative ones stay negative.
+/// out as a deadline in the past. Negative ones stay negative, as long.
 template <class Rep, class Period>
 Clock::duration clamp_timeout(std::chrono::duration<Rep, Period> timeout) {
   constexpr std::chrono::hours longest{24 * 365 * 100};
-  if (std::chrono::duration<double>(timeout) >= std::chrono::duration<double>(longest)) return longest;
+  const std::chrono::duration<double> seconds = timeout;
+  if (seconds >= std::chrono::duration<double>(longest)) return longest;
+  if (seconds <= -std::chrono::duration<double>(longest)) return -longest;
   return std::chrono::ceil<Clock::duration>(timeout);
 }
 
@@ -178,32 +180,52 @@ inline std::string describe_input(std::string_view call, std::size_t index) {
   return fmt::format("{} input #{}", call, index);
 }
 
-/// The error of item `index` of a chunk that failed whole; `first` is the
-/// chunk's first item. Where the item that was running is known and is
-/// another, the message says what became of this one, and names that one.
+/// The error of item `index` of a chunk of `count` items from `first` that
+/// failed whole. Where the item that was running is known, a crash names
+/// it and says what became of this one; a timeout (which bounds the whole
+/// chunk) names the chunk and the item that was running.
 inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call, std::size_t index,
-                                           std::size_t first) {
+                                           std::size_t first, std::size_t count) {
   std::string input = describe_input(call, index);
-  const std::optional<std::size_t> culprit =
-      failure.running_item ? std::optional<std::size_t>(first + *failure.running_item) : std::nullopt;
-  // "map input #3 did not run: " for an item of the chunk other than the one running.
-  std::string fate;
-  if (culprit && *culprit != index) {
+  // The item that was running, where known (else this one).
+  const bool known = failure.running_item.has_value() && count > 1;
+  const std::size_t culprit = known ? first + *failure.running_item : index;
+  // "procpool: map input #3 did not run: " for an item of the chunk other than the one running.
+  std::string fate = "procpool: ";
+  if (culprit != index) {
     fate = fmt::format("procpool: {} {}: ", input,
-                       index < *culprit ? "ran, but its result was lost with its chunk" : "did not run");
-    input = describe_input(call, *culprit) + ", in the same chunk,";
+                       index < culprit ? "ran, but its result was lost with its chunk" : "did not run");
   }
   switch (failure.kind) {
     case ChunkFailure::Kind::worker_lost: {
       int status = failure.wait_status;
       int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
       int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      const std::string running = culprit != index ? describe_input(call, culprit) + ", in the same chunk" : input;
       return std::make_exception_ptr(
-          WorkerLost(fmt::format("{}{}{} {} while running {}; the pool replaced it{}{}", fate,
-                                 fate.empty() ? "procpool: " : "",
+          WorkerLost(fmt::format("{}{} {} while running {}; the pool replaced it{}{}", fate,
                                  worker_label(failure.worker, failure.pid, failure.where), describe_wait_status(status),
-                                 input, failure.detail.empty() ? "" : ". ", failure.detail),
+                                 running, failure.detail.empty() ? "" : ". ", failure.detail),
                      failure.pid, failure.worker, index, sig, code));
+    }
+    case ChunkFailure::Kind::timeout: {
+      const std::string worker = worker_label(failure.worker, failure.pid, failure.where);
+      if (!known) {
+        return std::make_exception_ptr(TaskTimeout(
+            fmt::format("procpool: {} ran longer than the task timeout ({}) in {}; the worker was stopped and replaced",
+                        input, failure.detail, worker)));
+      }
+      // The limit is on the chunk: "its chunk (map inputs #0 to #9) ran
+      // longer than ... while map input #5 was running".
+      const std::string chunk = fmt::format("{} inputs #{} to #{}", call, first, first + count - 1);
+      const std::string lead = culprit == index ? fmt::format("procpool: {} was running when its chunk", input)
+                               : index < culprit
+                                   ? fmt::format("procpool: {} ran, but its result was lost: its chunk", input)
+                                   : fmt::format("procpool: {} did not run: its chunk", input);
+      return std::make_exception_ptr(TaskTimeout(
+          fmt::format("{} ({}) ran longer than the task timeout ({}) in {}{}; the worker was stopped and replaced",
+                      lead, chunk, failure.detail, worker,
+                      culprit == index ? std::string() : ", while " + describe_input(call, culprit) + " was running")));
     }
     case ChunkFailure::Kind::terminated:
       return std::make_exception_ptr(
@@ -219,12 +241,6 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
                                     // pid 0: refused before it reached a worker
                                     failure.pid == 0 ? std::string()
                                                      : " " + worker_note(failure.worker, failure.pid, failure.where))));
-    case ChunkFailure::Kind::timeout:
-      return std::make_exception_ptr(
-          TaskTimeout(fmt::format("{}{}{} ran longer than the task timeout ({}) in {}; the worker was stopped "
-                                  "and replaced",
-                                  fate, fate.empty() ? "procpool: " : "", input, failure.detail,
-                                  worker_label(failure.worker, failure.pid, failure.where))));
     case ChunkFailure::Kind::start_failed:
       return std::make_exception_ptr(Error(fmt::format("procpool: {} was not run: {}", input, failure.detail)));
   }
@@ -238,7 +254,7 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
                   std::size_t count, OnValue&& on_value, OnError&& on_error) {
   if (const ChunkFailure* failure = outcome.failure()) {
     for (std::size_t i = 0; i < count; ++i) {
-      on_error(first_index + i, make_chunk_error(*failure, call, first_index + i, first_index));
+      on_error(first_index + i, make_chunk_error(*failure, call, first_index + i, first_index, count));
     }
     return;
   }
@@ -258,7 +274,7 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
         decoder(why);
         on_error(first_index + i, make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
                                                     std::move(why), outcome.where},
-                                                   call, first_index + i, first_index));
+                                                   call, first_index + i, first_index, count));
       } else if (byte != outcome_byte(ItemOutcome::raised)) {
         throw std::runtime_error(fmt::format("an item outcome of {}, which is none of 0, 1 and 2", byte));
       } else {
@@ -283,7 +299,7 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
                                        "process ({})",
                                        outcome.rare->share_failure),
                      outcome.where};
-    for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i, first_index));
+    for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i, first_index, count));
   }
 }
 
