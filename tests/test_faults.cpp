@@ -273,6 +273,8 @@ POOL_TEST("memory_limit_per_child bounds what a worker's tasks add, and a worker
   // argument, then a 200 MiB result, fit in 512 MiB one after the other.
   CHECK(pool.apply<byte_count>(std::vector<char>(std::size_t{200} << 20, 'a')) == std::size_t{200} << 20);
   CHECK(pool.apply<bytes_of>(200L).size() == std::size_t{200} << 20);
+  // Nor does a large result's buffer stay mapped into the next task.
+  CHECK(pool.apply<allocate_mib>(380L) != 0);
   CHECK(reserved[0] == 1);
 }
 

@@ -69,9 +69,9 @@ struct Options {
   /// no limit.
   std::chrono::milliseconds task_timeout{0};
   /// A worker whose resident memory of its own (heap and stacks, not pages
-  /// of files or shared memory, nor a forked parent's pages it has not
-  /// written) exceeds this many bytes after a task exits and is replaced
-  /// (its queued tasks run elsewhere). 0 means no limit.
+  /// it shares with other processes, such as a forked parent's pages
+  /// neither has written since) exceeds this many bytes after a task exits
+  /// and is replaced (its queued tasks run elsewhere). 0 means no limit.
   std::size_t max_memory_per_child = 0;
   /// Hard limit in bytes on the address space a worker's tasks may add to
   /// what it has mapped at start (RLIMIT_AS): an allocation beyond it fails

@@ -349,7 +349,9 @@ class WorkerLoop {
       const rlim_t most = start > RLIM_INFINITY - address_space_limit_ ? RLIM_INFINITY : start + address_space_limit_;
       rlimit limit{most, most};
       ::setrlimit(RLIMIT_AS, &limit);
-      memory_limit_note() = fmt::format("Options::memory_limit_per_child is {} MiB", address_space_limit_ >> 20);
+      memory_limit_note() = address_space_limit_ >= (std::size_t{1} << 20)
+                                ? fmt::format("Options::memory_limit_per_child is {} MiB", address_space_limit_ >> 20)
+                                : fmt::format("Options::memory_limit_per_child is {} bytes", address_space_limit_);
     }
     if (config.initializer != 0) {
       try {
@@ -480,7 +482,11 @@ class WorkerLoop {
     }
     shared_.clear();
     ShmBuffer* buffer = nullptr;
-    if (shm_ && out_.size() > shm_threshold_) buffer = shm_writer_.acquire(out_.size(), &control);
+    // Under memory_limit_per_child, through the pipe: a result buffer kept
+    // mapped would count against the next tasks, depending on timing.
+    if (shm_ && out_.size() > shm_threshold_ && address_space_limit_ == 0) {
+      buffer = shm_writer_.acquire(out_.size(), &control);
+    }
     if (!control.empty() && !send_frame(result_fd_, control)) return 0;
     if (sharing) await_shares(first_lent);
     if (buffer != nullptr) {
