@@ -347,8 +347,8 @@ class Calls {
           bytes += chunk.frame.size();
           batch.push_back(std::move(chunk));
           // A batch goes at 1 MiB, or after batch_time for an input slow to
-          // read (looked at every 8 chunks): the workers start meanwhile.
-          if (bytes >= batch_bytes || ((index & 7) == 7 && detail::Clock::now() - batch_began >= batch_time)) {
+          // read: the workers start meanwhile.
+          if (bytes >= batch_bytes || detail::Clock::now() - batch_began >= batch_time) {
             submit_batch(*dispatcher, prefetch_bytes, *state, batch, synchronous);
             bytes = 0;
             batch_began = detail::Clock::now();
