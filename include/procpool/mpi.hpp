@@ -73,6 +73,11 @@ struct State {
     std::vector<std::pair<std::string, pid_t>> processes;  // host and pid of each rank
   };
   std::vector<Idle> idle;
+  /// Spawned ranks a pool took for lost ("spawned rank 1 on node3") and,
+  /// where they run on this host, their pids: at exit they are killed, or
+  /// their job could not end (a stopped one keeps the others in
+  /// MPI_Comm_disconnect, and mpirun waiting, for ever).
+  std::vector<std::pair<std::string, pid_t>> lost_spawned;
 };
 
 inline State& state() {
@@ -97,6 +102,16 @@ inline void check_options(const Options& options) {
         "procpool: Options::worker_output and Options::on_worker_output are not available on MPI ranks: a worker's "
         "output goes to its rank's stdout and stderr, which mpirun forwards (use mpirun's --tag-output to tell "
         "ranks apart)");
+  }
+}
+
+/// @throws Error a lost_after too short to hear from a rank in.
+inline void check_settings(const Settings& settings) {
+  if (settings.lost_after < std::chrono::milliseconds(100)) {
+    throw Error(fmt::format(
+        "procpool: procpool::mpi::Settings::lost_after is {} ms: a rank not heard from for that long is taken for "
+        "lost, so it must be at least 100 ms (5000 by default; a longer one waits longer for a rank that stopped)",
+        settings.lost_after.count()));
   }
 }
 
@@ -190,6 +205,23 @@ inline int on_finalize(MPI_Comm, int, void*, void*) {
     if (left.empty()) wait_until_gone(idle.processes);
   }
   s.idle.clear();
+  // Spawned ranks a pool took for lost: killed here if on this host (one
+  // still running would keep its job alive); MPI_Abort for the others, if
+  // MPI_Finalize waits for them.
+  std::vector<std::pair<std::string, pid_t>> lost_spawned;
+  {
+    std::lock_guard lock(s.mutex);
+    lost_spawned.swap(s.lost_spawned);
+  }
+  for (const auto& [name, pid] : lost_spawned) {
+    if (pid > 0) {
+      std::fprintf(stderr, "procpool: %s was taken for lost; it is killed at exit, or its job could not end\n",
+                   name.c_str());
+      ::kill(pid, SIGKILL);
+    } else {
+      silent.push_back({name});
+    }
+  }
   std::vector<int> ranks(static_cast<std::size_t>(std::max(s.world_size - 1, 0)));
   std::iota(ranks.begin(), ranks.end(), 1);
   const auto deadline = std::chrono::steady_clock::now() + ::procpool::detail::mpi_wire::finish_wait;
@@ -220,6 +252,7 @@ class WorldBackend final : public ::procpool::detail::BackendImpl {
   std::unique_ptr<::procpool::detail::Transport> make_transport(const Options& options) const override {
     need_init("procpool::mpi::world()");
     check_options(options);
+    check_settings(settings_);
     State& s = state();
     if (s.world_size < 2) {
       throw Error(
@@ -262,12 +295,14 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
   std::unique_ptr<::procpool::detail::Transport> make_transport(const Options& options) const override {
     need_init("procpool::mpi::spawn()");
     check_options(options);
+    check_settings(settings_);
     if (ranks_ == 0 || ranks_ > INT_MAX) throw Error("procpool: procpool::mpi::spawn(n) needs 1 <= n");
     MPI_Comm inter = take_idle();
     if (inter == MPI_COMM_NULL) inter = spawn_ranks();
     ::procpool::detail::MpiHub::Settings hub;
     hub.comm = inter;
     hub.lost_after = settings_.lost_after;
+    hub.rank_name = "spawned rank";
     for (std::size_t r = 0; r < ranks_; ++r) hub.ranks.push_back(static_cast<int>(r));
     try {
       return std::make_unique<::procpool::detail::MpiTransport>(
@@ -280,7 +315,21 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
             }
             const std::vector<int> lost = h.lost_ranks();
             // With a rank lost, the others cannot finish MPI: no waiting for them.
-            if (let_go_spawned(inter, lost, false).empty() && lost.empty()) wait_until_gone(h.processes());
+            std::vector<int> left = let_go_spawned(inter, lost, false);
+            if (left.empty() && lost.empty()) {
+              wait_until_gone(h.processes());
+              return;
+            }
+            left.insert(left.end(), lost.begin(), lost.end());
+            const auto whereabouts = h.whereabouts();
+            const std::string here = ::procpool::detail::mpi_wire::host_name();
+            std::lock_guard lock(state().mutex);
+            for (int r : left) {
+              const auto it = whereabouts.find(r);
+              const std::string host = it != whereabouts.end() ? it->second.first : "an unknown host";
+              const pid_t pid = it != whereabouts.end() && host == here ? it->second.second : 0;
+              state().lost_spawned.emplace_back(fmt::format("spawned rank {} on {}", r, host), pid);
+            }
           });
     } catch (...) {
       // It could not open (a rank did not answer): no waiting on any.

@@ -134,6 +134,18 @@ long pause_my_rank(long ms) {
   return ms;
 }
 
+/// The message of the WorkerLost `f` throws.
+template <class F>
+std::string test_thrown_lost(F f) {
+  try {
+    f();
+  } catch (const procpool::WorkerLost& e) {
+    return e.what();
+  }
+  FAIL("no WorkerLost");
+  return {};
+}
+
 /// Stops the rank this worker serves for good.
 long stop_my_rank(long) {
   ::kill(static_cast<pid_t>(rank_pid(0)), SIGSTOP);
@@ -461,6 +473,33 @@ TEST_CASE("a rank that stops answering for good ends the job at exit, with a mes
   REQUIRE(std::set<long>(where.begin(), where.end()).size() == 2);
   CHECK_THROWS_AS(pool.apply<stop_my_rank>(0), procpool::WorkerLost);
   CHECK(pool.map<square>(iota(100), 1) == pool.map<square>(iota(100), 50));
+}
+
+TEST_CASE("a spawned rank that stops answering for good does not keep the job alive at exit", "[.stopped_spawn]") {
+  procpool::mpi::Settings settings;
+  settings.lost_after = 1s;
+  procpool::Options o;
+  o.processes = 2;
+  o.backend = procpool::mpi::spawn(2, settings);
+  procpool::Pool pool(o);
+  auto where = pool.map<rank_pid>(iota(20), 1);
+  REQUIRE(std::set<long>(where.begin(), where.end()).size() == 2);
+  auto lost = test_thrown_lost([&] { pool.apply<stop_my_rank>(0); });
+  CHECK_THAT(lost, Catch::Contains("spawned rank "));
+  CHECK(pool.map<square>(iota(100), 1) == pool.map<square>(iota(100), 50));
+}
+
+TEST_CASE("a lost_after too short to hear from a rank in is refused", "[mpi]") {
+  procpool::mpi::Settings settings;
+  settings.lost_after = 0ms;
+  procpool::Options o;
+  o.backend = procpool::mpi::spawn(1, settings);
+  try {
+    procpool::Pool pool(o);
+    FAIL("a pool was made");
+  } catch (const procpool::Error& e) {
+    CHECK_THAT(e.what(), Catch::Contains("Settings::lost_after is 0 ms"));
+  }
 }
 
 namespace {

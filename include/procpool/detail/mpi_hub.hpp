@@ -78,10 +78,17 @@ class MpiHub {
     MPI_Comm comm = MPI_COMM_NULL;
     std::vector<int> ranks;  // the serving ranks, in comm
     std::chrono::milliseconds lost_after{5000};
+    /// How messages name a serving rank: "rank" (of the world), or
+    /// "spawned rank" (numbered from 0 in its own job, beside the caller's rank 0).
+    std::string rank_name = "rank";
   };
 
   MpiHub(Settings settings, const Options& options)
-      : comm_(settings.comm), lost_after_(settings.lost_after), max_ids_(mpi_wire::max_ids(settings.comm)) {
+      : comm_(settings.comm),
+        // milliseconds::max() would overflow the clock: 100 years is for ever enough.
+        lost_after_(std::min<std::chrono::milliseconds>(settings.lost_after, std::chrono::hours(24 * 365 * 100))),
+        max_ids_(mpi_wire::max_ids(settings.comm)),
+        rank_name_(settings.rank_name) {
     wake_ = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
     peers_.resize(settings.ranks.size());
     for (std::size_t k = 0; k < peers_.size(); ++k) peers_[k].rank = settings.ranks[k];
@@ -320,26 +327,26 @@ class MpiHub {
       try {
         hello = mpi_wire::HelloMessage::decode(got);
       } catch (const std::exception& e) {
-        problem = fmt::format("rank {} sent a hello procpool cannot read ({})", p.rank, e.what());
+        problem = fmt::format("{} {} sent a hello procpool cannot read ({})", rank_name_, p.rank, e.what());
         continue;
       }
       p.host = hello.host;
       p.pid = hello.pid;
       p.cpus = std::max<std::size_t>(1, hello.cpus);
-      p.where = std::make_shared<const std::string>(fmt::format("rank {} on {}", p.rank, p.host));
+      p.where = std::make_shared<const std::string>(fmt::format("{} {} on {}", rank_name_, p.rank, p.host));
       if (hello.build != mpi_wire::build_id()) {
         problem = fmt::format(
-            "rank {} on {} runs another build of the program (build id {}; rank 0 has {}). Every rank must run the "
+            "{} {} on {} runs another build of the program (build id {}; rank 0 has {}). Every rank must run the "
             "same binary: build it once and start that file on every host",
-            p.rank, p.host, hello.build, mpi_wire::build_id());
+            rank_name_, p.rank, p.host, hello.build, mpi_wire::build_id());
       } else if (!hello.error.empty()) {
-        problem = fmt::format("rank {} on {} cannot start workers: {}", p.rank, p.host, hello.error);
+        problem = fmt::format("{} {} on {} cannot start workers: {}", rank_name_, p.rank, p.host, hello.error);
       }
     }
     for (std::size_t k = 0; k < peers_.size(); ++k) {
       if (said[k]) continue;
       peers_[k].lost = true;
-      peers_[k].where = std::make_shared<const std::string>(fmt::format("rank {}", peers_[k].rank));
+      peers_[k].where = std::make_shared<const std::string>(fmt::format("{} {}", rank_name_, peers_[k].rank));
     }
     if (problem.empty() && waiting == peers_.size()) {
       problem = fmt::format("no serving rank answered within {} s",
@@ -347,6 +354,7 @@ class MpiHub {
     }
     if (!problem.empty()) {
       close_peers();
+      if (problem.ends_with('.')) problem.pop_back();  // a rank's own error, ending a sentence
       throw Error("procpool: the MPI pool could not open: " + problem + ".");
     }
   }
@@ -509,7 +517,7 @@ class MpiHub {
       if (p.lost || now - p.heard < lost_after_) continue;
       p.lost = true;
       p.where = std::make_shared<const std::string>(
-          fmt::format("rank {} on {}, lost: no word from it for {} ms", p.rank, p.host, lost_after_.count()));
+          fmt::format("{} {} on {}, lost: no word from it for {} ms", rank_name_, p.rank, p.host, lost_after_.count()));
       std::vector<MpiWorker*> on_it;
       for (auto& [id, w] : workers_) {
         if (w->peer == k) on_it.push_back(w.get());
@@ -573,6 +581,7 @@ class MpiHub {
   MPI_Comm comm_;
   const std::chrono::milliseconds lost_after_;
   const std::uint32_t max_ids_;
+  const std::string rank_name_;
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::vector<MpiPeer> peers_;
