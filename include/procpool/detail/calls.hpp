@@ -148,35 +148,25 @@ struct refuse_function_pointer {
   static constexpr bool value = true;
 };
 
-/// A call's value callback as its state holds it; one clear error for a
-/// callable that cannot take the result.
-template <class Function, class C>
-Function value_callback(C callback) {
+/// A call's callback (`for_error`: its error_callback) as its state holds
+/// it; one clear error for a callable that cannot take what it is given.
+template <class Function, bool for_error, class C>
+Function state_callback(C callback) {
   if constexpr (std::is_null_pointer_v<C>) {
     return {};
   } else if constexpr (std::is_constructible_v<Function, C>) {
     return Function(std::move(callback));
+  } else if constexpr (for_error) {
+    static_assert(always_false<C>,
+                  "procpool: an error_callback is called with a `const procpool::Error&`: the error get() "
+                  "would throw, a RemoteError, WorkerLost or TaskTimeout (all derive from procpool::Error; "
+                  "dynamic_cast tells them apart). Take `const procpool::Error&` or `const std::exception&`.");
+    return {};
   } else {
     static_assert(always_false<C>,
                   "procpool: a callback is called with the call's result as a const reference: `const T&` "
                   "for apply_async (T is what the function returns; std::monostate for void), "
                   "`const std::vector<T>&` for map_async and starmap_async. This callback cannot take that.");
-    return {};
-  }
-}
-
-/// A call's error callback as its state holds it, likewise.
-template <class Function, class C>
-Function error_callback(C callback) {
-  if constexpr (std::is_null_pointer_v<C>) {
-    return {};
-  } else if constexpr (std::is_constructible_v<Function, C>) {
-    return Function(std::move(callback));
-  } else {
-    static_assert(always_false<C>,
-                  "procpool: an error_callback is called with a `const procpool::Error&`: the error get() "
-                  "would throw, a RemoteError, WorkerLost or TaskTimeout (all derive from procpool::Error; "
-                  "dynamic_cast tells them apart). Take `const procpool::Error&` or `const std::exception&`.");
     return {};
   }
 }
@@ -315,8 +305,8 @@ class Calls {
       state->set_raise_original(raise_original_);
       if constexpr (!std::is_null_pointer_v<Callback> || !std::is_null_pointer_v<ErrorCallback>) {
         using State = detail::AsyncState<std::vector<T>>;
-        state->set_callbacks(detail::value_callback<typename State::Callback>(std::move(callback)),
-                             detail::error_callback<typename State::ErrorCallback>(std::move(error_callback)));
+        state->set_callbacks(detail::state_callback<typename State::Callback, false>(std::move(callback)),
+                             detail::state_callback<typename State::ErrorCallback, true>(std::move(error_callback)));
       }
       // Chunks go to the workers in batches as they are encoded, so the
       // first run while the rest are still being encoded. The stream keeps
@@ -404,8 +394,8 @@ class Calls {
     state->set_raise_original(raise_original_);
     if constexpr (!std::is_null_pointer_v<OnValue> || !std::is_null_pointer_v<OnError>) {
       using State = detail::AsyncState<T>;
-      state->set_callbacks(detail::value_callback<typename State::Callback>(std::move(on_value)),
-                           detail::error_callback<typename State::ErrorCallback>(std::move(on_error)));
+      state->set_callbacks(detail::state_callback<typename State::Callback, false>(std::move(on_value)),
+                           detail::state_callback<typename State::ErrorCallback, true>(std::move(on_error)));
     }
     detail::Chunk chunk{state, 0, dispatcher->new_frame(), {}};
     std::size_t start = detail::begin_task_frame(chunk.frame, handler);
