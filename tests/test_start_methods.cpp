@@ -19,6 +19,21 @@ namespace {
 
 std::mutex held_elsewhere;
 
+long plus_one(long x) { return x + 1; }
+
+/// In a worker: the command line (first argument) of the fork server of a pool made there.
+std::string nested_fork_server_line(int) {
+  procpool::Pool inner({.processes = 1, .start_method = procpool::StartMethod::forkserver});
+  if (inner.apply<plus_one>(1L) != 2) return "no result";
+  for (int pid : test::child_pids()) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
+    std::string line;
+    std::getline(in, line, '\0');
+    if (line.find("fork server") != std::string::npos) return line;
+  }
+  return "no fork server";
+}
+
 long lock_and_return(long x) {
   // Under fork this mutex would be copied locked and never released.
   std::lock_guard lock(held_elsewhere);
@@ -203,6 +218,15 @@ TEST_CASE("fork pools in a program without procpool::init fork at their first ca
   CHECK(run.output.find(warning, first + 1) == std::string::npos);
   CHECK_THAT(run.output, Catch::Contains("Call procpool::init(argc, argv) first in main()"));
   CHECK_THAT(run.output, !Catch::Contains("ERROR"));  // a sanitizer's report
+}
+
+POOL_TEST("a pool made in a worker names its fork server after the program", "[start]") {
+  // A re-executed worker's argv[0] holds its title ("prog: procpool worker
+  // 0"): a pool made there named its fork server "prog: procpool worker 0:
+  // procpool fork server".
+  const std::string program = std::filesystem::path(program_invocation_name).filename().string();
+  procpool::Pool pool(test::options<TestType>({.processes = 1}));
+  CHECK(pool.apply<nested_fork_server_line>(0) == program + ": procpool fork server");
 }
 
 POOL_TEST("workers and the fork server show the program's name and their role in ps and top", "[start]") {

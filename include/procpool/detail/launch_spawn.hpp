@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "launcher.hpp"
+#include "process_title.hpp"
 #include "system.hpp"
 
 extern char** environ;
@@ -90,7 +91,9 @@ inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds, const 
   ::posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
 
   std::string parent = std::to_string(::getpid());
-  std::string argv0 = program_invocation_name;
+  // Not program_invocation_name: a re-executed worker's is its rewritten
+  // title ("prog: procpool worker 1"), which would name a nested pool's processes.
+  std::string argv0 = ProcessTitle::instance().argv0();
   char* argv[] = {argv0.data(), const_cast<char*>(flag), parent.data(),
                   stdio.relayed() ? const_cast<char*>(relayed_output_flag) : nullptr, nullptr};
   std::vector<char*> env;

@@ -33,7 +33,12 @@ class ProcessTitle {
     args_ = argv[0];
     size_ = static_cast<std::size_t>(end - argv[0]);
     program_ = base_name(argv[0]);
+    argv0_ = argv[0];
   }
+
+  /// The program's argv[0] as it was: what set() overwrites. A pool made in
+  /// this process starts its own processes with it.
+  const char* argv0() const noexcept { return argv0_.empty() ? program_invocation_name : argv0_.c_str(); }
 
   /// Names this process for its role: `role` ("procpool worker 3") on its
   /// command line, where it may be rewritten, and `short_role` ("w3") in
@@ -63,6 +68,7 @@ class ProcessTitle {
   char* args_ = nullptr;
   std::size_t size_ = 0;
   std::string program_;
+  std::string argv0_;
 };
 
 }  // namespace procpool::detail
