@@ -49,6 +49,8 @@ class AsyncResult {
    * @throws WorkerLost the worker running it died
    * @throws TaskTimeout the task ran longer than its task_timeout
    * @throws PoolNotRunning the pool was terminated first
+   * @throws Error called from this call's own callback, where it would wait
+   *         for ever (the call completes once that callback returns)
    */
   decltype(auto) get() const {
     state_->wait_complete(std::nullopt);
@@ -73,6 +75,7 @@ class AsyncResult {
   }
 
   /// Waits until the call has finished (successfully or not).
+  /// @throws Error called from this call's own callback, as get().
   void wait() const { state_->wait_complete(std::nullopt); }
 
   /**
@@ -106,6 +109,7 @@ class AsyncResult {
    * (Python's `future.exception()`).
    * @return what get() would throw (`Cancelled` for a cancelled call), or
    *         an empty pointer if the call succeeded.
+   * @throws Error called from this call's own callback, as get().
    */
   std::exception_ptr exception() const { return state_->error(); }
 
