@@ -421,6 +421,24 @@ class Pool {
     static_assert(detail::refuse_function_pointer<Ret>::value);
     std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
   }
+  // Python's map_async(f, xs, callback=cb): here the chunksize (or the
+  // CallOptions) comes before the callbacks.
+  template <auto Fn, std::ranges::input_range R, class Callback>
+  requires(!std::is_convertible_v<Callback, std::size_t> && !std::is_convertible_v<Callback, const CallOptions&>)
+          AsyncResult < std::vector < detail::result_of_t < detail::FnConst<Fn>,
+      detail::item_t<R>,
+  false >>> map_async(R&&, Callback) {
+    static_assert(detail::refuse_callback_position<Callback>::value);
+    std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
+  }
+  template <auto Fn, std::ranges::input_range R, class Callback>
+  requires(!std::is_convertible_v<Callback, std::size_t> && !std::is_convertible_v<Callback, const CallOptions&>)
+          AsyncResult < std::vector < detail::result_of_t < detail::FnConst<Fn>,
+      detail::item_t<R>,
+  true >>> starmap_async(R&&, Callback) {
+    static_assert(detail::refuse_callback_position<Callback>::value);
+    std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
+  }
   template <class Ret, class... P, class... Rest>
   std::vector<detail::stored_t<Ret>> imap(Ret (*)(P...), Rest&&...) {
     static_assert(detail::refuse_function_pointer<Ret>::value);

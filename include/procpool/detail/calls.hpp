@@ -137,6 +137,16 @@ inline constexpr bool options_first<A, Rest...> = std::is_same_v<std::remove_cvr
 template <class>
 inline constexpr bool always_false = false;
 
+/// Instantiated by map_async<f>(items, callback) (Python's order).
+template <class Callback>
+struct refuse_callback_position {
+  static_assert(always_false<Callback>,
+                "procpool: map_async and starmap_async take their callbacks after the chunksize (0 for the "
+                "default): pool.map_async<f>(items, 0, callback, error_callback), or after CallOptions: "
+                "pool.map_async<f>(items, {.chunksize = 8}, callback).");
+  static constexpr bool value = true;
+};
+
 /// Instantiated by Pool's calls given a function pointer (pool.map(f, xs)).
 template <class Ret>
 struct refuse_function_pointer {
