@@ -423,19 +423,15 @@ class Pool {
   }
   // Python's map_async(f, xs, callback=cb): here the chunksize (or the
   // CallOptions) comes before the callbacks.
-  template <auto Fn, std::ranges::input_range R, class Callback>
-  requires(!std::is_convertible_v<Callback, std::size_t> && !std::is_convertible_v<Callback, const CallOptions&>)
-          AsyncResult < std::vector < detail::result_of_t < detail::FnConst<Fn>,
-      detail::item_t<R>,
-  false >>> map_async(R&&, Callback) {
+  template <auto Fn, class R, bool Star>
+  using map_async_t = AsyncResult<std::vector<detail::result_of_t<detail::FnConst<Fn>, detail::item_t<R>, Star>>>;
+  template <auto Fn, std::ranges::input_range R, detail::misplaced_callback Callback>
+  map_async_t<Fn, R, false> map_async(R&&, Callback) {
     static_assert(detail::refuse_callback_position<Callback>::value);
     std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
   }
-  template <auto Fn, std::ranges::input_range R, class Callback>
-  requires(!std::is_convertible_v<Callback, std::size_t> && !std::is_convertible_v<Callback, const CallOptions&>)
-          AsyncResult < std::vector < detail::result_of_t < detail::FnConst<Fn>,
-      detail::item_t<R>,
-  true >>> starmap_async(R&&, Callback) {
+  template <auto Fn, std::ranges::input_range R, detail::misplaced_callback Callback>
+  map_async_t<Fn, R, true> starmap_async(R&&, Callback) {
     static_assert(detail::refuse_callback_position<Callback>::value);
     std::terminate();  // unreachable: the build failed; the type spares the caller's code more errors
   }

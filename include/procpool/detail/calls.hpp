@@ -137,6 +137,11 @@ inline constexpr bool options_first<A, Rest...> = std::is_same_v<std::remove_cvr
 template <class>
 inline constexpr bool always_false = false;
 
+/// A second argument of map_async that is neither a chunksize nor
+/// CallOptions: a callback in Python's place (map_async(f, xs, callback=cb)).
+template <class C>
+concept misplaced_callback = !std::is_convertible_v<C, std::size_t> && !std::is_convertible_v<C, const CallOptions&>;
+
 /// Instantiated by map_async<f>(items, callback) (Python's order).
 template <class Callback>
 struct refuse_callback_position {
