@@ -701,4 +701,107 @@ POOL_TEST("terminate() stops a map that is still reading its slow input in anoth
   CHECK_THAT(error, Catch::Contains("the pool was terminated while map read its input"));
 }
 
+/// What a child made by fork() found, one bit each (test below).
+enum ForkChild : int {
+  apply_refused = 1,
+  get_refused = 2,
+  wait_refused = 4,
+  join_refused = 8,
+  new_pool_works = 16,
+  finished_refused = 32,
+  imap_refused = 64,
+};
+
+std::vector<char> bytes_of(int n) { return std::vector<char>(static_cast<std::size_t>(n), 'x'); }
+
+/// What the child does with its copies: each use must throw, and letting go of them must
+/// leave the parent's workers and buffers alone.
+struct CopiesInChild {
+  std::optional<procpool::Pool> pool;
+  std::optional<procpool::AsyncResult<std::vector<long>>> running;
+  std::optional<procpool::AsyncResult<std::vector<std::vector<char>>>> finished;  // in shared memory
+  std::optional<procpool::IMap<long>> lazy;
+  std::atomic<int> reads{0};  // of the IMap's input
+};
+
+template <procpool::StartMethod Method>
+int use_copies_in_child(CopiesInChild& c) {
+  int found = 0;
+  auto refused = [](auto&& call) {
+    try {
+      call();
+    } catch (const procpool::PoolNotRunning& e) {
+      return std::strstr(e.what(), "is a copy of it made by fork()") != nullptr;
+    }
+    return false;
+  };
+  if (refused([&] { c.pool->apply<squared>(3L); })) found |= apply_refused;
+  if (refused([&] { c.running->get(); })) found |= get_refused;
+  if (refused([&] { procpool::wait(std::vector{*c.running}, 1h); })) found |= wait_refused;
+  if (refused([&] { c.finished->get(); })) found |= finished_refused;
+  // What the IMap had received is handed out; the next read would need the pool.
+  const int reads = c.reads;
+  if (refused([&] {
+        while (c.lazy->next()) {
+        }
+      }) &&
+      c.reads == reads) {
+    found |= imap_refused;
+  }
+  if (refused([&] {
+        c.pool->close();
+        c.pool->join();
+      })) {
+    found |= join_refused;
+  }
+  c.pool->terminate();  // does nothing here
+  c.lazy.reset();       // nor do the destructors: the workers and buffers are the parent's
+  c.finished.reset();
+  c.running.reset();
+  c.pool.reset();
+  procpool::Pool fresh({.processes = 1, .start_method = Method});
+  if (fresh.apply<squared>(7L) == 49) found |= new_pool_works;
+  return found;
+}
+
+// Named "fork in a ..." to stay out of the sanitizer runs (scripts/test.sh):
+// their allocators are not safe to fork() from a threaded program.
+POOL_TEST("fork in a program with a pool: the child's copy refuses work and leaves the parent's workers be",
+          "[lifecycle][fork_child]") {
+  // The child's exit ran the pool's destructor there, which stopped the
+  // parent's workers (its running tasks failed with WorkerLost, SIGTERM) or
+  // its fork server (11 s); a call in the child waited for ever, and a
+  // result in shared memory crashed it.
+  CopiesInChild c;
+  c.pool.emplace(test::options<TestType>());
+  c.finished = c.pool->map_async<bytes_of>(std::vector<int>(2, 1 << 20), 1);
+  REQUIRE(c.finished->wait(30s));
+  c.lazy.emplace(c.pool->imap<squared>(tv::iota(0L, 100000L) | tv::transform([&c](long x) {
+                                         ++c.reads;
+                                         return x;
+                                       })));
+  CHECK(c.lazy->next() == 0L);
+  c.running = c.pool->map_async<nap>(std::vector<int>(4, 300), 1);
+  std::this_thread::sleep_for(50ms);
+  const auto forked = Clock::now();
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) ::_exit(use_copies_in_child<TestType::method>(c));
+  int status = 0;
+  while (::waitpid(child, &status, WNOHANG) == 0 && Clock::now() - forked < 30s) std::this_thread::sleep_for(5ms);
+  if (::waitpid(child, &status, WNOHANG) == 0) {
+    ::kill(child, SIGKILL);
+    ::waitpid(child, &status, 0);
+    FAIL("the child hung");
+  }
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) ==
+        (apply_refused | get_refused | wait_refused | join_refused | new_pool_works | finished_refused | imap_refused));
+  CHECK(Clock::now() - forked < 10s);
+  CHECK(c.running->get(10s) == std::vector<long>(4, 300));  // the parent's tasks ran on
+  CHECK(c.finished->get() == std::vector<std::vector<char>>(2, bytes_of(1 << 20)));
+  CHECK(c.lazy->next() == 1L);
+  CHECK(c.pool->apply<squared>(5L) == 25);
+}
+
 }  // namespace lifecycle_test

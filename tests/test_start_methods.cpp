@@ -201,7 +201,7 @@ POOL_TEST("a Pool at namespace scope, made before main(), works", "[start]") {
   INFO(run.output);
   REQUIRE(WIFEXITED(run.status));
   CHECK(WEXITSTATUS(run.status) == 0);
-  CHECK(run.output == "squares: 0 1 4 9\njoined\n");
+  CHECK(run.output == "squares: 0 1 4 9\ntask: refused\njoined\n");
 }
 
 TEST_CASE("fork pools in a program without procpool::init fork at their first call, and say so once", "[start]") {

@@ -55,6 +55,7 @@ struct State {
   std::mutex mutex;
   bool initialized = false;
   bool own_mpi = false;  // init() called MPI_Init_thread
+  pid_t init_pid = 0;    // the process that ran init()
   // At exit, finish_world() is in MPI_Finalize (1), or it returned (2).
   std::atomic<int> exit_finalize{0};
   int provided = 0;  // MPI's thread level
@@ -196,6 +197,7 @@ inline void watch_finalize(std::vector<Silent> silent) {
 /// what they still send is taken in until each answers (at most
 /// mpi_wire::finish_wait: one that stopped answers never).
 inline int on_finalize(MPI_Comm, int, void*, void*) {
+  if (::getpid() != state().init_pid) return MPI_SUCCESS;
   ::procpool::detail::MpiTransport::shutdown_all();
   State& s = state();
   std::vector<Silent> silent;
@@ -238,6 +240,7 @@ inline int on_finalize(MPI_Comm, int, void*, void*) {
 
 /// At exit on rank 0: leaves MPI, if init() entered it.
 inline void finish_world() {
+  if (::getpid() != state().init_pid) return;  // a child made by fork(): MPI is its parent's
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized != 0 || !state().own_mpi) return;
@@ -446,6 +449,7 @@ inline void init(int argc, char** argv) {
   MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, detail::on_finalize, &key, nullptr);
   MPI_Comm_set_attr(MPI_COMM_SELF, key, nullptr);
   s.initialized = true;
+  s.init_pid = ::getpid();
   std::atexit(detail::finish_world);
 }
 

@@ -465,6 +465,9 @@ class Pool {
   /// Stops the workers at once (idle ones exit; busy ones get SIGTERM, then
   /// SIGKILL after 200 ms); every
   /// unfinished task fails with PoolNotRunning. Never throws, never hangs.
+  /// In a child the program made with fork(), it does nothing: the workers
+  /// are the parent's (as the destructor there; every other call throws
+  /// PoolNotRunning).
   void terminate() noexcept {
     if (calls_.dispatcher() != nullptr) calls_.dispatcher()->terminate();
   }

@@ -5,7 +5,7 @@
 // every worker, and under fork its workers are forked in procpool::init.
 //
 // usage: PROCPOOL_TEST_METHOD=<method> procpool_global_pool
-//        prints "squares: 0 1 4 9" and "joined"
+//        prints "squares: 0 1 4 9", "task: refused" and "joined"
 #include <procpool/procpool.hpp>
 
 #include <chrono>
@@ -37,6 +37,18 @@ procpool::Pool pool({.processes = 2,
 
 long square(long x) { return x * x * g_factor; }
 
+// A task using the program's pool: a dormant copy (re-run worker) or a copy
+// made by fork (fork worker), which must refuse, not wait for ever.
+std::string use_pool(long x) {
+  try {
+    pool.apply<square>(x);
+    return "ran";
+  } catch (const procpool::PoolNotRunning& e) {
+    return std::string(e.what()).find("a task cannot use the pool of the program") != std::string::npos ? "refused"
+                                                                                                        : e.what();
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -48,6 +60,7 @@ int main(int argc, char** argv) {
     std::printf("squares:");
     for (long v : pool.map<square>(std::vector<long>{0, 1, 2, 3}, 1)) std::printf(" %ld", v);
     std::printf("\n");
+    std::printf("task: %s\n", pool.apply<use_pool>(2L).c_str());
     pool.close();
     pool.join();
     std::printf("joined\n");

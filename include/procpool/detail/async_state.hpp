@@ -63,6 +63,7 @@ class AsyncState : public JobState {
   /// @throws Error waiting for ever from this call's own callback, which
   /// the call's completion waits for.
   bool wait_complete(Deadline deadline) {
+    this->require_owner();  // before any lock: one may have been copied held
     if (!deadline && has_callbacks_ && !complete() &&
         callback_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id()) {
       throw Error(
@@ -76,7 +77,8 @@ class AsyncState : public JobState {
     });
   }
 
-  /// Decodes once, after completion; then value_ or error_ is set.
+  /// Decodes once, after completion; then value_ or error_ is set. Not in
+  /// a child made by fork(), which may not have the results' memory.
   void finalize() {
     wait_complete(std::nullopt);
     decode_once();
@@ -134,6 +136,7 @@ class AsyncState : public JobState {
   /// thread that completes it, or now if it is: for procpool::wait and
   /// as_completed. No allocation in the common case of one listener.
   void on_complete(const std::shared_ptr<CompletionOrder>& order, std::size_t position) {
+    this->require_owner();  // procpool::wait would wait for ever
     {
       std::lock_guard lock(listeners_mutex_);
       if (!notified_) {
@@ -151,6 +154,7 @@ class AsyncState : public JobState {
   /// Runs `callback` once the call is complete: on the pool's callback thread,
   /// or now, on this thread, if it is complete already.
   void add_done_callback(std::function<void()> callback) {
+    this->require_owner();  // it would never run
     {
       std::lock_guard lock(listeners_mutex_);
       if (!notified_) {

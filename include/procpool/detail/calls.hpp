@@ -226,7 +226,12 @@ class Calls {
 
   /// `options.processes` is resolved (not 0).
   Calls(const Options& options, std::unique_ptr<Transport> transport)
-      : dispatcher_(std::make_shared<Dispatcher>(options, std::move(transport))),
+      // In a child made by fork(), the last copy of a pointer to it leaves it
+      // be: its threads are not there to join, its workers not the child's.
+      : dispatcher_(new Dispatcher(options, std::move(transport)),
+                    [](Dispatcher* d) {
+                      if (!d->forked_copy()) delete d;
+                    }),
         processes_(options.processes),
         prefetch_bytes_(options.imap_prefetch_bytes),
         raise_original_(options.raise_original_exceptions) {
@@ -248,6 +253,7 @@ class Calls {
           "procpool: this Pool was made at namespace scope, before main(), in a process procpool started "
           "(a worker or the fork server), where it never runs: a task cannot use the pool of the program");
     }
+    dispatcher_->require_owner();
     return dispatcher_;
   }
   std::size_t processes() const noexcept { return processes_; }

@@ -107,11 +107,20 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// what terminate() failed among them) and ends the callback thread. Called
   /// by ~Pool while the Pool is whole, so a callback may still use it.
   void shutdown() noexcept {
+    if (forked_copy()) return;
     terminate();
     runner_.stop();
   }
 
   std::size_t processes() const { return processes_; }
+
+  /// Whether this is a copy of the pool, in a child its process made with
+  /// fork(): the workers and threads stay with the parent. Used there, the
+  /// pool throws PoolNotRunning, or does nothing where it must not throw.
+  bool forked_copy() const noexcept { return current_pid() != owner_pid_; }
+  void require_owner() const {
+    if (forked_copy()) throw PoolNotRunning(forked_copy_message(owner_pid_));
+  }
 
   /// procpool::init has run: a pool that waited for it starts its workers.
   void start_deferred() {
@@ -133,6 +142,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
    * Every open_stream() needs its close_stream().
    */
   void open_stream() {
+    require_owner();
     std::lock_guard lock(mutex_);
     if (state_ != State::running) throw_not_running();
     ++streams_;
@@ -152,6 +162,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
 
   /// Throws PoolNotRunning unless the pool takes new work.
   void require_running() {
+    require_owner();
     std::lock_guard lock(mutex_);
     if (state_ != State::running) throw_not_running();
   }
@@ -162,6 +173,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// submit(), taking the chunks out of `chunks`: it is left empty, with
   /// its capacity, for a caller's next batch.
   void submit_from(std::vector<Chunk>& chunks, bool in_stream = false) {
+    require_owner();
     // Their frames' shared homes are made before taking the lock the I/O thread needs.
     std::vector<std::shared_ptr<TaskBytes>> frames;
     frames.reserve(chunks.size());
@@ -216,6 +228,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// from the workers holding them (their claims taken back). They are
   /// neither run nor delivered. Returns how many.
   std::size_t withdraw(const JobState& job) override {
+    if (forked_copy()) return 0;
     std::lock_guard lock(mutex_);
     std::size_t withdrawn = 0;
     for (std::size_t k = pending_.size(); k-- > 0;) {
@@ -248,6 +261,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
 
   /// No more submissions; queued work still runs.
   void close() {
+    require_owner();
     {
       std::lock_guard lock(mutex_);
       if (state_ == State::running) state_ = State::closed;
@@ -257,6 +271,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
 
   /// After close(): waits for all queued work, then for every worker to exit.
   void join() {
+    require_owner();
     {
       std::lock_guard lock(mutex_);
       if (state_ == State::running) {
@@ -278,6 +293,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// after a short grace) and fails every unfinished task. Never throws,
   /// never hangs.
   void terminate() noexcept {
+    if (forked_copy()) return;
     terminated_.store(true, std::memory_order_relaxed);
     {
       std::lock_guard lock(mutex_);
@@ -546,6 +562,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   std::mutex mutex_;
   std::mutex join_mutex_;
   std::atomic<bool> terminated_{false};
+  const pid_t owner_pid_ = current_pid();  // the process the pool belongs to (forked_copy)
   State state_ = State::running;
   std::size_t streams_ = 0;  // calls still submitting their batches (open_stream)
   Workers workers_;

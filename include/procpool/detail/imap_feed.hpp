@@ -56,6 +56,7 @@ class ImapFeed {
   /// Cancels the tasks not yet started, those queued in a worker's pipe
   /// too; the input is read no further.
   ~ImapFeed() {
+    if (dispatcher_->forked_copy()) return;  // its tasks are the parent's
     job_->cancel();
     if (submitted_ == taken_) return;
     try {
@@ -69,6 +70,7 @@ class ImapFeed {
 
   /// Whether anything more is to come: an outcome, or the input's error.
   bool more() {
+    dispatcher_->require_owner();  // before reading the input, or the parent's buffers
     if (!batch_.empty()) return true;
     top_up();
     return taken_ < submitted_ || input_error_ != nullptr;
@@ -89,6 +91,7 @@ class ImapFeed {
   /// The next piece, waiting for it until `deadline`; call only while more().
   /// @throws TimeoutError nothing arrived in time.
   Piece next(Deadline deadline) {
+    dispatcher_->require_owner();
     if (batch_.empty()) {
       top_up();
       if (taken_ == submitted_ && input_error_) return Piece{{}, 0, 0, std::exchange(input_error_, nullptr)};

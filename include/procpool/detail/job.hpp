@@ -291,6 +291,12 @@ class JobState {
   /// callbacks), else on the I/O thread.
   virtual void on_delivered() {}
 
+  /// Throws PoolNotRunning in a child made by fork() from the pool's process,
+  /// where the job's outcomes never come.
+  void require_owner() const {
+    if (current_pid() != owner_pid_) throw PoolNotRunning(forked_copy_message(owner_pid_));
+  }
+
   /// delivered(), for a predicate of wait_for() (which holds the lock).
   std::size_t delivered_locked() const { return delivered_; }
 
@@ -336,6 +342,7 @@ class JobState {
   template <class Pred>
   bool wait(std::unique_lock<std::mutex>& lock, Deadline deadline, Pred pred) {
     if (pred()) return true;
+    require_owner();  // in a child made by fork(), nothing would ever come
     if (gated_ && CallbackRunner::on_runner_thread()) {
       // A callback waits for this job, whose news comes through the callback
       // thread: that is this thread, so it runs the queue while it waits.
@@ -413,6 +420,7 @@ class JobState {
   std::size_t expected_bytes_ = 0;
   std::size_t expected_out_ = 0;
   std::atomic<bool> cancelled_{false};
+  const pid_t owner_pid_ = current_pid();  // the pool's process (require_owner)
 };
 
 }  // namespace procpool::detail

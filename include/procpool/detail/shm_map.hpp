@@ -115,17 +115,25 @@ class ShmMapping {
   ShmMapping(void* base, std::size_t size) : base_(static_cast<char*>(base)), size_(size) {}
   ShmMapping(const ShmMapping&) = delete;
   ShmMapping& operator=(const ShmMapping&) = delete;
-  ~ShmMapping() { ::munmap(base_, size_); }
+  ~ShmMapping() {
+    if (here()) ::munmap(base_, size_);
+  }
 
+  /// Whether this process made it. A child made by fork() has a copy of
+  /// this object but not the mapping, and its address may hold another.
+  bool here() const noexcept { return ::getpid() == owner_; }
   ShmHeader& header() const { return *reinterpret_cast<ShmHeader*>(base_); }
   /// Its reader is done with it: its writer may fill it again.
-  void release() const { header().busy.store(0, std::memory_order_release); }
+  void release() const {
+    if (here()) header().busy.store(0, std::memory_order_release);
+  }
   char* data() const { return base_ + shm_header_size; }
   std::size_t capacity() const { return size_ - shm_header_size; }
 
  private:
   char* base_;
   std::size_t size_;
+  pid_t owner_ = ::getpid();
 };
 
 /// Part of another process's buffer this process is reading; releases the
@@ -176,6 +184,10 @@ class ShmLease {
   ~ShmLease() { reset(); }
   void reset() noexcept {
     if (buffer_ == nullptr) return;
+    if (!buffer_->mapping.here()) {  // a copy made by fork(): the buffer is the parent's
+      buffer_ = nullptr;
+      return;
+    }
     std::unique_lock<std::mutex> lock;
     if (mutex_ != nullptr) lock = std::unique_lock(*mutex_);
     give_back(*std::exchange(buffer_, nullptr));

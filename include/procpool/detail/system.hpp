@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -78,6 +79,35 @@ class DeferredStarts {
 inline std::atomic<int>& io_thread_count() {
   static std::atomic<int> count{0};
   return count;
+}
+
+/// A child made by fork() has none of procpool's threads.
+inline const bool io_threads_forgotten_in_child = [] {
+  ::pthread_atfork(nullptr, nullptr, [] { io_thread_count().store(0, std::memory_order_relaxed); });
+  return true;
+}();
+
+/// This process's pid: a pool, its results and its shared buffers belong to
+/// the process that made them, not to a child made by fork() (by any means:
+/// not cached, as a cache would miss children that skip atfork handlers).
+inline pid_t current_pid() noexcept { return ::getpid(); }
+
+/// Whether this process is a procpool worker (it runs the worker loop).
+inline bool& running_tasks() noexcept {
+  static bool worker = false;
+  return worker;
+}
+
+/// What a pool's copy in a child made by fork() says when it is used.
+inline std::string forked_copy_message(pid_t owner) {
+  const std::string me = std::to_string(::getpid());
+  if (running_tasks()) {
+    return "procpool: this pool belongs to process " + std::to_string(owner) + "; this worker (pid " + me +
+           ") has a copy of it made by fork(), with no workers and no threads: a task cannot use the pool of the "
+           "program (make a new Pool in the task)";
+  }
+  return "procpool: this pool belongs to process " + std::to_string(owner) + "; this process (" + me +
+         ") is a copy of it made by fork(), where the pool has no workers and no threads: make a new Pool here";
 }
 
 [[noreturn]] inline void throw_errno(const char* call, int err = errno) {

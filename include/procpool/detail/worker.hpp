@@ -550,6 +550,7 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
   for (int fd : {task_fd, result_fd, claims_fd}) {
     if (fd >= 0) ::fcntl(fd, F_SETFD, ::fcntl(fd, F_GETFD) | FD_CLOEXEC);
   }
+  running_tasks() = true;
   int code = exit_protocol_error;
   try {
     code = worker_main(task_fd, result_fd, relayed, claims_fd);
