@@ -172,6 +172,23 @@ POOL_TEST("a pool works at a soft fd limit of 10, and fails clearly at 9", "[rec
   CHECK_THAT(run.output, Catch::Contains("Too many open files"));
 }
 
+POOL_TEST("Pool() with no fd free fails with a message naming the cause", "[recovery][emfile]") {
+  // It said "eventfd: Too many open files", without procpool or what to do.
+  std::string what;
+  {
+    NoNewFds none;
+    try {
+      procpool::Pool pool(test::options<TestType>());
+    } catch (const std::system_error& e) {
+      what = e.what();
+    }
+  }
+  CHECK_THAT(what, Catch::StartsWith("procpool: the pool could not start, out of file descriptors (see ulimit -n): "));
+  CHECK_THAT(what, Catch::EndsWith("Too many open files"));
+  procpool::Pool pool(test::options<TestType>());
+  CHECK(pool.apply<sq>(3L) == 9);
+}
+
 POOL_TEST("with the process limit reached, Pool() and worker starts fail with clear errors, and the pool recovers",
           "[recovery][nproc]") {
   // RLIMIT_NPROC does not bind root: the helper becomes a user of no other process first.

@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -219,9 +220,26 @@ class Calls {
       throw std::invalid_argument(fmt::format("procpool: Options::task_timeout is negative ({} ms); use 0 for no limit",
                                               options.task_timeout.count()));
     }
-    std::unique_ptr<Transport> transport = make_transport(options);
-    if (options.processes == 0) options.processes = transport->default_processes();
-    return Calls(options, std::move(transport));
+    try {
+      std::unique_ptr<Transport> transport = make_transport(options);
+      if (options.processes == 0) options.processes = transport->default_processes();
+      return Calls(options, std::move(transport));
+    } catch (const std::system_error& e) {
+      throw_start_error(e);
+    }
+  }
+
+  /// A system call failed as the pool started: says so, and what to do
+  /// when the process is out of file descriptors.
+  [[noreturn]] static void throw_start_error(const std::system_error& e) {
+    std::string_view call = e.what();
+    if (call.starts_with("procpool:")) throw;
+    const std::string reason = e.code().message();
+    if (call.ends_with(": " + reason)) call.remove_suffix(reason.size() + 2);
+    const bool no_fds =
+        e.code() == std::errc::too_many_files_open || e.code() == std::errc::too_many_files_open_in_system;
+    throw std::system_error(e.code(), fmt::format("procpool: the pool could not start{}: {}",
+                                                  no_fds ? ", out of file descriptors (see ulimit -n)" : "", call));
   }
 
   /// `options.processes` is resolved (not 0).
