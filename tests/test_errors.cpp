@@ -76,6 +76,15 @@ long throw_int(long x) {
 
 long throw_oops(long) { throw Oops{}; }
 
+long throw_nested(long) {
+  try {
+    throw std::runtime_error("inner");
+  } catch (...) {
+    std::throw_with_nested(std::logic_error("outer"));
+  }
+  return 0;
+}
+
 // ---- dying workers ------------------------------------------------------------
 
 enum Death : int { by_abort, by_sigkill, by_exit_7 };
@@ -247,6 +256,18 @@ POOL_TEST("an exception of a non-std type is reported by its type name", "[error
   CHECK_THAT(oops.what(), Catch::Contains("errors_test::Oops"));
 
   CHECK(pool.map<squared>(iota_vec(10)) == squares(10));
+}
+
+POOL_TEST("an exception thrown with std::throw_with_nested is reported by the type the task threw",
+          "[errors][remote]") {
+  // It read "std::_Nested_exception<std::logic_error>", which
+  // raise_original_exceptions could not raise again.
+  procpool::Pool pool(test::options<TestType>());
+  auto e = test::thrown<procpool::RemoteError>([&] { pool.apply<throw_nested>(1L); });
+  CHECK(e.type_name() == "std::logic_error");
+  CHECK(e.message() == "outer");
+  procpool::Pool original(test::options<TestType>({.raise_original_exceptions = true}));
+  CHECK_THROWS_AS(original.apply<throw_nested>(1L), std::logic_error);
 }
 
 POOL_TEST("a task that throws procpool::ProtocolError itself gets a RemoteError, like any other type",

@@ -53,6 +53,24 @@ struct travels {
 };
 template <class T>
 inline constexpr bool travels_v = travels<std::remove_cvref_t<T>>::value;
+template <class T>
+struct travels<T*> : std::false_type {};
+
+/// Whether T is a raw pointer, or holds one as a tuple, pair, array, vector
+/// or optional does: the message for it says so.
+template <class T>
+struct holds_raw_pointer : std::is_pointer<T> {};
+template <class... T>
+struct holds_raw_pointer<std::tuple<T...>> : std::disjunction<holds_raw_pointer<std::remove_cvref_t<T>>...> {};
+template <class A, class B>
+struct holds_raw_pointer<std::pair<A, B>>
+    : std::disjunction<holds_raw_pointer<std::remove_cvref_t<A>>, holds_raw_pointer<std::remove_cvref_t<B>>> {};
+template <class T, std::size_t N>
+struct holds_raw_pointer<std::array<T, N>> : holds_raw_pointer<T> {};
+template <class T, class A>
+struct holds_raw_pointer<std::vector<T, A>> : holds_raw_pointer<T> {};
+template <class T>
+struct holds_raw_pointer<std::optional<T>> : holds_raw_pointer<T> {};
 
 template <class T, class A>
 struct travels<std::vector<T, A>> : travels<T> {};
@@ -115,7 +133,12 @@ struct require_default_constructible {
 /// compiler's "required from" line names the type that cannot travel.
 template <class T>
 struct require_serializable {
-  static_assert(travels_v<T>,
+  static constexpr bool pointer = holds_raw_pointer<std::remove_cvref_t<T>>::value;
+  static_assert(!pointer,
+                "procpool: a raw pointer cannot be sent to a worker process: its address means nothing "
+                "there. Pass the value itself, a std::vector, or a std::unique_ptr. The offending type is "
+                "the T in 'require_serializable<T>' in this message's instantiation context.");
+  static_assert(pointer || travels_v<T>,
                 "procpool: this argument or result type cannot be sent to a worker process: "
                 "cereal has no serialize()/save()/load() for it. Add a member "
                 "`template <class Archive> void serialize(Archive& ar) { ar(field1, field2); }` "
@@ -265,7 +288,16 @@ class Decoder {
 /// Demangled dynamic type of the exception being handled ("int" for `throw 1`).
 inline std::string current_exception_type_name() {
   const std::type_info* type = abi::__cxa_current_exception_type();
-  return type != nullptr ? demangle(type->name()) : std::string("unknown exception");
+  if (type == nullptr) return "unknown exception";
+  std::string name = demangle(type->name());
+  // std::throw_with_nested(E{...}) throws libstdc++'s class deriving from E
+  // and std::nested_exception: E is the type the task threw.
+  constexpr std::string_view nested = "std::_Nested_exception<";
+  if (name.starts_with(nested) && name.ends_with('>')) {
+    name = name.substr(nested.size(), name.size() - nested.size() - 1);
+    if (name.ends_with(' ')) name.pop_back();  // "Foo<Foo<int> > >"
+  }
+  return name;
 }
 
 }  // namespace procpool::detail
