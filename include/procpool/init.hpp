@@ -42,6 +42,7 @@ inline void init(int argc, char** argv) {
   detail::init_called() = true;
   // Before any fd of procpool's exists, in the program and in its workers.
   detail::occupy_closed_stdio();
+  detail::SelfCommand::instance().learn(argc);
   const bool ours = argc >= 3 && argv != nullptr && argv[1] != nullptr;
   const bool worker = ours && std::strcmp(argv[1], detail::worker_flag) == 0;
   const bool server = ours && std::strcmp(argv[1], detail::forkserver_flag) == 0;

@@ -2,8 +2,13 @@
 // program's own binary, which procpool::init turns into a worker.
 #pragma once
 
+#include <fcntl.h>
+#include <limits.h>
+#include <link.h>
 #include <spawn.h>
+#include <unistd.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <string>
@@ -37,6 +42,67 @@ inline std::string missing_init_hint(std::string_view method) {
          " procpool re-runs this program's binary to start its processes, and main() must hand them "
          "over: add `procpool::init(argc, argv);` as the first line of main(), before any other work";
 }
+
+/// How this program runs itself again. /proc/self/exe is its binary, unless
+/// the program was started through the dynamic loader
+/// (`/lib64/ld-linux-x86-64.so.2 [options] ./prog args`, as bundles do): then
+/// it is the loader, which must be given its options and the program again.
+/// Learnt in init, from /proc/self/cmdline (whose strings hold the loader's
+/// part before the program's argc), before a worker renames itself or the
+/// program changes directory.
+class SelfCommand {
+ public:
+  static SelfCommand& instance() {
+    static SelfCommand command;
+    return command;
+  }
+  void learn(int argc) noexcept {
+    if (argc < 1 || !run_by_loader()) return;
+    std::string text;
+    const int fd = ::open("/proc/self/cmdline", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    char buffer[4096];
+    for (long n; (n = ::read(fd, buffer, sizeof buffer)) > 0;) text.append(buffer, static_cast<std::size_t>(n));
+    ::close(fd);
+    std::vector<std::string> words;
+    for (std::size_t at = 0; at < text.size();) {
+      const std::size_t end = std::min(text.find('\0', at), text.size());
+      words.emplace_back(text, at, end - at);
+      at = end + 1;
+    }
+    if (words.size() <= static_cast<std::size_t>(argc)) return;  // run directly
+    const std::size_t program_at = words.size() - static_cast<std::size_t>(argc);
+    char resolved[PATH_MAX];
+    if (::realpath(words[program_at].c_str(), resolved) == nullptr) return;
+    loader_.assign(words.begin(), words.begin() + static_cast<std::ptrdiff_t>(program_at));
+    loader_.emplace_back(resolved);
+  }
+  /// The loader's argv up to the program's path, included; empty if the
+  /// program runs directly.
+  const std::vector<std::string>& loader() const { return loader_; }
+
+ private:
+  /// Whether /proc/self/exe is the program's own interpreter (PT_INTERP).
+  static bool run_by_loader() noexcept {
+    const char* interpreter = nullptr;
+    ::dl_iterate_phdr(
+        [](dl_phdr_info* info, std::size_t, void* data) {
+          for (int i = 0; i < info->dlpi_phnum; ++i) {
+            if (info->dlpi_phdr[i].p_type == PT_INTERP) {
+              *static_cast<const char**>(data) =
+                  reinterpret_cast<const char*>(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+            }
+          }
+          return 1;  // the program only
+        },
+        &interpreter);
+    char exe[PATH_MAX], loader[PATH_MAX];
+    return interpreter != nullptr && ::realpath("/proc/self/exe", exe) != nullptr &&
+           ::realpath(interpreter, loader) != nullptr && std::strcmp(exe, loader) == 0;
+  }
+
+  std::vector<std::string> loader_;
+};
 
 /// The fds a re-executed worker finds its pipes and its claim area at.
 inline constexpr int worker_task_fd = 3;
@@ -94,8 +160,14 @@ inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds, const 
   // Not program_invocation_name: a re-executed worker's is its rewritten
   // title ("prog: procpool worker 1"), which would name a nested pool's processes.
   std::string argv0 = ProcessTitle::instance().argv0();
-  char* argv[] = {argv0.data(), const_cast<char*>(flag), parent.data(),
-                  stdio.relayed() ? const_cast<char*>(relayed_output_flag) : nullptr, nullptr};
+  std::vector<std::string> loader = SelfCommand::instance().loader();
+  std::vector<char*> argv;
+  for (std::string& word : loader) argv.push_back(word.data());
+  if (loader.empty()) argv.push_back(argv0.data());
+  argv.push_back(const_cast<char*>(flag));
+  argv.push_back(parent.data());
+  if (stdio.relayed()) argv.push_back(const_cast<char*>(relayed_output_flag));
+  argv.push_back(nullptr);
   std::vector<char*> env;
   std::string marker = std::string(worker_env) + "=1";
   for (char** e = environ; *e != nullptr; ++e) {
@@ -105,7 +177,7 @@ inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds, const 
   env.push_back(nullptr);
 
   pid_t pid = -1;
-  int err = ::posix_spawn(&pid, "/proc/self/exe", &actions, &attr, argv, env.data());
+  int err = ::posix_spawn(&pid, "/proc/self/exe", &actions, &attr, argv.data(), env.data());
   ::posix_spawn_file_actions_destroy(&actions);
   ::posix_spawnattr_destroy(&attr);
   if (err != 0) throw_errno("posix_spawn(/proc/self/exe)", err);
