@@ -1,6 +1,5 @@
 // What distinguishes the start methods: threads in the parent, and the
 // procpool::init line that the exec-based methods depend on.
-#include <link.h>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -221,29 +220,12 @@ TEST_CASE("fork pools in a program without procpool::init fork at their first ca
   CHECK_THAT(run.output, !Catch::Contains("ERROR"));  // a sanitizer's report
 }
 
-/// The dynamic loader this binary names (PT_INTERP): /lib64/ld-linux-x86-64.so.2 on x86-64 Debian.
-std::string dynamic_loader() {
-  std::string found;
-  ::dl_iterate_phdr(
-      [](dl_phdr_info* info, std::size_t, void* data) {
-        for (int i = 0; i < info->dlpi_phnum; ++i) {
-          if (info->dlpi_phdr[i].p_type == PT_INTERP) {
-            *static_cast<std::string*>(data) =
-                reinterpret_cast<const char*>(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
-          }
-        }
-        return 1;  // the program only
-      },
-      &found);
-  return found;
-}
-
 POOL_TEST("a program started through the dynamic loader starts its workers", "[start][loader]") {
   // `ld.so [options] ./prog` (as bundles start programs): /proc/self/exe is
   // the loader, which re-ran without the program ("unrecognized option
   // '--procpool-worker'"), and the error said to add procpool::init.
-  const std::string loader = dynamic_loader();
-  REQUIRE(!loader.empty());
+  const char* loader = procpool::detail::program_interpreter();  // /lib64/ld-linux-x86-64.so.2 on x86-64
+  REQUIRE(loader != nullptr);
   auto run = test::run_program({loader, "--inhibit-cache", PROCPOOL_HELPER, "fewfds",
                                 std::string(procpool::to_string(TestType::method)), "64"},
                                60000);

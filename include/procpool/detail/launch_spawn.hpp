@@ -43,6 +43,24 @@ inline std::string missing_init_hint(std::string_view method) {
          "over: add `procpool::init(argc, argv);` as the first line of main(), before any other work";
 }
 
+/// The dynamic loader the program names (its PT_INTERP), or nullptr if it
+/// is linked statically.
+inline const char* program_interpreter() noexcept {
+  const char* interpreter = nullptr;
+  ::dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void* data) {
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          if (info->dlpi_phdr[i].p_type == PT_INTERP) {
+            *static_cast<const char**>(data) =
+                reinterpret_cast<const char*>(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+          }
+        }
+        return 1;  // the program only
+      },
+      &interpreter);
+  return interpreter;
+}
+
 /// How this program runs itself again. /proc/self/exe is its binary, unless
 /// the program was started through the dynamic loader
 /// (`/lib64/ld-linux-x86-64.so.2 [options] ./prog args`, as bundles do): then
@@ -82,20 +100,9 @@ class SelfCommand {
   const std::vector<std::string>& loader() const { return loader_; }
 
  private:
-  /// Whether /proc/self/exe is the program's own interpreter (PT_INTERP).
+  /// Whether /proc/self/exe is the program's own interpreter.
   static bool run_by_loader() noexcept {
-    const char* interpreter = nullptr;
-    ::dl_iterate_phdr(
-        [](dl_phdr_info* info, std::size_t, void* data) {
-          for (int i = 0; i < info->dlpi_phnum; ++i) {
-            if (info->dlpi_phdr[i].p_type == PT_INTERP) {
-              *static_cast<const char**>(data) =
-                  reinterpret_cast<const char*>(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
-            }
-          }
-          return 1;  // the program only
-        },
-        &interpreter);
+    const char* interpreter = program_interpreter();
     char exe[PATH_MAX], loader[PATH_MAX];
     return interpreter != nullptr && ::realpath("/proc/self/exe", exe) != nullptr &&
            ::realpath(interpreter, loader) != nullptr && std::strcmp(exe, loader) == 0;
