@@ -81,16 +81,34 @@ inline std::atomic<int>& io_thread_count() {
   return count;
 }
 
-/// A child made by fork() has none of procpool's threads.
-inline const bool io_threads_forgotten_in_child = [] {
-  ::pthread_atfork(nullptr, nullptr, [] { io_thread_count().store(0, std::memory_order_relaxed); });
+/// This process's pid once known (current_pid); 0 in a new child of fork().
+inline std::atomic<pid_t>& known_pid() noexcept {
+  static std::atomic<pid_t> pid{0};
+  return pid;
+}
+
+/// A child made by fork() has none of procpool's threads, and a pid of its
+/// own. Registered as the program starts, before any pool forks.
+inline const bool forgotten_in_child = [] {
+  ::pthread_atfork(nullptr, nullptr, [] {
+    known_pid().store(0, std::memory_order_relaxed);
+    io_thread_count().store(0, std::memory_order_relaxed);
+  });
   return true;
 }();
 
-/// This process's pid: a pool, its results and its shared buffers belong to
-/// the process that made them, not to a child made by fork() (by any means:
-/// not cached, as a cache would miss children that skip atfork handlers).
-inline pid_t current_pid() noexcept { return ::getpid(); }
+/// This process's pid: a pool and its results belong to the process that
+/// made them, not to a child made by fork(). Kept, as a system call costs a
+/// microsecond on some machines and imap asks for every result; so children
+/// made without atfork handlers (_Fork(), a raw clone) are not told apart.
+inline pid_t current_pid() noexcept {
+  pid_t pid = known_pid().load(std::memory_order_relaxed);
+  if (pid == 0) {
+    pid = ::getpid();
+    known_pid().store(pid, std::memory_order_relaxed);
+  }
+  return pid;
+}
 
 /// Whether this process is a procpool worker (it runs the worker loop).
 inline bool& running_tasks() noexcept {
