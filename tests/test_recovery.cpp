@@ -172,6 +172,17 @@ POOL_TEST("a pool works at a soft fd limit of 10, and fails clearly at 9", "[rec
   CHECK_THAT(run.output, Catch::Contains("Too many open files"));
 }
 
+POOL_TEST("tasks wait for a worker finishing its last task when its successor lacks fds", "[recovery][emfile]") {
+  // The successor, started early, failed twice for want of fds while its
+  // predecessor ran a 200 ms task, and the waiting tasks failed with it;
+  // that worker's exit frees what the successor needs.
+  auto run =
+      test::run_program({PROCPOOL_HELPER, "successor", std::string(procpool::to_string(TestType::method))}, 60000);
+  INFO(run.output);
+  CHECK(WIFEXITED(run.status));
+  CHECK(run.output == "slow ok\n");
+}
+
 POOL_TEST("Pool() with no fd free fails with a message naming the cause", "[recovery][emfile]") {
   // It said "eventfd: Too many open files", without procpool or what to do.
   std::string what;

@@ -24,6 +24,10 @@
 //                         whose workers are replaced every 5 tasks maps 60
 //                         squares and returns 4 MiB; prints "squares ok" and
 //                         "big ok", or the error
+//   successor <method>    a pool of 1 whose worker is replaced after each task,
+//                         under a soft RLIMIT_NOFILE that leaves a successor
+//                         no fds while its predecessor lives: maps 4 tasks of
+//                         200 ms; prints "slow ok", or the error
 //   unflushed <method> <file>
 //                         stdout to <file>; a pool of 2 maps 4 tasks that
 //                         printf "task N" without fflush, and is destroyed
@@ -329,6 +333,44 @@ int few_fds(const std::string& method, int limit) {
   return 0;
 }
 
+long slow_square(long x) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  return x * x;
+}
+
+int open_fds() {
+  int n = 0;
+  if (DIR* dir = ::opendir("/proc/self/fd")) {
+    while (::readdir(dir) != nullptr) ++n;
+    ::closedir(dir);
+    n -= 3;  // ".", ".." and the directory's own fd
+  }
+  return n;
+}
+
+int successor(const std::string& method) {
+  ::close_range(3, ~0U, 0);
+  try {
+    procpool::Pool pool({.processes = 1, .start_method = method_named(method), .maxtasksperchild = 1});
+    (void)pool.apply<square>(2L);
+    // The first worker has exited and its successor is ready: the fds open
+    // now are those of a pool with one worker.
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    // Two more: the next successor, started early as this worker runs its
+    // last task, cannot have both its pipes until that worker exits.
+    const int limit = open_fds() + 2;
+    rlimit low{};
+    ::getrlimit(RLIMIT_NOFILE, &low);
+    low.rlim_cur = static_cast<rlim_t>(limit);
+    if (::setrlimit(RLIMIT_NOFILE, &low) != 0) return 3;
+    const auto squares = pool.map<slow_square>(std::vector<long>{1, 2, 3, 4}, 1);
+    std::printf("slow %s\n", squares == std::vector<long>{1, 4, 9, 16} ? "ok" : "wrong");
+  } catch (const std::exception& e) {
+    std::printf("error: %s\n", e.what());
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   procpool::init(argc, argv);
   std::string mode = argc > 1 ? argv[1] : "";
@@ -340,6 +382,7 @@ int main(int argc, char** argv) {
   }
   if (mode == "nproc" && argc > 2) return nproc(argv[2]);
   if (mode == "fewfds" && argc > 3) return few_fds(argv[2], std::atoi(argv[3]));
+  if (mode == "successor" && argc > 2) return successor(argv[2]);
   if (mode == "unflushed" && argc > 3) return unflushed(argv[2], argv[3]);
   if (mode == "reaper" && argc > 3) {
     return reaper(argv[2], std::atoi(argv[3]), argc > 4 && std::string(argv[4]) == "subreaper");

@@ -414,7 +414,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     watch.add(wake_.get(), POLLIN, nullptr, Watch::end);
     watch.poll_for_ends = false;
     auto next_deadline = enforce_timeouts();
-    if (start_failure_ && !broken_ && (state_ == State::running || state_ == State::closed)) {
+    if (start_failure_ && !broken_ && wants_workers()) {
       next_deadline = next_deadline ? std::min(*next_deadline, next_start_) : next_start_;
     }
     for (auto& w : workers_) {
@@ -482,6 +482,8 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
       if (workers_[i]->exited) {
         bury(*workers_[i], deliveries);
         workers_.erase(workers_.begin() + static_cast<std::ptrdiff_t>(i));
+        // What it held (fds, a process) is free: a failed start is tried again now.
+        if (start_failure_) next_start_ = Clock::now();
       } else {
         ++i;
       }
@@ -491,9 +493,12 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     for (int round = 0; round < 2; ++round) {
       start_missing_workers(lock);
       if (broken_) fail_all_pending(*broken_, deliveries);
-      // Tasks no worker can take while workers cannot be started fail now,
-      // with the reason; the pool goes on trying to start workers.
-      if (start_failure_ && start_failures_ >= 2 && !pending_.empty() && !any_worker_will_take_tasks()) {
+      // Tasks no worker can take while workers cannot be started fail, with
+      // the reason. Not at once while a worker is left: one finishing its
+      // last task (maxtasksperchild) frees its fds and process when it
+      // exits, and the next start may then work. The pool goes on trying.
+      if (start_failure_ && start_failures_ >= 2 && !pending_.empty() && !any_worker_will_take_tasks() &&
+          (workers_.empty() || start_backoff_ >= max_start_backoff)) {
         fail_all_pending(*start_failure_, deliveries);
       }
       scheduler_.assign(pending_, workers_);
@@ -514,6 +519,11 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// Whether some worker takes tasks now or will once it is ready.
   bool any_worker_will_take_tasks() const {
     return std::any_of(workers_.begin(), workers_.end(), [](const auto& w) { return w->takes_tasks(); });
+  }
+
+  /// Whether the pool needs workers: it runs, or it is closed with work left.
+  bool wants_workers() const {
+    return state_ == State::running || (state_ == State::closed && (streams_ > 0 || !pending_.empty()));
   }
 
   void fail_all_pending(const ChunkFailure& failure, std::vector<Delivery>& deliveries) {
@@ -578,6 +588,8 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   std::size_t start_failures_ = 0;             // failed starts in a row
   Clock::time_point next_start_{};             // when to try again after a failed start
   std::chrono::milliseconds start_backoff_{0};
+  // The longest wait between two starts; reached after about 6 s of failures.
+  static constexpr std::chrono::milliseconds max_start_backoff{5000};
   Clock::time_point next_trim_{};  // when to look for idle shared buffers again
   Fd wake_;
   std::unique_ptr<OutputRelay> relay_;  // only when workers' output is not inherited

@@ -20,15 +20,11 @@ inline void Dispatcher::start_missing_workers(std::unique_lock<std::mutex>& lock
   // The first time, every worker starts whatever the state: a pool closed
   // as soon as it is made still runs its initializer once in each worker.
   const bool first = std::exchange(first_start_, false);
-  auto want = [&] {
-    return !broken_ &&
-           (first || state_ == State::running || (state_ == State::closed && (streams_ > 0 || !pending_.empty())));
-  };
+  auto want = [&] { return !broken_ && (first || wants_workers()); };
   if (!want()) return;
   // After a failed start, wait for the backoff unless tasks have nowhere to
-  // go and have waited for one attempt already.
-  if (start_failure_ && Clock::now() < next_start_ &&
-      (start_failures_ < 2 || pending_.empty() || any_worker_will_take_tasks())) {
+  // go (no worker is left) and have waited for one attempt already.
+  if (start_failure_ && Clock::now() < next_start_ && (start_failures_ < 2 || pending_.empty() || !workers_.empty())) {
     return;
   }
   for (std::size_t slot = 0; slot < processes_ && !broken_; ++slot) {
@@ -119,7 +115,7 @@ inline void Dispatcher::start_failed(std::size_t slot, const std::exception& e) 
   start_failure_ =
       ChunkFailure{ChunkFailure::Kind::start_failed, 0, slot, 0,
                    fmt::format("the pool could not start worker {}: {}; it goes on trying", slot, e.what())};
-  start_backoff_ = std::clamp(2 * start_backoff_, std::chrono::milliseconds(50), std::chrono::milliseconds(5000));
+  start_backoff_ = std::clamp(2 * start_backoff_, std::chrono::milliseconds(50), max_start_backoff);
   next_start_ = Clock::now() + start_backoff_;
   // Tasks fail for it only once a second attempt (after the backoff)
   // failed too: a worker about to exit may free what the first lacked.
