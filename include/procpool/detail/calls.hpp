@@ -360,15 +360,16 @@ class Calls {
       } stream_end{*dispatcher};
       std::vector<detail::Chunk> batch;
       std::size_t bytes = 0;
+      auto stopped = [&] {
+        return PoolNotRunning(fmt::format("procpool: the pool was terminated while {} read its input", call));
+      };
       try {
         auto it = std::ranges::begin(items);
         auto end = std::ranges::end(items);
         auto batch_began = detail::Clock::now();
         for (std::uint64_t index = 0; it != end; ++index) {
           // A pool terminated meanwhile: the input is read no further.
-          if (dispatcher->terminated()) {
-            throw PoolNotRunning(fmt::format("procpool: the pool was terminated while {} read its input", call));
-          }
+          if (dispatcher->terminated()) throw stopped();
           detail::Chunk chunk{state, index, dispatcher->new_frame(), {}};
           std::size_t start = detail::begin_task_frame(chunk.frame, handler);
           auto n = detail::encode_items<F, Arg>(chunk.frame, chunk.shares, fn, it, end, chunksize);
@@ -384,6 +385,11 @@ class Calls {
           }
         }
         if (!batch.empty()) submit_batch(*dispatcher, prefetch_bytes, *state, batch, synchronous);
+      } catch (const PoolNotRunning&) {
+        // Terminated between the check above and a submission: the same news.
+        state->cancel();
+        if (dispatcher->terminated()) throw stopped();
+        throw;
       } catch (...) {
         // An item that failed to encode, or a pool terminated meanwhile: the
         // chunks already queued are dropped, and the caller gets the error.
