@@ -195,6 +195,77 @@ POOL_TEST("a callback that waits for its own call gets an error, not a wait for 
   CHECK(self.get() == squares(3));
 }
 
+POOL_TEST("a callback may wait with procpool::wait and as_completed for calls whose callbacks come after it",
+          "[callbacks][reentrant][wait]") {
+  // Those calls finish once their callbacks have run, on the thread the
+  // waiting callback holds: procpool::wait and as_completed waited for ever.
+  procpool::Pool pool(test::options<TestType>());
+  std::promise<void> go;
+  auto gate = go.get_future().share();
+  std::vector<procpool::AsyncResult<long>> later;
+  std::promise<std::string> seen;
+  auto first = pool.apply_async<sq>(1L, procpool::callbacks([&, gate](const long&) {
+                                      gate.wait();
+                                      try {
+                                        auto [done, not_done] = procpool::wait(later);
+                                        long sum = 0;
+                                        for (const auto& r : procpool::as_completed(later)) sum += r.get();
+                                        seen.set_value(
+                                            fmt::format("{} done, {} not, sum {}", done.size(), not_done.size(), sum));
+                                      } catch (const std::exception& e) {
+                                        seen.set_value(e.what());
+                                      }
+                                    }));
+  std::atomic<int> ran{0};
+  for (long x : {2L, 3L, 4L})
+    later.push_back(pool.apply_async<sq>(x, procpool::callbacks([&](const long&) { ++ran; })));
+  go.set_value();
+  CHECK(seen.get_future().get() == "3 done, 0 not, sum 29");
+  CHECK(first.get() == 1);
+  CHECK(ran == 3);
+}
+
+POOL_TEST("a callback that waits with procpool::wait or as_completed for its own call gets an error",
+          "[callbacks][reentrant][wait]") {
+  procpool::Pool pool(test::options<TestType>());
+  std::promise<void> go;
+  auto gate = go.get_future().share();
+  std::vector<procpool::AsyncResult<long>> both;
+  std::promise<std::vector<std::string>> said;
+  both.push_back(pool.apply_async<sq>(5L));
+  both.push_back(pool.apply_async<sq>(6L, procpool::callbacks([&, gate](const long&) {
+                                        gate.wait();
+                                        std::vector<std::string> what;
+                                        auto attempt = [&](auto&& wait) {
+                                          try {
+                                            wait();
+                                            what.push_back("returned");
+                                          } catch (const procpool::Error& e) {
+                                            what.push_back(e.what());
+                                          }
+                                        };
+                                        attempt([&] { procpool::wait(both); });
+                                        attempt([&] { procpool::wait(both, procpool::ReturnWhen::first_exception); });
+                                        attempt([&] {
+                                          for (const auto& r : procpool::as_completed(both)) (void)r;
+                                        });
+                                        // It can end without its own call: it returns.
+                                        attempt([&] { procpool::wait(both, procpool::ReturnWhen::first_completed); });
+                                        attempt([&] { procpool::wait(both, 10ms); });
+                                        said.set_value(what);
+                                      })));
+  go.set_value();
+  const auto what = said.get_future().get();
+  REQUIRE(what.size() == 5);
+  for (std::size_t k = 0; k < 3; ++k) {
+    INFO(k);
+    CHECK_THAT(what[k], Catch::Contains("own callback waited for it to finish"));
+  }
+  CHECK(what[3] == "returned");
+  CHECK(what[4] == "returned");
+  CHECK(both[1].get() == 36);
+}
+
 POOL_TEST("on_worker_output may call back into its pool", "[callbacks][reentrant][output]") {
   // The first line's callback acts; the others return at once. (Not
   // std::call_once: after a callable that threw, libstdc++'s call_once can

@@ -48,6 +48,47 @@ std::shared_ptr<CompletionOrder> listen(const Results& results) {
   return order;
 }
 
+/// How a wait from a callback goes (CompletionOrder::await): which of the
+/// results finish only once the waiting callback returns (its own call),
+/// and whether any other finishes only once a callback queued behind it
+/// has run, so that it must run the queue while it waits.
+struct WaitPlan {
+  std::vector<std::size_t> own;  // positions
+  bool pump = false;
+  std::thread::id thread;  // where it was made
+};
+
+template <class Result>
+WaitPlan plan_wait(const std::vector<Result>& results) {
+  WaitPlan plan;
+  plan.thread = std::this_thread::get_id();
+  if (!CallbackRunner::on_runner_thread()) return plan;
+  for (std::size_t k = 0; k < results.size(); ++k) {
+    const auto& state = AsyncStateOf::get(results[k]);
+    if (state->finishes_after_this_callback()) {
+      plan.own.push_back(k);
+    } else if (state->gated() && !state->complete()) {
+      plan.pump = true;
+    }
+  }
+  return plan;
+}
+
+/// Throws what get() throws from a call's own callback when a wait with no
+/// deadline needs that call (`all`: every result), or when nothing else is
+/// left to end it.
+template <class Result>
+void refuse_endless_wait(const std::vector<Result>& results, const CompletionOrder& order,
+                         const std::vector<std::size_t>& own, bool all) {
+  if (!own.empty() && (all || order.finished.size() + own.size() >= results.size())) {
+    throw AsyncStateOf::get(results[own.front()])->own_callback_wait();
+  }
+}
+
+/// procpool::wait, until `deadline` if any.
+template <class Results>
+WaitResult wait_until(const Results& results, Deadline deadline, ReturnWhen when);
+
 template <class Results>
 using result_of_range_t = std::remove_cvref_t<std::ranges::range_value_t<Results>>;
 
@@ -80,34 +121,38 @@ struct AsyncResultTraits<AsyncResult<R>> {
 template <std::ranges::input_range Results, class Rep, class Period>
 WaitResult wait(const Results& results, std::chrono::duration<Rep, Period> timeout,
                 ReturnWhen when = ReturnWhen::all_completed) {
-  const auto deadline = detail::Clock::now() + detail::clamp_timeout(timeout);
-  std::vector<detail::result_of_range_t<Results>> all(std::ranges::begin(results), std::ranges::end(results));
-  auto order = detail::listen(all);
-  {
-    std::unique_lock lock(order->mutex);
-    std::size_t checked = 0;  // finished results already looked at for first_exception
-    bool failed = false;
-    order->cv.wait_until(lock, deadline, [&] {
-      if (order->finished.size() == all.size()) return true;
-      if (when == ReturnWhen::first_completed) return !order->finished.empty();
-      if (when == ReturnWhen::first_exception) {
-        for (; checked < order->finished.size() && !failed; ++checked) {
-          failed = all[order->finished[checked]].exception() != nullptr;
-        }
-        return failed;
-      }
-      return false;
-    });
-  }
-  WaitResult result;
-  for (std::size_t k = 0; k < all.size(); ++k) (all[k].ready() ? result.done : result.not_done).push_back(k);
-  return result;
+  return detail::wait_until(results, detail::Clock::now() + detail::clamp_timeout(timeout), when);
 }
 
 /// procpool::wait without a time limit.
 template <std::ranges::input_range Results>
 WaitResult wait(const Results& results, ReturnWhen when = ReturnWhen::all_completed) {
-  return wait(results, std::chrono::hours(24 * 365 * 100), when);
+  return detail::wait_until(results, std::nullopt, when);
+}
+
+template <class Results>
+WaitResult detail::wait_until(const Results& results, Deadline deadline, ReturnWhen when) {
+  std::vector<result_of_range_t<Results>> all(std::ranges::begin(results), std::ranges::end(results));
+  auto order = listen(all);
+  WaitPlan plan = plan_wait(all);
+  if (deadline) plan.own.clear();  // it ends: no need to refuse it
+  std::size_t checked = 0;         // finished results already looked at for first_exception
+  bool failed = false;
+  order->await(deadline, plan.pump, [&] {
+    if (order->finished.size() == all.size()) return true;
+    if (when == ReturnWhen::first_completed && !order->finished.empty()) return true;
+    if (when == ReturnWhen::first_exception) {
+      for (; checked < order->finished.size() && !failed; ++checked) {
+        failed = all[order->finished[checked]].exception() != nullptr;
+      }
+      if (failed) return true;
+    }
+    refuse_endless_wait(all, *order, plan.own, when == ReturnWhen::all_completed);
+    return false;
+  });
+  WaitResult result;
+  for (std::size_t k = 0; k < all.size(); ++k) (all[k].ready() ? result.done : result.not_done).push_back(k);
+  return result;
 }
 
 /**
@@ -170,24 +215,42 @@ class AsCompleted {
  private:
   const AsyncResult<R>& current() {
     if (!current_) {
-      std::unique_lock lock(order_->mutex);
       auto arrived = [&] { return order_->finished.size() > taken_; };
-      if (!arrived()) {
-        // Results come in batches: one yield lets the pool hand over the rest
-        // of this one before this thread sleeps (each sleep costs a wake-up).
-        lock.unlock();
-        std::this_thread::yield();
-        lock.lock();
+      bool now = false;
+      {
+        std::lock_guard lock(order_->mutex);
+        now = arrived();
       }
-      if (!deadline_) {
-        order_->cv.wait(lock, arrived);
-      } else if (!order_->cv.wait_until(lock, *deadline_, arrived)) {
+      // Results come in batches: one yield lets the pool hand over the rest
+      // of this one before this thread sleeps (each sleep costs a wake-up).
+      if (!now) std::this_thread::yield();
+      update_plan();
+      const bool in_time = order_->await(deadline_, plan_->pump, [&] {
+        if (arrived()) return true;
+        detail::refuse_endless_wait(results_, *order_, plan_->own, false);
+        return false;
+      });
+      std::lock_guard lock(order_->mutex);
+      if (!in_time) {
         throw TimeoutError(fmt::format("procpool: {} of {} results had not finished in time",
                                        results_.size() - order_->finished.size(), results_.size()));
       }
       current_ = order_->finished[taken_];
     }
     return results_[*current_];
+  }
+
+  /// Made once per thread that waits; then only its own calls are looked
+  /// at again: they finish once their callback, which waited, returns.
+  void update_plan() {
+    if (!plan_ || plan_->thread != std::this_thread::get_id()) {
+      plan_ = detail::plan_wait(results_);
+      if (deadline_) plan_->own.clear();  // it ends: no need to refuse it
+    } else {
+      std::erase_if(plan_->own, [&](std::size_t k) {
+        return !detail::AsyncStateOf::get(results_[k])->finishes_after_this_callback();
+      });
+    }
   }
 
   void advance() {
@@ -199,8 +262,9 @@ class AsCompleted {
   std::vector<AsyncResult<R>> results_;
   std::optional<std::chrono::steady_clock::time_point> deadline_;
   std::shared_ptr<detail::CompletionOrder> order_;
-  std::size_t taken_ = 0;               // results yielded and passed
-  std::optional<std::size_t> current_;  // position of the one yielded now
+  std::size_t taken_ = 0;                 // results yielded and passed
+  std::optional<std::size_t> current_;    // position of the one yielded now
+  std::optional<detail::WaitPlan> plan_;  // how this thread waits for them (update_plan)
 };
 
 /**

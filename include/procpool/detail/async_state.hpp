@@ -34,13 +34,48 @@ struct CompletionOrder {
   std::mutex mutex;
   std::condition_variable cv;
   std::vector<std::size_t> finished;
+  std::function<void()> wake;  // set while a callback thread waits (CallbackRunner::pump_until)
 
   void finished_one(std::size_t position) {
     {
       std::lock_guard lock(mutex);
       finished.push_back(position);
+      if (wake) wake();
     }
     cv.notify_all();
+  }
+
+  /// Waits until `met()`, checked under `mutex`; false if `deadline` passed
+  /// first. With `pump`, a callback waiting here runs its thread's queue
+  /// meanwhile: the results it waits for may finish only once their
+  /// callbacks, queued behind it, have run.
+  template <class Met>
+  bool await(Deadline deadline, bool pump, Met met) {
+    if (!pump || !CallbackRunner::on_runner_thread()) {
+      std::unique_lock lock(mutex);
+      if (!deadline) {
+        cv.wait(lock, met);
+        return true;
+      }
+      return cv.wait_until(lock, *deadline, met);
+    }
+    {
+      std::lock_guard lock(mutex);
+      wake = CallbackRunner::waker();
+    }
+    struct Unhook {
+      CompletionOrder& order;
+      ~Unhook() {
+        std::lock_guard lock(order.mutex);
+        order.wake = nullptr;
+      }
+    } unhook{*this};
+    return CallbackRunner::pump_until(
+        [&] {
+          std::lock_guard lock(mutex);
+          return met();
+        },
+        deadline);
   }
 };
 
@@ -60,17 +95,25 @@ class AsyncState : public JobState {
     if (withdrawn_.load(std::memory_order_acquire)) return true;
     return has_callbacks_ ? done_.load(std::memory_order_acquire) : delivered() >= chunks_;
   }
+  /// Whether the call's callback runs on this thread now: the call
+  /// finishes only once it returns.
+  bool finishes_after_this_callback() const {
+    return has_callbacks_ && !complete() &&
+           callback_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id();
+  }
+  /// What waiting for the call from its own callback throws.
+  Error own_callback_wait() const {
+    return Error(
+        fmt::format("procpool: {}'s own callback waited for it to finish, which it does once that "
+                    "callback returns: it would wait for ever. Use the value the callback is given",
+                    call()));
+  }
+
   /// @throws Error waiting for ever from this call's own callback, which
   /// the call's completion waits for.
   bool wait_complete(Deadline deadline) {
     this->require_owner();  // before any lock: one may have been copied held
-    if (!deadline && has_callbacks_ && !complete() &&
-        callback_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id()) {
-      throw Error(
-          fmt::format("procpool: {}'s own callback waited for it to finish, which it does once that "
-                      "callback returns: it would wait for ever. Use the value the callback is given",
-                      call()));
-    }
+    if (!deadline && finishes_after_this_callback()) throw own_callback_wait();
     return this->wait_for(deadline, [&] {
       if (withdrawn_.load(std::memory_order_relaxed)) return true;
       return has_callbacks_ ? done_.load(std::memory_order_relaxed) : this->delivered_locked() >= chunks_;

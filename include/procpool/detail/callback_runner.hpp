@@ -60,19 +60,35 @@ class CallbackRunner {
   template <class Done>
   static bool pump_until(Done done, std::optional<Clock::time_point> deadline) {
     State& state = *current();
+    auto news = [&] { return !state.queue.empty() || state.poked; };
     for (;;) {
       if (done()) return true;
       std::unique_lock lock(state.mutex);
-      if (state.queue.empty()) {
+      if (!news()) {
         if (!deadline) {
-          state.cv.wait(lock, [&] { return !state.queue.empty(); });
-        } else if (!state.cv.wait_until(lock, *deadline, [&] { return !state.queue.empty(); })) {
+          state.cv.wait(lock, news);
+        } else if (!state.cv.wait_until(lock, *deadline, news)) {
           lock.unlock();
           return done();
         }
       }
-      run_front(state, lock);
+      state.poked = false;
+      if (!state.queue.empty()) run_front(state, lock);
     }
+  }
+
+  /// On a callback thread: what wakes its pump_until from any thread, for
+  /// news that does not come through the queue. Valid while the callback
+  /// that got it runs; `done()` is checked again on each wake.
+  static std::function<void()> waker() {
+    State* state = current();
+    return [state] {
+      {
+        std::lock_guard lock(state->mutex);
+        state->poked = true;
+      }
+      state->cv.notify_all();
+    };
   }
 
   /// Waits until everything queued so far has run. From the runner's own
@@ -103,6 +119,7 @@ class CallbackRunner {
     std::deque<Work> queue;
     int running = 0;
     bool stopping = false;
+    bool poked = false;  // waker() was called: pump_until looks at done() again
   };
 
   /// The state of the runner whose thread calls this, or nullptr.
