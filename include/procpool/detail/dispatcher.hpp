@@ -117,10 +117,8 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   /// Whether this is a copy of the pool, in a child its process made with
   /// fork(): the workers and threads stay with the parent. Used there, the
   /// pool throws PoolNotRunning, or does nothing where it must not throw.
-  bool forked_copy() const noexcept { return current_pid() != owner_pid_; }
-  void require_owner() const {
-    if (forked_copy()) throw PoolNotRunning(forked_copy_message(owner_pid_));
-  }
+  bool forked_copy() const noexcept { return !owner_.here(); }
+  void require_owner() const { owner_.require(); }
 
   /// procpool::init has run: a pool that waited for it starts its workers.
   void start_deferred() {
@@ -572,7 +570,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   std::mutex mutex_;
   std::mutex join_mutex_;
   std::atomic<bool> terminated_{false};
-  const pid_t owner_pid_ = current_pid();  // the process the pool belongs to (forked_copy)
+  const OwnerProcess owner_;  // the process the pool belongs to (forked_copy)
   State state_ = State::running;
   std::size_t streams_ = 0;  // calls still submitting their batches (open_stream)
   Workers workers_;

@@ -293,9 +293,7 @@ class JobState {
 
   /// Throws PoolNotRunning in a child made by fork() from the pool's process,
   /// where the job's outcomes never come.
-  void require_owner() const {
-    if (current_pid() != owner_pid_) throw PoolNotRunning(forked_copy_message(owner_pid_));
-  }
+  void require_owner() const { owner_.require(); }
 
   /// delivered(), for a predicate of wait_for() (which holds the lock).
   std::size_t delivered_locked() const { return delivered_; }
@@ -420,7 +418,7 @@ class JobState {
   std::size_t expected_bytes_ = 0;
   std::size_t expected_out_ = 0;
   std::atomic<bool> cancelled_{false};
-  const pid_t owner_pid_ = current_pid();  // the pool's process (require_owner)
+  const OwnerProcess owner_;  // the pool's process (require_owner)
 };
 
 }  // namespace procpool::detail

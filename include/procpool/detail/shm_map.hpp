@@ -121,6 +121,8 @@ class ShmMapping {
 
   /// Whether this process made it. A child made by fork() has a copy of
   /// this object but not the mapping, and its address may hold another.
+  /// Asked of the kernel, not current_pid(): unmapping in a child made
+  /// without atfork handlers (_Fork()) could unmap another mapping there.
   bool here() const noexcept { return ::getpid() == owner_; }
   ShmHeader& header() const { return *reinterpret_cast<ShmHeader*>(base_); }
   /// Its reader is done with it: its writer may fill it again.

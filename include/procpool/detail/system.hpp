@@ -22,6 +22,8 @@
 #include <utility>
 #include <vector>
 
+#include "../errors.hpp"
+
 namespace procpool::detail {
 
 /// Whether procpool::init has run in this process (procpool::mpi::init
@@ -127,6 +129,22 @@ inline std::string forked_copy_message(pid_t owner) {
   return "procpool: this pool belongs to process " + std::to_string(owner) + "; this process (" + me +
          ") is a copy of it made by fork(), where the pool has no workers and no threads: make a new Pool here";
 }
+
+/// The process an object belongs to: a pool, its results and its shared
+/// buffers are used only by the process that made them. A child made by
+/// fork() has copies of them, but no workers, threads or results.
+class OwnerProcess {
+ public:
+  /// Whether this is that process.
+  bool here() const noexcept { return current_pid() == pid_; }
+  /// Throws PoolNotRunning, with forked_copy_message, elsewhere.
+  void require() const {
+    if (!here()) throw PoolNotRunning(forked_copy_message(pid_));
+  }
+
+ private:
+  pid_t pid_ = current_pid();
+};
 
 [[noreturn]] inline void throw_errno(const char* call, int err = errno) {
   throw std::system_error(err, std::generic_category(), call);
