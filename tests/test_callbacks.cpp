@@ -2,11 +2,13 @@
 // on_worker_output): they run before their call's result is ready, and they
 // may call any method of their pool, which works or throws a clear error:
 // never a deadlock, an abort or a hang.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <future>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -19,6 +21,11 @@ using namespace std::chrono_literals;
 namespace callbacks_test {
 
 long sq(long x) { return x * x; }
+
+long nap(long ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return ms;
+}
 
 long reject_three(long x) {
   if (x == 3) throw std::invalid_argument("three");
@@ -264,6 +271,74 @@ POOL_TEST("a callback that waits with procpool::wait or as_completed for its own
   CHECK(what[3] == "returned");
   CHECK(what[4] == "returned");
   CHECK(both[1].get() == 36);
+}
+
+POOL_TEST("a callback may wait for a call of another pool, and learns of its cancellation", "[callbacks][reentrant]") {
+  // That call's news comes through the other pool's callback thread: the
+  // waiting callback ran its own queue, and slept until work came there.
+  procpool::Pool a(test::options<TestType>({.processes = 1}));
+  procpool::Pool b(test::options<TestType>({.processes = 1}));
+  // If it does not return, news for b's queue wakes it, so that the test
+  // fails rather than hangs.
+  auto unstick = [&] { (void)b.apply_async<sq>(0L, procpool::callbacks([](const long&) {})); };
+  auto slow = a.apply_async<nap>(300L, procpool::callbacks([](const long&) {}));
+  std::promise<long> got;
+  (void)b.apply_async<sq>(2L, procpool::callbacks([&](const long&) { got.set_value(slow.get()); }));
+  auto value = got.get_future();
+  bool in_time = value.wait_for(30s) == std::future_status::ready;
+  if (!in_time) unstick();
+  CHECK(in_time);
+  CHECK(value.get() == 300);
+
+  // A call cancelled from another thread while a callback waits for it.
+  auto busy = a.apply_async<nap>(1000L);  // a's one worker
+  auto queued = a.apply_async<sq>(5L, procpool::callbacks([](const long&) {}));
+  std::promise<void> waiting;
+  std::promise<std::string> said;
+  (void)b.apply_async<sq>(4L, procpool::callbacks([&](const long&) {
+                            waiting.set_value();
+                            try {
+                              (void)queued.get();
+                              said.set_value("returned");
+                            } catch (const procpool::Error& e) {
+                              said.set_value(e.what());
+                            }
+                          }));
+  waiting.get_future().wait();
+  std::this_thread::sleep_for(50ms);  // to be in get() by now (it passes either way)
+  CHECK(queued.cancel());
+  auto what = said.get_future();
+  in_time = what.wait_for(30s) == std::future_status::ready;
+  if (!in_time) unstick();
+  CHECK(in_time);
+  CHECK_THAT(what.get(), Catch::Contains("cancelled"));
+  CHECK(busy.get() == 1000);
+}
+
+POOL_TEST("a progress callback may run a call with a progress callback of its own",
+          "[callbacks][reentrant][progress]") {
+  // The inner call runs the callback queue while it waits, and so the outer
+  // call's next report, which waited for the running one: a deadlock.
+  procpool::Pool pool(test::options<TestType>());
+  std::atomic<bool> first{true};
+  std::vector<std::size_t> outer;  // on the callback thread only, as inner
+  std::vector<long> inner;
+  auto all =
+      pool.map_async<sq>(iota_vec(60), {.chunksize = 1, .progress = [&](std::size_t done, auto) {
+                                          outer.push_back(done);
+                                          if (!first.exchange(false)) return;
+                                          inner = pool.map<sq>(iota_vec(30),
+                                                               {.chunksize = 1, .progress = [](std::size_t, auto) {}});
+                                        }});
+  CHECK(all.get() == squares(60));
+  // Reports held back come once the first returns, which may be after get():
+  // join() waits for every callback.
+  pool.close();
+  pool.join();
+  CHECK(inner == squares(30));
+  CHECK(std::is_sorted(outer.begin(), outer.end()));
+  REQUIRE_FALSE(outer.empty());
+  CHECK(outer.back() == 60);
 }
 
 POOL_TEST("on_worker_output may call back into its pool", "[callbacks][reentrant][output]") {

@@ -21,6 +21,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -158,7 +159,10 @@ class JobState {
       // for a batch of chunks is not woken for each (a wake-up costs more
       // than a small chunk's decoding).
       wanted = std::any_of(waiters_.begin(), waiters_.end(), [](const Waiter& w) { return w.ready(w.pred); });
-      if (wanted) ++wakeups_;
+      if (wanted) {
+        ++wakeups_;
+        wake_pumping_waiters();
+      }
     }
     if (wanted) cv_.notify_all();
     on_delivered();
@@ -311,6 +315,7 @@ class JobState {
     {
       std::lock_guard lock(mutex_);
       change();
+      wake_pumping_waiters();
     }
     cv_.notify_all();
   }
@@ -331,30 +336,50 @@ class JobState {
   }
 
   /// A thread in wait(): deliver() notifies only when one of their
-  /// predicates has become true.
+  /// predicates has become true. A callback thread running its queue
+  /// meanwhile is woken by `wake` (CallbackRunner::waker).
   struct Waiter {
     const void* pred;
     bool (*ready)(const void*);
+    std::function<void()> wake;
   };
+
+  /// With mutex_ held.
+  void wake_pumping_waiters() {
+    for (const Waiter& w : waiters_) {
+      if (w.wake) w.wake();
+    }
+  }
 
   template <class Pred>
   bool wait(std::unique_lock<std::mutex>& lock, Deadline deadline, Pred pred) {
     if (pred()) return true;
     require_owner();  // in a child made by fork(), nothing would ever come
+    auto ready = [](const void* p) { return (*static_cast<const Pred*>(p))(); };
     if (gated_ && CallbackRunner::on_runner_thread()) {
-      // A callback waits for this job, whose news comes through the callback
-      // thread: that is this thread, so it runs the queue while it waits.
+      // A callback waits for this job, whose news comes through a callback
+      // thread: this one, which then runs its queue while it waits, or
+      // another pool's, which wakes this one when the news is in.
+      waiters_.push_back({&pred, ready, CallbackRunner::waker()});
       lock.unlock();
-      const bool ok = CallbackRunner::pump_until(
-          [&] {
-            std::lock_guard relock(mutex_);
-            return pred();
-          },
-          deadline);
+      bool ok = false;
+      try {
+        ok = CallbackRunner::pump_until(
+            [&] {
+              std::lock_guard relock(mutex_);
+              return pred();
+            },
+            deadline);
+      } catch (...) {
+        lock.lock();
+        unregister(&pred);
+        throw;
+      }
       lock.lock();
+      unregister(&pred);
       return ok || pred();
     }
-    waiters_.push_back({&pred, [](const void* p) { return (*static_cast<const Pred*>(p))(); }});
+    waiters_.push_back({&pred, ready, nullptr});
     bool ok = true;
     try {
       if (!deadline) {
@@ -377,18 +402,30 @@ class JobState {
   /// Called from the I/O thread, and from a submitting thread for tasks
   /// refused at once: one at a time, with a running count.
   void report_progress(std::size_t items) {
+    // A progress callback that waits for a call runs the callback queue
+    // meanwhile (CallbackRunner::pump_until), which may hold this job's
+    // next report: that one is counted now and reported once it returns.
+    if (reporting_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id()) {
+      unreported_ += items;
+      return;
+    }
     std::lock_guard lock(progress_mutex_);
     if (cancelled()) return;
+    reporting_thread_.store(std::this_thread::get_id(), std::memory_order_relaxed);
     done_ += items;
-    try {
-      progress_(done_, total_);
-    } catch (...) {
-      if (!progress_failed_) {
-        progress_failed_ = true;
-        fmt::print(stderr, "procpool: {} progress callback threw {}; the pool goes on\n", with_article(call_),
-                   current_exception_summary());
+    do {
+      done_ += std::exchange(unreported_, 0);
+      try {
+        progress_(done_, total_);
+      } catch (...) {
+        if (!progress_failed_) {
+          progress_failed_ = true;
+          fmt::print(stderr, "procpool: {} progress callback threw {}; the pool goes on\n", with_article(call_),
+                     current_exception_summary());
+        }
       }
-    }
+    } while (unreported_ != 0 && !cancelled());
+    reporting_thread_.store(std::thread::id(), std::memory_order_relaxed);
   }
 
   std::string call_;
@@ -401,6 +438,8 @@ class JobState {
   ProgressCallback progress_;
   std::optional<std::size_t> total_;
   std::mutex progress_mutex_;
+  std::atomic<std::thread::id> reporting_thread_{};  // where progress_ runs now, if it does
+  std::size_t unreported_ = 0;                       // items settled while it ran there (report_progress)
   std::size_t done_ = 0;
   bool progress_failed_ = false;
   std::size_t ready_bytes_ = 0;
