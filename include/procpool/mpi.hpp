@@ -104,6 +104,13 @@ inline void check_options(const Options& options) {
         "output goes to its rank's stdout and stderr, which mpirun forwards (use mpirun's --tag-output to tell "
         "ranks apart)");
   }
+  // Workers on another host could not map it; on this one they would, and
+  // a program tested on one machine would fail on many.
+  if (!procpool::detail::InitializerAccess::shares(options.initializer).empty()) {
+    throw Error(
+        "procpool: the initializer's arguments hold a procpool::SharedMemory block, which cannot reach workers on "
+        "MPI ranks (they may run on other hosts); pass the data as a std::vector instead");
+  }
 }
 
 /// @throws Error a lost_after too short to hear from a rank in.

@@ -384,6 +384,16 @@ TEST_CASE("a SharedMemory argument fails its task clearly, and nothing else", "[
   CHECK(pool.apply<square>(4) == 16);
 }
 
+void read_block(procpool::SharedMemory block) { (void)block.as<char>()[0]; }
+
+TEST_CASE("a SharedMemory in an initializer's arguments is refused when the pool is made", "[mpi]") {
+  // Workers on rank 0's host mapped it, and those on other hosts failed.
+  procpool::SharedMemory block(4096);
+  procpool::Options o = options(StartMethod::forkserver);
+  o.initializer = procpool::initializer<read_block>(block);
+  CHECK_THROWS_WITH(procpool::Pool(o), Catch::Contains("initializer's arguments hold a procpool::SharedMemory"));
+}
+
 TEST_CASE("worker output options that need the parent are refused clearly", "[mpi]") {
   procpool::Options o = options(StartMethod::forkserver);
   o.worker_output = procpool::WorkerOutput::prefixed;
