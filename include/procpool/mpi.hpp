@@ -38,7 +38,8 @@ struct Settings {
   std::chrono::milliseconds lost_after{5000};
   /// For spawn(): MPI_Info keys for MPI_Comm_spawn, such as {"host",
   /// "node1,node2"} or {"hostfile", "hosts.txt"}; added to Open MPI's
-  /// {"map_by", "slot:OVERSUBSCRIBE"}.
+  /// {"map_by", "slot:OVERSUBSCRIBE"} and {"bind_to", "none"}, which they
+  /// may replace.
   std::vector<std::pair<std::string, std::string>> spawn_info{};
   /// For spawn(): when the pool is destroyed, its ranks wait, idle, for the
   /// next spawn() pool with the same number of ranks and spawn_info, and
@@ -376,6 +377,9 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
     MPI_Info info;
     MPI_Info_create(&info);
     MPI_Info_set(info, "map_by", "slot:OVERSUBSCRIBE");
+    // Unbound: a rank's workers run on every CPU it may use, and processes
+    // = 0 counts them (Open MPI binds 2 spawned ranks or fewer to a core each).
+    MPI_Info_set(info, "bind_to", "none");
     for (const auto& [key, value] : settings_.spawn_info) MPI_Info_set(info, key.c_str(), value.c_str());
     MPI_Comm inter = MPI_COMM_NULL;
     std::vector<int> codes(ranks_, MPI_SUCCESS);

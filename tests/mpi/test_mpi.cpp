@@ -58,6 +58,10 @@ long sleeps(long ms) {
   return ms;
 }
 long my_pid(long) { return ::getpid(); }
+long sleeps_then_pid(long ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return ::getpid();
+}
 std::vector<char> echo(std::vector<char> v) { return v; }
 
 pid_t parent_of(pid_t pid) {
@@ -554,6 +558,18 @@ TEST_CASE("spawned ranks wait for the next spawn pool, or leave with theirs", "[
   }
   for (long pid : own) CHECK(gone(pid));  // they left with their pool
   for (long pid : first) CHECK(!gone(pid));
+}
+
+long worker_cpus(long) { return static_cast<long>(procpool::cpu_count()); }
+
+TEST_CASE("a spawned rank may run on every CPU, and with processes = 0 starts a worker for each", "[.unbound]") {
+  // Open MPI binds the ranks it spawns, when fewer than the cores, to a
+  // core each: a rank's workers all ran on it, and processes = 0 started one.
+  procpool::Pool pool({.backend = procpool::mpi::spawn(1)});
+  CHECK(pool.apply<worker_cpus>(0L) == static_cast<long>(procpool::cpu_count()));
+  std::set<long> pids;
+  for (long pid : pool.map<sleeps_then_pid>(std::vector<long>(8, 200), 1)) pids.insert(pid);
+  CHECK(pids.size() == procpool::cpu_count());
 }
 
 TEST_CASE("a killed rank without recovery ends the job", "[.abort]") {
