@@ -525,6 +525,29 @@ TEST_CASE("a pool still alive when the program exits lets its ranks go", "[.stat
   CHECK(global_pool->apply<square>(7) == 49);
 }
 
+TEST_CASE("a pool alive when MPI is finalized fails its running task saying so, then refuses calls", "[.finalized]") {
+  // The task's error said its worker was killed by SIGKILL and replaced,
+  // and the next call threw a plain Error.
+  global_pool.emplace(options(StartMethod::forkserver));
+  auto running = global_pool->apply_async<sleeps>(20000L);
+  CHECK(global_pool->apply<square>(3) == 9);  // the pool's workers are up; the sleeper's too, soon
+  std::this_thread::sleep_for(1s);
+  MPI_Finalize();
+  try {
+    (void)running.get();
+    FAIL("it returned");
+  } catch (const procpool::WorkerLost& e) {
+    CHECK_THAT(e.what(), Catch::Contains("which MPI_Finalize let go"));
+    CHECK_THAT(e.what(), !Catch::Contains("replaced"));
+  }
+  try {
+    (void)global_pool->apply<square>(2);
+    FAIL("it returned");
+  } catch (const procpool::PoolNotRunning& e) {
+    CHECK_THAT(e.what(), Catch::Contains("MPI ranks were let go"));
+  }
+}
+
 std::set<long> ranks_of(procpool::Pool& pool) {
   auto pids = pool.map<rank_pid>(iota(40), 1);
   return {pids.begin(), pids.end()};

@@ -107,7 +107,11 @@ inline std::unique_ptr<Worker> Dispatcher::start_worker(std::size_t slot) {
 
 /// A start failed: start_failure_ says why and next_start_ when to try again.
 inline void Dispatcher::start_failed(std::size_t slot, const std::exception& e) {
-  if (dynamic_cast<const StartRefused*>(&e) != nullptr) {
+  if (const auto* refused = dynamic_cast<const StartRefused*>(&e)) {
+    if (refused->ended()) {
+      broken_ = ChunkFailure{ChunkFailure::Kind::ended, 0, slot, 0, e.what()};
+      return;
+    }
     broken_ = ChunkFailure{ChunkFailure::Kind::start_failed, 0, slot, 0,
                            fmt::format("the pool could not start worker {}: {}", slot, e.what())};
     return;

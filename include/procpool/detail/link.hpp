@@ -28,6 +28,13 @@ namespace procpool::detail {
 class StartRefused : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+  /// `ended`: the pool can run nothing more (its MPI ranks were let go),
+  /// and its calls throw PoolNotRunning.
+  StartRefused(const std::string& what, bool ended) : std::runtime_error(what), ended_(ended) {}
+  bool ended() const noexcept { return ended_; }
+
+ private:
+  bool ended_ = false;
 };
 
 /// What a new worker gets as its stdout and stderr: the write ends of the

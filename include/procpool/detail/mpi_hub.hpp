@@ -101,9 +101,10 @@ class MpiHub {
   ~MpiHub() { stop(); }
 
   /// Ends the pool on every rank (they stop what workers are left) and
-  /// stops the pump. Every worker not known to have ended then counts as
-  /// killed: nothing waits for news that cannot come. Idempotent.
-  void stop() noexcept {
+  /// stops the pump. Every worker not known to have ended then ends with
+  /// `left_status` (killed; or let go, when MPI is finalized): nothing waits
+  /// for news that cannot come. Idempotent.
+  void stop(int left_status = SIGKILL) noexcept {
     {
       std::lock_guard lock(mutex_);
       if (stopping_) return;
@@ -114,7 +115,7 @@ class MpiHub {
     std::lock_guard lock(mutex_);
     std::vector<MpiWorker*> left;
     for (auto& [key, w] : workers_) left.push_back(w.get());
-    for (MpiWorker* w : left) end(*w, SIGKILL);
+    for (MpiWorker* w : left) end(*w, left_status);
   }
 
   std::size_t cpus() const {
@@ -161,7 +162,10 @@ class MpiHub {
     auto w = std::make_shared<MpiWorker>();
     w->event = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
     std::unique_lock lock(mutex_);
-    if (stopping_) throw StartRefused("the pool's MPI ranks were let go (MPI is being finalized)");
+    if (stopping_) {
+      throw StartRefused(
+          "the pool's MPI ranks were let go (MPI was finalized): make a new pool, after procpool::mpi::init", true);
+    }
     MpiPeer* best = nullptr;
     for (auto& p : peers_) {
       if (p.lost) continue;

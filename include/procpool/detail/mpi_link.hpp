@@ -99,12 +99,15 @@ class MpiTransport final : public Transport {
     if (on_stop_) on_stop_(*hub_);
   }
 
-  /// MPI is about to be finalized: every pool still alive (a Pool at
-  /// namespace scope) lets its ranks go now. Its workers then count as
-  /// killed, and it starts no more.
+  /// MPI is about to be finalized: every pool still alive (held in a
+  /// global) lets its ranks go now. Its running tasks fail with WorkerLost
+  /// saying so, and its calls then throw PoolNotRunning.
   static void shutdown_all() noexcept {
     std::lock_guard lock(live_mutex());
-    for (MpiTransport* t : live()) t->shutdown();
+    for (MpiTransport* t : live()) {
+      t->hub_->stop(wait_status_let_go);
+      t->shutdown();
+    }
   }
 
  private:

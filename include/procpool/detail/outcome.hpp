@@ -48,12 +48,12 @@ Clock::duration clamp_timeout(std::chrono::duration<Rep, Period> timeout) {
 
 /// Why a whole chunk produced no results.
 struct ChunkFailure {
-  enum class Kind { worker_lost, terminated, initializer, protocol, start_failed, timeout };
+  enum class Kind { worker_lost, terminated, initializer, protocol, start_failed, timeout, ended };
   Kind kind = Kind::worker_lost;
   pid_t pid = 0;
   std::size_t worker = 0;
   int wait_status = 0;
-  std::string detail;                          // initializer: "type: message"; protocol/start_failed: the reason
+  std::string detail;                          // initializer: "type: message"; protocol/start_failed/ended: the reason
   std::shared_ptr<const std::string> where{};  // the worker's host, for a worker on another one (Link::where)
   /// worker_lost, timeout: the position in its chunk of the item that was
   /// running, where the worker said (its claim area).
@@ -203,9 +203,10 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
       int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
       const std::string running = culprit != index ? describe_input(call, culprit) + ", in the same chunk" : input;
       return std::make_exception_ptr(
-          WorkerLost(fmt::format("{}{} {} while running {}; the pool replaced it{}{}", fate,
+          WorkerLost(fmt::format("{}{} {} while running {}{}{}{}", fate,
                                  worker_label(failure.worker, failure.pid, failure.where), describe_wait_status(status),
-                                 running, failure.detail.empty() ? "" : ". ", failure.detail),
+                                 running, status == wait_status_let_go ? "" : "; the pool replaced it",
+                                 failure.detail.empty() ? "" : ". ", failure.detail),
                      failure.pid, failure.worker, index, sig, code));
     }
     case ChunkFailure::Kind::timeout: {
@@ -243,6 +244,9 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
                                                      : " " + worker_note(failure.worker, failure.pid, failure.where))));
     case ChunkFailure::Kind::start_failed:
       return std::make_exception_ptr(Error(fmt::format("procpool: {} was not run: {}", input, failure.detail)));
+    case ChunkFailure::Kind::ended:
+      return std::make_exception_ptr(
+          PoolNotRunning(fmt::format("procpool: {} was not run: {}", input, failure.detail)));
   }
   return {};
 }

@@ -376,6 +376,8 @@ inline constexpr int wait_status_unknown = 0xffff;
 inline constexpr int wait_status_lost = 0xfeff;
 /// A forkserver worker whose fork server died: it died with it.
 inline constexpr int wait_status_server_lost = 0xfdff;
+/// A worker on an MPI rank that MPI_Finalize let go while it ran (mpi_hub.hpp).
+inline constexpr int wait_status_let_go = 0xfcff;
 
 /// Human-readable waitpid() status: "was killed by signal 9 (SIGKILL: Killed)".
 inline std::string describe_wait_status(int status) {
@@ -385,6 +387,7 @@ inline std::string describe_wait_status(int status) {
            "procpool::StartMethod::forkserver keeps the status)";
   }
   if (status == wait_status_lost) return "was lost with its MPI rank";
+  if (status == wait_status_let_go) return "was stopped with its MPI rank, which MPI_Finalize let go,";
   if (status == wait_status_server_lost) {
     return "was lost with its fork server, which died (killed, or out of memory; a new one starts the pool's "
            "workers)";
