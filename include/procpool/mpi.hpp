@@ -90,7 +90,11 @@ inline State& state() {
 inline void need_init(const char* what) {
   State& s = state();
   if (!s.initialized) {
-    throw Error(fmt::format("procpool: {} needs procpool::mpi::init(argc, argv) as the first line of main()", what));
+    throw Error(
+        fmt::format("procpool: {} needs procpool::mpi::init(argc, argv) as the first line of main(), and "
+                    "a pool made after it: not a Pool at namespace scope, which is made before main() (hold "
+                    "it in a std::optional and emplace it in main())",
+                    what));
   }
   if (s.provided < MPI_THREAD_MULTIPLE) {
     throw Error(
