@@ -341,6 +341,31 @@ POOL_TEST("a progress callback may run a call with a progress callback of its ow
   CHECK(outer.back() == 60);
 }
 
+POOL_TEST("a progress callback that waits for its own call gets an error, not a wait for ever",
+          "[callbacks][reentrant][progress]") {
+  // The chunk it reports is taken in once it returns: get() there hung,
+  // and so did the pool's destructor.
+  procpool::Pool pool(test::options<TestType>());
+  procpool::AsyncResult<std::vector<long>> self;  // by reference: no cycle through its own state
+  std::promise<void> ready;
+  auto gate = ready.get_future().share();
+  std::promise<std::string> said;
+  std::atomic<bool> first{true};
+  self = pool.map_async<sq>(iota_vec(4), {.chunksize = 1, .progress = [&, gate](std::size_t, auto) {
+                                            if (!first.exchange(false)) return;
+                                            gate.wait();
+                                            try {
+                                              (void)self.get();
+                                              said.set_value("returned");
+                                            } catch (const procpool::Error& e) {
+                                              said.set_value(e.what());
+                                            }
+                                          }});
+  ready.set_value();
+  CHECK_THAT(said.get_future().get(), Catch::Contains("own callback waited for it to finish"));
+  CHECK(self.get() == squares(4));
+}
+
 POOL_TEST("on_worker_output may call back into its pool", "[callbacks][reentrant][output]") {
   // The first line's callback acts; the others return at once. (Not
   // std::call_once: after a callable that threw, libstdc++'s call_once can

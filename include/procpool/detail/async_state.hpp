@@ -95,11 +95,13 @@ class AsyncState : public JobState {
     if (withdrawn_.load(std::memory_order_acquire)) return true;
     return has_callbacks_ ? done_.load(std::memory_order_acquire) : delivered() >= chunks_;
   }
-  /// Whether the call's callback runs on this thread now: the call
-  /// finishes only once it returns.
+  /// Whether the call's callback, or its progress callback, runs on this
+  /// thread now: the call finishes only once it returns (the chunk a
+  /// progress report is for is taken in after it).
   bool finishes_after_this_callback() const {
-    return has_callbacks_ && !complete() &&
-           callback_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id();
+    if (complete()) return false;
+    return (has_callbacks_ && callback_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id()) ||
+           this->reporting_here();
   }
   /// What waiting for the call from its own callback throws.
   Error own_callback_wait() const {

@@ -168,6 +168,10 @@ class JobState {
     on_delivered();
   }
   bool cancelled() const { return cancelled_.load(std::memory_order_relaxed); }
+  /// Whether this thread runs the job's progress callback now.
+  bool reporting_here() const {
+    return reporting_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id();
+  }
 
   // ---- caller side ----
   /// Drops undelivered and future outcomes: the caller lost interest. Once
@@ -405,7 +409,7 @@ class JobState {
     // A progress callback that waits for a call runs the callback queue
     // meanwhile (CallbackRunner::pump_until), which may hold this job's
     // next report: that one is counted now and reported once it returns.
-    if (reporting_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id()) {
+    if (reporting_here()) {
       unreported_ += items;
       return;
     }
