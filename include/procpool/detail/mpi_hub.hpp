@@ -101,9 +101,9 @@ class MpiHub {
   ~MpiHub() { stop(); }
 
   /// Ends the pool on every rank (they stop what workers are left) and
-  /// stops the pump. Every worker not known to have ended then ends with
-  /// `left_status` (killed; or let go, when MPI is finalized): nothing waits
-  /// for news that cannot come. Idempotent.
+  /// stops the pump. Workers not known to have ended end with `left_status`
+  /// (killed, or let go at MPI_Finalize): no wait for news that cannot come.
+  /// Idempotent.
   void stop(int left_status = SIGKILL) noexcept {
     {
       std::lock_guard lock(mutex_);
@@ -162,10 +162,7 @@ class MpiHub {
     auto w = std::make_shared<MpiWorker>();
     w->event = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
     std::unique_lock lock(mutex_);
-    if (stopping_) {
-      throw StartRefused(
-          "the pool's MPI ranks were let go (MPI was finalized): make a new pool, after procpool::mpi::init", true);
-    }
+    if (stopping_) throw StartRefused("the pool's MPI ranks were let go (MPI was finalized); make a new pool", true);
     MpiPeer* best = nullptr;
     for (auto& p : peers_) {
       if (p.lost) continue;
