@@ -19,12 +19,12 @@ namespace {
 
 std::mutex held_elsewhere;
 
-long plus_one(long x) { return x + 1; }
+long increment(long x) { return x + 1; }
 
 /// In a worker: the command line (first argument) of the fork server of a pool made there.
 std::string nested_fork_server_line(int) {
   procpool::Pool inner({.processes = 1, .start_method = procpool::StartMethod::forkserver});
-  if (inner.apply<plus_one>(1L) != 2) return "no result";
+  if (inner.apply<increment>(1L) != 2) return "no result";
   for (int pid : test::child_pids()) {
     std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
     std::string line;
