@@ -234,6 +234,21 @@ POOL_TEST("a program started through the dynamic loader starts its workers", "[s
   CHECK(run.output == "squares ok\nbig ok\n");
 }
 
+POOL_TEST("without /proc, fork works and the other start methods say what is missing", "[start][noproc]") {
+  // A chroot or container that does not mount /proc: posix_spawn and the
+  // fork server start the program from /proc/self/exe.
+  const std::string method(procpool::to_string(TestType::method));
+  auto run = test::run_program({PROCPOOL_HELPER, "noproc", method}, 60000);
+  INFO(run.output);
+  REQUIRE(run.output.find("cannot") == std::string::npos);  // the helper could hide /proc
+  if (TestType::method == procpool::StartMethod::fork) {
+    CHECK(run.output == "results 1 4 9\n");
+  } else {
+    CHECK_THAT(run.output, Catch::StartsWith("error: procpool: map input #0 was not run"));
+    CHECK_THAT(run.output, Catch::Contains("/proc is not mounted") && Catch::Contains("use StartMethod::fork"));
+  }
+}
+
 POOL_TEST("a pool made in a worker names its fork server after the program", "[start]") {
   // A re-executed worker's argv[0] holds its title ("prog: procpool worker
   // 0"): a pool made there named its fork server "prog: procpool worker 0:

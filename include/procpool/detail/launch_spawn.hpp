@@ -187,6 +187,12 @@ inline pid_t spawn_self(const char* flag, std::initializer_list<int> fds, const 
   int err = ::posix_spawn(&pid, "/proc/self/exe", &actions, &attr, argv.data(), env.data());
   ::posix_spawn_file_actions_destroy(&actions);
   ::posix_spawnattr_destroy(&attr);
+  if (err == ENOENT && ::access("/proc/self", F_OK) != 0) {
+    throw std::system_error(
+        err, std::generic_category(),
+        "posix_spawn(/proc/self/exe): /proc is not mounted, and the posix_spawn and forkserver start "
+        "methods start this program from there; mount /proc, or use StartMethod::fork");
+  }
   if (err != 0) throw_errno("posix_spawn(/proc/self/exe)", err);
   return pid;
 }
