@@ -155,6 +155,24 @@ POOL_TEST("add_done_callback runs once the result is ready, or at once, and may 
   blocker.wait();
 }
 
+POOL_TEST("add_done_callback on a result wait() saw ready runs at once, on this thread", "[futures][callbacks]") {
+  // The caller's wait() returned once the last chunk was in, a moment before
+  // the completing thread had made its done callbacks run: one added then
+  // was queued, and ran later on the callback thread.
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  int late = 0;
+  for (int round = 0; round < 300; ++round) {
+    auto r = round % 2 == 0 ? pool.apply_async<sqr>(2L) : pool.apply_async<sqr>(2L, procpool::callbacks([](long) {}));
+    r.wait();
+    REQUIRE(r.ready());
+    std::atomic<bool> ran{false};
+    r.add_done_callback([&](const procpool::AsyncResult<long>&) { ran = true; });
+    late += !ran;
+    while (!ran) std::this_thread::yield();  // `ran` must outlive the callback
+  }
+  CHECK(late == 0);
+}
+
 POOL_TEST("as_completed yields results in finishing order, and times out", "[futures][as_completed]") {
   procpool::Pool pool(test::options<TestType>({.processes = 2}));
   std::vector<procpool::AsyncResult<long>> results;

@@ -202,7 +202,9 @@ class AsyncState : public JobState {
     this->require_owner();  // it would never run
     {
       std::lock_guard lock(listeners_mutex_);
-      if (!notified_) {
+      // Complete, and the thread that completed it not yet through
+      // notify_complete(): ready() already says so, and so must this.
+      if (!notified_ && !complete()) {
         done_callbacks_.push_back(std::move(callback));
         return;
       }
