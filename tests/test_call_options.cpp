@@ -203,6 +203,30 @@ POOL_TEST("imap reads no further ahead than imap_prefetch_bytes allow", "[call][
   CHECK(most_ahead <= 6);
 }
 
+std::string mebibyte(int) { return std::string(std::size_t{1} << 20, 'r'); }
+
+POOL_TEST("imap keeps its unconsumed results within imap_prefetch_bytes", "[call][backpressure]") {
+  // Small tasks, 1 MiB results: the bytes are the results'. The first fill
+  // read the whole prefetch (1024 chunks, 1 GiB of results to come).
+  procpool::Pool pool(test::options<TestType>({.processes = 2, .imap_prefetch_bytes = std::size_t{16} << 20}));
+  std::atomic<std::size_t> produced{0};
+  auto items = tv::iota(0, 100000) | tv::transform([&](int i) {
+                 ++produced;
+                 return i;
+               });
+  std::size_t consumed = 0, most_ahead = 0;
+  for (const std::string& s : pool.imap_unordered<mebibyte>(items)) {
+    CHECK(s.size() == std::size_t{1} << 20);
+    // A slow consumer: the results arrive before it takes them.
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    most_ahead = std::max(most_ahead, produced.load() - ++consumed);
+    if (consumed == 60) break;
+  }
+  // 16 results of 1 MiB ahead, the few taken but not yet yielded (a quarter
+  // of the bound), and the one being read.
+  CHECK(most_ahead <= 16 + 4 + 1);
+}
+
 long nap_ms(long ms) {
   std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   return ms;

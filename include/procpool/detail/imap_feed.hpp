@@ -113,8 +113,8 @@ class ImapFeed {
 
  private:
   /// Keeps up to `prefetch` chunks in flight, reading the input only that
-  /// far, and fewer while their bytes (tasks sent and results not yet taken)
-  /// pass `prefetch_bytes`. An input that throws ends the input there: the
+  /// far, and fewer while their bytes (tasks sent, results not yet taken,
+  /// and results still to come) pass `prefetch_bytes`. An input that throws ends the input there: the
   /// results before it are still yielded, then its exception, in the
   /// position where it happened.
   void top_up() {
@@ -156,7 +156,14 @@ class ImapFeed {
     // only a few of them: chunks sized blind would be sized wrong.
     if (settings_.chunksize == adaptive && out >= 2 * dispatcher_->processes() && !job_->item_ns()) return false;
     // Always one chunk, however large, or nothing would ever run.
-    return out == 0 || settings_.prefetch_bytes == 0 || bytes_out_ + job_->ready_bytes() < settings_.prefetch_bytes;
+    if (out == 0 || settings_.prefetch_bytes == 0) return true;
+    // Results still to come count as large as the largest so far. Until the
+    // first has come, two chunks per worker go out: results too large for
+    // the bound cannot pile up unseen.
+    const JobState::ResultBytes results = job_->result_bytes();
+    const std::uint64_t coming = submitted_ + pending - results.delivered;
+    if (results.delivered == 0 && coming >= 2 * dispatcher_->processes()) return false;
+    return bytes_out_ + results.ready + coming * results.largest < settings_.prefetch_bytes;
   }
 
   void pull_chunks(std::vector<Chunk>& chunks) {

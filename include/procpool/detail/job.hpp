@@ -151,6 +151,7 @@ class JobState {
           item_ns_.add(per_item);
         }
         ready_bytes_ += d->outcome.held_bytes();
+        largest_result_ = std::max(largest_result_, d->outcome.held_bytes());
         ready_.insert(d->chunk, std::move(d->outcome));
         ++delivered_;
         settle_expected(d->chunk);
@@ -270,6 +271,17 @@ class JobState {
   std::size_t ready_bytes() const {
     std::lock_guard lock(mutex_);
     return ready_bytes_;
+  }
+
+  /// What imap's byte bound weighs, under one lock.
+  struct ResultBytes {
+    std::size_t ready = 0;      // bytes of results delivered and not yet taken
+    std::size_t delivered = 0;  // chunks delivered
+    std::size_t largest = 0;    // the largest chunk's result so far
+  };
+  ResultBytes result_bytes() const {
+    std::lock_guard lock(mutex_);
+    return {ready_bytes_, delivered_, largest_result_};
   }
 
   bool wait_delivered(std::size_t count, Deadline deadline) {
@@ -447,6 +459,7 @@ class JobState {
   std::size_t done_ = 0;
   bool progress_failed_ = false;
   std::size_t ready_bytes_ = 0;
+  std::size_t largest_result_ = 0;
   RunTimeEstimate item_ns_{0.3};  // follows the input's changes within a few chunks
   mutable std::mutex mutex_;
   std::condition_variable cv_;
