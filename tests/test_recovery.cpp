@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -239,6 +240,24 @@ TEST_CASE("a killed fork server is started again, and the pool goes on", "[recov
   auto lost = test::thrown<procpool::WorkerLost>([&] { running.get(); });
   CHECK_THAT(lost.what(), Catch::Contains("was lost with its fork server, which died"));
   CHECK(pool.apply<sq>(8L) == 64);
+}
+
+TEST_CASE("in a subreaper or PID 1, a killed fork server's workers are still lost with it",
+          "[recovery][forkserver][reaping]") {
+  // The program inherits the dead server's workers and reaps them itself:
+  // each was said to be "killed by signal 9", which its server's death did.
+  auto run = test::run_program({PROCPOOL_HELPER, "killserver"}, 60000);
+  INFO(run.output);
+  CHECK(WIFEXITED(run.status));
+  CHECK(WEXITSTATUS(run.status) == 0);
+  std::vector<std::string> lines;
+  std::istringstream in(run.output);
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  REQUIRE(lines.size() == 3);
+  for (std::size_t k = 0; k < 2; ++k) {
+    CHECK_THAT(lines[k], Catch::StartsWith("lost: ") && Catch::Contains("was lost with its fork server, which died"));
+  }
+  CHECK(lines[2] == "after: 64");
 }
 
 POOL_TEST("an initializer that crashes is reported as such, never as a missing init()", "[recovery][initializer]") {

@@ -36,6 +36,9 @@
 //                         counts this process's children (zombies or not)
 //                         after each join() and each destruction; prints
 //                         "children after join N, after destruction M"
+//   killserver            a subreaper: a forkserver pool of 2 runs 2 long
+//                         tasks, and its fork server is killed; prints "lost:
+//                         <error>" for each, then "after: 64"
 //   noproc <method>       in a mount namespace of its own with a tmpfs over
 //                         /proc (a user namespace too if not root): a pool of 1
 //                         maps 3 squares; prints "results 1 4 9" or "error: ..."
@@ -266,21 +269,52 @@ int nproc(const std::string& method) {
 }
 
 /// This process's children, zombies included.
-std::size_t child_count() {
-  std::size_t count = 0;
+std::vector<int> child_pids() {
+  std::vector<int> pids;
   if (DIR* tasks = ::opendir("/proc/self/task")) {
     while (dirent* entry = ::readdir(tasks)) {
       if (entry->d_name[0] == '.') continue;
       std::string path = std::string("/proc/self/task/") + entry->d_name + "/children";
       if (FILE* f = std::fopen(path.c_str(), "re")) {
         int pid;
-        while (std::fscanf(f, "%d", &pid) == 1) ++count;
+        while (std::fscanf(f, "%d", &pid) == 1) pids.push_back(pid);
         std::fclose(f);
       }
     }
     ::closedir(tasks);
   }
-  return count;
+  return pids;
+}
+
+std::size_t child_count() { return child_pids().size(); }
+
+long nap_long(long ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return ms;
+}
+
+/// A subreaper (as PID 1 is) inherits the workers of a fork server that
+/// dies: their ends must still be told as the fork server's.
+int kill_server() {
+  ::prctl(PR_SET_CHILD_SUBREAPER, 1);
+  procpool::Pool pool({.processes = 2, .start_method = procpool::StartMethod::forkserver});
+  if (pool.map<square>(std::vector<long>{1, 2, 3}, 1) != std::vector<long>{1, 4, 9}) return 3;
+  const std::vector<int> servers = child_pids();  // the fork server, the pool's only child
+  if (servers.size() != 1) return 4;
+  auto first = pool.apply_async<nap_long>(30'000L);
+  auto second = pool.apply_async<nap_long>(30'000L);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ::kill(servers[0], SIGKILL);
+  for (auto* r : {&first, &second}) {
+    try {
+      r->get();
+      std::printf("no error\n");
+    } catch (const std::exception& e) {
+      std::printf("lost: %s\n", e.what());
+    }
+  }
+  std::printf("after: %ld\n", pool.apply<square>(8L));
+  return 0;
 }
 
 int reaper(const std::string& method, int cycles, bool subreaper) {
@@ -429,6 +463,7 @@ int main(int argc, char** argv) {
   if (mode == "fewfds" && argc > 3) return few_fds(argv[2], std::atoi(argv[3]));
   if (mode == "successor" && argc > 2) return successor(argv[2]);
   if (mode == "noproc" && argc > 2) return no_proc(argv[2]);
+  if (mode == "killserver") return kill_server();
   if (mode == "unflushed" && argc > 3) return unflushed(argv[2], argv[3]);
   if (mode == "reaper" && argc > 3) {
     return reaper(argv[2], std::atoi(argv[3]), argc > 4 && std::string(argv[4]) == "subreaper");

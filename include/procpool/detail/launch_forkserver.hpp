@@ -321,11 +321,13 @@ class ForkserverLauncher final : public Launcher {
     if (worker.generation != generation_ || !server_alive_) {
       // Its server is dead and reports nothing more; the worker died with it.
       // If this process is a subreaper (or PID 1) it inherited the worker:
-      // reap it here, once it is gone.
+      // reap it here, once it is gone. Its SIGKILL was its server's death
+      // (a worker has PR_SET_PDEATHSIG), and is told as that.
       int status = 0;
       const pid_t r = retry_eintr([&] { return ::waitpid(worker.pid, &status, WNOHANG); });
       if (r == 0) return std::nullopt;
-      return r == worker.pid ? status : server_gone_status;
+      const bool killed = r == worker.pid && WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+      return r == worker.pid && !killed ? status : server_gone_status;
     }
     drain();
     auto it = exited_.find(worker.pid);
