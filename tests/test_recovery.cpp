@@ -242,6 +242,19 @@ TEST_CASE("a killed fork server is started again, and the pool goes on", "[recov
   CHECK(pool.apply<sq>(8L) == 64);
 }
 
+POOL_TEST("at the fd limit, a crashed worker's successor waits for the relay to free its pipes",
+          "[recovery][emfile][output]") {
+  // A pool of 2 with relayed output at the fewest fds it runs with: one
+  // worker, the other's starts failing. When that worker crashed, its
+  // successor's start could come before the output relay had closed the dead
+  // worker's pipes: it failed too, and every task left failed at once.
+  auto run =
+      test::run_program({PROCPOOL_HELPER, "crashrelay", std::string(procpool::to_string(TestType::method))}, 90000);
+  INFO(run.output);
+  CHECK(WIFEXITED(run.status));
+  CHECK(run.output == "crashed 5, lost 0\n");
+}
+
 TEST_CASE("in a subreaper or PID 1, a killed fork server's workers are still lost with it",
           "[recovery][forkserver][reaping]") {
   // The program inherits the dead server's workers and reaps them itself:

@@ -36,6 +36,10 @@
 //                         counts this process's children (zombies or not)
 //                         after each join() and each destruction; prints
 //                         "children after join N, after destruction M"
+//   crashrelay <method>   at the lowest fd limit a pool of 2 with relayed
+//                         output runs at, maps 200 items, every 40th of which
+//                         crashes its worker; prints "crashed 5, lost 0" when
+//                         the others ran, or what was lost
 //   killserver            a subreaper: a forkserver pool of 2 runs 2 long
 //                         tasks, and its fork server is killed; prints "lost:
 //                         <error>" for each, then "after: 64"
@@ -412,6 +416,49 @@ int successor(const std::string& method) {
   return 0;
 }
 
+long crash_on_seven(long x) {
+  if (x % 40 == 7) ::raise(SIGSEGV);
+  return x * x;
+}
+
+/// At the fewest fds a pool of 2 with relayed output runs with (one worker,
+/// the other's starts failing), its worker crashes: the successor can start
+/// only once the output relay has closed the dead worker's pipes.
+int crash_relay(const std::string& method) {
+  ::close_range(3, ~0U, 0);
+  procpool::Options options{.processes = 2, .start_method = method_named(method)};
+  options.worker_output = procpool::WorkerOutput::lines;
+  rlimit limit{};
+  ::getrlimit(RLIMIT_NOFILE, &limit);
+  for (rlim_t soft = 8; soft < 64; ++soft) {
+    limit.rlim_cur = soft;
+    if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) return 3;
+    try {
+      procpool::Pool probe(options);
+      if (probe.apply<square>(2L) != 4) return 4;
+    } catch (const std::exception&) {
+      continue;  // too few
+    }
+    procpool::Pool pool(options);
+    std::vector<long> inputs(200);
+    for (std::size_t i = 0; i < inputs.size(); ++i) inputs[i] = static_cast<long>(i);
+    int crashed = 0, lost = 0;
+    std::string first;
+    for (const auto& r : pool.imap<crash_on_seven>(inputs).results()) {
+      if (r) continue;
+      if (r.error_message().find("SIGSEGV") != std::string::npos) {
+        ++crashed;
+      } else if (lost++ == 0) {
+        first = ": " + r.error_message();
+      }
+    }
+    std::printf("crashed %d, lost %d%s\n", crashed, lost, first.c_str());
+    return 0;
+  }
+  std::printf("no fd limit up to 64 let a pool start\n");
+  return 0;
+}
+
 bool write_file(const char* path, const std::string& text) {
   FILE* f = std::fopen(path, "we");
   if (f == nullptr) return false;
@@ -464,6 +511,7 @@ int main(int argc, char** argv) {
   if (mode == "successor" && argc > 2) return successor(argv[2]);
   if (mode == "noproc" && argc > 2) return no_proc(argv[2]);
   if (mode == "killserver") return kill_server();
+  if (mode == "crashrelay" && argc > 2) return crash_relay(argv[2]);
   if (mode == "unflushed" && argc > 3) return unflushed(argv[2], argv[3]);
   if (mode == "reaper" && argc > 3) {
     return reaper(argv[2], std::atoi(argv[3]), argc > 4 && std::string(argv[4]) == "subreaper");

@@ -492,11 +492,11 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
       start_missing_workers(lock);
       if (broken_) fail_all_pending(*broken_, deliveries);
       // Tasks no worker can take while workers cannot be started fail, with
-      // the reason. Not at once while a worker is left: one finishing its
-      // last task (maxtasksperchild) frees its fds and process when it
-      // exits, and the next start may then work. The pool goes on trying.
+      // the reason. Not at once while a worker is left (one finishing its
+      // last task frees its fds and process when it exits) or the output
+      // relay holds an ended one's pipes. The pool goes on trying.
       if (start_failure_ && start_failures_ >= 2 && !pending_.empty() && !any_worker_will_take_tasks() &&
-          (workers_.empty() || start_backoff_ >= max_start_backoff)) {
+          ((workers_.empty() && !relay_holds_ended()) || start_backoff_ >= max_start_backoff)) {
         fail_all_pending(*start_failure_, deliveries);
       }
       scheduler_.assign(pending_, workers_);
@@ -507,9 +507,8 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
       Link& link = *w->link;
       if (link.has_unsent()) link.flush();
       if (!w->held.empty() || link.has_unsent()) continue;
-      // A retiring worker whose last tasks were taken back elsewhere (or
-      // ran) has nothing more to do; nor has any once the pool winds down.
-      // Closing its task channel ends it.
+      // A retiring worker whose last tasks were taken back elsewhere (or ran) has nothing more
+      // to do; nor has any once the pool winds down. Closing its task channel ends it.
       if (w->retiring || winding_down) link.close_sending();
     }
   }
@@ -533,6 +532,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
 
   // Starting, burying and stopping workers: dispatcher_workers.hpp.
   void start_missing_workers(std::unique_lock<std::mutex>& lock);
+  bool relay_holds_ended() const;
   std::unique_ptr<Worker> start_worker(std::size_t slot);
   static void warn_forked_at_first_call();
   void start_failed(std::size_t slot, const std::exception& e);

@@ -23,8 +23,10 @@ inline void Dispatcher::start_missing_workers(std::unique_lock<std::mutex>& lock
   auto want = [&] { return !broken_ && (first || wants_workers()); };
   if (!want()) return;
   // After a failed start, wait for the backoff unless tasks have nowhere to
-  // go (no worker is left) and have waited for one attempt already.
-  if (start_failure_ && Clock::now() < next_start_ && (start_failures_ < 2 || pending_.empty() || !workers_.empty())) {
+  // go (no worker is left, nor an ended one's pipes) and have waited for
+  // one attempt already.
+  if (start_failure_ && Clock::now() < next_start_ &&
+      (start_failures_ < 2 || pending_.empty() || !workers_.empty() || relay_holds_ended())) {
     return;
   }
   for (std::size_t slot = 0; slot < processes_ && !broken_; ++slot) {
@@ -59,6 +61,10 @@ inline void Dispatcher::start_missing_workers(std::unique_lock<std::mutex>& lock
     if (state_ == State::terminating || !want()) return;
   }
 }
+
+/// Whether the output relay still reads pipes of workers that ended: it
+/// closes them, freeing their fds, once it has read to their EOF.
+inline bool Dispatcher::relay_holds_ended() const { return relay_ && relay_->open_pipes() > 2 * workers_.size(); }
 
 /// Starts a worker in `slot` and queues its configuration. Without the lock.
 inline std::unique_ptr<Worker> Dispatcher::start_worker(std::size_t slot) {

@@ -11,6 +11,7 @@
 #include <sys/eventfd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <exception>
@@ -65,6 +66,7 @@ class OutputRelay {
   void attach(std::size_t slot, pid_t pid, Pipes pipes) {
     set_nonblocking(pipes.out.read.get());
     set_nonblocking(pipes.err.read.get());
+    open_pipes_.fetch_add(2, std::memory_order_relaxed);
     {
       std::lock_guard lock(mutex_);
       incoming_.push_back(Source{slot, pid, WorkerStream::out, std::move(pipes.out.read), {}});
@@ -72,6 +74,10 @@ class OutputRelay {
     }
     wake();
   }
+
+  /// Pipes it still reads, or has yet to: two for each worker alive, and
+  /// two for each ended one until their EOF is read and they are closed.
+  std::size_t open_pipes() const noexcept { return open_pipes_.load(std::memory_order_acquire); }
 
   /// Delivers what is left, then stops the thread: waits until every pipe
   /// has reached EOF (all workers have exited), but gives up once nothing
@@ -145,7 +151,9 @@ class OutputRelay {
         if (open && kept != k) sources[kept] = std::move(sources[k]);
         kept += open;
       }
-      sources.resize(kept);
+      const std::size_t closed = sources.size() - kept;
+      sources.resize(kept);  // closes the pipes at EOF
+      if (closed != 0) open_pipes_.fetch_sub(closed, std::memory_order_release);
     }
     for (auto& s : sources) {
       drain_available(s);
@@ -247,6 +255,7 @@ class OutputRelay {
   std::mutex mutex_;
   std::vector<Source> incoming_;
   std::optional<Stop> stop_;
+  std::atomic<std::size_t> open_pipes_{0};
   std::mutex join_mutex_;
   InternalThread thread_;  // last: it runs on every member above
 };
