@@ -440,6 +440,10 @@ int crash_relay(const std::string& method) {
       continue;  // too few
     }
     procpool::Pool pool(options);
+    (void)pool.apply<square>(2L);
+    // The other slot's starts keep failing, further and further apart: its
+    // backoff is near its 5 s cap when the first crash comes.
+    std::this_thread::sleep_for(std::chrono::seconds(4));
     std::vector<long> inputs(200);
     for (std::size_t i = 0; i < inputs.size(); ++i) inputs[i] = static_cast<long>(i);
     int crashed = 0, lost = 0;

@@ -399,9 +399,8 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
     lock.unlock();
     deliver_all(deliveries);
     if (terminating) stop_workers();
-    // Every worker is gone: so is the fork server, which reaps its last
-    // workers before it exits. Here, on the thread that started it: its
-    // parent-death signal fires when this thread ends.
+    // Every worker is gone: so is the fork server, which reaps its last workers before it exits.
+    // Here, on the thread that started it: its parent-death signal fires when this thread ends.
     transport_->shutdown();
   }
 
@@ -480,8 +479,8 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
       if (workers_[i]->exited) {
         bury(*workers_[i], deliveries);
         workers_.erase(workers_.begin() + static_cast<std::ptrdiff_t>(i));
-        // What it held (fds, a process) is free: a failed start is tried again now.
-        if (start_failure_) next_start_ = Clock::now();
+        // What it held (fds, a process) is free: a failed start is tried again now, afresh.
+        if (start_failure_) retry_starts_now();
       } else {
         ++i;
       }
@@ -533,6 +532,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   // Starting, burying and stopping workers: dispatcher_workers.hpp.
   void start_missing_workers(std::unique_lock<std::mutex>& lock);
   bool relay_holds_ended() const;
+  void retry_starts_now();
   std::unique_ptr<Worker> start_worker(std::size_t slot);
   static void warn_forked_at_first_call();
   void start_failed(std::size_t slot, const std::exception& e);

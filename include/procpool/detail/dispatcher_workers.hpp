@@ -66,6 +66,15 @@ inline void Dispatcher::start_missing_workers(std::unique_lock<std::mutex>& lock
 /// closes them, freeing their fds, once it has read to their EOF.
 inline bool Dispatcher::relay_holds_ended() const { return relay_ && relay_->open_pipes() > 2 * workers_.size(); }
 
+/// After a worker exits: the next start comes at once, and its failures are
+/// counted from none (tasks fail only after two, and while no worker or
+/// ended worker's pipes are left, only once the backoff has grown again).
+inline void Dispatcher::retry_starts_now() {
+  next_start_ = Clock::now();
+  start_backoff_ = std::chrono::milliseconds(0);
+  start_failures_ = 0;
+}
+
 /// Starts a worker in `slot` and queues its configuration. Without the lock.
 inline std::unique_ptr<Worker> Dispatcher::start_worker(std::size_t slot) {
   auto w = std::make_unique<Worker>();
