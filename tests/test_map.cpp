@@ -35,6 +35,10 @@ long nap_1ms(long x) {
   std::this_thread::sleep_for(std::chrono::milliseconds(1));
   return x;
 }
+long slow_first(long x) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(x == 0 ? 500 : 1));
+  return x;
+}
 std::string g_prefix;
 void set_prefix(const std::string& p) { g_prefix = p; }
 std::string prefixed(const std::string& s) { return g_prefix + s; }
@@ -412,6 +416,25 @@ POOL_TEST("imap submits 1024 chunks ahead by default, and more for many workers"
     // fill's read yielded is the last one consumed.
     CHECK(pulled == consumed - 1 + ahead);
   }
+}
+
+POOL_TEST("an imap whose first item is slow sends the rest once another result is in", "[imap]") {
+  // In order, the consumer waits for item 0. The first fill is two chunks
+  // per worker; once any result is in, the rest of the prefetch goes out
+  // while it waits, rather than once item 0 is done.
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  long pulled = 0;
+  auto counting = tv::iota(0L, 40L) | tv::transform([&pulled](long x) {
+                    ++pulled;
+                    return x;
+                  });
+  long seen = 0, pulled_at_first = -1;
+  for (long v : pool.imap<slow_first>(counting)) {
+    if (seen == 0) pulled_at_first = pulled;
+    CHECK(v == seen++);
+  }
+  CHECK(seen == 40);
+  CHECK(pulled_at_first == 40);
 }
 
 POOL_TEST("adaptive imap keeps 4 * processes * max_tasks_in_flight chunks ahead, not 1024", "[imap]") {

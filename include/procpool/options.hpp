@@ -80,9 +80,10 @@ struct Options {
   /// AddressSanitizer.
   std::size_t memory_limit_per_child = 0;
   /// `imap`/`imap_unordered` read no further ahead while the tasks they
-  /// sent and the results not yet consumed hold this many bytes (at least
-  /// one chunk is always in flight); bounds their memory with large items,
-  /// where `imap_prefetch` alone counts chunks. `map`/`starmap` start no
+  /// sent and the results not yet consumed hold this many bytes, results
+  /// still to come counted as large as the largest so far (at least one
+  /// chunk is always in flight); bounds their memory with large items or
+  /// results, where `imap_prefetch` alone counts chunks. `map`/`starmap` start no
   /// further batch of tasks while their tasks not yet answered (sent or queued) hold
   /// this many bytes, unless fewer are out than `processes *
   /// (max_tasks_in_flight + 1)`. 0 means no byte bound.

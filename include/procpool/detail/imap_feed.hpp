@@ -95,6 +95,12 @@ class ImapFeed {
     if (batch_.empty()) {
       top_up();
       if (taken_ == submitted_ && input_error_) return Piece{{}, 0, 0, std::exchange(input_error_, nullptr)};
+      // The first fill is small (results' size unknown); in order, the first
+      // result may be a slow one. Once any result is in, the rest goes out.
+      if (settings_.ordered && !input_done_ && taken_ < submitted_ && job_->delivered() == 0 &&
+          job_->wait_delivered(1, deadline)) {
+        top_up();
+      }
       // A batch of what is ready at once, bounded like the prefetch.
       auto got = job_->take_some(settings_.ordered ? std::optional<std::uint64_t>(taken_) : std::nullopt, deadline,
                                  std::max<std::size_t>(1, settings_.prefetch / 4),
