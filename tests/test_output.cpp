@@ -9,7 +9,9 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -150,6 +152,30 @@ int leave_grandchild(int) {
   return static_cast<int>(pid);
 }
 
+/// Appends "destroyed in <pid>" to the file PROCPOOL_TEST_DTOR_WITNESS names,
+/// if it names one, when the process runs its static destructors.
+struct DestructorWitness {
+  DestructorWitness() = default;
+  DestructorWitness(const DestructorWitness&) = delete;
+  DestructorWitness& operator=(const DestructorWitness&) = delete;
+  ~DestructorWitness() {
+    const char* path = std::getenv("PROCPOOL_TEST_DTOR_WITNESS");
+    if (path == nullptr) return;
+    if (std::FILE* f = std::fopen(path, "a")) {
+      std::fprintf(f, "destroyed in %d\n", static_cast<int>(::getpid()));
+      std::fclose(f);
+    }
+  }
+} destructor_witness;
+
+/// Prints half a line (left in stdout's buffer), then calls exit().
+int print_and_exit(int code) {
+  std::printf("exit(%d) from a task", code);
+  std::exit(code);
+}
+
+int twice(int x) { return 2 * x; }
+
 }  // namespace
 
 POOL_TEST("relayed worker lines reach the parent's stdout and stderr whole", "[output]") {
@@ -249,6 +275,31 @@ POOL_TEST("what a worker prints just before it crashes is delivered", "[output]"
         std::vector<std::string>{fmt::format("last words of {}", lost.pid())});
   CHECK(got.texts(procpool::WorkerStream::err) == std::vector<std::string>{"and a half line on stderr"});
   for (const auto& line : got.snapshot()) CHECK(line.pid == lost.pid());
+}
+
+POOL_TEST("a task that calls exit() ends its worker: its output arrives, no static destructor runs", "[output]") {
+  // Under fork a worker's globals are copies of the parent's: their
+  // destructors must not run there on the parent's behalf (removing its
+  // files); under the other start methods they are the worker's, and workers
+  // never run them either.
+  const std::string witness = fmt::format("/tmp/procpool_test_dtor_{}", ::getpid());
+  std::remove(witness.c_str());
+  ::setenv("PROCPOOL_TEST_DTOR_WITNESS", witness.c_str(), 1);
+  Collector got;
+  {
+    procpool::Pool pool(test::options<TestType>({.processes = 1, .on_worker_output = got.callback()}));
+    auto lost = test::thrown<procpool::WorkerLost>([&] { pool.apply<print_and_exit>(3); });
+    CHECK(lost.exit_code() == 3);
+    CHECK(pool.apply<twice>(21) == 42);  // on the worker that replaced it
+    pool.close();
+    pool.join();
+  }
+  ::unsetenv("PROCPOOL_TEST_DTOR_WITNESS");
+  CHECK(got.texts(procpool::WorkerStream::out) == std::vector<std::string>{"exit(3) from a task"});
+  std::ifstream in(witness);
+  const std::string destroyed((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(destroyed.empty());
+  std::remove(witness.c_str());
 }
 
 POOL_TEST("half lines are joined across tasks, and a last one arrives when the worker exits", "[output]") {

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <iostream>
 #include <optional>
@@ -551,6 +552,23 @@ inline int worker_main(int task_fd, int result_fd, bool relayed = false, int cla
     if (fd >= 0) ::fcntl(fd, F_SETFD, ::fcntl(fd, F_GETFD) | FD_CLOEXEC);
   }
   running_tasks() = true;
+  // A task that calls exit() ends the worker as _exit() would, once stdout
+  // and stderr are flushed: the destructors of the program's globals, and
+  // the atexit handlers registered before now, are not the worker's to run
+  // (under fork they would act on the parent's behalf, a global's destructor
+  // removing its files). Exit handlers run last registered first: those a
+  // task registers later still run before this one. A stream another thread
+  // holds locked is left unflushed rather than waited for.
+  ::on_exit(
+      [](int status, void*) {
+        for (std::FILE* stream : {stdout, stderr}) {
+          if (::ftrylockfile(stream) != 0) continue;
+          ::fflush_unlocked(stream);
+          ::funlockfile(stream);
+        }
+        ::_exit(status);
+      },
+      nullptr);
   int code = exit_protocol_error;
   try {
     code = worker_main(task_fd, result_fd, relayed, claims_fd);
