@@ -115,6 +115,19 @@ POOL_TEST("cancel() on map_async withdraws its chunks not started; get() throws 
   CHECK(pool.map<sqr>(std::vector<long>{1, 2, 3}) == std::vector<long>{1, 4, 9});
 }
 
+POOL_TEST("cancel() after some of a map_async's tasks ran says how many never ran", "[futures][cancel]") {
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  std::atomic<std::size_t> done{0};
+  auto r = pool.map_async<nap>(std::vector<long>(40, 20L),
+                               {.chunksize = 1, .progress = [&](std::size_t n, auto) { done = n; }});
+  while (done.load() < 2) std::this_thread::sleep_for(1ms);
+  REQUIRE(r.cancel());
+  const auto cancelled = test::thrown<procpool::Cancelled>([&] { r.get(); });
+  CHECK_THAT(cancelled.what(),
+             Catch::Matches("procpool: the map_async call was cancelled: [0-9]+ of its 40 tasks had not "
+                            "started and never ran, and the results of the others are dropped"));
+}
+
 POOL_TEST("exception() gives a finished result's error without throwing", "[futures]") {
   procpool::Pool pool(test::options<TestType>());
   auto good = pool.apply_async<fail_on_odd>(2L);

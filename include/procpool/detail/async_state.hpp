@@ -164,11 +164,17 @@ class AsyncState : public JobState {
   bool withdraw() {
     if (complete()) return false;
     std::shared_ptr<JobHost> host = this->host();
-    if (!host || host->withdraw(*this) == 0) return false;
+    const std::size_t withdrawn = host ? host->withdraw(*this) : 0;
+    if (withdrawn == 0) return false;
     // A chunk will never be delivered now: the call cannot complete otherwise.
-    std::call_once(once_, [this] {
-      error_ = std::make_exception_ptr(
-          Cancelled(fmt::format("procpool: {} was cancelled before it ran", describe_call(this->call()))));
+    std::call_once(once_, [&] {
+      const std::string call = describe_call(this->call());
+      error_ = std::make_exception_ptr(Cancelled(
+          withdrawn == chunks_
+              ? fmt::format("procpool: {} was cancelled before it ran", call)
+              : fmt::format("procpool: {} was cancelled: {} of its {} tasks had not started and never ran, and "
+                            "the results of the others are dropped",
+                            call, withdrawn, chunks_)));
     });
     this->change_and_notify([&] { withdrawn_.store(true, std::memory_order_release); });
     this->cancel();  // later deliveries are dropped
