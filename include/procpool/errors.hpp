@@ -12,6 +12,7 @@
 #include <typeinfo>
 #include <utility>
 
+#include "detail/config.hpp"
 #include "detail/exception_types.hpp"
 
 namespace procpool {
@@ -91,20 +92,7 @@ class RemoteError : public Error {
   [[noreturn]] void rethrow() const { std::rethrow_exception(original()); }
 
   /// What rethrow() throws, without throwing it.
-  std::exception_ptr original() const {
-    const detail::ExceptionMaker make = detail::ExceptionTypes::instance().find(type_name_);
-    if (make == nullptr) return std::make_exception_ptr(*this);
-    try {
-      try {
-        throw *this;
-      } catch (...) {
-        make(message_);
-      }
-    } catch (...) {
-      return std::current_exception();
-    }
-    return std::make_exception_ptr(*this);  // unreachable: make() throws
-  }
+  std::exception_ptr original() const;
 
  private:
   std::string type_name_;
@@ -243,3 +231,24 @@ void register_exception() {
 }
 
 }  // namespace procpool
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool {
+
+PROCPOOL_ENGINE_INLINE std::exception_ptr RemoteError::original() const {
+  const detail::ExceptionMaker make = detail::ExceptionTypes::instance().find(type_name_);
+  if (make == nullptr) return std::make_exception_ptr(*this);
+  try {
+    try {
+      throw *this;
+    } catch (...) {
+      make(message_);
+    }
+  } catch (...) {
+    return std::current_exception();
+  }
+  return std::make_exception_ptr(*this);  // unreachable: make() throws
+}
+
+}  // namespace procpool
+#endif

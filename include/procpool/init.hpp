@@ -6,10 +6,13 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "detail/config.hpp"
+#if PROCPOOL_DEFINE_ENGINE
 #include "detail/launch_forkserver.hpp"
 #include "detail/launch_spawn.hpp"
 #include "detail/process_title.hpp"
 #include "detail/worker.hpp"
+#endif
 
 namespace procpool {
 
@@ -38,7 +41,14 @@ namespace procpool {
  *
  * This function is thread-safe.
  */
-inline void init(int argc, char** argv) {
+PROCPOOL_ENGINE_INLINE void init(int argc, char** argv);
+
+}  // namespace procpool
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool {
+
+PROCPOOL_ENGINE_INLINE void init(int argc, char** argv) {
   detail::init_called() = true;
   // Before any fd of procpool's exists, in the program and in its workers.
   detail::occupy_closed_stdio();
@@ -67,3 +77,4 @@ inline void init(int argc, char** argv) {
 }
 
 }  // namespace procpool
+#endif

@@ -19,6 +19,8 @@
 
 #include <fmt/format.h>
 
+#include "detail/config.hpp"
+
 namespace procpool {
 
 /**
@@ -92,87 +94,22 @@ class ProgressState {
  public:
   using TimePoint = std::chrono::steady_clock::time_point;
 
-  explicit ProgressState(ProgressBarOptions options) : options_(std::move(options)) {
-    if (!options_.clock) options_.clock = [] { return std::chrono::steady_clock::now(); };
-    start_ = options_.clock();
-    const bool terminal = options_.output != nullptr && ::isatty(::fileno(options_.output)) == 1;
-    switch (options_.draw) {
-      case ProgressDraw::automatic:
-        live_ = terminal;
-        summary_ = !terminal && options_.summary_when_not_terminal;
-        break;
-      case ProgressDraw::always:
-        live_ = true;
-        break;
-      case ProgressDraw::never:
-        break;
-    }
-  }
+  explicit ProgressState(ProgressBarOptions options);
 
   ProgressState(const ProgressState&) = delete;
   ProgressState& operator=(const ProgressState&) = delete;
 
   // The last copy of the bar is gone: end its line, so whatever the program
   // prints next starts on a fresh one. Output errors are dropped here.
-  ~ProgressState() {
-    try {
-      finish();
-    } catch (...) {
-    }
-  }
+  ~ProgressState();
 
-  void update(std::size_t done, std::optional<std::size_t> total) {
-    std::lock_guard lock(mutex_);
-    if (finished_) return;
-    done_ = done;
-    total_ = total;
-    updated_ = true;
-    if (!live_) return;
-    const TimePoint now = options_.clock();
-    const bool complete = total && done >= *total;
-    // Throttled: a chunk of results arriving every few microseconds would
-    // otherwise spend the callback thread on the terminal. The final state is
-    // drawn at once so a finished bar never shows a stale count.
-    if (drawn_) {
-      if (complete ? done == drawn_done_ : now - drawn_at_ < options_.min_interval) return;
-    }
-    draw(now, false);
-  }
+  void update(std::size_t done, std::optional<std::size_t> total);
 
-  void finish() {
-    std::lock_guard lock(mutex_);
-    if (finished_) return;
-    finished_ = true;  // before writing: a sink that throws still finishes once
-    if (!updated_) return;
-    if (live_) {
-      draw(options_.clock(), true);
-    } else if (summary_) {
-      write(render(options_.clock()) + '\n');
-    }
-  }
+  void finish();
 
-  std::string line() {
-    std::lock_guard lock(mutex_);
-    return render(options_.clock());
-  }
+  std::string line();
 
-  void print_above(std::string_view text) {
-    std::lock_guard lock(mutex_);
-    std::string out;
-    if (live_ && drawn_ && !finished_) {
-      // Over the bar's line (blanked to its end), then the bar again below.
-      out = '\r' + std::string(text);
-      const std::size_t columns = display_columns(text);
-      if (columns < drawn_length_) out.append(drawn_length_ - columns, ' ');
-      out += '\n';
-      write(out);
-      drawn_length_ = 0;
-      draw(options_.clock(), false);
-      return;
-    }
-    out = std::string(text) + '\n';
-    write(out);
-  }
+  void print_above(std::string_view text);
 
   bool live() const noexcept { return live_; }
 
@@ -383,3 +320,86 @@ class ProgressBar {
 };
 
 }  // namespace procpool
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE ProgressState::ProgressState(ProgressBarOptions options) : options_(std::move(options)) {
+  if (!options_.clock) options_.clock = [] { return std::chrono::steady_clock::now(); };
+  start_ = options_.clock();
+  const bool terminal = options_.output != nullptr && ::isatty(::fileno(options_.output)) == 1;
+  switch (options_.draw) {
+    case ProgressDraw::automatic:
+      live_ = terminal;
+      summary_ = !terminal && options_.summary_when_not_terminal;
+      break;
+    case ProgressDraw::always:
+      live_ = true;
+      break;
+    case ProgressDraw::never:
+      break;
+  }
+}
+
+PROCPOOL_ENGINE_INLINE ProgressState::~ProgressState() {
+  try {
+    finish();
+  } catch (...) {
+  }
+}
+
+PROCPOOL_ENGINE_INLINE void ProgressState::update(std::size_t done, std::optional<std::size_t> total) {
+  std::lock_guard lock(mutex_);
+  if (finished_) return;
+  done_ = done;
+  total_ = total;
+  updated_ = true;
+  if (!live_) return;
+  const TimePoint now = options_.clock();
+  const bool complete = total && done >= *total;
+  // Throttled: a chunk of results arriving every few microseconds would
+  // otherwise spend the callback thread on the terminal. The final state is
+  // drawn at once so a finished bar never shows a stale count.
+  if (drawn_) {
+    if (complete ? done == drawn_done_ : now - drawn_at_ < options_.min_interval) return;
+  }
+  draw(now, false);
+}
+
+PROCPOOL_ENGINE_INLINE void ProgressState::finish() {
+  std::lock_guard lock(mutex_);
+  if (finished_) return;
+  finished_ = true;  // before writing: a sink that throws still finishes once
+  if (!updated_) return;
+  if (live_) {
+    draw(options_.clock(), true);
+  } else if (summary_) {
+    write(render(options_.clock()) + '\n');
+  }
+}
+
+PROCPOOL_ENGINE_INLINE std::string ProgressState::line() {
+  std::lock_guard lock(mutex_);
+  return render(options_.clock());
+}
+
+PROCPOOL_ENGINE_INLINE void ProgressState::print_above(std::string_view text) {
+  std::lock_guard lock(mutex_);
+  std::string out;
+  if (live_ && drawn_ && !finished_) {
+    // Over the bar's line (blanked to its end), then the bar again below.
+    out = '\r' + std::string(text);
+    const std::size_t columns = display_columns(text);
+    if (columns < drawn_length_) out.append(drawn_length_ - columns, ' ');
+    out += '\n';
+    write(out);
+    drawn_length_ = 0;
+    draw(options_.clock(), false);
+    return;
+  }
+  out = std::string(text) + '\n';
+  write(out);
+}
+
+}  // namespace procpool::detail
+#endif

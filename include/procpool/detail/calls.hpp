@@ -25,9 +25,9 @@
 #include "../errors.hpp"
 #include "../imap.hpp"
 #include "../options.hpp"
+#include "config.hpp"
 #include "dispatcher.hpp"
 #include "handlers.hpp"
-#include "launch.hpp"
 #include "ranges.hpp"
 
 namespace procpool::detail {
@@ -207,70 +207,23 @@ class Calls {
   Calls() = default;
   /// Makes the pool's transport, then its dispatcher with
   /// `options.processes` resolved.
-  static Calls open(Options options) {
-    if (in_worker_before_init()) {
-      // A global Pool in a worker: no thread, no process. Used, it is a
-      // main() that forgot init (live()).
-      Calls dormant;
-      dormant.processes_ = options.processes;
-      dormant.dormant_ = true;
-      return dormant;
-    }
-    if (options.task_timeout.count() < 0) {
-      throw std::invalid_argument(fmt::format("procpool: Options::task_timeout is negative ({} ms); use 0 for no limit",
-                                              options.task_timeout.count()));
-    }
-    try {
-      std::unique_ptr<Transport> transport = make_transport(options);
-      if (options.processes == 0) options.processes = transport->default_processes();
-      return Calls(options, std::move(transport));
-    } catch (const std::system_error& e) {
-      throw_start_error(e);
-    }
-  }
+  static Calls open(Options options);
 
   /// A system call failed as the pool started: says so, and what to do
   /// when the process is out of file descriptors.
-  [[noreturn]] static void throw_start_error(const std::system_error& e) {
-    std::string_view call = e.what();
-    if (call.starts_with("procpool:")) throw;
-    const std::string reason = e.code().message();
-    if (call.ends_with(": " + reason)) call.remove_suffix(reason.size() + 2);
-    const bool no_fds =
-        e.code() == std::errc::too_many_files_open || e.code() == std::errc::too_many_files_open_in_system;
-    throw std::system_error(e.code(), fmt::format("procpool: the pool could not start{}: {}",
-                                                  no_fds ? ", out of file descriptors (see ulimit -n)" : "", call));
-  }
+  [[noreturn]] static void throw_start_error(const std::system_error& e);
+
+  /// Why a pool without a dispatcher takes no call (live()).
+  [[noreturn]] void throw_not_live() const;
 
   /// `options.processes` is resolved (not 0).
-  Calls(const Options& options, std::unique_ptr<Transport> transport)
-      // In a child made by fork(), the last copy of a pointer to it leaves it
-      // be: its threads are not there to join, its workers not the child's.
-      : dispatcher_(new Dispatcher(options, std::move(transport)),
-                    [](Dispatcher* d) {
-                      if (!d->forked_copy()) delete d;
-                    }),
-        processes_(options.processes),
-        prefetch_bytes_(options.imap_prefetch_bytes),
-        raise_original_(options.raise_original_exceptions) {
-    Dispatcher::defer_start(dispatcher_);
-    // Four times what the workers hold at once.
-    const std::size_t held_x4 = 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
-    prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : std::max(imap_default_prefetch, held_x4);
-    adaptive_prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : held_x4;
-  }
+  Calls(const Options& options, std::unique_ptr<Transport> transport);
 
   Dispatcher* dispatcher() const noexcept { return dispatcher_.get(); }
   /// The dispatcher, for a call. A dormant pool (open) in a process whose
   /// main() forgot procpool::init stops that process with the hint.
   const std::shared_ptr<Dispatcher>& live() const {
-    if (dispatcher_ == nullptr) {
-      if (!dormant_) throw PoolNotRunning("procpool: this Pool was moved from; it accepts no work");
-      refuse_uninitialized_worker();  // main() forgot procpool::init: stops here, with the hint
-      throw PoolNotRunning(
-          "procpool: this Pool was made at namespace scope, before main(), in a process procpool started "
-          "(a worker or the fork server), where it never runs: a task cannot use the pool of the program");
-    }
+    if (dispatcher_ == nullptr) throw_not_live();
     dispatcher_->require_owner();
     return dispatcher_;
   }
@@ -523,3 +476,69 @@ class Calls {
 };
 
 }  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+#include "launch.hpp"
+
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE Calls Calls::open(Options options) {
+  if (in_worker_before_init()) {
+    // A global Pool in a worker: no thread, no process. Used, it is a
+    // main() that forgot init (live()).
+    Calls dormant;
+    dormant.processes_ = options.processes;
+    dormant.dormant_ = true;
+    return dormant;
+  }
+  if (options.task_timeout.count() < 0) {
+    throw std::invalid_argument(fmt::format("procpool: Options::task_timeout is negative ({} ms); use 0 for no limit",
+                                            options.task_timeout.count()));
+  }
+  try {
+    std::unique_ptr<Transport> transport = make_transport(options);
+    if (options.processes == 0) options.processes = transport->default_processes();
+    return Calls(options, std::move(transport));
+  } catch (const std::system_error& e) {
+    throw_start_error(e);
+  }
+}
+
+PROCPOOL_ENGINE_INLINE void Calls::throw_start_error(const std::system_error& e) {
+  std::string_view call = e.what();
+  if (call.starts_with("procpool:")) throw;
+  const std::string reason = e.code().message();
+  if (call.ends_with(": " + reason)) call.remove_suffix(reason.size() + 2);
+  const bool no_fds =
+      e.code() == std::errc::too_many_files_open || e.code() == std::errc::too_many_files_open_in_system;
+  throw std::system_error(e.code(), fmt::format("procpool: the pool could not start{}: {}",
+                                                no_fds ? ", out of file descriptors (see ulimit -n)" : "", call));
+}
+
+PROCPOOL_ENGINE_INLINE void Calls::throw_not_live() const {
+  if (!dormant_) throw PoolNotRunning("procpool: this Pool was moved from; it accepts no work");
+  refuse_uninitialized_worker();  // main() forgot procpool::init: stops here, with the hint
+  throw PoolNotRunning(
+      "procpool: this Pool was made at namespace scope, before main(), in a process procpool started "
+      "(a worker or the fork server), where it never runs: a task cannot use the pool of the program");
+}
+
+PROCPOOL_ENGINE_INLINE Calls::Calls(const Options& options, std::unique_ptr<Transport> transport)
+    // In a child made by fork(), the last copy of a pointer to it leaves it
+    // be: its threads are not there to join, its workers not the child's.
+    : dispatcher_(new Dispatcher(options, std::move(transport)),
+                  [](Dispatcher* d) {
+                    if (!d->forked_copy()) delete d;
+                  }),
+      processes_(options.processes),
+      prefetch_bytes_(options.imap_prefetch_bytes),
+      raise_original_(options.raise_original_exceptions) {
+  Dispatcher::defer_start(dispatcher_);
+  // Four times what the workers hold at once.
+  const std::size_t held_x4 = 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
+  prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : std::max(imap_default_prefetch, held_x4);
+  adaptive_prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : held_x4;
+}
+
+}  // namespace procpool::detail
+#endif

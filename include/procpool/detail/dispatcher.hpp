@@ -29,6 +29,7 @@
 #include "../options.hpp"
 #include "callback_runner.hpp"
 #include "claims.hpp"
+#include "config.hpp"
 #include "job.hpp"
 #include "link.hpp"
 #include "output_relay.hpp"
@@ -54,63 +55,20 @@ struct Chunk {
 
 class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dispatcher> {
  public:
-  Dispatcher(const Options& options, std::unique_ptr<Transport> transport)
-      : transport_(std::move(transport)),
-        processes_(options.processes),
-        max_tasks_per_child_(options.maxtasksperchild),
-        max_in_flight_(std::max<std::size_t>(1, options.max_tasks_in_flight)),
-        retries_(options.retries),
-        task_timeout_(options.task_timeout),
-        max_rss_(options.max_memory_per_child),
-        address_space_limit_(options.memory_limit_per_child),
-        max_message_(std::min<std::size_t>(options.max_message_bytes, 0xffffffffu)),
-        task_memory_(std::make_shared<TaskMemory>(options.shared_memory_threshold)),
-        shm_threshold_(transport_->shares_memory() ? task_memory_->threshold() : 0),
-        init_id_(InitializerAccess::id(options.initializer)),
-        init_state_(InitializerAccess::state(options.initializer)),
-        init_shares_(InitializerAccess::shares(options.initializer)),
-        scheduler_({.max_in_flight = max_in_flight_,
-                    .max_tasks_per_child = max_tasks_per_child_,
-                    .worker_spin = options.worker_spin},
-                   task_memory_, shm_threshold_),
-        reader_(max_message_, shm_threshold_, scheduler_.task_time, timeouts_used_) {
-    wake_ = make_tracked("eventfd", [] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
-    workers_.reserve(2 * processes_);  // at most two a slot (start_missing_workers)
-    if (options.worker_output != WorkerOutput::inherit || options.on_worker_output) {
-      relay_ = std::make_unique<OutputRelay>(options.worker_output, options.on_worker_output);
-    }
-    const bool forks = options.start_method == StartMethod::fork && options.backend.local();
-    start_at_init_ = deferred_ = forks && !init_called();
-    thread_ = InternalThread("the pool's I/O thread", [this] { io_loop(); });
-    // A fork pool forks its first workers before the constructor returns, as
-    // Python's Pool() does: a thread the program starts after it is in none
-    // of those forks, and not counted by the threaded-fork check. Made
-    // before procpool::init, it does so in init: see defer_start().
-    if (forks && !deferred_) wait_first_round();
-  }
+  Dispatcher(const Options& options, std::unique_ptr<Transport> transport);
 
   /// Called once the pool owns this dispatcher: a fork pool made before
   /// procpool::init starts its workers in init (DeferredStarts).
-  static void defer_start(const std::shared_ptr<Dispatcher>& self) {
-    if (!self->deferred_) return;
-    const bool added = DeferredStarts::instance().add(self, [](const std::shared_ptr<void>& pool) {
-      static_cast<Dispatcher*>(pool.get())->start_deferred();
-    });
-    if (!added) self->start_deferred();  // init ran meanwhile
-  }
+  static void defer_start(const std::shared_ptr<Dispatcher>& self);
 
   Dispatcher(const Dispatcher&) = delete;
   Dispatcher& operator=(const Dispatcher&) = delete;
-  ~Dispatcher() { shutdown(); }
+  ~Dispatcher();
 
   /// terminate(), then runs the callbacks still queued (error_callbacks of
   /// what terminate() failed among them) and ends the callback thread. Called
   /// by ~Pool while the Pool is whole, so a callback may still use it.
-  void shutdown() noexcept {
-    if (forked_copy()) return;
-    terminate();
-    runner_.stop();
-  }
+  void shutdown() noexcept;
 
   std::size_t processes() const { return processes_; }
 
@@ -121,10 +79,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
   void require_owner() const { owner_.require(); }
 
   /// procpool::init has run: a pool that waited for it starts its workers.
-  void start_deferred() {
-    wake();
-    wait_first_round();
-  }
+  void start_deferred();
 
   /// An empty task frame to encode a chunk into: once large, it grows in the
   /// pool's shared memory, where the worker will read it.
@@ -139,170 +94,40 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
    * with `in_stream`), and the pool does not wind down before it is closed.
    * Every open_stream() needs its close_stream().
    */
-  void open_stream() {
-    require_owner();
-    std::lock_guard lock(mutex_);
-    if (state_ != State::running) throw_not_running();
-    ++streams_;
-  }
-  void close_stream() noexcept {
-    bool last_on_closed_pool;
-    {
-      std::lock_guard lock(mutex_);
-      last_on_closed_pool = --streams_ == 0 && state_ == State::closed;
-    }
-    // Only a closed pool waits for its streams to wind down.
-    if (last_on_closed_pool) wake();
-  }
+  void open_stream();
+  void close_stream() noexcept;
 
   /// Whether terminate() was called: a call still reading its input stops.
   bool terminated() const noexcept { return terminated_.load(std::memory_order_relaxed); }
 
   /// Throws PoolNotRunning unless the pool takes new work.
-  void require_running() {
-    require_owner();
-    std::lock_guard lock(mutex_);
-    if (state_ != State::running) throw_not_running();
-  }
+  void require_running();
 
   /// Queues chunks; they are failed at once if the pool can no longer run them.
   void submit(std::vector<Chunk> chunks, bool in_stream = false) { submit_from(chunks, in_stream); }
 
   /// submit(), taking the chunks out of `chunks`: it is left empty, with
   /// its capacity, for a caller's next batch.
-  void submit_from(std::vector<Chunk>& chunks, bool in_stream = false) {
-    require_owner();
-    // Their frames' shared homes are made before taking the lock the I/O thread needs.
-    std::vector<std::shared_ptr<TaskBytes>> frames;
-    frames.reserve(chunks.size());
-    for (auto& chunk : chunks) frames.push_back(std::make_shared<TaskBytes>(std::move(chunk.frame)));
-    // Each job learns whose it is (to withdraw its tasks, to run callbacks).
-    const JobState* attached = nullptr;
-    for (auto& chunk : chunks) {
-      if (chunk.job.get() == attached) continue;
-      attached = chunk.job.get();
-      chunk.job->attach(shared_from_this());
-    }
-    std::vector<Delivery> failed;
-    {
-      std::lock_guard lock(mutex_);
-      if (state_ != State::running && !(in_stream && state_ == State::closed)) throw_not_running();
-      for (std::size_t k = 0; k < chunks.size(); ++k) {
-        Chunk& chunk = chunks[k];
-        const TaskBytes& frame = *frames[k];
-        if (broken_) {
-          failed.push_back({std::move(chunk.job), chunk.index, failure_outcome(*broken_), TaskHead::count_of(frame)});
-        } else if (frame.size() - frame_header_size > max_message_) {
-          failed.push_back({std::move(chunk.job), chunk.index,
-                            failure_outcome({ChunkFailure::Kind::protocol, 0, 0, 0,
-                                             fmt::format("its task message ({} bytes) is larger than "
-                                                         "Options::max_message_bytes ({})",
-                                                         frame.size(), max_message_)}),
-                            TaskHead::count_of(frame)});
-        } else if (!chunk.shares.empty() && !transport_->shares_memory()) {
-          failed.push_back({std::move(chunk.job), chunk.index,
-                            failure_outcome({ChunkFailure::Kind::protocol, 0, 0, 0,
-                                             "it passes a procpool::SharedMemory block, which cannot reach workers "
-                                             "on other hosts (this pool's workers run on MPI ranks); pass the "
-                                             "data as a std::vector instead"}),
-                            TaskHead::count_of(frame)});
-        } else {
-          if (chunk.job->task_timeout() && !timeouts_used_) {
-            // The running tasks' start times are kept from now on.
-            timeouts_used_ = true;
-            for (auto& w : workers_) w->front_since = Clock::now();
-          }
-          pending_.push_back(
-              Task{std::move(chunk.job), chunk.index, 0, std::move(frames[k]), 0, {}, std::move(chunk.shares)});
-        }
-      }
-    }
-    chunks.clear();
-    deliver_all(failed);
-    wake();
-  }
+  void submit_from(std::vector<Chunk>& chunks, bool in_stream = false);
 
   /// Withdraws `job`'s chunks no worker has started: from the queue, and
   /// from the workers holding them (their claims taken back). They are
   /// neither run nor delivered. Returns how many.
-  std::size_t withdraw(const JobState& job) override {
-    if (forked_copy()) return 0;
-    std::lock_guard lock(mutex_);
-    std::size_t withdrawn = 0;
-    for (std::size_t k = pending_.size(); k-- > 0;) {
-      if (pending_[k].job.get() != &job) continue;
-      pending_.erase(k);
-      ++withdrawn;
-    }
-    for (auto& w : workers_) {
-      if (!w->claiming || w->exited) continue;
-      for (std::size_t k = w->held.size(); k-- > 0;) {
-        if (w->held[k].job.get() != &job || !w->claims.revoke(w->held[k].id)) continue;
-        w->held.erase(k);
-        ++withdrawn;
-        if (k == 0) w->front_since = Clock::now();  // the next one's clock starts now, near enough
-      }
-    }
-    if (withdrawn != 0) wake();  // a worker may now have nothing left to do
-    return withdrawn;
-  }
+  std::size_t withdraw(const JobState& job) override;
 
   /// Runs `work` on the pool's callback thread; false if that cannot start.
-  bool post_callback(std::function<void()> work) override {
-    try {
-      runner_.post(std::move(work));
-      return true;
-    } catch (const std::exception&) {
-      return false;
-    }
-  }
+  bool post_callback(std::function<void()> work) override;
 
   /// No more submissions; queued work still runs.
-  void close() {
-    require_owner();
-    {
-      std::lock_guard lock(mutex_);
-      if (state_ == State::running) state_ = State::closed;
-    }
-    wake();
-  }
+  void close();
 
   /// After close(): waits for all queued work, then for every worker to exit.
-  void join() {
-    require_owner();
-    {
-      std::lock_guard lock(mutex_);
-      if (state_ == State::running) {
-        throw PoolNotRunning("procpool: join() called on a running pool; call close() or terminate() first");
-      }
-    }
-    {
-      std::lock_guard join_lock(join_mutex_);
-      thread_.join();
-      // Every worker has exited: what they printed is in the relay's pipes.
-      if (relay_) relay_->finish(std::chrono::seconds(1), std::chrono::seconds(5));
-    }
-    // And every callback has run (but the one calling join(), if one is).
-    // Without the lock: a callback may call terminate() or join() meanwhile.
-    runner_.drain();
-  }
+  void join();
 
   /// Stops the workers now (idle ones on EOF, busy ones by SIGTERM; SIGKILL
   /// after a short grace) and fails every unfinished task. Never throws,
   /// never hangs.
-  void terminate() noexcept {
-    if (forked_copy()) return;
-    terminated_.store(true, std::memory_order_relaxed);
-    {
-      std::lock_guard lock(mutex_);
-      if (state_ != State::stopped) state_ = State::terminating;
-    }
-    wake();
-    std::lock_guard join_lock(join_mutex_);
-    thread_.join();
-    stop_workers();
-    if (relay_) relay_->finish(kill_grace, kill_grace);
-  }
+  void terminate() noexcept;
 
  private:
   enum class State { running, closed, terminating, stopped };
@@ -597,4 +422,7 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
 
 }  // namespace procpool::detail
 
+#if PROCPOOL_DEFINE_ENGINE
+#include "dispatcher_api.hpp"
 #include "dispatcher_workers.hpp"
+#endif

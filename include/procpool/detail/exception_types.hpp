@@ -16,13 +16,11 @@
 #include <typeinfo>
 #include <unordered_map>
 
+#include "config.hpp"
+
 namespace procpool::detail {
 
-inline std::string demangle(const char* mangled) {
-  int status = 0;
-  std::unique_ptr<char, void (*)(void*)> out(abi::__cxa_demangle(mangled, nullptr, nullptr, &status), std::free);
-  return status == 0 && out ? std::string(out.get()) : std::string(mangled);
-}
+PROCPOOL_ENGINE_INLINE std::string demangle(const char* mangled);
 
 /// Throws an exception of one type made from a message, with the exception
 /// being handled nested in it (std::throw_with_nested).
@@ -39,10 +37,7 @@ template <class E>
 
 class ExceptionTypes {
  public:
-  static ExceptionTypes& instance() {
-    static ExceptionTypes types;
-    return types;
-  }
+  static ExceptionTypes& instance();
   /// Registers `type` under `name`. Another type of the same name makes the
   /// name ambiguous: find() then knows it no more.
   void add(const std::string& name, std::type_index type, ExceptionMaker maker) {
@@ -51,26 +46,10 @@ class ExceptionTypes {
     if (!added && it->second.type != type) it->second.maker = nullptr;
   }
   /// nullptr if the type is not known (or its name is ambiguous).
-  ExceptionMaker find(const std::string& name) const {
-    std::lock_guard lock(mutex_);
-    auto it = makers_.find(name);
-    return it == makers_.end() ? nullptr : it->second.maker;
-  }
+  ExceptionMaker find(const std::string& name) const;
 
  private:
-  ExceptionTypes() {
-    // <stdexcept>, and std::bad_alloc (whose message is its own).
-    add_type<std::logic_error>();
-    add_type<std::domain_error>();
-    add_type<std::invalid_argument>();
-    add_type<std::length_error>();
-    add_type<std::out_of_range>();
-    add_type<std::runtime_error>();
-    add_type<std::range_error>();
-    add_type<std::overflow_error>();
-    add_type<std::underflow_error>();
-    add_type<std::bad_alloc>();
-  }
+  ExceptionTypes();
   template <class E>
   void add_type() {
     makers_.try_emplace(demangle(typeid(E).name()), Known{typeid(E), &throw_nested_as<E>});
@@ -85,3 +64,40 @@ class ExceptionTypes {
 };
 
 }  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE std::string demangle(const char* mangled) {
+  int status = 0;
+  std::unique_ptr<char, void (*)(void*)> out(abi::__cxa_demangle(mangled, nullptr, nullptr, &status), std::free);
+  return status == 0 && out ? std::string(out.get()) : std::string(mangled);
+}
+
+PROCPOOL_ENGINE_INLINE ExceptionTypes& ExceptionTypes::instance() {
+  static ExceptionTypes types;
+  return types;
+}
+
+PROCPOOL_ENGINE_INLINE ExceptionMaker ExceptionTypes::find(const std::string& name) const {
+  std::lock_guard lock(mutex_);
+  auto it = makers_.find(name);
+  return it == makers_.end() ? nullptr : it->second.maker;
+}
+
+PROCPOOL_ENGINE_INLINE ExceptionTypes::ExceptionTypes() {
+  // <stdexcept>, and std::bad_alloc (whose message is its own).
+  add_type<std::logic_error>();
+  add_type<std::domain_error>();
+  add_type<std::invalid_argument>();
+  add_type<std::length_error>();
+  add_type<std::out_of_range>();
+  add_type<std::runtime_error>();
+  add_type<std::range_error>();
+  add_type<std::overflow_error>();
+  add_type<std::underflow_error>();
+  add_type<std::bad_alloc>();
+}
+
+}  // namespace procpool::detail
+#endif

@@ -17,6 +17,7 @@
 #include <variant>
 #include <vector>
 
+#include "config.hpp"
 #include "protocol.hpp"
 #include "registry.hpp"
 #include "serialize.hpp"
@@ -194,16 +195,10 @@ inline std::string current_exception_message() {
 
 /// "type: message" of the exception being handled; "type" alone when its
 /// message is empty (`throw 42`).
-inline std::string current_exception_summary() {
-  std::string message = current_exception_message();
-  return message.empty() ? current_exception_type_name() : current_exception_type_name() + ": " + message;
-}
+PROCPOOL_ENGINE_INLINE std::string current_exception_summary();
 
 /// "a map callback", "an apply_async callback".
-inline std::string with_article(std::string_view word) {
-  const bool vowel = !word.empty() && std::string_view("aeiouAEIOU").find(word.front()) != std::string_view::npos;
-  return (vowel ? "an " : "a ") + std::string(word);
-}
+PROCPOOL_ENGINE_INLINE std::string with_article(std::string_view word);
 
 /// Per-item outcome on the wire (protocol.hpp's ItemOutcome): `value, the
 /// value` or `raised, type name, message`.
@@ -233,17 +228,7 @@ inline std::string& memory_limit_note() {
   return note;
 }
 
-inline void write_current_failure(Encoder& out) {
-  std::string message = current_exception_message();
-  try {
-    throw;
-  } catch (const std::bad_alloc&) {
-    task_ran_out_of_memory() = true;
-    if (!memory_limit_note().empty()) message += " (" + memory_limit_note() + ")";
-  } catch (...) {
-  }
-  out(outcome_byte(ItemOutcome::raised), current_exception_type_name(), message);
-}
+PROCPOOL_ENGINE_INLINE void write_current_failure(Encoder& out);
 
 // ---- argument storage kept for the next item ----------------------------------
 // A worker decodes each item into a new argument. For a large byte buffer
@@ -416,3 +401,31 @@ struct BoundCall {
 };
 
 }  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE std::string current_exception_summary() {
+  std::string message = current_exception_message();
+  return message.empty() ? current_exception_type_name() : current_exception_type_name() + ": " + message;
+}
+
+PROCPOOL_ENGINE_INLINE std::string with_article(std::string_view word) {
+  const bool vowel = !word.empty() && std::string_view("aeiouAEIOU").find(word.front()) != std::string_view::npos;
+  return (vowel ? "an " : "a ") + std::string(word);
+}
+
+PROCPOOL_ENGINE_INLINE void write_current_failure(Encoder& out) {
+  std::string message = current_exception_message();
+  try {
+    throw;
+  } catch (const std::bad_alloc&) {
+    task_ran_out_of_memory() = true;
+    if (!memory_limit_note().empty()) message += " (" + memory_limit_note() + ")";
+  } catch (...) {
+  }
+  out(outcome_byte(ItemOutcome::raised), current_exception_type_name(), message);
+}
+
+}  // namespace procpool::detail
+#endif

@@ -20,6 +20,7 @@
 
 #include "../call_options.hpp"
 #include "../errors.hpp"
+#include "config.hpp"
 #include "dispatcher.hpp"
 #include "job.hpp"
 #include "outcome.hpp"
@@ -49,32 +50,18 @@ class ImapFeed {
   };
 
   ImapFeed(std::shared_ptr<Dispatcher> dispatcher, std::unique_ptr<ChunkSource> source, std::shared_ptr<JobState> job,
-           Settings settings)
-      : dispatcher_(std::move(dispatcher)), source_(std::move(source)), job_(std::move(job)), settings_(settings) {}
+           Settings settings);
   ImapFeed(const ImapFeed&) = delete;
   ImapFeed& operator=(const ImapFeed&) = delete;
   /// Cancels the tasks not yet started, those queued in a worker's pipe
   /// too; the input is read no further.
-  ~ImapFeed() {
-    if (dispatcher_->forked_copy()) return;  // its tasks are the parent's
-    job_->cancel();
-    if (submitted_ == taken_) return;
-    try {
-      dispatcher_->withdraw(*job_);
-    } catch (...) {  // a lock that cannot be taken: they run, and nobody reads them
-    }
-  }
+  ~ImapFeed();
 
   const JobState& job() const { return *job_; }
   std::optional<std::size_t> total() const { return settings_.total; }
 
   /// Whether anything more is to come: an outcome, or the input's error.
-  bool more() {
-    dispatcher_->require_owner();  // before reading the input, or the parent's buffers
-    if (!batch_.empty()) return true;
-    top_up();
-    return taken_ < submitted_ || input_error_ != nullptr;
-  }
+  bool more();
 
   /// Whether outcomes taken are waiting: next() returns one without waiting.
   bool has_taken() const { return !batch_.empty(); }
@@ -90,32 +77,7 @@ class ImapFeed {
 
   /// The next piece, waiting for it until `deadline`; call only while more().
   /// @throws TimeoutError nothing arrived in time.
-  Piece next(Deadline deadline) {
-    dispatcher_->require_owner();
-    if (batch_.empty()) {
-      top_up();
-      if (taken_ == submitted_ && input_error_) return Piece{{}, 0, 0, std::exchange(input_error_, nullptr)};
-      // The first fill is small (results' size unknown); in order, the first
-      // result may be a slow one. Once any result is in, the rest goes out.
-      if (settings_.ordered && !input_done_ && taken_ < submitted_ && job_->delivered() == 0 &&
-          job_->wait_delivered(1, deadline)) {
-        top_up();
-      }
-      // A batch of what is ready at once, bounded like the prefetch.
-      auto got = job_->take_some(settings_.ordered ? std::optional<std::uint64_t>(taken_) : std::nullopt, deadline,
-                                 std::max<std::size_t>(1, settings_.prefetch / 4),
-                                 settings_.prefetch_bytes == 0 ? SIZE_MAX : settings_.prefetch_bytes / 4);
-      if (got.empty()) throw TimeoutError(fmt::format("procpool: no {} result arrived in time", job_->call()));
-      taken_ += got.size();
-      for (auto& taken : got) batch_.push_back(std::move(taken));
-    }
-    // One at a time: if decoding one throws, the rest are still there.
-    auto [index, outcome] = std::move(batch_.front());
-    batch_.pop_front();
-    const Span span = spans_.extract(index).mapped();
-    bytes_out_ -= span.bytes;
-    return Piece{std::move(outcome), span.first, span.count, nullptr};
-  }
+  Piece next(Deadline deadline);
 
  private:
   /// Keeps up to `prefetch` chunks in flight, reading the input only that
@@ -229,3 +191,57 @@ class ImapFeed {
 };
 
 }  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE ImapFeed::ImapFeed(std::shared_ptr<Dispatcher> dispatcher, std::unique_ptr<ChunkSource> source,
+                                          std::shared_ptr<JobState> job, Settings settings)
+    : dispatcher_(std::move(dispatcher)), source_(std::move(source)), job_(std::move(job)), settings_(settings) {}
+
+PROCPOOL_ENGINE_INLINE ImapFeed::~ImapFeed() {
+  if (dispatcher_->forked_copy()) return;  // its tasks are the parent's
+  job_->cancel();
+  if (submitted_ == taken_) return;
+  try {
+    dispatcher_->withdraw(*job_);
+  } catch (...) {  // a lock that cannot be taken: they run, and nobody reads them
+  }
+}
+
+PROCPOOL_ENGINE_INLINE bool ImapFeed::more() {
+  dispatcher_->require_owner();  // before reading the input, or the parent's buffers
+  if (!batch_.empty()) return true;
+  top_up();
+  return taken_ < submitted_ || input_error_ != nullptr;
+}
+
+PROCPOOL_ENGINE_INLINE ImapFeed::Piece ImapFeed::next(Deadline deadline) {
+  dispatcher_->require_owner();
+  if (batch_.empty()) {
+    top_up();
+    if (taken_ == submitted_ && input_error_) return Piece{{}, 0, 0, std::exchange(input_error_, nullptr)};
+    // The first fill is small (results' size unknown); in order, the first
+    // result may be a slow one. Once any result is in, the rest goes out.
+    if (settings_.ordered && !input_done_ && taken_ < submitted_ && job_->delivered() == 0 &&
+        job_->wait_delivered(1, deadline)) {
+      top_up();
+    }
+    // A batch of what is ready at once, bounded like the prefetch.
+    auto got = job_->take_some(settings_.ordered ? std::optional<std::uint64_t>(taken_) : std::nullopt, deadline,
+                               std::max<std::size_t>(1, settings_.prefetch / 4),
+                               settings_.prefetch_bytes == 0 ? SIZE_MAX : settings_.prefetch_bytes / 4);
+    if (got.empty()) throw TimeoutError(fmt::format("procpool: no {} result arrived in time", job_->call()));
+    taken_ += got.size();
+    for (auto& taken : got) batch_.push_back(std::move(taken));
+  }
+  // One at a time: if decoding one throws, the rest are still there.
+  auto [index, outcome] = std::move(batch_.front());
+  batch_.pop_front();
+  const Span span = spans_.extract(index).mapped();
+  bytes_out_ -= span.bytes;
+  return Piece{std::move(outcome), span.first, span.count, nullptr};
+}
+
+}  // namespace procpool::detail
+#endif

@@ -30,6 +30,7 @@
 #include "../call_options.hpp"
 #include "../errors.hpp"
 #include "callback_runner.hpp"
+#include "config.hpp"
 #include "estimate.hpp"
 #include "handlers.hpp"
 #include "outcome.hpp"
@@ -57,7 +58,7 @@ class JobHost {
 
 class JobState {
  public:
-  explicit JobState(std::string_view call) : call_(call) {}
+  explicit JobState(std::string_view call);
   JobState(const JobState&) = delete;
   JobState& operator=(const JobState&) = delete;
   virtual ~JobState() = default;
@@ -67,19 +68,7 @@ class JobState {
   /// Takes a call's settings: its retry and timeout overrides, and whom to
   /// tell of progress (`total` items, if known). Before the first submit only.
   /// @throws std::invalid_argument a negative task_timeout.
-  void configure(const CallOptions& options, std::optional<std::size_t> total) {
-    if (options.task_timeout && options.task_timeout->count() < 0) {
-      throw std::invalid_argument(
-          fmt::format("procpool: {}: CallOptions::task_timeout is negative ({} ms); use 0ms "
-                      "to lift the pool's limit",
-                      call_, options.task_timeout->count()));
-    }
-    retries_ = options.retries;
-    task_timeout_ = options.task_timeout;
-    progress_ = options.progress;
-    total_ = total;
-    if (progress_) gated_ = true;
-  }
+  void configure(const CallOptions& options, std::optional<std::size_t> total);
 
   /**
    * The job runs callbacks of the user's (progress, map_async's callback):
@@ -178,17 +167,7 @@ class JobState {
   /// Drops undelivered and future outcomes: the caller lost interest. Once
   /// it returns, the progress callback is not running and is never called
   /// again, so whatever it refers to may go.
-  void cancel() {
-    {
-      std::lock_guard lock(mutex_);
-      cancelled_ = true;
-      ready_.clear();
-    }
-    // Progress is reported only on the callback thread: there, no report runs
-    // but perhaps the one calling this (which must not wait for itself).
-    if (CallbackRunner::on_runner_thread()) return;
-    std::lock_guard wait_for_report(progress_mutex_);
-  }
+  void cancel();
 
   /**
    * Waits for an outcome, then takes it and those ready after it, at most
@@ -199,23 +178,7 @@ class JobState {
    * passed first.
    */
   std::vector<std::pair<std::uint64_t, ChunkOutcome>> take_some(std::optional<std::uint64_t> first, Deadline deadline,
-                                                                std::size_t most, std::size_t most_bytes) {
-    std::unique_lock lock(mutex_);
-    std::vector<std::pair<std::uint64_t, ChunkOutcome>> taken;
-    if (!wait(lock, deadline, [&] { return first ? ready_.contains(*first) : !ready_.empty(); })) return taken;
-    std::size_t bytes = 0;
-    const std::size_t at = first ? ready_.find(*first) : 0;
-    while (at < ready_.size() && taken.size() < std::max<std::size_t>(1, most) &&
-           (taken.empty() || bytes + ready_[at].second.held_bytes() <= most_bytes) &&
-           (!first || ready_[at].first == *first + taken.size())) {
-      auto& [chunk, outcome] = ready_[at];
-      bytes += outcome.held_bytes();
-      ready_bytes_ -= outcome.held_bytes();
-      taken.emplace_back(chunk, std::move(outcome));
-      ready_.erase(at);
-    }
-    return taken;
-  }
+                                                                std::size_t most, std::size_t most_bytes);
 
   /**
    * Waits until chunk `first` has arrived and at least `min_delivered` chunks
@@ -224,36 +187,17 @@ class JobState {
    * chunks still run. Appends them to `run` (a vector the caller reuses).
    * Must not be used on a cancelled job.
    */
-  void take_run(std::uint64_t first, std::size_t min_delivered, std::vector<ChunkOutcome>& run) {
-    std::unique_lock lock(mutex_);
-    wait(lock, std::nullopt, [&] { return delivered_ >= min_delivered && ready_.contains(first); });
-    for (std::size_t at = ready_.find(first), k = 0; at < ready_.size() && ready_[at].first == first + k;
-         ready_.erase(at), ++k) {
-      ready_bytes_ -= ready_[at].second.held_bytes();
-      run.push_back(std::move(ready_[at].second));
-    }
-  }
+  void take_run(std::uint64_t first, std::size_t min_delivered, std::vector<ChunkOutcome>& run);
 
   /**
    * The synchronous map, before submitting chunks `first`, `first + 1`, ...
    * with task messages of `bytes[i]` bytes (chunks numbered on from those
    * expected before): counts them as out until delivered.
    */
-  void expect(std::uint64_t first, const std::vector<std::size_t>& bytes) {
-    std::lock_guard lock(mutex_);
-    if (expected_.empty()) expected_base_ = first;
-    for (std::size_t b : bytes) {
-      expected_.push_back(b);
-      expected_bytes_ += b;
-      ++expected_out_;
-    }
-  }
+  void expect(std::uint64_t first, const std::vector<std::size_t>& bytes);
 
   /// Waits until the expected chunks not yet delivered hold at most `most_bytes`, or number under `fewer_than`.
-  void wait_expected(std::size_t most_bytes, std::size_t fewer_than) {
-    std::unique_lock lock(mutex_);
-    wait(lock, std::nullopt, [&] { return expected_bytes_ <= most_bytes || expected_out_ < fewer_than; });
-  }
+  void wait_expected(std::size_t most_bytes, std::size_t fewer_than);
 
   /// Recent run time per item, in ns, once a chunk has succeeded.
   std::optional<double> item_ns() const {
@@ -284,10 +228,7 @@ class JobState {
     return {ready_bytes_, delivered_, largest_result_};
   }
 
-  bool wait_delivered(std::size_t count, Deadline deadline) {
-    std::unique_lock lock(mutex_);
-    return wait(lock, deadline, [&] { return delivered_ >= count; });
-  }
+  bool wait_delivered(std::size_t count, Deadline deadline);
 
   std::size_t delivered() const {
     std::lock_guard lock(mutex_);
@@ -295,15 +236,7 @@ class JobState {
   }
 
   /// All outcomes delivered so far, in chunk order.
-  std::vector<ReadyOutcomes::Entry> take_all() {
-    std::lock_guard lock(mutex_);
-    ready_bytes_ = 0;
-    std::vector<ReadyOutcomes::Entry> all;
-    all.reserve(ready_.size());
-    for (std::size_t k = 0; k < ready_.size(); ++k) all.push_back(std::move(ready_[k]));
-    ready_.clear();
-    return all;
-  }
+  std::vector<ReadyOutcomes::Entry> take_all();
 
  protected:
   /// Runs after each delivery, outside the job's lock: on the callback
@@ -478,3 +411,97 @@ class JobState {
 };
 
 }  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE JobState::JobState(std::string_view call) : call_(call) {}
+
+PROCPOOL_ENGINE_INLINE void JobState::configure(const CallOptions& options, std::optional<std::size_t> total) {
+  if (options.task_timeout && options.task_timeout->count() < 0) {
+    throw std::invalid_argument(
+        fmt::format("procpool: {}: CallOptions::task_timeout is negative ({} ms); use 0ms "
+                    "to lift the pool's limit",
+                    call_, options.task_timeout->count()));
+  }
+  retries_ = options.retries;
+  task_timeout_ = options.task_timeout;
+  progress_ = options.progress;
+  total_ = total;
+  if (progress_) gated_ = true;
+}
+
+PROCPOOL_ENGINE_INLINE void JobState::cancel() {
+  {
+    std::lock_guard lock(mutex_);
+    cancelled_ = true;
+    ready_.clear();
+  }
+  // Progress is reported only on the callback thread: there, no report runs
+  // but perhaps the one calling this (which must not wait for itself).
+  if (CallbackRunner::on_runner_thread()) return;
+  std::lock_guard wait_for_report(progress_mutex_);
+}
+
+PROCPOOL_ENGINE_INLINE std::vector<std::pair<std::uint64_t, ChunkOutcome>> JobState::take_some(
+    std::optional<std::uint64_t> first, Deadline deadline, std::size_t most, std::size_t most_bytes) {
+  std::unique_lock lock(mutex_);
+  std::vector<std::pair<std::uint64_t, ChunkOutcome>> taken;
+  if (!wait(lock, deadline, [&] { return first ? ready_.contains(*first) : !ready_.empty(); })) return taken;
+  std::size_t bytes = 0;
+  const std::size_t at = first ? ready_.find(*first) : 0;
+  while (at < ready_.size() && taken.size() < std::max<std::size_t>(1, most) &&
+         (taken.empty() || bytes + ready_[at].second.held_bytes() <= most_bytes) &&
+         (!first || ready_[at].first == *first + taken.size())) {
+    auto& [chunk, outcome] = ready_[at];
+    bytes += outcome.held_bytes();
+    ready_bytes_ -= outcome.held_bytes();
+    taken.emplace_back(chunk, std::move(outcome));
+    ready_.erase(at);
+  }
+  return taken;
+}
+
+PROCPOOL_ENGINE_INLINE void JobState::take_run(std::uint64_t first, std::size_t min_delivered,
+                                               std::vector<ChunkOutcome>& run) {
+  std::unique_lock lock(mutex_);
+  wait(lock, std::nullopt, [&] { return delivered_ >= min_delivered && ready_.contains(first); });
+  for (std::size_t at = ready_.find(first), k = 0; at < ready_.size() && ready_[at].first == first + k;
+       ready_.erase(at), ++k) {
+    ready_bytes_ -= ready_[at].second.held_bytes();
+    run.push_back(std::move(ready_[at].second));
+  }
+}
+
+PROCPOOL_ENGINE_INLINE void JobState::expect(std::uint64_t first, const std::vector<std::size_t>& bytes) {
+  std::lock_guard lock(mutex_);
+  if (expected_.empty()) expected_base_ = first;
+  for (std::size_t b : bytes) {
+    expected_.push_back(b);
+    expected_bytes_ += b;
+    ++expected_out_;
+  }
+}
+
+PROCPOOL_ENGINE_INLINE void JobState::wait_expected(std::size_t most_bytes, std::size_t fewer_than) {
+  std::unique_lock lock(mutex_);
+  wait(lock, std::nullopt, [&] { return expected_bytes_ <= most_bytes || expected_out_ < fewer_than; });
+}
+
+PROCPOOL_ENGINE_INLINE bool JobState::wait_delivered(std::size_t count, Deadline deadline) {
+  std::unique_lock lock(mutex_);
+  return wait(lock, deadline, [&] { return delivered_ >= count; });
+}
+
+PROCPOOL_ENGINE_INLINE std::vector<ReadyOutcomes::Entry> JobState::take_all() {
+  std::lock_guard lock(mutex_);
+  ready_bytes_ = 0;
+  std::vector<ReadyOutcomes::Entry> all;
+  all.reserve(ready_.size());
+  for (std::size_t k = 0; k < ready_.size(); ++k) all.push_back(std::move(ready_[k]));
+  ready_.clear();
+  return all;
+}
+
+}  // namespace procpool::detail
+#endif

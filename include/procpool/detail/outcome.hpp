@@ -22,6 +22,7 @@
 #include <fmt/format.h>
 
 #include "../errors.hpp"
+#include "config.hpp"
 #include "handlers.hpp"
 #include "protocol.hpp"
 #include "ring.hpp"
@@ -170,22 +171,92 @@ inline std::string worker_label(std::size_t worker, pid_t pid, const std::shared
 }
 
 /// The same in parentheses: "(worker 3, pid 1234)", "(worker 3, pid 1234, rank 2 on node7)".
-inline std::string worker_note(std::size_t worker, pid_t pid, const std::shared_ptr<const std::string>& where) {
-  if (where == nullptr) return fmt::format("(worker {}, pid {})", worker, pid);
-  return fmt::format("(worker {}, pid {}, {})", worker, pid, *where);
-}
+PROCPOOL_ENGINE_INLINE std::string worker_note(std::size_t worker, pid_t pid,
+                                               const std::shared_ptr<const std::string>& where);
 
-inline std::string describe_input(std::string_view call, std::size_t index) {
-  if (call == "apply" || call == "apply_async") return fmt::format("the {} task", call);
-  return fmt::format("{} input #{}", call, index);
-}
+PROCPOOL_ENGINE_INLINE std::string describe_input(std::string_view call, std::size_t index);
 
 /// The error of item `index` of a chunk of `count` items from `first` that
 /// failed whole. Where the item that was running is known, a crash names
 /// it and says what became of this one; a timeout (which bounds the whole
 /// chunk) names the chunk and the item that was running.
-inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call, std::size_t index,
-                                           std::size_t first, std::size_t count) {
+PROCPOOL_ENGINE_INLINE std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call,
+                                                           std::size_t index, std::size_t first, std::size_t count);
+
+/// Decodes one chunk's outcome, calling on_value(index, R&&) or
+/// on_error(index, exception_ptr) for each of its `count` items, in order.
+template <class R, class OnValue, class OnError>
+void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise_original, std::size_t first_index,
+                  std::size_t count, OnValue&& on_value, OnError&& on_error) {
+  if (const ChunkFailure* failure = outcome.failure()) {
+    for (std::size_t i = 0; i < count; ++i) {
+      on_error(first_index + i, make_chunk_error(*failure, call, first_index + i, first_index, count));
+    }
+    return;
+  }
+  const std::span<const char> bytes = outcome.bytes();
+  Decoder decoder(bytes.data(), bytes.size());
+  std::size_t i = 0;
+  try {
+    for (; i < count; ++i) {
+      std::uint8_t byte = 0;
+      decoder(byte);
+      if (byte == outcome_byte(ItemOutcome::value)) {
+        R value{};
+        decoder(value);
+        on_value(first_index + i, std::move(value));
+      } else if (byte == outcome_byte(ItemOutcome::unsent)) {
+        std::string why;
+        decoder(why);
+        on_error(first_index + i, make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
+                                                    std::move(why), outcome.where},
+                                                   call, first_index + i, first_index, count));
+      } else if (byte != outcome_byte(ItemOutcome::raised)) {
+        throw std::runtime_error(fmt::format("an item outcome of {}, which is none of 0, 1 and 2", byte));
+      } else {
+        std::string type, message;
+        decoder(type, message);
+        std::string what =
+            fmt::format("procpool: {} raised {}{}{} {}", describe_input(call, first_index + i), type,
+                        message.empty() ? "" : ": ", message, worker_note(outcome.worker, outcome.pid, outcome.where));
+        RemoteError error(std::move(what), std::move(type), std::move(message), outcome.pid, outcome.worker,
+                          first_index + i);
+        on_error(first_index + i, raise_original ? error.original() : std::make_exception_ptr(std::move(error)));
+      }
+    }
+  } catch (const std::exception& e) {
+    ChunkFailure bad{ChunkFailure::Kind::protocol,
+                     outcome.pid,
+                     outcome.worker,
+                     0,
+                     !outcome.rare || outcome.rare->share_failure.empty()
+                         ? fmt::format("its result could not be decoded ({})", e.what())
+                         : fmt::format("a procpool::SharedMemory block in its result could not be mapped in this "
+                                       "process ({})",
+                                       outcome.rare->share_failure),
+                     outcome.where};
+    for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i, first_index, count));
+  }
+}
+
+}  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE std::string worker_note(std::size_t worker, pid_t pid,
+                                               const std::shared_ptr<const std::string>& where) {
+  if (where == nullptr) return fmt::format("(worker {}, pid {})", worker, pid);
+  return fmt::format("(worker {}, pid {}, {})", worker, pid, *where);
+}
+
+PROCPOOL_ENGINE_INLINE std::string describe_input(std::string_view call, std::size_t index) {
+  if (call == "apply" || call == "apply_async") return fmt::format("the {} task", call);
+  return fmt::format("{} input #{}", call, index);
+}
+
+PROCPOOL_ENGINE_INLINE std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call,
+                                                           std::size_t index, std::size_t first, std::size_t count) {
   std::string input = describe_input(call, index);
   // The item that was running, where known (else this one).
   const bool known = failure.running_item.has_value() && count > 1;
@@ -251,60 +322,5 @@ inline std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::str
   return {};
 }
 
-/// Decodes one chunk's outcome, calling on_value(index, R&&) or
-/// on_error(index, exception_ptr) for each of its `count` items, in order.
-template <class R, class OnValue, class OnError>
-void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise_original, std::size_t first_index,
-                  std::size_t count, OnValue&& on_value, OnError&& on_error) {
-  if (const ChunkFailure* failure = outcome.failure()) {
-    for (std::size_t i = 0; i < count; ++i) {
-      on_error(first_index + i, make_chunk_error(*failure, call, first_index + i, first_index, count));
-    }
-    return;
-  }
-  const std::span<const char> bytes = outcome.bytes();
-  Decoder decoder(bytes.data(), bytes.size());
-  std::size_t i = 0;
-  try {
-    for (; i < count; ++i) {
-      std::uint8_t byte = 0;
-      decoder(byte);
-      if (byte == outcome_byte(ItemOutcome::value)) {
-        R value{};
-        decoder(value);
-        on_value(first_index + i, std::move(value));
-      } else if (byte == outcome_byte(ItemOutcome::unsent)) {
-        std::string why;
-        decoder(why);
-        on_error(first_index + i, make_chunk_error({ChunkFailure::Kind::protocol, outcome.pid, outcome.worker, 0,
-                                                    std::move(why), outcome.where},
-                                                   call, first_index + i, first_index, count));
-      } else if (byte != outcome_byte(ItemOutcome::raised)) {
-        throw std::runtime_error(fmt::format("an item outcome of {}, which is none of 0, 1 and 2", byte));
-      } else {
-        std::string type, message;
-        decoder(type, message);
-        std::string what =
-            fmt::format("procpool: {} raised {}{}{} {}", describe_input(call, first_index + i), type,
-                        message.empty() ? "" : ": ", message, worker_note(outcome.worker, outcome.pid, outcome.where));
-        RemoteError error(std::move(what), std::move(type), std::move(message), outcome.pid, outcome.worker,
-                          first_index + i);
-        on_error(first_index + i, raise_original ? error.original() : std::make_exception_ptr(std::move(error)));
-      }
-    }
-  } catch (const std::exception& e) {
-    ChunkFailure bad{ChunkFailure::Kind::protocol,
-                     outcome.pid,
-                     outcome.worker,
-                     0,
-                     !outcome.rare || outcome.rare->share_failure.empty()
-                         ? fmt::format("its result could not be decoded ({})", e.what())
-                         : fmt::format("a procpool::SharedMemory block in its result could not be mapped in this "
-                                       "process ({})",
-                                       outcome.rare->share_failure),
-                     outcome.where};
-    for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i, first_index, count));
-  }
-}
-
 }  // namespace procpool::detail
+#endif

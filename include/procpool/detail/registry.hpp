@@ -15,6 +15,7 @@
 #include <typeinfo>
 #include <unordered_map>
 
+#include "config.hpp"
 #include "serialize.hpp"
 
 namespace procpool::detail {
@@ -44,27 +45,13 @@ class HandlerRegistry {
     return registry;
   }
 
-  std::uint64_t add(const char* mangled_name, HandlerFn fn) {
-    std::uint64_t id = fnv1a(mangled_name);
-    std::lock_guard lock(mutex_);
-    auto [it, inserted] = entries_.try_emplace(id, Entry{mangled_name, fn, false});
-    if (!inserted && it->second.fn != fn) it->second.ambiguous = true;
-    return id;
-  }
+  std::uint64_t add(const char* mangled_name, HandlerFn fn);
 
   /// Throws if two different handlers registered under this id: functions
   /// with internal linkage (an anonymous namespace, `static`) and the same
   /// name in two source files have the same mangled name, and a worker
   /// could not tell which to run.
-  void require_unambiguous(std::uint64_t id) const {
-    std::lock_guard lock(mutex_);
-    auto it = entries_.find(id);
-    if (it != entries_.end() && it->second.ambiguous) {
-      throw std::logic_error("procpool: two different functions share the name " + demangle(it->second.name.c_str()) +
-                             " (internal linkage in two source files, e.g. anonymous namespaces); a worker could not "
-                             "tell them apart. Give one of them a distinct name or a named namespace");
-    }
-  }
+  void require_unambiguous(std::uint64_t id) const;
 
   /// Held across fork() by the fork launcher: a worker looks its handlers up
   /// here, and a copy of this lock taken while another thread held it would
@@ -99,3 +86,27 @@ struct Registered {
 };
 
 }  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE std::uint64_t HandlerRegistry::add(const char* mangled_name, HandlerFn fn) {
+  std::uint64_t id = fnv1a(mangled_name);
+  std::lock_guard lock(mutex_);
+  auto [it, inserted] = entries_.try_emplace(id, Entry{mangled_name, fn, false});
+  if (!inserted && it->second.fn != fn) it->second.ambiguous = true;
+  return id;
+}
+
+PROCPOOL_ENGINE_INLINE void HandlerRegistry::require_unambiguous(std::uint64_t id) const {
+  std::lock_guard lock(mutex_);
+  auto it = entries_.find(id);
+  if (it != entries_.end() && it->second.ambiguous) {
+    throw std::logic_error("procpool: two different functions share the name " + demangle(it->second.name.c_str()) +
+                           " (internal linkage in two source files, e.g. anonymous namespaces); a worker could not "
+                           "tell them apart. Give one of them a distinct name or a named namespace");
+  }
+}
+
+}  // namespace procpool::detail
+#endif

@@ -8,6 +8,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "config.hpp"
 #include "shm_map.hpp"
 #include "system.hpp"
 
@@ -73,15 +74,7 @@ class SharedRegistry {
     return it != self.blocks_.end() ? it->second.weak.lock() : nullptr;
   }
   /// Registers `state`, or returns the block already registered under its id.
-  static std::shared_ptr<SharedState> add(const std::shared_ptr<SharedState>& state) {
-    auto& self = instance();
-    std::lock_guard lock(FdRegistry::instance().mutex());
-    self.own();
-    auto& slot = self.blocks_[state->id()];
-    if (auto held = slot.weak.lock()) return held;  // returned, so not destroyed under the lock
-    slot = {state, state.get()};
-    return state;
-  }
+  static std::shared_ptr<SharedState> add(const std::shared_ptr<SharedState>& state);
   static void remove(const SharedState* state) noexcept {
     auto& self = instance();
     std::lock_guard lock(FdRegistry::instance().mutex());
@@ -123,7 +116,20 @@ inline SharedState::~SharedState() {
 
 /// A new zero-filled block of `size` bytes; throws std::system_error where
 /// memfd_create, ftruncate or mmap fail.
-inline std::shared_ptr<SharedState> create_shared_state(std::size_t size) {
+PROCPOOL_ENGINE_INLINE std::shared_ptr<SharedState> create_shared_state(std::size_t size);
+
+/// The block `id` of `size` bytes that process `pid` holds as fd `fd`: this
+/// process's own mapping if it holds it already, else the other process's
+/// opened and mapped. Throws std::runtime_error naming what failed.
+PROCPOOL_ENGINE_INLINE std::shared_ptr<SharedState> open_shared_state(std::int32_t pid, std::int32_t fd,
+                                                                      std::uint64_t id, std::uint64_t size);
+
+}  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE std::shared_ptr<SharedState> create_shared_state(std::size_t size) {
   const std::size_t total = shm_header_size + size;
   auto [fd, base] = create_mapped_memfd("procpool-shared", total, true);
   auto mapping = std::make_unique<ShmMapping>(base, total);
@@ -144,11 +150,8 @@ inline std::shared_ptr<SharedState> create_shared_state(std::size_t size) {
   return SharedRegistry::add(state);
 }
 
-/// The block `id` of `size` bytes that process `pid` holds as fd `fd`: this
-/// process's own mapping if it holds it already, else the other process's
-/// opened and mapped. Throws std::runtime_error naming what failed.
-inline std::shared_ptr<SharedState> open_shared_state(std::int32_t pid, std::int32_t fd, std::uint64_t id,
-                                                      std::uint64_t size) {
+PROCPOOL_ENGINE_INLINE std::shared_ptr<SharedState> open_shared_state(std::int32_t pid, std::int32_t fd,
+                                                                      std::uint64_t id, std::uint64_t size) {
   auto state = SharedRegistry::find(id);
   if (!state) {
     try {
@@ -166,4 +169,15 @@ inline std::shared_ptr<SharedState> open_shared_state(std::int32_t pid, std::int
   return state;
 }
 
+PROCPOOL_ENGINE_INLINE std::shared_ptr<SharedState> SharedRegistry::add(const std::shared_ptr<SharedState>& state) {
+  auto& self = instance();
+  std::lock_guard lock(FdRegistry::instance().mutex());
+  self.own();
+  auto& slot = self.blocks_[state->id()];
+  if (auto held = slot.weak.lock()) return held;  // returned, so not destroyed under the lock
+  slot = {state, state.get()};
+  return state;
+}
+
 }  // namespace procpool::detail
+#endif

@@ -67,6 +67,7 @@
 #include <utility>
 #include <vector>
 
+#include "config.hpp"
 #include "protocol.hpp"
 #include "system.hpp"
 
@@ -259,8 +260,34 @@ struct ForeignMemory {
 /// Opens another process's memfd named `prefix`..., checks that it is the
 /// buffer `id` names, maps it whole. Throws std::runtime_error naming what
 /// failed.
-inline ForeignMemory open_foreign_memory(std::int32_t pid, std::int32_t fd, std::uint64_t id, bool writable,
-                                         std::string_view prefix = "/memfd:procpool-") {
+PROCPOOL_ENGINE_INLINE ForeignMemory open_foreign_memory(std::int32_t pid, std::int32_t fd, std::uint64_t id,
+                                                         bool writable, std::string_view prefix = "/memfd:procpool-");
+
+/// Maps another process's buffer (see open_foreign_memory); its fd is not kept.
+inline std::shared_ptr<ShmMapping> map_foreign_buffer(std::int32_t pid, std::int32_t fd, std::uint64_t id,
+                                                      bool writable) {
+  return std::shared_ptr<ShmMapping>(open_foreign_memory(pid, fd, id, writable).mapping.release());
+}
+
+/// In a worker: whether it can open the pool's probe buffer, i.e. whether
+/// shared memory works between the two (same user, /proc mounted, memfd).
+inline bool can_reach_shm(std::int32_t pid, std::int32_t fd, std::uint64_t id) {
+  if (pid <= 0 || fd < 0) return false;
+  try {
+    map_foreign_buffer(pid, fd, id, false);
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE ForeignMemory open_foreign_memory(std::int32_t pid, std::int32_t fd, std::uint64_t id,
+                                                         bool writable, std::string_view prefix) {
   const std::string path = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
   // Only a procpool memfd is opened: whatever else that fd may be by now (a
   // terminal, a FIFO) could block the open or become a controlling terminal.
@@ -294,22 +321,5 @@ inline ForeignMemory open_foreign_memory(std::int32_t pid, std::int32_t fd, std:
   return {std::move(file), std::move(mapping)};
 }
 
-/// Maps another process's buffer (see open_foreign_memory); its fd is not kept.
-inline std::shared_ptr<ShmMapping> map_foreign_buffer(std::int32_t pid, std::int32_t fd, std::uint64_t id,
-                                                      bool writable) {
-  return std::shared_ptr<ShmMapping>(open_foreign_memory(pid, fd, id, writable).mapping.release());
-}
-
-/// In a worker: whether it can open the pool's probe buffer, i.e. whether
-/// shared memory works between the two (same user, /proc mounted, memfd).
-inline bool can_reach_shm(std::int32_t pid, std::int32_t fd, std::uint64_t id) {
-  if (pid <= 0 || fd < 0) return false;
-  try {
-    map_foreign_buffer(pid, fd, id, false);
-    return true;
-  } catch (const std::exception&) {
-    return false;
-  }
-}
-
 }  // namespace procpool::detail
+#endif

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../errors.hpp"
+#include "config.hpp"
 
 namespace procpool::detail {
 
@@ -119,16 +120,7 @@ inline bool& running_tasks() noexcept {
 }
 
 /// What a pool's copy in a child made by fork() says when it is used.
-inline std::string forked_copy_message(pid_t owner) {
-  const std::string me = std::to_string(::getpid());
-  if (running_tasks()) {
-    return "procpool: this pool belongs to process " + std::to_string(owner) + "; this worker (pid " + me +
-           ") has a copy of it made by fork(), with no workers and no threads: a task cannot use the pool of the "
-           "program (make a new Pool in the task)";
-  }
-  return "procpool: this pool belongs to process " + std::to_string(owner) + "; this process (" + me +
-         ") is a copy of it made by fork(), where the pool has no workers and no threads: make a new Pool here";
-}
+PROCPOOL_ENGINE_INLINE std::string forked_copy_message(pid_t owner);
 
 /// The process an object belongs to: a pool, its results and its shared
 /// buffers are used only by the process that made them. A child made by
@@ -380,7 +372,25 @@ inline constexpr int wait_status_server_lost = 0xfdff;
 inline constexpr int wait_status_let_go = 0xfcff;
 
 /// Human-readable waitpid() status: "was killed by signal 9 (SIGKILL: Killed)".
-inline std::string describe_wait_status(int status) {
+PROCPOOL_ENGINE_INLINE std::string describe_wait_status(int status);
+
+}  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE std::string forked_copy_message(pid_t owner) {
+  const std::string me = std::to_string(::getpid());
+  if (running_tasks()) {
+    return "procpool: this pool belongs to process " + std::to_string(owner) + "; this worker (pid " + me +
+           ") has a copy of it made by fork(), with no workers and no threads: a task cannot use the pool of the "
+           "program (make a new Pool in the task)";
+  }
+  return "procpool: this pool belongs to process " + std::to_string(owner) + "; this process (" + me +
+         ") is a copy of it made by fork(), where the pool has no workers and no threads: make a new Pool here";
+}
+
+PROCPOOL_ENGINE_INLINE std::string describe_wait_status(int status) {
   if (status == wait_status_unknown) {
     return "ended, how is unknown (its exit status was taken before procpool could read it: this program "
            "ignores SIGCHLD, or a SIGCHLD handler or another thread called waitpid() for it; "
@@ -403,3 +413,4 @@ inline std::string describe_wait_status(int status) {
 }
 
 }  // namespace procpool::detail
+#endif

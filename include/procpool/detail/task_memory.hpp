@@ -8,6 +8,7 @@
 #include <new>
 #include <vector>
 
+#include "config.hpp"
 #include "shm_cache.hpp"
 #include "shm_map.hpp"
 
@@ -41,20 +42,9 @@ class TaskMemory {
   /// marked busy; nullptr where it stays on the heap (small, shared memory
   /// off, or the busy buffers already hold ShmWriter::max_busy_bytes or
   /// number ShmWriter::buffer_cap()).
-  char* allocate(std::size_t size) {
-    if (!may_place(size)) return nullptr;
-    std::lock_guard lock(mutex_);
-    ShmBuffer* buffer = writer_.acquire(size, nullptr);
-    return buffer != nullptr ? buffer->mapping.data() : nullptr;
-  }
+  char* allocate(std::size_t size);
   /// Gives back storage allocate() returned; false if `data` is not from here.
-  bool deallocate(const char* data) noexcept {
-    std::lock_guard lock(mutex_);
-    ShmBuffer* buffer = writer_.find(data);
-    if (buffer == nullptr) return false;
-    ShmLease::give_back(*buffer);
-    return true;
-  }
+  bool deallocate(const char* data) noexcept;
 
   /// The reference frame that points a worker at a frame allocate() placed,
   /// `size` bytes from its start; empty if `frame` is not in shared memory.
@@ -152,3 +142,24 @@ class TaskAllocator {
 using TaskBytes = std::vector<char, TaskAllocator<char>>;
 
 }  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE char* TaskMemory::allocate(std::size_t size) {
+  if (!may_place(size)) return nullptr;
+  std::lock_guard lock(mutex_);
+  ShmBuffer* buffer = writer_.acquire(size, nullptr);
+  return buffer != nullptr ? buffer->mapping.data() : nullptr;
+}
+
+PROCPOOL_ENGINE_INLINE bool TaskMemory::deallocate(const char* data) noexcept {
+  std::lock_guard lock(mutex_);
+  ShmBuffer* buffer = writer_.find(data);
+  if (buffer == nullptr) return false;
+  ShmLease::give_back(*buffer);
+  return true;
+}
+
+}  // namespace procpool::detail
+#endif
