@@ -125,6 +125,48 @@ POOL_TEST("imap refills its prefetch in batches, not one chunk per result", "[im
   }
 }
 
+TEST_CASE("one flow control: a map counts its unanswered tasks, an imap what it has not taken", "[job][flow]") {
+  using procpool::detail::Flow;
+  using procpool::detail::FlowLimits;
+  const FlowLimits map{.bytes = 250, .floor = 3};
+  const FlowLimits imap{.bytes = 250, .floor = 1, .most = 8, .blind = 4, .results = true};
+  Flow flow;
+  // Before any answer: the imap sends at most `blind` chunks, the map as
+  // many as its bytes allow.
+  CHECK(flow.room(imap, 3, 30));
+  CHECK_FALSE(flow.room(imap, 4, 40));
+  flow.sending(0, {100, 100, 100, 100});
+  CHECK_FALSE(flow.room(map, 0, 10));  // 400 task bytes unanswered, 4 chunks: over both
+  // Two answers with large results: the map's unanswered tasks fall to 2,
+  // under its floor. The imap counts the tasks it has not taken, their
+  // results, and the 2 results to come as large as the largest.
+  flow.answered(0, 60);
+  flow.answered(1, 60);
+  CHECK(flow.room(map, 0, 10));
+  CHECK(flow.ready_bytes() == 120);
+  CHECK_FALSE(flow.room(imap, 0, 0));  // 400 + 120 + 2 * 60
+  flow.taken(0, 60);
+  flow.taken(1, 60);
+  CHECK(flow.ready_bytes() == 0);
+  CHECK_FALSE(flow.room(imap, 0, 0));  // 200 + 2 * 60
+  // Answered, not taken: their tasks still count for the imap.
+  flow.answered(2, 10);
+  flow.answered(3, 10);
+  CHECK_FALSE(flow.room(imap, 1, 10));  // 200 + 10 + 20 + 1 * 60
+  flow.taken(2, 10);
+  flow.taken(3, 10);
+  CHECK(flow.room(imap, 1, 10));         // 10 + 1 * 60
+  CHECK_FALSE(flow.room(imap, 1, 200));  // 200 + 1 * 60
+  // Nothing out: one chunk may always go, however large.
+  CHECK(flow.room(imap, 0, 1000));
+  CHECK(flow.room(map, 0, 1000));
+  // At most `most` chunks not taken, whatever their bytes.
+  flow.sending(4, std::vector<std::size_t>(7, 1));
+  const FlowLimits count_only{.floor = 1, .most = 8, .results = true};
+  CHECK(flow.room(count_only, 0, 0));
+  CHECK_FALSE(flow.room(count_only, 1, 1));
+}
+
 TEST_CASE("a ring queue keeps its order across wrap-around and growth, and lets go of what it removes", "[job]") {
   using procpool::detail::Ring;
   Ring<std::shared_ptr<int>> ring;

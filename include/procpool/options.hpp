@@ -79,8 +79,8 @@ struct Options {
   /// worker is replaced after that task. 0 means no limit. Does not mix with
   /// AddressSanitizer.
   std::size_t memory_limit_per_child = 0;
-  /// `imap`/`imap_unordered` read no further ahead while the tasks they
-  /// sent and the results not yet consumed hold this many bytes, results
+  /// `imap`/`imap_unordered` read no further ahead while their tasks not yet
+  /// answered and the results not yet consumed hold this many bytes, results
   /// still to come counted as large as the largest so far (at least one
   /// chunk is always in flight); bounds their memory with large items or
   /// results, where `imap_prefetch` alone counts chunks. `map`/`starmap` start no

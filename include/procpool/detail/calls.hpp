@@ -256,11 +256,13 @@ class Calls {
         total += chunk.frame.size();
       }
       state.collect_ready();
+      // The map decodes its results itself: only its task bytes count.
       // Beyond the bound, still one chunk a worker more than the workers may
       // hold: tasks queued behind a long one never stop the others' work.
-      state.wait_expected(prefetch_bytes - std::min(total, prefetch_bytes),
-                          dispatcher.processes() * (dispatcher.max_tasks_per_worker() + 1));
-      state.expect(batch.front().index, sizes);
+      state.wait_room({.bytes = prefetch_bytes,
+                       .floor = dispatcher.processes() * (dispatcher.max_tasks_per_worker() + 1)},
+                      total);
+      state.sending(batch.front().index, sizes);
     }
     dispatcher.submit_from(batch, true);
   }

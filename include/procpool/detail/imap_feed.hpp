@@ -86,7 +86,7 @@ class ImapFeed {
   /// results before it are still yielded, then its exception, in the
   /// position where it happened.
   void top_up() {
-    if (input_done_ || !room_for_more(0)) return;
+    if (input_done_ || !room_for_more(0, 0)) return;
     // Refills in batches of a quarter of the prefetch: one submission (and
     // one wake-up of the I/O thread) per batch, not per chunk taken.
     const std::uint64_t out = submitted_ - taken_;
@@ -100,15 +100,18 @@ class ImapFeed {
     }
     if (chunks.empty()) return;
     const std::size_t count = chunks.size();
+    std::vector<std::size_t> sizes;
+    for (const auto& chunk : chunks) sizes.push_back(chunk.frame.size());
+    // Counted before they go, or an answer could come first. Refused, they
+    // stay counted: nothing more is sent.
+    job_->sending(submitted_, sizes);
     try {
       dispatcher_->submit(std::move(chunks));
     } catch (...) {
       // Refused (the pool was closed meanwhile): they are not waited for,
       // the input is read no further, and the refusal comes after the
       // results submitted before it, as an input's own exception would.
-      for (std::uint64_t index = submitted_; index < submitted_ + count; ++index) {
-        if (auto span = spans_.extract(index)) bytes_out_ -= span.mapped().bytes;
-      }
+      for (std::uint64_t index = submitted_; index < submitted_ + count; ++index) spans_.erase(index);
       input_done_ = true;
       input_error_ = std::current_exception();  // it comes before any error the input raised after
       return;
@@ -116,26 +119,31 @@ class ImapFeed {
     submitted_ += count;
   }
 
-  /// Whether one more chunk may be read, with `pending` chunks read but not yet submitted.
-  bool room_for_more(std::size_t pending) const {
-    const std::uint64_t out = submitted_ + pending - taken_;
-    if (out >= settings_.prefetch) return false;
+  /// Whether one more chunk may be read, with `pending` chunks of
+  /// `pending_bytes` read but not yet submitted.
+  bool room_for_more(std::size_t pending, std::size_t pending_bytes) const {
     // Adaptive chunks of one item until a first chunk has been timed, and
     // only a few of them: chunks sized blind would be sized wrong.
+    const std::uint64_t out = submitted_ + pending - taken_;
     if (settings_.chunksize == adaptive && out >= 2 * dispatcher_->processes() && !job_->item_ns()) return false;
-    // Always one chunk, however large, or nothing would ever run.
-    if (out == 0 || settings_.prefetch_bytes == 0) return true;
+    // What Flow::room() would say, without the job's lock, which the I/O
+    // thread may hold: with nothing out the floor lets one chunk go, and
+    // without a byte bound only the count matters.
+    if (out == 0 || settings_.prefetch_bytes == 0) return out < settings_.prefetch;
     // Results still to come count as large as the largest so far. Until the
     // first has come, two chunks per worker go out: results too large for
     // the bound cannot pile up unseen.
-    const JobState::ResultBytes results = job_->result_bytes();
-    const std::uint64_t coming = submitted_ + pending - results.delivered;
-    if (results.delivered == 0 && coming >= 2 * dispatcher_->processes()) return false;
-    return bytes_out_ + results.ready + coming * results.largest < settings_.prefetch_bytes;
+    return job_->room({.bytes = settings_.prefetch_bytes,
+                       .floor = 1,
+                       .most = settings_.prefetch,
+                       .blind = 2 * dispatcher_->processes(),
+                       .results = true},
+                      pending, pending_bytes);
   }
 
   void pull_chunks(std::vector<Chunk>& chunks) {
-    while (!input_done_ && room_for_more(chunks.size())) {
+    std::size_t pending_bytes = 0;
+    while (!input_done_ && room_for_more(chunks.size(), pending_bytes)) {
       Chunk chunk{job_, submitted_ + chunks.size(), dispatcher_->new_frame(), {}};
       std::size_t start = begin_task_frame(chunk.frame, source_->handler_id());
       std::uint32_t count = source_->fill(chunk.frame, chunk.shares, next_chunksize());
@@ -144,8 +152,8 @@ class ImapFeed {
         break;
       }
       finish_task_frame(chunk.frame, start, count);
-      spans_.emplace(chunk.index, Span{next_input_, std::size_t{count}, chunk.frame.size()});
-      bytes_out_ += chunk.frame.size();
+      spans_.emplace(chunk.index, Span{next_input_, std::size_t{count}});
+      pending_bytes += chunk.frame.size();
       next_input_ += count;
       chunks.push_back(std::move(chunk));
     }
@@ -173,14 +181,12 @@ class ImapFeed {
   struct Span {
     std::size_t first;  // index of the chunk's first input
     std::size_t count;  // its items
-    std::size_t bytes;  // its task frame's size
   };
 
   std::shared_ptr<Dispatcher> dispatcher_;
   std::unique_ptr<ChunkSource> source_;
   std::shared_ptr<JobState> job_;
   const Settings settings_;
-  std::size_t bytes_out_ = 0;    // task bytes of the chunks submitted and not taken
   std::uint64_t submitted_ = 0;  // chunks handed to the dispatcher
   std::uint64_t taken_ = 0;      // chunks taken from the mailbox
   std::size_t next_input_ = 0;
@@ -239,7 +245,6 @@ PROCPOOL_ENGINE_INLINE ImapFeed::Piece ImapFeed::next(Deadline deadline) {
   auto [index, outcome] = std::move(batch_.front());
   batch_.pop_front();
   const Span span = spans_.extract(index).mapped();
-  bytes_out_ -= span.bytes;
   return Piece{std::move(outcome), span.first, span.count, nullptr};
 }
 

@@ -32,6 +32,7 @@
 #include "callback_runner.hpp"
 #include "config.hpp"
 #include "estimate.hpp"
+#include "flow.hpp"
 #include "handlers.hpp"
 #include "outcome.hpp"
 #include "protocol.hpp"
@@ -139,11 +140,8 @@ class JobState {
           const double per_item = static_cast<double>(d->outcome.run_ns) / static_cast<double>(d->items);
           item_ns_.add(per_item);
         }
-        ready_bytes_ += d->outcome.held_bytes();
-        largest_result_ = std::max(largest_result_, d->outcome.held_bytes());
+        flow_.answered(d->chunk, d->outcome.held_bytes());
         ready_.insert(d->chunk, std::move(d->outcome));
-        ++delivered_;
-        settle_expected(d->chunk);
       }
       // Wakes the caller only when what it waits for is there: a map waiting
       // for a batch of chunks is not woken for each (a wake-up costs more
@@ -190,14 +188,18 @@ class JobState {
   void take_run(std::uint64_t first, std::size_t min_delivered, std::vector<ChunkOutcome>& run);
 
   /**
-   * The synchronous map, before submitting chunks `first`, `first + 1`, ...
-   * with task messages of `bytes[i]` bytes (chunks numbered on from those
-   * expected before): counts them as out until delivered.
+   * Before submitting chunks `first`, `first + 1`, ... with task messages of
+   * `bytes[i]` bytes (numbered on from those counted before): counts them
+   * as out (Flow::sending). For a call that asks room() or wait_room().
    */
-  void expect(std::uint64_t first, const std::vector<std::size_t>& bytes);
+  void sending(std::uint64_t first, const std::vector<std::size_t>& bytes);
 
-  /// Waits until the expected chunks not yet delivered hold at most `most_bytes`, or number under `fewer_than`.
-  void wait_expected(std::size_t most_bytes, std::size_t fewer_than);
+  /// Whether `pending` more chunks, of `pending_bytes` task bytes, fit within
+  /// `limits` now (see Flow::room).
+  bool room(const FlowLimits& limits, std::size_t pending, std::size_t pending_bytes) const;
+
+  /// Waits until chunks of `pending_bytes` task bytes fit within `limits`.
+  void wait_room(const FlowLimits& limits, std::size_t pending_bytes);
 
   /// Recent run time per item, in ns, once a chunk has succeeded.
   std::optional<double> item_ns() const {
@@ -214,25 +216,14 @@ class JobState {
   /// Bytes of results delivered and not yet taken.
   std::size_t ready_bytes() const {
     std::lock_guard lock(mutex_);
-    return ready_bytes_;
-  }
-
-  /// What imap's byte bound weighs, under one lock.
-  struct ResultBytes {
-    std::size_t ready = 0;      // bytes of results delivered and not yet taken
-    std::size_t delivered = 0;  // chunks delivered
-    std::size_t largest = 0;    // the largest chunk's result so far
-  };
-  ResultBytes result_bytes() const {
-    std::lock_guard lock(mutex_);
-    return {ready_bytes_, delivered_, largest_result_};
+    return flow_.ready_bytes();
   }
 
   bool wait_delivered(std::size_t count, Deadline deadline);
 
   std::size_t delivered() const {
     std::lock_guard lock(mutex_);
-    return delivered_;
+    return flow_.delivered();
   }
 
   /// All outcomes delivered so far, in chunk order.
@@ -249,7 +240,7 @@ class JobState {
   void require_owner() const { owner_.require(); }
 
   /// delivered(), for a predicate of wait_for() (which holds the lock).
-  std::size_t delivered_locked() const { return delivered_; }
+  std::size_t delivered_locked() const { return flow_.delivered(); }
 
   /// Waits until `pred` (called under the job's lock) holds, or `deadline`.
   template <class Pred>
@@ -270,20 +261,6 @@ class JobState {
   }
 
  private:
-  /// Chunk `chunk` arrived: it is no longer out (see expect()). With mutex_ held.
-  void settle_expected(std::uint64_t chunk) {
-    if (chunk < expected_base_ || chunk - expected_base_ >= expected_.size()) return;
-    std::size_t& bytes = expected_[chunk - expected_base_];
-    if (bytes == 0) return;
-    expected_bytes_ -= bytes;
-    --expected_out_;
-    bytes = 0;
-    while (!expected_.empty() && expected_.front() == 0) {
-      expected_.pop_front();
-      ++expected_base_;
-    }
-  }
-
   /// A thread in wait(): deliver() notifies only when one of their
   /// predicates has become true. A callback thread running its queue
   /// meanwhile is woken by `wake` (CallbackRunner::waker).
@@ -391,21 +368,13 @@ class JobState {
   std::size_t unreported_ = 0;                       // items settled while it ran there (report_progress)
   std::size_t done_ = 0;
   bool progress_failed_ = false;
-  std::size_t ready_bytes_ = 0;
-  std::size_t largest_result_ = 0;
   RunTimeEstimate item_ns_{0.3};  // follows the input's changes within a few chunks
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::vector<Waiter> waiters_;
   ReadyOutcomes ready_;
-  std::size_t delivered_ = 0;
   std::size_t wakeups_ = 0;
-  // expect(): task bytes of chunks expected_base_, expected_base_ + 1, ...
-  // (0 once delivered, and popped from the front), their sum and count.
-  std::deque<std::size_t> expected_;
-  std::uint64_t expected_base_ = 0;
-  std::size_t expected_bytes_ = 0;
-  std::size_t expected_out_ = 0;
+  Flow flow_;  // what of the call is out (its back-pressure), what was delivered and taken
   std::atomic<bool> cancelled_{false};
   const OwnerProcess owner_;  // the pool's process (require_owner)
 };
@@ -455,7 +424,7 @@ PROCPOOL_ENGINE_INLINE std::vector<std::pair<std::uint64_t, ChunkOutcome>> JobSt
          (!first || ready_[at].first == *first + taken.size())) {
     auto& [chunk, outcome] = ready_[at];
     bytes += outcome.held_bytes();
-    ready_bytes_ -= outcome.held_bytes();
+    flow_.taken(chunk, outcome.held_bytes());
     taken.emplace_back(chunk, std::move(outcome));
     ready_.erase(at);
   }
@@ -465,40 +434,43 @@ PROCPOOL_ENGINE_INLINE std::vector<std::pair<std::uint64_t, ChunkOutcome>> JobSt
 PROCPOOL_ENGINE_INLINE void JobState::take_run(std::uint64_t first, std::size_t min_delivered,
                                                std::vector<ChunkOutcome>& run) {
   std::unique_lock lock(mutex_);
-  wait(lock, std::nullopt, [&] { return delivered_ >= min_delivered && ready_.contains(first); });
+  wait(lock, std::nullopt, [&] { return flow_.delivered() >= min_delivered && ready_.contains(first); });
   for (std::size_t at = ready_.find(first), k = 0; at < ready_.size() && ready_[at].first == first + k;
        ready_.erase(at), ++k) {
-    ready_bytes_ -= ready_[at].second.held_bytes();
+    flow_.taken(ready_[at].first, ready_[at].second.held_bytes());
     run.push_back(std::move(ready_[at].second));
   }
 }
 
-PROCPOOL_ENGINE_INLINE void JobState::expect(std::uint64_t first, const std::vector<std::size_t>& bytes) {
+PROCPOOL_ENGINE_INLINE void JobState::sending(std::uint64_t first, const std::vector<std::size_t>& bytes) {
   std::lock_guard lock(mutex_);
-  if (expected_.empty()) expected_base_ = first;
-  for (std::size_t b : bytes) {
-    expected_.push_back(b);
-    expected_bytes_ += b;
-    ++expected_out_;
-  }
+  flow_.sending(first, bytes);
 }
 
-PROCPOOL_ENGINE_INLINE void JobState::wait_expected(std::size_t most_bytes, std::size_t fewer_than) {
+PROCPOOL_ENGINE_INLINE bool JobState::room(const FlowLimits& limits, std::size_t pending,
+                                           std::size_t pending_bytes) const {
+  std::lock_guard lock(mutex_);
+  return flow_.room(limits, pending, pending_bytes);
+}
+
+PROCPOOL_ENGINE_INLINE void JobState::wait_room(const FlowLimits& limits, std::size_t pending_bytes) {
   std::unique_lock lock(mutex_);
-  wait(lock, std::nullopt, [&] { return expected_bytes_ <= most_bytes || expected_out_ < fewer_than; });
+  wait(lock, std::nullopt, [&] { return flow_.room(limits, 0, pending_bytes); });
 }
 
 PROCPOOL_ENGINE_INLINE bool JobState::wait_delivered(std::size_t count, Deadline deadline) {
   std::unique_lock lock(mutex_);
-  return wait(lock, deadline, [&] { return delivered_ >= count; });
+  return wait(lock, deadline, [&] { return flow_.delivered() >= count; });
 }
 
 PROCPOOL_ENGINE_INLINE std::vector<ReadyOutcomes::Entry> JobState::take_all() {
   std::lock_guard lock(mutex_);
-  ready_bytes_ = 0;
   std::vector<ReadyOutcomes::Entry> all;
   all.reserve(ready_.size());
-  for (std::size_t k = 0; k < ready_.size(); ++k) all.push_back(std::move(ready_[k]));
+  for (std::size_t k = 0; k < ready_.size(); ++k) {
+    flow_.taken(ready_[k].first, ready_[k].second.held_bytes());
+    all.push_back(std::move(ready_[k]));
+  }
   ready_.clear();
   return all;
 }
