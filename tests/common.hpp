@@ -154,6 +154,23 @@ E thrown(F&& f) {
   throw std::logic_error("unreachable");
 }
 
+/// 0, 1, 2, ... without end, counting in `pulled` how many were read: how
+/// far a lazy call (imap) read its input.
+inline auto counted_iota(long& pulled) {
+  return tv::iota(0L) | tv::transform([&pulled](long x) {
+           ++pulled;
+           return x;
+         });
+}
+
+/// 0, 1, ..., end - 1, counting in `pulled` how many were read.
+inline auto counted_iota(long& pulled, long end) {
+  return tv::iota(0L, end) | tv::transform([&pulled](long x) {
+           ++pulled;
+           return x;
+         });
+}
+
 }  // namespace test
 
 /// A test case run once per start method ("name - test::Fork", ...).

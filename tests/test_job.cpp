@@ -99,10 +99,7 @@ TEST_CASE("imap takes ready outcomes in order up to a gap, a count and a byte bo
 POOL_TEST("imap refills its prefetch in batches, not one chunk per result", "[imap]") {
   procpool::Pool pool(test::options<TestType>({.imap_prefetch = 8}));
   long pulled = 0;
-  auto counting = tv::iota(0L, 400L) | tv::transform([&pulled](long x) {
-                    ++pulled;
-                    return x;
-                  });
+  auto counting = test::counted_iota(pulled, 400);
   std::vector<long> steps;  // how many inputs each refill read
   long before = 0;
   long seen = 0;

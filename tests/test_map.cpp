@@ -24,13 +24,6 @@
 namespace {
 
 long square(long x) { return x * x; }
-/// 0, 1, 2, ... without end, counting in `pulled` how many were read.
-auto counted_iota(long& pulled) {
-  return tv::iota(0L) | tv::transform([&pulled](long x) {
-           ++pulled;
-           return x;
-         });
-}
 long nap_1ms(long x) {
   std::this_thread::sleep_for(std::chrono::milliseconds(1));
   return x;
@@ -368,7 +361,7 @@ POOL_TEST("imap yields in input order, lazily", "[imap]") {
 POOL_TEST("imap reads an endless input only as far as it is consumed", "[imap]") {
   procpool::Pool pool(test::options<TestType>({.imap_prefetch = 8}));
   long pulled = 0;
-  auto counting = counted_iota(pulled);
+  auto counting = test::counted_iota(pulled);
   long seen = 0;
   for (long v : pool.imap<square>(counting, 2)) {
     CHECK(v == seen * seen);
@@ -404,7 +397,7 @@ POOL_TEST("imap submits 1024 chunks ahead by default, and more for many workers"
     CAPTURE(in_flight);
     procpool::Pool pool(test::options<TestType>({.processes = 2, .max_tasks_in_flight = in_flight}));
     long pulled = 0, consumed = 0;
-    auto counting = counted_iota(pulled);
+    auto counting = test::counted_iota(pulled);
     for (long v : pool.imap_unordered<square>(counting)) {
       CHECK(v >= 0);
       ++consumed;
@@ -424,10 +417,7 @@ POOL_TEST("an imap whose first item is slow sends the rest once another result i
   // while it waits, rather than once item 0 is done.
   procpool::Pool pool(test::options<TestType>({.processes = 2}));
   long pulled = 0;
-  auto counting = tv::iota(0L, 40L) | tv::transform([&pulled](long x) {
-                    ++pulled;
-                    return x;
-                  });
+  auto counting = test::counted_iota(pulled, 40);
   long seen = 0, pulled_at_first = -1;
   for (long v : pool.imap<slow_first>(counting)) {
     if (seen == 0) pulled_at_first = pulled;
@@ -441,7 +431,7 @@ POOL_TEST("adaptive imap keeps 4 * processes * max_tasks_in_flight chunks ahead,
   // Items of 1 ms make adaptive chunks of 1 or 2 items (about 2 ms of work each).
   procpool::Pool pool(test::options<TestType>({.processes = 2}));
   long pulled = 0;
-  auto counting = counted_iota(pulled);
+  auto counting = test::counted_iota(pulled);
   long seen = 0;
   for (long v : pool.imap_unordered<nap_1ms>(counting, procpool::adaptive)) {
     CHECK(v >= 0);
