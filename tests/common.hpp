@@ -173,8 +173,41 @@ inline auto counted_iota(long& pulled, long end) {
 
 }  // namespace test
 
-/// A test case run once per start method ("name - test::Fork", ...).
-#define POOL_TEST(name, tags) TEMPLATE_TEST_CASE(name, tags, test::Fork, test::PosixSpawn, test::Forkserver)
+namespace test {
+
+/// The start method of the POOL_TEST running now, as `TestType::method`.
+struct Current {
+  static inline procpool::StartMethod method = procpool::StartMethod::fork;
+};
+
+}  // namespace test
+
+/// A test case run once per start method ("name - test::Fork", ...). Its
+/// body is compiled once, not once per start method: in it, `TestType` is
+/// test::Current, whose `method` is set before each run.
+#define POOL_TEST(name, tags) PROCPOOL_POOL_TEST_(name, tags, PROCPOOL_TEST_CAT_(pool_test_, __COUNTER__))
+#define PROCPOOL_TEST_CAT_(a, b) PROCPOOL_TEST_CAT2_(a, b)
+#define PROCPOOL_TEST_CAT2_(a, b) a##b
+#define PROCPOOL_POOL_TEST_(name, tags, id)           \
+  namespace {                                         \
+  struct id {                                         \
+    using TestType = test::Current;                   \
+    static void run();                                \
+  };                                                  \
+  }                                                   \
+  TEST_CASE(name " - test::Fork", tags) {             \
+    test::Current::method = test::Fork::method;       \
+    id::run();                                        \
+  }                                                   \
+  TEST_CASE(name " - test::PosixSpawn", tags) {       \
+    test::Current::method = test::PosixSpawn::method; \
+    id::run();                                        \
+  }                                                   \
+  TEST_CASE(name " - test::Forkserver", tags) {       \
+    test::Current::method = test::Forkserver::method; \
+    id::run();                                        \
+  }                                                   \
+  void id::run()
 
 namespace test {
 

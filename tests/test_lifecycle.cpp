@@ -725,8 +725,7 @@ struct CopiesInChild {
   std::atomic<int> reads{0};  // of the IMap's input
 };
 
-template <procpool::StartMethod Method>
-int use_copies_in_child(CopiesInChild& c) {
+int use_copies_in_child(CopiesInChild& c, procpool::StartMethod method) {
   int found = 0;
   auto refused = [](auto&& call) {
     try {
@@ -760,7 +759,7 @@ int use_copies_in_child(CopiesInChild& c) {
   c.finished.reset();
   c.running.reset();
   c.pool.reset();
-  procpool::Pool fresh({.processes = 1, .start_method = Method});
+  procpool::Pool fresh({.processes = 1, .start_method = method});
   if (fresh.apply<squared>(7L) == 49) found |= new_pool_works;
   return found;
 }
@@ -787,7 +786,7 @@ POOL_TEST("fork in a program with a pool: the child's copy refuses work and leav
   const auto forked = Clock::now();
   const pid_t child = ::fork();
   REQUIRE(child >= 0);
-  if (child == 0) ::_exit(use_copies_in_child<TestType::method>(c));
+  if (child == 0) ::_exit(use_copies_in_child(c, TestType::method));
   int status = 0;
   while (::waitpid(child, &status, WNOHANG) == 0 && Clock::now() - forked < 30s) std::this_thread::sleep_for(5ms);
   if (::waitpid(child, &status, WNOHANG) == 0) {
