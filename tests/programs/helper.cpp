@@ -203,13 +203,14 @@ int closed_stdio(const std::string& method, const std::string& mode, const std::
       for (int fd = 0; fd <= 2; ++fd) ::close(fd);
     }
     // Fewer under the sanitizers, whose copies of 1 MiB and whose process
-    // starts are many times slower (with maxtasksperchild = 1, "late", each
-    // task starts a worker).
+    // starts are many times slower, and "late", where each task starts a
+    // worker (maxtasksperchild = 1): 30 workers start with 0, 1 and 2 free.
 #if defined(PROCPOOL_SANITIZED)
-    const std::size_t large = 20, small_count = 10;
+    const bool few = true;
 #else
-    const std::size_t large = 200, small_count = 50;
+    const bool few = late;
 #endif
+    const std::size_t large = few ? 20 : 200, small_count = few ? 10 : 50;
     std::vector<std::vector<char>> inputs(large);
     for (std::size_t i = 0; i < inputs.size(); ++i) {
       inputs[i].assign(std::size_t{1} << 20, static_cast<char>('a' + i % 26));
