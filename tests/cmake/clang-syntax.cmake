@@ -1,6 +1,6 @@
-# Checks that clang++ compiles the README's first example and
-# tests/clang/*.cpp. The examples and the suite are built with clang++ in
-# scripts/test.sh's asan stage.
+# Checks that clang++ compiles, header-only, the README's first example, the
+# primes example and tests/clang/*.cpp. The examples and the suite are built
+# with clang++ in scripts/test.sh's asan stage.
 #   cmake -DCLANGXX=<clang++> -DSOURCE_DIR=<procpool checkout> -DWORK_DIR=<dir> -P clang-syntax.cmake
 foreach(var CLANGXX SOURCE_DIR WORK_DIR)
   if(NOT DEFINED ${var})
@@ -20,7 +20,7 @@ string(SUBSTRING "${rest}" 0 ${end} example)
 file(MAKE_DIRECTORY "${WORK_DIR}")
 file(WRITE "${WORK_DIR}/readme_example.cpp" "${example}")
 
-set(sources "${WORK_DIR}/readme_example.cpp")
+set(sources "${WORK_DIR}/readme_example.cpp" "${SOURCE_DIR}/examples/primes.cpp")
 file(GLOB extra "${SOURCE_DIR}/tests/clang/*.cpp")
 list(APPEND sources ${extra})
 set(failed "")
