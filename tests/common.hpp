@@ -171,10 +171,6 @@ inline auto counted_iota(long& pulled, long end) {
          });
 }
 
-}  // namespace test
-
-namespace test {
-
 /// The start method of the POOL_TEST running now, as `TestType::method`.
 struct Current {
   static inline procpool::StartMethod method = procpool::StartMethod::fork;
