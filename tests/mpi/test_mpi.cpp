@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <numeric>
@@ -518,6 +519,40 @@ TEST_CASE("a lost_after too short to hear from a rank in is refused", "[mpi]") {
 
 namespace {
 std::optional<procpool::Pool> global_pool;  // destroyed after MPI is finalized
+}
+
+TEST_CASE("the hosts of spawn_info are read as Open MPI reads them", "[mpi]") {
+  const std::string file = "/tmp/procpool_hosts_" + std::to_string(::getpid());
+  std::ofstream(file) << "# comment\nnode3 slots=2\n\n  node4   # the fourth\n10.0.0.5 slots=1\n";
+  const auto hosts = procpool::mpi::detail::spawn_hosts(
+      {{"host", "node1,node2:4, +n1"}, {"hostfile", file}, {"add-host", "fe80::1"}, {"map_by", "node9"}});
+  std::remove(file.c_str());
+  CHECK(hosts == std::vector<std::string>{"node1", "node2", "node3", "node4", "10.0.0.5", "fe80::1"});
+}
+
+TEST_CASE("a spawn_info host this machine cannot resolve is refused before spawning", "[.unknown_host]") {
+  procpool::mpi::Settings settings;
+  settings.spawn_info = {{"host", "localhost,procpool-no-such-host.invalid:2"}};
+  settings.spawn_timeout = 20s;  // were it not refused, the watchdog would end the test
+  try {
+    procpool::Pool pool({.processes = 1, .backend = procpool::mpi::spawn(1, settings)});
+    FAIL("a pool was made");
+  } catch (const procpool::Error& e) {
+    CHECK_THAT(e.what(), Catch::Contains("host \"procpool-no-such-host.invalid\" in Settings::spawn_info"));
+  }
+  // Nothing was spawned: a spawn after it works.
+  procpool::Pool pool({.processes = 1, .backend = procpool::mpi::spawn(1)});
+  CHECK(pool.apply<square>(5) == 25);
+}
+
+TEST_CASE("a spawn that cannot start its ranks ends the program after spawn_timeout", "[.unreachable]") {
+  // 127.0.0.2 resolves, but no MPI daemon can be started there (no sshd):
+  // Open MPI prints why and MPI_Comm_spawn never returns.
+  procpool::mpi::Settings settings;
+  settings.spawn_info = {{"host", "127.0.0.2"}};
+  settings.spawn_timeout = 3s;
+  procpool::Pool pool({.processes = 1, .backend = procpool::mpi::spawn(1, settings)});
+  FAIL("a pool was made");
 }
 
 TEST_CASE("a pool still alive when the program exits lets its ranks go", "[.static]") {
