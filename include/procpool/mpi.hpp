@@ -4,7 +4,6 @@
 /// docs/mpi.md.
 #pragma once
 
-#include <netdb.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -12,10 +11,8 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -27,7 +24,7 @@
 
 #include "detail/mpi_link.hpp"
 #include "detail/mpi_serve.hpp"
-#include "detail/thread.hpp"
+#include "detail/mpi_spawn.hpp"
 #include "init.hpp"
 #include "procpool.hpp"
 
@@ -56,6 +53,11 @@ struct Settings {
   /// when it cannot start a rank (a host that cannot be reached): past this
   /// the program ends with a message and MPI_Abort. 0: no limit.
   std::chrono::milliseconds spawn_timeout{60000};
+  /// For spawn(): a host in spawn_info that this machine cannot resolve is
+  /// refused with an Error before anything is spawned. false: hand every
+  /// name to MPI as it is (names that only the launcher knows, such as ssh
+  /// aliases).
+  bool resolve_hosts = true;
 };
 
 namespace detail {
@@ -126,13 +128,18 @@ inline void check_options(const Options& options) {
   }
 }
 
-/// @throws Error a lost_after too short to hear from a rank in.
+/// @throws Error a lost_after too short to hear from a rank in, or a
+/// negative spawn_timeout.
 inline void check_settings(const Settings& settings) {
   if (settings.lost_after < std::chrono::milliseconds(100)) {
     throw Error(fmt::format(
         "procpool: procpool::mpi::Settings::lost_after is {} ms: a rank not heard from for that long is taken for "
         "lost, so it must be at least 100 ms (5000 by default; a longer one waits longer for a rank that stopped)",
         settings.lost_after.count()));
+  }
+  if (settings.spawn_timeout < std::chrono::milliseconds(0)) {
+    throw Error(fmt::format("procpool: procpool::mpi::Settings::spawn_timeout is {} ms; use 0 for no limit",
+                            settings.spawn_timeout.count()));
   }
 }
 
@@ -312,91 +319,6 @@ class WorldBackend final : public ::procpool::detail::BackendImpl {
   Settings settings_;
 };
 
-/// The host names spawn_info hands Open MPI: the lists of "host" and
-/// "add-host" ("node1,node2:4"), and the first word of each line of the
-/// files "hostfile" and "add-hostfile". Relative names ("+n1") are left out.
-inline std::vector<std::string> spawn_hosts(const std::vector<std::pair<std::string, std::string>>& info) {
-  std::vector<std::string> hosts;
-  auto add = [&](std::string name) {
-    // "node1:4" gives a host its slots; a name with more colons is an IPv6 address.
-    const auto colon = name.find(':');
-    if (colon != std::string::npos && name.find(':', colon + 1) == std::string::npos) name.resize(colon);
-    if (!name.empty() && name[0] != '+') hosts.push_back(std::move(name));
-  };
-  auto words = [&](const std::string& text, const char* separators, bool first_only) {
-    for (std::size_t at = text.find_first_not_of(separators); at != std::string::npos;
-         at = text.find_first_not_of(separators, at)) {
-      const std::size_t end = text.find_first_of(separators, at);
-      add(text.substr(at, end - at));
-      if (first_only || end == std::string::npos) break;
-      at = end;
-    }
-  };
-  for (const auto& [key, value] : info) {
-    if (key == "host" || key == "add-host") words(value, ", \t", false);
-    if (key != "hostfile" && key != "add-hostfile") continue;
-    std::ifstream file(value);
-    for (std::string line; std::getline(file, line);) words(line.substr(0, line.find('#')), " \t\r", true);
-  }
-  return hosts;
-}
-
-/// @throws Error a host in spawn_info that this machine cannot resolve:
-/// Open MPI would wait for ever to start a rank there.
-inline void check_hosts(std::size_t ranks, const Settings& settings) {
-  for (const std::string& host : spawn_hosts(settings.spawn_info)) {
-    addrinfo hints{};
-    hints.ai_socktype = SOCK_STREAM;
-    addrinfo* found = nullptr;
-    const int rc = ::getaddrinfo(host.c_str(), nullptr, &hints, &found);
-    if (found != nullptr) ::freeaddrinfo(found);
-    bool unknown = rc == EAI_NONAME || rc == EAI_FAIL;
-#ifdef EAI_NODATA
-    unknown = unknown || rc == EAI_NODATA;
-#endif
-    if (unknown) {
-      throw Error(fmt::format(
-          "procpool: procpool::mpi::spawn({}): host \"{}\" in Settings::spawn_info is not a name this machine can "
-          "resolve ({}); MPI_Comm_spawn would wait for ever to start a rank there",
-          ranks, host, ::gai_strerror(rc)));
-    }
-  }
-}
-
-/// Ends the program if MPI_Comm_spawn has not returned `timeout` after this
-/// was made (0: never): Open MPI 4.1 waits for ever when it cannot start a
-/// rank, and only MPI_Abort ends that wait.
-class SpawnWatch {
- public:
-  SpawnWatch(std::chrono::milliseconds timeout, std::string message) {
-    if (timeout <= std::chrono::milliseconds(0)) return;
-    thread_ = ::procpool::detail::InternalThread("the MPI_Comm_spawn watchdog", [this, timeout, message] {
-      std::unique_lock lock(mutex_);
-      if (returned_.wait_for(lock, timeout, [&] { return done_; })) return;
-      std::fprintf(stderr, "%s\n", message.c_str());
-      std::fflush(stderr);
-      MPI_Abort(MPI_COMM_SELF, 1);
-    });
-  }
-  SpawnWatch(const SpawnWatch&) = delete;
-  SpawnWatch& operator=(const SpawnWatch&) = delete;
-  /// MPI_Comm_spawn returned.
-  ~SpawnWatch() {
-    {
-      std::lock_guard lock(mutex_);
-      done_ = true;
-    }
-    returned_.notify_all();
-    thread_.join();
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable returned_;
-  bool done_ = false;
-  ::procpool::detail::InternalThread thread_;  // last: the others outlive it
-};
-
 class SpawnBackend final : public ::procpool::detail::BackendImpl {
  public:
   SpawnBackend(std::size_t ranks, Settings settings) : ranks_(ranks), settings_(std::move(settings)) {}
@@ -407,7 +329,7 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
     if (ranks_ == 0 || ranks_ > INT_MAX) throw Error("procpool: procpool::mpi::spawn(n) needs 1 <= n");
     MPI_Comm inter = take_idle();
     if (inter == MPI_COMM_NULL) {
-      check_hosts(ranks_, settings_);
+      if (settings_.resolve_hosts) ::procpool::detail::check_spawn_hosts(ranks_, settings_.spawn_info);
       inter = spawn_ranks();
     }
     ::procpool::detail::MpiHub::Settings hub;
@@ -474,28 +396,29 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
     std::vector<char*> argv;
     for (auto& a : s.args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    MPI_Info info;
-    MPI_Info_create(&info);
-    MPI_Info_set(info, "map_by", "slot:OVERSUBSCRIBE");
-    // Unbound: a rank's workers run on every CPU it may use, and processes
-    // = 0 counts them (Open MPI binds 2 spawned ranks or fewer to a core each).
-    MPI_Info_set(info, "bind_to", "none");
-    for (const auto& [key, value] : settings_.spawn_info) MPI_Info_set(info, key.c_str(), value.c_str());
+    std::string keys;
+    for (const auto& [key, value] : settings_.spawn_info) {
+      keys += fmt::format("{}{}={}", keys.empty() ? "" : ", ", key, value);
+    }
     MPI_Comm inter = MPI_COMM_NULL;
     std::vector<int> codes(ranks_, MPI_SUCCESS);
     MPI_Comm_set_errhandler(MPI_COMM_SELF, MPI_ERRORS_RETURN);
     int rc = MPI_SUCCESS;
+    MPI_Info info;
     {
-      std::string keys;
-      for (const auto& [key, value] : settings_.spawn_info)
-        keys += fmt::format("{}{}={}", keys.empty() ? "" : ", ", key, value);
-      const SpawnWatch watch(
+      const ::procpool::detail::SpawnWatch watch(
           settings_.spawn_timeout,
           fmt::format("procpool: procpool::mpi::spawn({}) has not started its ranks after {} ms (spawn_info: {}). "
                       "MPI_Comm_spawn waits for ever where MPI cannot start a rank, such as on a host it cannot "
-                      "reach: see MPI's message above. Ending the program (Settings::spawn_timeout sets this "
-                      "limit).",
+                      "reach (MPI may have said why above). Ending the program; Settings::spawn_timeout sets this "
+                      "limit.",
                       ranks_, settings_.spawn_timeout.count(), keys.empty() ? "none" : keys));
+      MPI_Info_create(&info);
+      MPI_Info_set(info, "map_by", "slot:OVERSUBSCRIBE");
+      // Unbound: a rank's workers run on every CPU it may use, and processes
+      // = 0 counts them (Open MPI binds 2 spawned ranks or fewer to a core each).
+      MPI_Info_set(info, "bind_to", "none");
+      for (const auto& [key, value] : settings_.spawn_info) MPI_Info_set(info, key.c_str(), value.c_str());
       rc = MPI_Comm_spawn(exe, argv.data(), static_cast<int>(ranks_), info, 0, MPI_COMM_SELF, &inter, codes.data());
     }
     MPI_Info_free(&info);
@@ -509,10 +432,6 @@ class SpawnBackend final : public ::procpool::detail::BackendImpl {
     return inter;
   }
 
-  /// Waits for the ranks let go of to exit. Open MPI 4.1 can hang for
-  /// ever in MPI_Comm_spawn while ranks of an earlier spawn still finish
-  /// (seen: 1 spawn in about 40 without this wait). Ranks on other hosts
-  /// cannot be watched: for them, a pause.
   std::size_t ranks_;
   Settings settings_;
 };

@@ -504,6 +504,13 @@ TEST_CASE("a spawned rank that stops answering for good does not keep the job al
   CHECK(pool.map<square>(iota(100), 1) == pool.map<square>(iota(100), 50));
 }
 
+TEST_CASE("a negative spawn_timeout is refused", "[mpi]") {
+  procpool::mpi::Settings settings;
+  settings.spawn_timeout = -1ms;
+  CHECK_THROWS_WITH(procpool::Pool({.backend = procpool::mpi::spawn(1, settings)}),
+                    Catch::Contains("Settings::spawn_timeout is -1 ms; use 0 for no limit"));
+}
+
 TEST_CASE("a lost_after too short to hear from a rank in is refused", "[mpi]") {
   procpool::mpi::Settings settings;
   settings.lost_after = 0ms;
@@ -523,11 +530,12 @@ std::optional<procpool::Pool> global_pool;  // destroyed after MPI is finalized
 
 TEST_CASE("the hosts of spawn_info are read as Open MPI reads them", "[mpi]") {
   const std::string file = "/tmp/procpool_hosts_" + std::to_string(::getpid());
-  std::ofstream(file) << "# comment\nnode3 slots=2\n\n  node4   # the fourth\n10.0.0.5 slots=1\n";
-  const auto hosts = procpool::mpi::detail::spawn_hosts(
-      {{"host", "node1,node2:4, +n1"}, {"hostfile", file}, {"add-host", "fe80::1"}, {"map_by", "node9"}});
+  std::ofstream(file) << "# comment\nnode3 slots=2\r\n\n  user@node4   # the fourth\n10.0.0.5 max_slots=1\n"
+                         "^node5\nrank 0=node6 slot=0\nnode1\n";
+  const auto hosts = procpool::detail::spawn_hosts(
+      {{"host", "node1,node2:4, +n1,+e:2"}, {"hostfile", file}, {"add-host", "node7"}, {"map_by", "node9"}});
   std::remove(file.c_str());
-  CHECK(hosts == std::vector<std::string>{"node1", "node2", "node3", "node4", "10.0.0.5", "fe80::1"});
+  CHECK(hosts == std::vector<std::string>{"node1", "node2", "node3", "node4", "10.0.0.5", "node7"});
 }
 
 TEST_CASE("a spawn_info host this machine cannot resolve is refused before spawning", "[.unknown_host]") {
@@ -546,10 +554,11 @@ TEST_CASE("a spawn_info host this machine cannot resolve is refused before spawn
 }
 
 TEST_CASE("a spawn that cannot start its ranks ends the program after spawn_timeout", "[.unreachable]") {
-  // 127.0.0.2 resolves, but no MPI daemon can be started there (no sshd):
-  // Open MPI prints why and MPI_Comm_spawn never returns.
+  // Handed to MPI unchecked, the name makes ssh fail: Open MPI prints why,
+  // and MPI_Comm_spawn never returns.
   procpool::mpi::Settings settings;
-  settings.spawn_info = {{"host", "127.0.0.2"}};
+  settings.spawn_info = {{"host", "procpool-no-such-host.invalid"}};
+  settings.resolve_hosts = false;
   settings.spawn_timeout = 3s;
   procpool::Pool pool({.processes = 1, .backend = procpool::mpi::spawn(1, settings)});
   FAIL("a pool was made");
