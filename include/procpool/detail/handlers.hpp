@@ -364,12 +364,24 @@ struct CallHandler {
   }
 };
 
+/// Checks that a call's items can travel: the elements of a tuple (apply's
+/// and starmap's arguments) each on its own, so that the compiler's message
+/// names the type that cannot, not the tuple holding it.
+template <class Arg>
+struct require_item {
+  static constexpr bool value = require_each_serializable<Arg>::value && require_default_constructible<Arg>::value;
+};
+template <class... T>
+struct require_item<std::tuple<T...>> {
+  static constexpr bool value = (require_item<std::remove_cvref_t<T>>::value && ...);
+};
+
 /// Handler id for calling F on items of type Arg; instantiating it checks that
 /// everything involved can travel.
 template <class F, class Arg, bool Star>
 std::uint64_t call_handler_id() {
   static_assert(require_travelling_callable<F>::value);
-  static_assert(require_serializable<Arg>::value && require_default_constructible<Arg>::value);
+  static_assert(require_item<Arg>::value);
   using Result = typename call_traits<F, Arg, Star>::result;
   static_assert(require_serializable<stored_t<Result>>::value &&
                 require_default_constructible<stored_t<Result>>::value);

@@ -140,11 +140,22 @@ struct require_serializable {
                 "the T in 'require_serializable<T>' in this message's instantiation context.");
   static_assert(pointer || travels_v<T>,
                 "procpool: this argument or result type cannot be sent to a worker process: "
-                "cereal has no serialize()/save()/load() for it. Add a member "
+                "cereal has no serialize()/save()/load() for it that procpool's archives can call. Add a member "
                 "`template <class Archive> void serialize(Archive& ar) { ar(field1, field2); }` "
-                "(or a free serialize function), or pass a type that has one. The offending type is "
+                "(or a free serialize function), or pass a type that has one. Write them as templates on the "
+                "archive: procpool uses archives of its own, not cereal::BinaryOutputArchive. The offending type is "
                 "the T in 'require_serializable<T>' in this message's instantiation context.");
   static constexpr bool value = true;
+};
+
+/// require_serializable, for a tuple's elements each on its own (apply's and
+/// starmap's arguments travel as one): the compiler's message then names the
+/// type that cannot travel, not the tuple holding it.
+template <class T>
+struct require_each_serializable : require_serializable<T> {};
+template <class... T>
+struct require_each_serializable<std::tuple<T...>> {
+  static constexpr bool value = (require_each_serializable<std::remove_cvref_t<T>>::value && ...);
 };
 
 // ---- archives over byte buffers ---------------------------------------------
@@ -255,7 +266,7 @@ class Encoder {
   /// only repeat it.
   template <class... T>
   void operator()(const T&... values) {
-    static_assert((require_serializable<std::remove_cvref_t<T>>::value && ...));
+    static_assert((require_each_serializable<std::remove_cvref_t<T>>::value && ...));
     if constexpr ((travels_v<T> && ...)) archive_(values...);
   }
   /// Bytes in the buffer (a mark for truncate()).
@@ -274,7 +285,7 @@ class Decoder {
   /// Reads the values (a type that cannot travel: as Encoder).
   template <class... T>
   void operator()(T&... values) {
-    static_assert((require_serializable<std::remove_cvref_t<T>>::value && ...));
+    static_assert((require_each_serializable<std::remove_cvref_t<T>>::value && ...));
     if constexpr ((travels_v<T> && ...)) archive_(values...);
   }
   std::size_t remaining() const { return archive_.remaining(); }
