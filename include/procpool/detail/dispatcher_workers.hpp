@@ -362,8 +362,9 @@ inline void Dispatcher::warn_forked_at_first_call() {
   static std::atomic<bool> warned{false};
   if (warned.exchange(true)) return;
   fmt::print(stderr,
-             "procpool: warning: a StartMethod::fork pool made before procpool::init(argc, argv) forks its "
-             "workers at its first call, not when it is made. Call procpool::init(argc, argv) first in main().\n");
+             "procpool: warning: a StartMethod::fork pool made before procpool::init(argc, argv), or in a program "
+             "that never calls it, forks its workers at its first call, not when it is made. Call "
+             "procpool::init(argc, argv) first in main().\n");
 }
 
 }  // namespace procpool::detail
