@@ -50,6 +50,9 @@ class FrameReader {
  public:
   FrameReader(int fd, std::size_t max_payload) : fd_(fd), max_payload_(max_payload) {}
 
+  /// Frames with a longer payload are refused (next() throws).
+  void set_max_payload(std::size_t max_payload) { max_payload_ = max_payload; }
+
   /// Before a read would block: while `wanted()`, waits up to `after` for
   /// bytes, and each time none came calls `idle()`; then blocks as usual.
   void on_idle(std::function<bool()> wanted, std::function<void()> idle, std::chrono::milliseconds after) {
@@ -255,6 +258,9 @@ class WorkerLoop {
     ProcessTitle::instance().set("procpool worker " + std::to_string(config.slot), "w" + std::to_string(config.slot));
     max_tasks_ = config.max_tasks;
     max_message_ = config.max_message;
+    // The parent sends tasks up to this size (through this pipe where there
+    // is no shared memory between us); until now, only the configuration came.
+    reader_.set_max_payload(max_message_);
     max_rss_ = config.max_rss;
     shm_threshold_ = config.shm_threshold;
     remote_ = config.remote != 0;
