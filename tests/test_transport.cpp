@@ -603,9 +603,7 @@ POOL_TEST("shared_memory_threshold 0 sends everything through the pipes", "[tran
   CHECK(memfd_mappings("procpool-task") == 0);
 }
 
-// Under the sanitizers, moving these 2 GiB took 110 s (ASan) or more memory
-// than the machine has (TSan's shadow); the code is the same without them.
-#if !defined(PROCPOOL_SANITIZED)
+// Run by its own ctest, transport.task_over_2gib (tests/CMakeLists.txt).
 namespace {
 /// The size of `v` and a sum of one byte in each 4 KiB page.
 std::uint64_t size_and_pages(const std::vector<char>& v) {
@@ -615,7 +613,7 @@ std::uint64_t size_and_pages(const std::vector<char>& v) {
 }
 }  // namespace
 
-TEST_CASE("a task over 2 GiB crosses the pipe when max_message_bytes allows it", "[transport][large]") {
+TEST_CASE("a task over 2 GiB crosses the pipe when max_message_bytes allows it", "[.over_2gib]") {
   // The worker's loop, the same under every start method, refused any frame
   // over 2 GiB that came through its pipe (shared memory off, or workers on
   // MPI ranks), whatever max_message_bytes said.
@@ -633,7 +631,6 @@ TEST_CASE("a task over 2 GiB crosses the pipe when max_message_bytes allows it",
   }();
   CHECK(result.get() == expected);
 }
-#endif
 
 POOL_TEST("shared-memory buffers are reused: their number follows the messages outstanding, not those sent",
           "[transport][shm]") {

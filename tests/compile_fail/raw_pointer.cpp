@@ -6,6 +6,7 @@ long first(const long* values) { return values[0]; }
 int main(int argc, char** argv) {
   procpool::init(argc, argv);
   procpool::Pool pool;
-  const long value = 4;
-  return static_cast<int>(pool.apply<first>(&value));  // the message names the argument, not a tuple of it
+  long value = 4;
+  std::vector<const long*> items{&value};
+  return static_cast<int>(pool.map<first>(items).size());
 }

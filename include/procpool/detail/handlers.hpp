@@ -373,7 +373,9 @@ struct require_item {
 };
 template <class... T>
 struct require_item<std::tuple<T...>> {
-  static constexpr bool value = (require_item<std::remove_cvref_t<T>>::value && ...);
+  // The tuple itself too: one holding a reference cannot be made empty.
+  static constexpr bool value =
+      (require_item<std::remove_cvref_t<T>>::value && ...) && require_default_constructible<std::tuple<T...>>::value;
 };
 
 /// Handler id for calling F on items of type Arg; instantiating it checks that
@@ -383,7 +385,7 @@ std::uint64_t call_handler_id() {
   static_assert(require_travelling_callable<F>::value);
   static_assert(require_item<Arg>::value);
   using Result = typename call_traits<F, Arg, Star>::result;
-  static_assert(require_serializable<stored_t<Result>>::value &&
+  static_assert(require_each_serializable<stored_t<Result>>::value &&
                 require_default_constructible<stored_t<Result>>::value);
   if constexpr (!value_initializable<Arg>) return 0;  // the assertion has said why
   const std::uint64_t id = Registered<CallHandler<F, Arg, Star>>::get();

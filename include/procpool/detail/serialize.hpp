@@ -29,8 +29,10 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <typeinfo>
+#include <utility>
 #include <vector>
 
 #include "exception_types.hpp"
@@ -148,14 +150,19 @@ struct require_serializable {
   static constexpr bool value = true;
 };
 
-/// require_serializable, for a tuple's elements each on its own (apply's and
-/// starmap's arguments travel as one): the compiler's message then names the
-/// type that cannot travel, not the tuple holding it.
+/// require_serializable, for the elements of a tuple or pair each on its own
+/// (apply's and starmap's arguments travel as one): the compiler's message
+/// then names the type that cannot travel, not the tuple holding it.
 template <class T>
 struct require_each_serializable : require_serializable<T> {};
 template <class... T>
 struct require_each_serializable<std::tuple<T...>> {
   static constexpr bool value = (require_each_serializable<std::remove_cvref_t<T>>::value && ...);
+};
+template <class A, class B>
+struct require_each_serializable<std::pair<A, B>> {
+  static constexpr bool value = require_each_serializable<std::remove_cvref_t<A>>::value &&
+                                require_each_serializable<std::remove_cvref_t<B>>::value;
 };
 
 // ---- archives over byte buffers ---------------------------------------------

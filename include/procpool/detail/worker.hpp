@@ -259,8 +259,9 @@ class WorkerLoop {
     max_tasks_ = config.max_tasks;
     max_message_ = config.max_message;
     // The parent sends tasks up to this size (through this pipe where there
-    // is no shared memory between us); until now, only the configuration came.
-    reader_.set_max_payload(max_message_);
+    // is no shared memory between us), and a reference to one in shared
+    // memory whatever its size; until now, only the configuration came.
+    reader_.set_max_payload(std::max(max_message_, ShmLocation::encoded_size));
     max_rss_ = config.max_rss;
     shm_threshold_ = config.shm_threshold;
     remote_ = config.remote != 0;
