@@ -7,7 +7,6 @@
 #include <mpi.h>
 #include <netdb.h>
 #include <sys/socket.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -21,6 +20,7 @@
 #include <vector>
 
 #include "../errors.hpp"
+#include "mpi_wire.hpp"
 #include "thread.hpp"
 
 namespace procpool::detail {
@@ -69,8 +69,7 @@ inline std::vector<std::string> spawn_hosts(const SpawnInfo& info) {
 /// resolve, or resolve now: Open MPI would wait for ever to start a rank
 /// there. This host's own name is not looked up: Open MPI knows it.
 inline void check_spawn_hosts(std::size_t ranks, const SpawnInfo& info) {
-  char own[256] = {};
-  ::gethostname(own, sizeof(own) - 1);
+  const std::string own = mpi_wire::host_name();
   for (const std::string& host : spawn_hosts(info)) {
     if (host == own || host == "localhost") continue;
     addrinfo hints{};
