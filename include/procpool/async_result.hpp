@@ -68,8 +68,7 @@ class AsyncResult {
   decltype(auto) get(std::chrono::duration<Rep, Period> timeout) const {
     if (!wait(timeout)) {
       const double ms = std::chrono::duration<double, std::milli>(timeout).count();
-      throw TimeoutError(fmt::format("procpool: {} did not finish within {} ms", state_->call(),
-                                     ms > -1 && ms < 1 ? fmt::format("{:.3g}", ms) : fmt::format("{:.0f}", ms)));
+      throw TimeoutError(detail::not_finished_message(state_->call(), ms));
     }
     return result();
   }
@@ -133,7 +132,7 @@ class AsyncResult {
    * @throws Error if not ready().
    */
   bool successful() const {
-    if (!ready()) throw Error(fmt::format("procpool: successful() called before the {} finished", state_->call()));
+    if (!ready()) throw Error(detail::not_yet_finished_message(state_->call()));
     return !state_->failed();
   }
 

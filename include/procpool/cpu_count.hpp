@@ -2,6 +2,31 @@
 /// How many CPUs this process may use: procpool::cpu_count().
 #pragma once
 
+#include <cstddef>
+
+#include "detail/config.hpp"
+
+namespace procpool {
+
+/**
+ * The number of CPUs this process may really use, at least 1: the smaller of its `sched_getaffinity` mask and its
+ * cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`, over its cgroup and every ancestor),
+ * rounded up. In a container limited to 2 CPUs on a 64-core host this is 2, where Python's `os.cpu_count()` says 64
+ * and its `Pool()` starts 64 workers. This is the default `Options::processes`.
+ *
+ * @code
+ * std::printf("%zu workers\n", procpool::cpu_count());
+ * @endcode
+ *
+ * @return the CPU count; never 0.
+ *
+ * This function is thread-safe.
+ */
+PROCPOOL_ENGINE_INLINE std::size_t cpu_count() noexcept;
+
+}  // namespace procpool
+
+#if PROCPOOL_DEFINE_ENGINE
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/stat.h>
@@ -201,21 +226,7 @@ inline std::size_t limit_cpu_count(std::size_t cpus, std::optional<double> limit
 
 }  // namespace detail
 
-/**
- * The number of CPUs this process may really use, at least 1: the smaller of its `sched_getaffinity` mask and its
- * cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`, over its cgroup and every ancestor),
- * rounded up. In a container limited to 2 CPUs on a 64-core host this is 2, where Python's `os.cpu_count()` says 64
- * and its `Pool()` starts 64 workers. This is the default `Options::processes`.
- *
- * @code
- * std::printf("%zu workers\n", procpool::cpu_count());
- * @endcode
- *
- * @return the CPU count; never 0.
- *
- * This function is thread-safe.
- */
-inline std::size_t cpu_count() noexcept {
+PROCPOOL_ENGINE_INLINE std::size_t cpu_count() noexcept {
   std::size_t cpus = detail::affinity_cpu_count();
   try {
     if (auto self = detail::read_small_file("/proc/self/cgroup")) {
@@ -228,3 +239,4 @@ inline std::size_t cpu_count() noexcept {
 }
 
 }  // namespace procpool
+#endif

@@ -252,8 +252,7 @@ class IMap {
     } catch (...) {
       if (!progress_failed_) {
         progress_failed_ = true;
-        fmt::print(stderr, "procpool: {} progress callback threw {}; the call goes on\n",
-                   detail::with_article(feed_->job().call()), detail::current_exception_summary());
+        detail::report_callback_exception(feed_->job().call(), "progress callback", "the call goes on");
       }
     }
   }

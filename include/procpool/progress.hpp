@@ -81,12 +81,7 @@ struct ProgressBarOptions {
 namespace detail {
 
 /// "mm:ss", or "h:mm:ss" from an hour on.
-inline std::string format_progress_duration(double seconds) {
-  const auto total = static_cast<std::uint64_t>(std::max(seconds, 0.0));
-  const std::uint64_t hours = total / 3600, minutes = total / 60 % 60, secs = total % 60;
-  if (hours > 0) return fmt::format("{}:{:02}:{:02}", hours, minutes, secs);
-  return fmt::format("{:02}:{:02}", minutes, secs);
-}
+PROCPOOL_ENGINE_INLINE std::string format_progress_duration(double seconds);
 
 /// What every copy of one ProgressBar shares: the pool calls its copy on the
 /// callback thread while the user's thread may call finish() on another.
@@ -122,54 +117,11 @@ class ProgressState {
   }
 
  private:
-  void draw(TimePoint now, bool last) {
-    std::string text = '\r' + render(now);
-    // Blank out what is left of a longer previous line (the rate or ETA can shrink).
-    const std::size_t length = display_columns(text) - 1;
-    if (length < drawn_length_) text.append(drawn_length_ - length, ' ');
-    if (last) text += '\n';
-    drawn_ = true;
-    drawn_at_ = now;
-    drawn_done_ = done_;
-    drawn_length_ = length;
-    write(text);
-  }
+  void draw(TimePoint now, bool last);
 
-  std::string render(TimePoint now) const {
-    const double elapsed = std::max(std::chrono::duration<double>(now - start_).count(), 0.0);
-    const auto done = static_cast<double>(done_);
-    std::string text = options_.label.empty() ? std::string() : options_.label + ": ";
-    const std::string rate = elapsed > 0 ? fmt::format("{:.1f} items/s", done / elapsed) : "? items/s";
-    const std::string elapsed_text = format_progress_duration(elapsed);
-    if (!total_) {
-      text += fmt::format("{} | {} | {} elapsed", done_, rate, elapsed_text);
-      return text;
-    }
-    const std::size_t total = *total_;
-    const double fraction = total == 0 ? 1.0 : std::min(done / static_cast<double>(total), 1.0);
-    const auto percent = static_cast<unsigned>(fraction * 100);
-    const auto filled =
-        std::min(static_cast<std::size_t>(fraction * static_cast<double>(options_.width)), options_.width);
-    std::string eta = "--:--";
-    if (done_ >= total) {
-      eta = format_progress_duration(0);
-    } else if (done_ > 0 && elapsed > 0) {
-      eta = format_progress_duration(elapsed * static_cast<double>(total - done_) / done);
-    }
-    text += fmt::format("{:3}% [{}{}] {}/{} | {} | {} elapsed | ETA {}", percent, std::string(filled, '#'),
-                        std::string(options_.width - filled, '-'), done_, total, rate, elapsed_text, eta);
-    return text;
-  }
+  std::string render(TimePoint now) const;
 
-  void write(std::string_view text) {
-    if (options_.sink) {
-      options_.sink(text);
-    } else if (options_.output != nullptr) {
-      // Errors are dropped: a progress bar must not fail the work it shows.
-      std::fwrite(text.data(), 1, text.size(), options_.output);
-      std::fflush(options_.output);
-    }
-  }
+  void write(std::string_view text);
 
   std::mutex mutex_;
   ProgressBarOptions options_;
@@ -323,6 +275,62 @@ class ProgressBar {
 
 #if PROCPOOL_DEFINE_ENGINE
 namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE std::string format_progress_duration(double seconds) {
+  const auto total = static_cast<std::uint64_t>(std::max(seconds, 0.0));
+  const std::uint64_t hours = total / 3600, minutes = total / 60 % 60, secs = total % 60;
+  if (hours > 0) return fmt::format("{}:{:02}:{:02}", hours, minutes, secs);
+  return fmt::format("{:02}:{:02}", minutes, secs);
+}
+
+PROCPOOL_ENGINE_INLINE void ProgressState::draw(TimePoint now, bool last) {
+  std::string text = '\r' + render(now);
+  // Blank out what is left of a longer previous line (the rate or ETA can shrink).
+  const std::size_t length = display_columns(text) - 1;
+  if (length < drawn_length_) text.append(drawn_length_ - length, ' ');
+  if (last) text += '\n';
+  drawn_ = true;
+  drawn_at_ = now;
+  drawn_done_ = done_;
+  drawn_length_ = length;
+  write(text);
+}
+
+PROCPOOL_ENGINE_INLINE std::string ProgressState::render(TimePoint now) const {
+  const double elapsed = std::max(std::chrono::duration<double>(now - start_).count(), 0.0);
+  const auto done = static_cast<double>(done_);
+  std::string text = options_.label.empty() ? std::string() : options_.label + ": ";
+  const std::string rate = elapsed > 0 ? fmt::format("{:.1f} items/s", done / elapsed) : "? items/s";
+  const std::string elapsed_text = format_progress_duration(elapsed);
+  if (!total_) {
+    text += fmt::format("{} | {} | {} elapsed", done_, rate, elapsed_text);
+    return text;
+  }
+  const std::size_t total = *total_;
+  const double fraction = total == 0 ? 1.0 : std::min(done / static_cast<double>(total), 1.0);
+  const auto percent = static_cast<unsigned>(fraction * 100);
+  const auto filled =
+      std::min(static_cast<std::size_t>(fraction * static_cast<double>(options_.width)), options_.width);
+  std::string eta = "--:--";
+  if (done_ >= total) {
+    eta = format_progress_duration(0);
+  } else if (done_ > 0 && elapsed > 0) {
+    eta = format_progress_duration(elapsed * static_cast<double>(total - done_) / done);
+  }
+  text += fmt::format("{:3}% [{}{}] {}/{} | {} | {} elapsed | ETA {}", percent, std::string(filled, '#'),
+                      std::string(options_.width - filled, '-'), done_, total, rate, elapsed_text, eta);
+  return text;
+}
+
+PROCPOOL_ENGINE_INLINE void ProgressState::write(std::string_view text) {
+  if (options_.sink) {
+    options_.sink(text);
+  } else if (options_.output != nullptr) {
+    // Errors are dropped: a progress bar must not fail the work it shows.
+    std::fwrite(text.data(), 1, text.size(), options_.output);
+    std::fflush(options_.output);
+  }
+}
 
 PROCPOOL_ENGINE_INLINE ProgressState::ProgressState(ProgressBarOptions options) : options_(std::move(options)) {
   if (!options_.clock) options_.clock = [] { return std::chrono::steady_clock::now(); };

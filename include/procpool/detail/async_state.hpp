@@ -80,6 +80,15 @@ struct CompletionOrder {
 };
 
 /// Shared state of an AsyncResult: the job's mailbox plus the decoded value.
+/// "procpool: the map_async call's own callback waited for it to finish...".
+PROCPOOL_ENGINE_INLINE std::string own_callback_wait_message(std::string_view call);
+/// What get() of a call cancelled with `withdrawn` of its `chunks` tasks unrun throws.
+PROCPOOL_ENGINE_INLINE std::string cancelled_message(std::string_view call, std::size_t withdrawn, std::size_t chunks);
+/// What get(timeout) throws when the call did not finish within `ms`.
+PROCPOOL_ENGINE_INLINE std::string not_finished_message(std::string_view call, double ms);
+/// What successful() throws before the call finished.
+PROCPOOL_ENGINE_INLINE std::string not_yet_finished_message(std::string_view call);
+
 template <class V>
 class AsyncState : public JobState {
  public:
@@ -104,12 +113,7 @@ class AsyncState : public JobState {
            this->reporting_here();
   }
   /// What waiting for the call from its own callback throws.
-  Error own_callback_wait() const {
-    return Error(
-        fmt::format("procpool: {}'s own callback waited for it to finish, which it does once that "
-                    "callback returns: it would wait for ever. Use the value the callback is given",
-                    call()));
-  }
+  Error own_callback_wait() const { return Error(own_callback_wait_message(this->call())); }
 
   /// @throws Error waiting for ever from this call's own callback, which
   /// the call's completion waits for.
@@ -168,13 +172,7 @@ class AsyncState : public JobState {
     if (withdrawn == 0) return false;
     // A chunk will never be delivered now: the call cannot complete otherwise.
     std::call_once(once_, [&] {
-      const std::string call = describe_call(this->call());
-      error_ = std::make_exception_ptr(Cancelled(
-          withdrawn == chunks_
-              ? fmt::format("procpool: {} was cancelled before it ran", call)
-              : fmt::format("procpool: {} was cancelled: {} of its {} tasks had not started and never ran, and "
-                            "the results of the others are dropped",
-                            call, withdrawn, chunks_)));
+      error_ = std::make_exception_ptr(Cancelled(cancelled_message(this->call(), withdrawn, chunks_)));
     });
     this->change_and_notify([&] { withdrawn_.store(true, std::memory_order_release); });
     this->cancel();  // later deliveries are dropped
@@ -215,7 +213,7 @@ class AsyncState : public JobState {
         return;
       }
     }
-    run_guarded(callback, "done");
+    run_guarded(callback, "done callback");
   }
 
  protected:
@@ -238,10 +236,6 @@ class AsyncState : public JobState {
   }
 
  private:
-  static std::string describe_call(std::string_view call) {
-    return call == "apply_async" ? std::string("the apply_async task") : fmt::format("the {} call", call);
-  }
-
   void decode_once() {
     std::call_once(once_, [this] {
       try {
@@ -270,7 +264,7 @@ class AsyncState : public JobState {
     for (auto& listener : more) listener.order->finished_one(listener.position);
     if (callbacks.empty()) return;
     auto run = [this, callbacks = std::move(callbacks)] {
-      for (const auto& callback : callbacks) run_guarded(callback, "done");
+      for (const auto& callback : callbacks) run_guarded(callback, "done callback");
     };
     std::shared_ptr<JobHost> host = this->host();
     if (!host || !host->post_callback(run)) run();
@@ -280,8 +274,7 @@ class AsyncState : public JobState {
     try {
       callback();
     } catch (...) {
-      fmt::print(stderr, "procpool: {} {} callback threw {}; the pool goes on\n", with_article(call()), what,
-                 current_exception_summary());
+      report_callback_exception(this->call(), what, "the pool goes on");
     }
   }
 
@@ -313,8 +306,7 @@ class AsyncState : public JobState {
         callback_(*value_);
       }
     } catch (...) {
-      fmt::print(stderr, "procpool: {} callback threw {}; the pool goes on\n", with_article(call()),
-                 current_exception_summary());
+      report_callback_exception(this->call(), "callback", "the pool goes on");
     }
   }
 
@@ -465,3 +457,35 @@ struct AsyncStateOf {
 }  // namespace detail
 
 }  // namespace procpool
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE std::string own_callback_wait_message(std::string_view call) {
+  return fmt::format(
+      "procpool: {}'s own callback waited for it to finish, which it does once that callback returns: it would "
+      "wait for ever. Use the value the callback is given",
+      call);
+}
+
+PROCPOOL_ENGINE_INLINE std::string cancelled_message(std::string_view call, std::size_t withdrawn, std::size_t chunks) {
+  const std::string what =
+      call == "apply_async" ? std::string("the apply_async task") : fmt::format("the {} call", call);
+  if (withdrawn == chunks) return fmt::format("procpool: {} was cancelled before it ran", what);
+  return fmt::format(
+      "procpool: {} was cancelled: {} of its {} tasks had not started and never ran, and the results of the "
+      "others are dropped",
+      what, withdrawn, chunks);
+}
+
+PROCPOOL_ENGINE_INLINE std::string not_finished_message(std::string_view call, double ms) {
+  return fmt::format("procpool: {} did not finish within {} ms", call,
+                     ms > -1 && ms < 1 ? fmt::format("{:.3g}", ms) : fmt::format("{:.0f}", ms));
+}
+
+PROCPOOL_ENGINE_INLINE std::string not_yet_finished_message(std::string_view call) {
+  return fmt::format("procpool: successful() called before the {} finished", call);
+}
+
+}  // namespace procpool::detail
+#endif

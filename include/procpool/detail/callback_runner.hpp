@@ -41,16 +41,7 @@ class CallbackRunner {
 
   /// Queues `work`; starts the thread the first time. Throws std::system_error
   /// if the thread cannot be started (the work is then not queued).
-  void post(Work work) {
-    std::unique_lock lock(state_->mutex);
-    if (!thread_started_) {
-      thread_ = InternalThread("the pool's callback thread", [state = state_] { run(state); });
-      thread_started_ = true;
-    }
-    state_->queue.push_back(std::move(work));
-    lock.unlock();
-    state_->cv.notify_all();
-  }
+  void post(Work work);
 
   /**
    * On a callback thread, inside a callback: runs that thread's queued
@@ -80,34 +71,14 @@ class CallbackRunner {
   /// On a callback thread: what wakes its pump_until from any thread, for
   /// news that does not come through the queue. Valid while the callback
   /// that got it runs; `done()` is checked again on each wake.
-  static std::function<void()> waker() {
-    State* state = current();
-    return [state] {
-      {
-        std::lock_guard lock(state->mutex);
-        state->poked = true;
-      }
-      state->cv.notify_all();
-    };
-  }
+  static std::function<void()> waker();
 
   /// Waits until everything queued so far has run. From the runner's own
   /// thread it returns at once: the callback calling it is part of that work.
-  void drain() {
-    if (current() == state_.get()) return;
-    std::unique_lock lock(state_->mutex);
-    state_->idle.wait(lock, [&] { return state_->queue.empty() && state_->running == 0; });
-  }
+  void drain();
 
   /// Runs what is queued, then ends the thread (lets it go, from itself).
-  void stop() noexcept {
-    {
-      std::lock_guard lock(state_->mutex);
-      state_->stopping = true;
-    }
-    state_->cv.notify_all();
-    thread_.join();
-  }
+  void stop() noexcept;
 
  private:
   // Shared with the thread, which may outlive the runner: a callback may
@@ -130,38 +101,12 @@ class CallbackRunner {
 
   // Static: the runner itself may be gone (a callback destroyed its pool),
   // and only the state is left.
-  static void run(const std::shared_ptr<State>& state) {
-    current() = state.get();
-    std::unique_lock lock(state->mutex);
-    for (;;) {
-      state->cv.wait(lock, [&] { return !state->queue.empty() || state->stopping; });
-      if (state->queue.empty()) break;
-      run_front(*state, lock);
-    }
-    current() = nullptr;
-  }
+  static void run(const std::shared_ptr<State>& state);
 
   /// Runs the front of the queue, outside the lock (held on entry and on return).
-  static void run_front(State& state, std::unique_lock<std::mutex>& lock) {
-    Work work = std::move(state.queue.front());
-    state.queue.pop_front();
-    ++state.running;
-    lock.unlock();
-    run_one(work);
-    work = nullptr;  // what it holds goes outside the lock too
-    lock.lock();
-    --state.running;
-    if (state.queue.empty() && state.running == 0) state.idle.notify_all();
-  }
+  static void run_front(State& state, std::unique_lock<std::mutex>& lock);
 
-  static void run_one(Work& work) noexcept {
-    try {
-      work();
-    } catch (...) {
-      // The work items catch the callbacks' own exceptions; this is the backstop.
-      fmt::print(stderr, "procpool: a callback threw {}; the pool goes on\n", current_exception_summary());
-    }
-  }
+  static void run_one(Work& work) noexcept;
 
   std::shared_ptr<State> state_;
   bool thread_started_ = false;  // under state_->mutex
@@ -169,3 +114,78 @@ class CallbackRunner {
 };
 
 }  // namespace procpool::detail
+
+#if PROCPOOL_DEFINE_ENGINE
+namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE void CallbackRunner::post(Work work) {
+  std::unique_lock lock(state_->mutex);
+  if (!thread_started_) {
+    thread_ = InternalThread("the pool's callback thread", [state = state_] { run(state); });
+    thread_started_ = true;
+  }
+  state_->queue.push_back(std::move(work));
+  lock.unlock();
+  state_->cv.notify_all();
+}
+
+PROCPOOL_ENGINE_INLINE std::function<void()> CallbackRunner::waker() {
+  State* state = current();
+  return [state] {
+    {
+      std::lock_guard lock(state->mutex);
+      state->poked = true;
+    }
+    state->cv.notify_all();
+  };
+}
+
+PROCPOOL_ENGINE_INLINE void CallbackRunner::drain() {
+  if (current() == state_.get()) return;
+  std::unique_lock lock(state_->mutex);
+  state_->idle.wait(lock, [&] { return state_->queue.empty() && state_->running == 0; });
+}
+
+PROCPOOL_ENGINE_INLINE void CallbackRunner::stop() noexcept {
+  {
+    std::lock_guard lock(state_->mutex);
+    state_->stopping = true;
+  }
+  state_->cv.notify_all();
+  thread_.join();
+}
+
+PROCPOOL_ENGINE_INLINE void CallbackRunner::run(const std::shared_ptr<State>& state) {
+  current() = state.get();
+  std::unique_lock lock(state->mutex);
+  for (;;) {
+    state->cv.wait(lock, [&] { return !state->queue.empty() || state->stopping; });
+    if (state->queue.empty()) break;
+    run_front(*state, lock);
+  }
+  current() = nullptr;
+}
+
+PROCPOOL_ENGINE_INLINE void CallbackRunner::run_front(State& state, std::unique_lock<std::mutex>& lock) {
+  Work work = std::move(state.queue.front());
+  state.queue.pop_front();
+  ++state.running;
+  lock.unlock();
+  run_one(work);
+  work = nullptr;  // what it holds goes outside the lock too
+  lock.lock();
+  --state.running;
+  if (state.queue.empty() && state.running == 0) state.idle.notify_all();
+}
+
+PROCPOOL_ENGINE_INLINE void CallbackRunner::run_one(Work& work) noexcept {
+  try {
+    work();
+  } catch (...) {
+    // The work items catch the callbacks' own exceptions; this is the backstop.
+    fmt::print(stderr, "procpool: a callback threw {}; the pool goes on\n", current_exception_summary());
+  }
+}
+
+}  // namespace procpool::detail
+#endif

@@ -26,7 +26,7 @@
 #include "../imap.hpp"
 #include "../options.hpp"
 #include "config.hpp"
-#include "dispatcher.hpp"
+#include "engine.hpp"
 #include "handlers.hpp"
 #include "ranges.hpp"
 
@@ -219,10 +219,10 @@ class Calls {
   /// `options.processes` is resolved (not 0).
   Calls(const Options& options, std::unique_ptr<Transport> transport);
 
-  Dispatcher* dispatcher() const noexcept { return dispatcher_.get(); }
+  Engine* dispatcher() const noexcept { return dispatcher_.get(); }
   /// The dispatcher, for a call. A dormant pool (open) in a process whose
   /// main() forgot procpool::init stops that process with the hint.
-  const std::shared_ptr<Dispatcher>& live() const {
+  const std::shared_ptr<Engine>& live() const {
     if (dispatcher_ == nullptr) throw_not_live();
     dispatcher_->require_owner();
     return dispatcher_;
@@ -246,7 +246,7 @@ class Calls {
   /// answered under `imap_prefetch_bytes`, or fewer chunks are out than the
   /// workers may hold plus one each.
   template <class T>
-  static void submit_batch(detail::Dispatcher& dispatcher, std::size_t prefetch_bytes, detail::MapState<T>& state,
+  static void submit_batch(detail::Engine& dispatcher, std::size_t prefetch_bytes, detail::MapState<T>& state,
                            std::vector<detail::Chunk>& batch, bool synchronous) {
     if (synchronous && prefetch_bytes != 0) {
       std::vector<std::size_t> sizes;
@@ -286,7 +286,7 @@ class Calls {
       // What the call needs of the pool, taken now: the Pool may be destroyed
       // by another thread while this one encodes (the call then ends with
       // PoolNotRunning); the dispatcher lives on while the call holds it.
-      const std::shared_ptr<detail::Dispatcher> dispatcher = live();
+      const std::shared_ptr<detail::Engine> dispatcher = live();
       const std::size_t prefetch_bytes = prefetch_bytes_;
       const std::uint64_t handler = detail::call_handler_id<F, Arg, Star>();
       const auto count = static_cast<std::size_t>(std::ranges::size(items));
@@ -310,7 +310,7 @@ class Calls {
           synchronous && prefetch_bytes != 0 ? std::min(std::size_t{1} << 20, prefetch_bytes) : std::size_t{1} << 20;
       dispatcher->open_stream();
       struct StreamEnd {
-        detail::Dispatcher& dispatcher;
+        detail::Engine& dispatcher;
         ~StreamEnd() { dispatcher.close_stream(); }
       } stream_end{*dispatcher};
       std::vector<detail::Chunk> batch;
@@ -388,7 +388,7 @@ class Calls {
     using Arg = std::tuple<detail::travel_t<Args>...>;
     using T = detail::result_of_t<F, Arg, true>;
     const std::uint64_t handler = detail::call_handler_id<F, Arg, true>();
-    const std::shared_ptr<detail::Dispatcher> dispatcher = live();  // as in submit_map
+    const std::shared_ptr<detail::Engine> dispatcher = live();  // as in submit_map
     auto state = std::make_shared<detail::ApplyState<T>>(call);
     state->configure(options, 1);
     state->set_raise_original(raise_original_);
@@ -468,7 +468,7 @@ class Calls {
   }
 
  private:
-  std::shared_ptr<Dispatcher> dispatcher_;
+  std::shared_ptr<Engine> dispatcher_;
   bool dormant_ = false;  // made before main() in a worker (open)
   std::size_t processes_ = 0;
   std::size_t prefetch_ = 0;
@@ -480,6 +480,7 @@ class Calls {
 }  // namespace procpool::detail
 
 #if PROCPOOL_DEFINE_ENGINE
+#include "dispatcher.hpp"
 #include "launch.hpp"
 
 namespace procpool::detail {
@@ -528,14 +529,14 @@ PROCPOOL_ENGINE_INLINE void Calls::throw_not_live() const {
 PROCPOOL_ENGINE_INLINE Calls::Calls(const Options& options, std::unique_ptr<Transport> transport)
     // In a child made by fork(), the last copy of a pointer to it leaves it
     // be: its threads are not there to join, its workers not the child's.
-    : dispatcher_(new Dispatcher(options, std::move(transport)),
-                  [](Dispatcher* d) {
-                    if (!d->forked_copy()) delete d;
-                  }),
-      processes_(options.processes),
+    : processes_(options.processes),
       prefetch_bytes_(options.imap_prefetch_bytes),
       raise_original_(options.raise_original_exceptions) {
-  Dispatcher::defer_start(dispatcher_);
+  std::shared_ptr<Dispatcher> dispatcher(new Dispatcher(options, std::move(transport)), [](Dispatcher* d) {
+    if (!d->forked_copy()) delete d;
+  });
+  dispatcher_ = dispatcher;
+  Dispatcher::defer_start(dispatcher);
   // Four times what the workers hold at once.
   const std::size_t held_x4 = 4 * options.processes * std::max<std::size_t>(1, options.max_tasks_in_flight);
   prefetch_ = options.imap_prefetch != 0 ? options.imap_prefetch : std::max(imap_default_prefetch, held_x4);

@@ -30,6 +30,7 @@
 #include "callback_runner.hpp"
 #include "claims.hpp"
 #include "config.hpp"
+#include "engine.hpp"
 #include "job.hpp"
 #include "link.hpp"
 #include "output_relay.hpp"
@@ -44,16 +45,7 @@
 
 namespace procpool::detail {
 
-/// One task on its way to a worker: a serialized task frame and where its
-/// outcome goes.
-struct Chunk {
-  std::shared_ptr<JobState> job;
-  std::uint64_t index = 0;  // the chunk's number within its job
-  TaskBytes frame;          // a task frame (from Dispatcher::new_frame()); the dispatcher stamps the task id
-  SharedStates shares;      // the SharedMemory blocks the frame refers to: held until the task is settled
-};
-
-class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dispatcher> {
+class Dispatcher final : public Engine, public std::enable_shared_from_this<Dispatcher> {
  public:
   Dispatcher(const Options& options, std::unique_ptr<Transport> transport);
 
@@ -63,71 +55,30 @@ class Dispatcher final : public JobHost, public std::enable_shared_from_this<Dis
 
   Dispatcher(const Dispatcher&) = delete;
   Dispatcher& operator=(const Dispatcher&) = delete;
-  ~Dispatcher();
-
-  /// terminate(), then runs the callbacks still queued (error_callbacks of
-  /// what terminate() failed among them) and ends the callback thread. Called
-  /// by ~Pool while the Pool is whole, so a callback may still use it.
-  void shutdown() noexcept;
-
-  std::size_t processes() const { return processes_; }
-
-  /// Whether this is a copy of the pool, in a child its process made with
-  /// fork(): the workers and threads stay with the parent. Used there, the
-  /// pool throws PoolNotRunning, or does nothing where it must not throw.
-  bool forked_copy() const noexcept { return !owner_.here(); }
-  void require_owner() const { owner_.require(); }
+  ~Dispatcher() override;
 
   /// procpool::init has run: a pool that waited for it starts its workers.
   void start_deferred();
 
-  /// An empty task frame to encode a chunk into: once large, it grows in the
-  /// pool's shared memory, where the worker will read it.
-  TaskBytes new_frame() const { return TaskBytes(TaskAllocator<char>(task_memory_)); }
+  // The Engine (engine.hpp), which documents each.
+  void shutdown() noexcept override;
+  std::size_t processes() const override { return processes_; }
+  bool forked_copy() const noexcept override { return !owner_.here(); }
+  void require_owner() const override { owner_.require(); }
+  TaskBytes new_frame() const override { return TaskBytes(TaskAllocator<char>(task_memory_)); }
+  std::size_t max_tasks_per_worker() const override { return max_in_flight_; }
+  void open_stream() override;
+  void close_stream() noexcept override;
+  bool terminated() const noexcept override { return terminated_.load(std::memory_order_relaxed); }
+  void require_running() override;
+  void submit_from(std::vector<Chunk>& chunks, bool in_stream) override;
+  void close() override;
+  void join() override;
+  void terminate() noexcept override;
 
-  /// Most tasks a worker may hold at once (Options::max_tasks_in_flight).
-  std::size_t max_tasks_per_worker() const { return max_in_flight_; }
-
-  /**
-   * For a call that submits its chunks in several batches: once it has
-   * opened a stream, close() refuses none of its later batches (submitted
-   * with `in_stream`), and the pool does not wind down before it is closed.
-   * Every open_stream() needs its close_stream().
-   */
-  void open_stream();
-  void close_stream() noexcept;
-
-  /// Whether terminate() was called: a call still reading its input stops.
-  bool terminated() const noexcept { return terminated_.load(std::memory_order_relaxed); }
-
-  /// Throws PoolNotRunning unless the pool takes new work.
-  void require_running();
-
-  /// Queues chunks; they are failed at once if the pool can no longer run them.
-  void submit(std::vector<Chunk> chunks, bool in_stream = false) { submit_from(chunks, in_stream); }
-
-  /// submit(), taking the chunks out of `chunks`: it is left empty, with
-  /// its capacity, for a caller's next batch.
-  void submit_from(std::vector<Chunk>& chunks, bool in_stream = false);
-
-  /// Withdraws `job`'s chunks no worker has started: from the queue, and
-  /// from the workers holding them (their claims taken back). They are
-  /// neither run nor delivered. Returns how many.
+  // The JobHost (job.hpp).
   std::size_t withdraw(const JobState& job) override;
-
-  /// Runs `work` on the pool's callback thread; false if that cannot start.
   bool post_callback(std::function<void()> work) override;
-
-  /// No more submissions; queued work still runs.
-  void close();
-
-  /// After close(): waits for all queued work, then for every worker to exit.
-  void join();
-
-  /// Stops the workers now (idle ones on EOF, busy ones by SIGTERM; SIGKILL
-  /// after a short grace) and fails every unfinished task. Never throws,
-  /// never hangs.
-  void terminate() noexcept;
 
  private:
   enum class State { running, closed, terminating, stopped };

@@ -200,6 +200,11 @@ PROCPOOL_ENGINE_INLINE std::string current_exception_summary();
 /// "a map callback", "an apply_async callback".
 PROCPOOL_ENGINE_INLINE std::string with_article(std::string_view word);
 
+/// Tells stderr that a user's callback threw the exception being handled:
+/// "procpool: a map_async done callback threw <type: message>; the pool goes on".
+PROCPOOL_ENGINE_INLINE void report_callback_exception(std::string_view call, std::string_view callback,
+                                                      std::string_view goes_on) noexcept;
+
 /// Per-item outcome on the wire (protocol.hpp's ItemOutcome): `value, the
 /// value` or `raised, type name, message`.
 /// In a worker: where it says which item it runs (ClaimArea::running_word),
@@ -417,6 +422,8 @@ struct BoundCall {
 }  // namespace procpool::detail
 
 #if PROCPOOL_DEFINE_ENGINE
+#include <fmt/format.h>
+
 namespace procpool::detail {
 
 PROCPOOL_ENGINE_INLINE std::string current_exception_summary() {
@@ -427,6 +434,15 @@ PROCPOOL_ENGINE_INLINE std::string current_exception_summary() {
 PROCPOOL_ENGINE_INLINE std::string with_article(std::string_view word) {
   const bool vowel = !word.empty() && std::string_view("aeiouAEIOU").find(word.front()) != std::string_view::npos;
   return (vowel ? "an " : "a ") + std::string(word);
+}
+
+PROCPOOL_ENGINE_INLINE void report_callback_exception(std::string_view call, std::string_view callback,
+                                                      std::string_view goes_on) noexcept {
+  try {
+    fmt::print(stderr, "procpool: {} {} threw {}; {}\n", with_article(call), callback, current_exception_summary(),
+               goes_on);
+  } catch (...) {  // out of memory, or stderr closed: nothing to be done
+  }
 }
 
 PROCPOOL_ENGINE_INLINE void write_current_failure(Encoder& out) {

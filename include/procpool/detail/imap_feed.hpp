@@ -21,7 +21,7 @@
 #include "../call_options.hpp"
 #include "../errors.hpp"
 #include "config.hpp"
-#include "dispatcher.hpp"
+#include "engine.hpp"
 #include "job.hpp"
 #include "outcome.hpp"
 
@@ -49,7 +49,7 @@ class ImapFeed {
     std::optional<std::size_t> total;  // the input's length, if known
   };
 
-  ImapFeed(std::shared_ptr<Dispatcher> dispatcher, std::unique_ptr<ChunkSource> source, std::shared_ptr<JobState> job,
+  ImapFeed(std::shared_ptr<Engine> dispatcher, std::unique_ptr<ChunkSource> source, std::shared_ptr<JobState> job,
            Settings settings);
   ImapFeed(const ImapFeed&) = delete;
   ImapFeed& operator=(const ImapFeed&) = delete;
@@ -85,105 +85,25 @@ class ImapFeed {
   /// and results still to come) pass `prefetch_bytes`. An input that throws ends the input there: the
   /// results before it are still yielded, then its exception, in the
   /// position where it happened.
-  void top_up() {
-    if (input_done_ || !room_for_more(0, 0)) return;
-    // Refills in batches of a quarter of the prefetch: one submission (and
-    // one wake-up of the I/O thread) per batch, not per chunk taken.
-    const std::uint64_t out = submitted_ - taken_;
-    if (out != 0 && out + std::max<std::size_t>(1, settings_.prefetch / 4) > settings_.prefetch) return;
-    std::vector<Chunk> chunks;
-    try {
-      pull_chunks(chunks);
-    } catch (...) {
-      input_done_ = true;
-      input_error_ = std::current_exception();
-    }
-    if (chunks.empty()) return;
-    const std::size_t count = chunks.size();
-    std::vector<std::size_t> sizes;
-    for (const auto& chunk : chunks) sizes.push_back(chunk.frame.size());
-    // Counted before they go, or an answer could come first. Refused, they
-    // stay counted: nothing more is sent.
-    job_->sending(submitted_, sizes);
-    try {
-      dispatcher_->submit(std::move(chunks));
-    } catch (...) {
-      // Refused (the pool was closed meanwhile): they are not waited for,
-      // the input is read no further, and the refusal comes after the
-      // results submitted before it, as an input's own exception would.
-      for (std::uint64_t index = submitted_; index < submitted_ + count; ++index) spans_.erase(index);
-      input_done_ = true;
-      input_error_ = std::current_exception();  // it comes before any error the input raised after
-      return;
-    }
-    submitted_ += count;
-  }
+  void top_up();
 
   /// Whether one more chunk may be read, with `pending` chunks of
   /// `pending_bytes` read but not yet submitted.
-  bool room_for_more(std::size_t pending, std::size_t pending_bytes) const {
-    // Adaptive chunks of one item until a first chunk has been timed, and
-    // only a few of them: chunks sized blind would be sized wrong.
-    const std::uint64_t out = submitted_ + pending - taken_;
-    if (settings_.chunksize == adaptive && out >= 2 * dispatcher_->processes() && !job_->item_ns()) return false;
-    // What Flow::room() would say, without the job's lock, which the I/O
-    // thread may hold: with nothing out the floor lets one chunk go, and
-    // without a byte bound only the count matters.
-    if (out == 0 || settings_.prefetch_bytes == 0) return out < settings_.prefetch;
-    // Results still to come count as large as the largest so far. Until the
-    // first has come, two chunks per worker go out: results too large for
-    // the bound cannot pile up unseen.
-    return job_->room({.bytes = settings_.prefetch_bytes,
-                       .floor = 1,
-                       .most = settings_.prefetch,
-                       .blind = 2 * dispatcher_->processes(),
-                       .results = true},
-                      pending, pending_bytes);
-  }
+  bool room_for_more(std::size_t pending, std::size_t pending_bytes) const;
 
-  void pull_chunks(std::vector<Chunk>& chunks) {
-    std::size_t pending_bytes = 0;
-    while (!input_done_ && room_for_more(chunks.size(), pending_bytes)) {
-      Chunk chunk{job_, submitted_ + chunks.size(), dispatcher_->new_frame(), {}};
-      std::size_t start = begin_task_frame(chunk.frame, source_->handler_id());
-      std::uint32_t count = source_->fill(chunk.frame, chunk.shares, next_chunksize());
-      if (count == 0) {
-        input_done_ = true;
-        break;
-      }
-      finish_task_frame(chunk.frame, start, count);
-      spans_.emplace(chunk.index, Span{next_input_, std::size_t{count}});
-      pending_bytes += chunk.frame.size();
-      next_input_ += count;
-      chunks.push_back(std::move(chunk));
-    }
-  }
+  void pull_chunks(std::vector<Chunk>& chunks);
 
   /// The size of the next chunk: the fixed chunksize, or with adaptive
   /// chunking about `adaptive_chunk_time` of work at the recent time per
   /// item, and at most half a worker's share of what is left of a sized input.
-  std::size_t next_chunksize() const {
-    if (settings_.chunksize != adaptive) return settings_.chunksize;
-    constexpr std::size_t most = std::size_t{1} << 16;
-    const auto per_item = job_->item_ns();
-    if (!per_item) return 1;
-    const double target = std::chrono::duration<double, std::nano>(adaptive_chunk_time).count();
-    std::size_t size = *per_item * static_cast<double>(most) <= target
-                           ? most
-                           : std::max<std::size_t>(1, static_cast<std::size_t>(target / *per_item));
-    if (settings_.total && *settings_.total > next_input_) {
-      const std::size_t share = (*settings_.total - next_input_) / (2 * dispatcher_->processes());
-      size = std::min(size, std::max<std::size_t>(1, share));
-    }
-    return size;
-  }
+  std::size_t next_chunksize() const;
 
   struct Span {
     std::size_t first;  // index of the chunk's first input
     std::size_t count;  // its items
   };
 
-  std::shared_ptr<Dispatcher> dispatcher_;
+  std::shared_ptr<Engine> dispatcher_;
   std::unique_ptr<ChunkSource> source_;
   std::shared_ptr<JobState> job_;
   const Settings settings_;
@@ -201,7 +121,95 @@ class ImapFeed {
 #if PROCPOOL_DEFINE_ENGINE
 namespace procpool::detail {
 
-PROCPOOL_ENGINE_INLINE ImapFeed::ImapFeed(std::shared_ptr<Dispatcher> dispatcher, std::unique_ptr<ChunkSource> source,
+PROCPOOL_ENGINE_INLINE void ImapFeed::top_up() {
+  if (input_done_ || !room_for_more(0, 0)) return;
+  // Refills in batches of a quarter of the prefetch: one submission (and
+  // one wake-up of the I/O thread) per batch, not per chunk taken.
+  const std::uint64_t out = submitted_ - taken_;
+  if (out != 0 && out + std::max<std::size_t>(1, settings_.prefetch / 4) > settings_.prefetch) return;
+  std::vector<Chunk> chunks;
+  try {
+    pull_chunks(chunks);
+  } catch (...) {
+    input_done_ = true;
+    input_error_ = std::current_exception();
+  }
+  if (chunks.empty()) return;
+  const std::size_t count = chunks.size();
+  std::vector<std::size_t> sizes;
+  for (const auto& chunk : chunks) sizes.push_back(chunk.frame.size());
+  // Counted before they go, or an answer could come first. Refused, they
+  // stay counted: nothing more is sent.
+  job_->sending(submitted_, sizes);
+  try {
+    dispatcher_->submit(std::move(chunks));
+  } catch (...) {
+    // Refused (the pool was closed meanwhile): they are not waited for,
+    // the input is read no further, and the refusal comes after the
+    // results submitted before it, as an input's own exception would.
+    for (std::uint64_t index = submitted_; index < submitted_ + count; ++index) spans_.erase(index);
+    input_done_ = true;
+    input_error_ = std::current_exception();  // it comes before any error the input raised after
+    return;
+  }
+  submitted_ += count;
+}
+
+PROCPOOL_ENGINE_INLINE bool ImapFeed::room_for_more(std::size_t pending, std::size_t pending_bytes) const {
+  // Adaptive chunks of one item until a first chunk has been timed, and
+  // only a few of them: chunks sized blind would be sized wrong.
+  const std::uint64_t out = submitted_ + pending - taken_;
+  if (settings_.chunksize == adaptive && out >= 2 * dispatcher_->processes() && !job_->item_ns()) return false;
+  // What Flow::room() would say, without the job's lock, which the I/O
+  // thread may hold: with nothing out the floor lets one chunk go, and
+  // without a byte bound only the count matters.
+  if (out == 0 || settings_.prefetch_bytes == 0) return out < settings_.prefetch;
+  // Results still to come count as large as the largest so far. Until the
+  // first has come, two chunks per worker go out: results too large for
+  // the bound cannot pile up unseen.
+  return job_->room({.bytes = settings_.prefetch_bytes,
+                     .floor = 1,
+                     .most = settings_.prefetch,
+                     .blind = 2 * dispatcher_->processes(),
+                     .results = true},
+                    pending, pending_bytes);
+}
+
+PROCPOOL_ENGINE_INLINE void ImapFeed::pull_chunks(std::vector<Chunk>& chunks) {
+  std::size_t pending_bytes = 0;
+  while (!input_done_ && room_for_more(chunks.size(), pending_bytes)) {
+    Chunk chunk{job_, submitted_ + chunks.size(), dispatcher_->new_frame(), {}};
+    std::size_t start = begin_task_frame(chunk.frame, source_->handler_id());
+    std::uint32_t count = source_->fill(chunk.frame, chunk.shares, next_chunksize());
+    if (count == 0) {
+      input_done_ = true;
+      break;
+    }
+    finish_task_frame(chunk.frame, start, count);
+    spans_.emplace(chunk.index, Span{next_input_, std::size_t{count}});
+    pending_bytes += chunk.frame.size();
+    next_input_ += count;
+    chunks.push_back(std::move(chunk));
+  }
+}
+
+PROCPOOL_ENGINE_INLINE std::size_t ImapFeed::next_chunksize() const {
+  if (settings_.chunksize != adaptive) return settings_.chunksize;
+  constexpr std::size_t most = std::size_t{1} << 16;
+  const auto per_item = job_->item_ns();
+  if (!per_item) return 1;
+  const double target = std::chrono::duration<double, std::nano>(adaptive_chunk_time).count();
+  std::size_t size = *per_item * static_cast<double>(most) <= target
+                         ? most
+                         : std::max<std::size_t>(1, static_cast<std::size_t>(target / *per_item));
+  if (settings_.total && *settings_.total > next_input_) {
+    const std::size_t share = (*settings_.total - next_input_) / (2 * dispatcher_->processes());
+    size = std::min(size, std::max<std::size_t>(1, share));
+  }
+  return size;
+}
+
+PROCPOOL_ENGINE_INLINE ImapFeed::ImapFeed(std::shared_ptr<Engine> dispatcher, std::unique_ptr<ChunkSource> source,
                                           std::shared_ptr<JobState> job, Settings settings)
     : dispatcher_(std::move(dispatcher)), source_(std::move(source)), job_(std::move(job)), settings_(settings) {}
 

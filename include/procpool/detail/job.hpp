@@ -346,8 +346,7 @@ class JobState {
       } catch (...) {
         if (!progress_failed_) {
           progress_failed_ = true;
-          fmt::print(stderr, "procpool: {} progress callback threw {}; the pool goes on\n", with_article(call_),
-                     current_exception_summary());
+          report_callback_exception(call_, "progress callback", "the pool goes on");
         }
       }
     } while (unreported_ != 0 && !cancelled());

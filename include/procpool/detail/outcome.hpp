@@ -165,10 +165,8 @@ class ReadyOutcomes {
 
 /// "worker 3 (pid 1234)", or "worker 3 (pid 1234, rank 2 on node7)" for a
 /// worker on another host.
-inline std::string worker_label(std::size_t worker, pid_t pid, const std::shared_ptr<const std::string>& where) {
-  if (where == nullptr) return fmt::format("worker {} (pid {})", worker, pid);
-  return fmt::format("worker {} (pid {}, {})", worker, pid, *where);
-}
+PROCPOOL_ENGINE_INLINE std::string worker_label(std::size_t worker, pid_t pid,
+                                                const std::shared_ptr<const std::string>& where);
 
 /// The same in parentheses: "(worker 3, pid 1234)", "(worker 3, pid 1234, rank 2 on node7)".
 PROCPOOL_ENGINE_INLINE std::string worker_note(std::size_t worker, pid_t pid,
@@ -182,6 +180,17 @@ PROCPOOL_ENGINE_INLINE std::string describe_input(std::string_view call, std::si
 /// chunk) names the chunk and the item that was running.
 PROCPOOL_ENGINE_INLINE std::exception_ptr make_chunk_error(const ChunkFailure& failure, std::string_view call,
                                                            std::size_t index, std::size_t first, std::size_t count);
+
+/// An item's exception, as a worker reported it (`type`, `message`): a
+/// RemoteError, or with `raise_original` the original type where it is known.
+PROCPOOL_ENGINE_INLINE std::exception_ptr raised_error(const ChunkOutcome& outcome, std::string_view call,
+                                                       bool raise_original, std::size_t index, std::string type,
+                                                       std::string message);
+
+/// Why a chunk whose outcomes could not be decoded (`e`) failed.
+PROCPOOL_ENGINE_INLINE ChunkFailure undecodable(const ChunkOutcome& outcome, const std::exception& e);
+
+[[noreturn]] PROCPOOL_ENGINE_INLINE void throw_bad_item_outcome(std::uint8_t byte);
 
 /// Decodes one chunk's outcome, calling on_value(index, R&&) or
 /// on_error(index, exception_ptr) for each of its `count` items, in order.
@@ -212,29 +221,16 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
                                                     std::move(why), outcome.where},
                                                    call, first_index + i, first_index, count));
       } else if (byte != outcome_byte(ItemOutcome::raised)) {
-        throw std::runtime_error(fmt::format("an item outcome of {}, which is none of 0, 1 and 2", byte));
+        throw_bad_item_outcome(byte);
       } else {
         std::string type, message;
         decoder(type, message);
-        std::string what =
-            fmt::format("procpool: {} raised {}{}{} {}", describe_input(call, first_index + i), type,
-                        message.empty() ? "" : ": ", message, worker_note(outcome.worker, outcome.pid, outcome.where));
-        RemoteError error(std::move(what), std::move(type), std::move(message), outcome.pid, outcome.worker,
-                          first_index + i);
-        on_error(first_index + i, raise_original ? error.original() : std::make_exception_ptr(std::move(error)));
+        on_error(first_index + i,
+                 raised_error(outcome, call, raise_original, first_index + i, std::move(type), std::move(message)));
       }
     }
   } catch (const std::exception& e) {
-    ChunkFailure bad{ChunkFailure::Kind::protocol,
-                     outcome.pid,
-                     outcome.worker,
-                     0,
-                     !outcome.rare || outcome.rare->share_failure.empty()
-                         ? fmt::format("its result could not be decoded ({})", e.what())
-                         : fmt::format("a procpool::SharedMemory block in its result could not be mapped in this "
-                                       "process ({})",
-                                       outcome.rare->share_failure),
-                     outcome.where};
+    const ChunkFailure bad = undecodable(outcome, e);
     for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i, first_index, count));
   }
 }
@@ -243,6 +239,39 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
 
 #if PROCPOOL_DEFINE_ENGINE
 namespace procpool::detail {
+
+PROCPOOL_ENGINE_INLINE std::string worker_label(std::size_t worker, pid_t pid,
+                                                const std::shared_ptr<const std::string>& where) {
+  if (where == nullptr) return fmt::format("worker {} (pid {})", worker, pid);
+  return fmt::format("worker {} (pid {}, {})", worker, pid, *where);
+}
+
+PROCPOOL_ENGINE_INLINE std::exception_ptr raised_error(const ChunkOutcome& outcome, std::string_view call,
+                                                       bool raise_original, std::size_t index, std::string type,
+                                                       std::string message) {
+  std::string what =
+      fmt::format("procpool: {} raised {}{}{} {}", describe_input(call, index), type, message.empty() ? "" : ": ",
+                  message, worker_note(outcome.worker, outcome.pid, outcome.where));
+  RemoteError error(std::move(what), std::move(type), std::move(message), outcome.pid, outcome.worker, index);
+  return raise_original ? error.original() : std::make_exception_ptr(std::move(error));
+}
+
+PROCPOOL_ENGINE_INLINE ChunkFailure undecodable(const ChunkOutcome& outcome, const std::exception& e) {
+  return ChunkFailure{ChunkFailure::Kind::protocol,
+                      outcome.pid,
+                      outcome.worker,
+                      0,
+                      !outcome.rare || outcome.rare->share_failure.empty()
+                          ? fmt::format("its result could not be decoded ({})", e.what())
+                          : fmt::format("a procpool::SharedMemory block in its result could not be mapped in this "
+                                        "process ({})",
+                                        outcome.rare->share_failure),
+                      outcome.where};
+}
+
+PROCPOOL_ENGINE_INLINE void throw_bad_item_outcome(std::uint8_t byte) {
+  throw std::runtime_error(fmt::format("an item outcome of {}, which is none of 0, 1 and 2", byte));
+}
 
 PROCPOOL_ENGINE_INLINE std::string worker_note(std::size_t worker, pid_t pid,
                                                const std::shared_ptr<const std::string>& where) {
