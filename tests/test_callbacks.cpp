@@ -22,6 +22,8 @@ namespace callbacks_test {
 
 long sq(long x) { return x * x; }
 
+long add(long a, long b) { return a + b; }
+
 long nap(long ms) {
   std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   return ms;
@@ -66,6 +68,31 @@ POOL_TEST("map_async's callbacks run before wait() and get() return", "[callback
     CHECK_THROWS_AS(r.get(), procpool::RemoteError);
     CHECK_THAT(seen, Catch::Contains("map_async input #3"));
   }
+}
+
+POOL_TEST("map_async and starmap_async of an empty input run their callback", "[callbacks]") {
+  procpool::Pool pool(test::options<TestType>());
+  std::atomic<int> calls{0};
+  auto r = pool.map_async<sq>(std::vector<long>{}, 0, [&calls](const std::vector<long>& v) {
+    CHECK(v.empty());
+    ++calls;
+  });
+  CHECK(r.wait(30s));
+  CHECK(r.get().empty());
+  CHECK(calls == 1);
+  auto only_errors = pool.map_async<sq>(std::vector<long>{}, 0, nullptr, [](const procpool::Error&) { FAIL(); });
+  CHECK(only_errors.wait(30s));
+  CHECK(only_errors.successful());
+  auto star =
+      pool.starmap_async<add>(std::vector<std::pair<long, long>>{}, 0, [&calls](const std::vector<long>&) { ++calls; });
+  CHECK(star.wait(30s));
+  CHECK(calls == 2);
+  std::vector<procpool::AsyncResult<std::vector<long>>> all;
+  all.push_back(pool.map_async<sq>(std::vector<long>{}, 0, [](const std::vector<long>&) {}));
+  CHECK(procpool::wait(all, 30s).not_done.empty());
+  pool.close();
+  CHECK_THROWS_AS(pool.map_async<sq>(std::vector<long>{}, 0, [](const std::vector<long>&) {}),
+                  procpool::PoolNotRunning);
 }
 
 POOL_TEST("a map_async callback may call apply, map and apply_async on its pool", "[callbacks][reentrant]") {

@@ -504,7 +504,9 @@ POOL_TEST("apply_async's get and wait time out while the task runs, then succeed
   procpool::Pool pool(test::options<TestType>());
   auto slow = pool.apply_async<nap_then>(5L, 2000);
   CHECK_THROWS_AS(slow.get(50ms), procpool::TimeoutError);
-  CHECK_THROWS_WITH(slow.get(std::chrono::milliseconds(10)), Catch::Contains("apply_async"));
+  CHECK_THROWS_WITH(slow.get(std::chrono::milliseconds(10)),
+                    Catch::Contains("apply_async") && Catch::Contains("within 10 ms"));
+  CHECK_THROWS_WITH(slow.get(-5s), Catch::Contains("a timeout of 0 or less does not wait"));
   CHECK_FALSE(slow.ready());
   CHECK_FALSE(slow.wait(50ms));
   CHECK_THROWS_AS(slow.successful(), procpool::Error);

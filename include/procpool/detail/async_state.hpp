@@ -153,6 +153,14 @@ class AsyncState : public JobState {
     return error_;
   }
 
+  /// A call of no chunks (an empty input) has nothing delivered: its
+  /// callbacks run now, on the pool's callback thread, as after a last
+  /// delivery, and it is complete once they have run.
+  static void complete_without_chunks(const std::shared_ptr<AsyncState>& state, JobHost& host) {
+    if (state->chunks_ != 0 || !state->has_callbacks_) return;
+    if (!host.post_callback([state] { state->on_delivered(); })) state->on_delivered();
+  }
+
   void set_callbacks(Callback callback, ErrorCallback error_callback) {
     callback_ = std::move(callback);
     error_callback_ = std::move(error_callback);
@@ -306,7 +314,7 @@ class AsyncState : public JobState {
         callback_(*value_);
       }
     } catch (...) {
-      report_callback_exception(this->call(), "callback", "the pool goes on");
+      report_callback_exception(this->call(), error_ ? "error_callback" : "callback", "the pool goes on");
     }
   }
 
@@ -479,6 +487,8 @@ PROCPOOL_ENGINE_INLINE std::string cancelled_message(std::string_view call, std:
 }
 
 PROCPOOL_ENGINE_INLINE std::string not_finished_message(std::string_view call, double ms) {
+  // Negative, NaN: such a timeout only looks.
+  if (!(ms > 0)) return fmt::format("procpool: {} had not finished, and a timeout of 0 or less does not wait", call);
   return fmt::format("procpool: {} did not finish within {} ms", call,
                      ms > -1 && ms < 1 ? fmt::format("{:.3g}", ms) : fmt::format("{:.0f}", ms));
 }

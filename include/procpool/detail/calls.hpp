@@ -351,6 +351,7 @@ class Calls {
         state->cancel();
         throw;
       }
+      if (count == 0) detail::AsyncState<std::vector<T>>::complete_without_chunks(state, *dispatcher);
       return state;
     }
   }
