@@ -89,10 +89,34 @@ POOL_TEST("map_async and starmap_async of an empty input run their callback", "[
   CHECK(calls == 2);
   std::vector<procpool::AsyncResult<std::vector<long>>> all;
   all.push_back(pool.map_async<sq>(std::vector<long>{}, 0, [](const std::vector<long>&) {}));
+  all.push_back(pool.map_async<sq>(std::vector<long>{}));  // no callbacks
   CHECK(procpool::wait(all, 30s).not_done.empty());
+  std::size_t yielded = 0;
+  for (const auto& each : procpool::as_completed(all, 30s)) yielded += each.get().size() + 1;
+  CHECK(yielded == 2);
+  std::promise<void> done;
+  all.back().add_done_callback([&done](const auto&) { done.set_value(); });
+  CHECK(done.get_future().wait_for(30s) == std::future_status::ready);
   pool.close();
   CHECK_THROWS_AS(pool.map_async<sq>(std::vector<long>{}, 0, [](const std::vector<long>&) {}),
                   procpool::PoolNotRunning);
+}
+
+POOL_TEST("an empty map_async whose callback cannot have the callback thread runs it on the caller's",
+          "[callbacks][reentrant]") {
+  procpool::Pool pool(test::options<TestType>());
+  CHECK(pool.map<sq>(iota_vec(4)) == squares(4));  // the pool's own threads and workers are up
+  bool ran = false;
+  procpool::detail::failing_thread_starts() = 1;  // the callback thread, started by this call
+  auto r = pool.map_async<sq>(std::vector<long>{}, 0, [&](const std::vector<long>&) {
+    ran = true;
+    pool.close();  // from the caller's own thread: no stream of the call may be open
+    pool.join();
+  });
+  procpool::detail::failing_thread_starts() = 0;
+  CHECK(ran);
+  CHECK(r.ready());
+  CHECK(r.get().empty());
 }
 
 POOL_TEST("a map_async callback may call apply, map and apply_async on its pool", "[callbacks][reentrant]") {

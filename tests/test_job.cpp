@@ -1,11 +1,13 @@
 // A call's mailbox (JobState) on its own: which deliveries wake the caller,
 // and how imap takes what is ready; then imap's refills through a real pool.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <ranges>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -38,6 +40,19 @@ std::size_t count_flagged(const std::vector<bool>& flags) {
 }
 
 }  // namespace
+
+TEST_CASE("the callback runner refuses work once stopped, so that its caller runs it", "[job][callbacks]") {
+  procpool::detail::CallbackRunner never_started;
+  never_started.stop();
+  CHECK_THROWS_AS(never_started.post([] {}), std::runtime_error);
+  procpool::detail::CallbackRunner runner;
+  std::atomic<int> ran{0};
+  runner.post([&ran] { ++ran; });
+  runner.stop();
+  CHECK(ran == 1);
+  CHECK_THROWS_AS(runner.post([&ran] { ++ran; }), std::runtime_error);
+  CHECK(ran == 1);
+}
 
 TEST_CASE("a caller waiting for a batch of chunks is woken once, not for each chunk", "[job]") {
   JobState job("map");

@@ -79,7 +79,6 @@ struct CompletionOrder {
   }
 };
 
-/// Shared state of an AsyncResult: the job's mailbox plus the decoded value.
 /// "procpool: the map_async call's own callback waited for it to finish...".
 PROCPOOL_ENGINE_INLINE std::string own_callback_wait_message(std::string_view call);
 /// What get() of a call cancelled with `withdrawn` of its `chunks` tasks unrun throws.
@@ -89,6 +88,7 @@ PROCPOOL_ENGINE_INLINE std::string not_finished_message(std::string_view call, d
 /// What successful() throws before the call finished.
 PROCPOOL_ENGINE_INLINE std::string not_yet_finished_message(std::string_view call);
 
+/// Shared state of an AsyncResult: the job's mailbox plus the decoded value.
 template <class V>
 class AsyncState : public JobState {
  public:
@@ -157,7 +157,8 @@ class AsyncState : public JobState {
   /// callbacks run now, on the pool's callback thread, as after a last
   /// delivery, and it is complete once they have run.
   static void complete_without_chunks(const std::shared_ptr<AsyncState>& state, JobHost& host) {
-    if (state->chunks_ != 0 || !state->has_callbacks_) return;
+    if (state->chunks_ != 0) return;
+    if (!state->has_callbacks_) return state->notify_complete();  // procpool::wait, add_done_callback
     if (!host.post_callback([state] { state->on_delivered(); })) state->on_delivered();
   }
 
@@ -293,12 +294,14 @@ class AsyncState : public JobState {
       ~Done() { thread.store(std::thread::id(), std::memory_order_relaxed); }
     } done{callback_thread_};
     // A throwing callback must not take the callback thread down with it.
+    const char* running = "callback";
     try {
       if (error_) {
         if (error_callback_) {
           try {
             std::rethrow_exception(error_);
           } catch (const Error& e) {
+            running = "error_callback";
             error_callback_(e);
           } catch (const std::nested_exception& original) {
             // Options::raise_original_exceptions: a task's own exception
@@ -306,6 +309,7 @@ class AsyncState : public JobState {
             try {
               original.rethrow_nested();
             } catch (const Error& e) {
+              running = "error_callback";
               error_callback_(e);
             }
           }
@@ -314,7 +318,7 @@ class AsyncState : public JobState {
         callback_(*value_);
       }
     } catch (...) {
-      report_callback_exception(this->call(), error_ ? "error_callback" : "callback", "the pool goes on");
+      report_callback_exception(this->call(), running, "the pool goes on");
     }
   }
 
@@ -490,7 +494,7 @@ PROCPOOL_ENGINE_INLINE std::string not_finished_message(std::string_view call, d
   // Negative, NaN: such a timeout only looks.
   if (!(ms > 0)) return fmt::format("procpool: {} had not finished, and a timeout of 0 or less does not wait", call);
   return fmt::format("procpool: {} did not finish within {} ms", call,
-                     ms > -1 && ms < 1 ? fmt::format("{:.3g}", ms) : fmt::format("{:.0f}", ms));
+                     ms < 1 ? fmt::format("{:.3g}", ms) : fmt::format("{:.0f}", ms));
 }
 
 PROCPOOL_ENGINE_INLINE std::string not_yet_finished_message(std::string_view call) {

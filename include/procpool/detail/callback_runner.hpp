@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <utility>
 
 #include <fmt/format.h>
@@ -40,7 +41,8 @@ class CallbackRunner {
   static bool on_runner_thread() noexcept { return current() != nullptr; }
 
   /// Queues `work`; starts the thread the first time. Throws std::system_error
-  /// if the thread cannot be started (the work is then not queued).
+  /// if the thread cannot be started, std::runtime_error once stop() has
+  /// ended it (the work is then not queued).
   void post(Work work);
 
   /**
@@ -90,7 +92,8 @@ class CallbackRunner {
     std::deque<Work> queue;
     int running = 0;
     bool stopping = false;
-    bool poked = false;  // waker() was called: pump_until looks at done() again
+    bool poked = false;     // waker() was called: pump_until looks at done() again
+    bool finished = false;  // the thread has ended (stopping, and the queue ran empty)
   };
 
   /// The state of the runner whose thread calls this, or nullptr.
@@ -120,6 +123,10 @@ namespace procpool::detail {
 
 PROCPOOL_ENGINE_INLINE void CallbackRunner::post(Work work) {
   std::unique_lock lock(state_->mutex);
+  // Once stopped, nothing would run it: the caller runs it itself.
+  if (state_->stopping && (!thread_started_ || state_->finished)) {
+    throw std::runtime_error("procpool: the pool's callback thread has ended");
+  }
   if (!thread_started_) {
     thread_ = InternalThread("the pool's callback thread", [state = state_] { run(state); });
     thread_started_ = true;
@@ -163,6 +170,7 @@ PROCPOOL_ENGINE_INLINE void CallbackRunner::run(const std::shared_ptr<State>& st
     if (state->queue.empty()) break;
     run_front(*state, lock);
   }
+  state->finished = true;
   current() = nullptr;
 }
 

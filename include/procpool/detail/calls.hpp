@@ -302,6 +302,13 @@ class Calls {
         state->set_callbacks(detail::state_callback<typename State::Callback, false>(std::move(callback)),
                              detail::state_callback<typename State::ErrorCallback, true>(std::move(error_callback)));
       }
+      if (count == 0) {
+        // Nothing to send: a pool that is not running still refuses the call,
+        // and the call is complete at once (its callbacks run now).
+        dispatcher->require_running();
+        detail::AsyncState<std::vector<T>>::complete_without_chunks(state, *dispatcher);
+        return state;
+      }
       // Chunks go to the workers in batches as they are encoded, so the
       // first run while the rest are still being encoded. The stream keeps
       // a close() from another thread from refusing the later batches.
@@ -351,7 +358,6 @@ class Calls {
         state->cancel();
         throw;
       }
-      if (count == 0) detail::AsyncState<std::vector<T>>::complete_without_chunks(state, *dispatcher);
       return state;
     }
   }
