@@ -457,8 +457,8 @@ POOL_TEST("imap_unordered yields every result exactly once", "[imap]") {
 }
 
 POOL_TEST("a result that throws while imap decodes it loses none of the results after it", "[imap]") {
-  // Item 0 comes last and its decoding throws an int; results 1-7 wait
-  // ready beside it and are taken in the same batch.
+  // Item 0 comes last and its decoding throws an int (a ProtocolError
+  // naming it); results 1-7 wait ready beside it and are taken in the same batch.
   procpool::Pool pool(test::options<TestType>({.processes = 2, .imap_prefetch = 8}));
   for (bool ordered : {true, false}) {
     CAPTURE(ordered);
@@ -471,7 +471,8 @@ POOL_TEST("a result that throws while imap decodes it loses none of the results 
         auto v = results.next(std::chrono::seconds(20));
         if (!v) break;
         got.push_back(v->v);
-      } catch (int) {
+      } catch (const procpool::ProtocolError& e) {
+        CHECK_THAT(e.what(), Catch::Contains("input #0") && Catch::Contains("could not be decoded (int)"));
         ++thrown;
       }
     }

@@ -44,6 +44,18 @@ long unregistered(long x) {
 
 long identity(long x) { return x; }
 
+/// A result type whose load() throws something that is not a std::exception.
+struct Touchy {
+  long v = 0;
+  template <class Archive>
+  void serialize(Archive& archive) {
+    archive(v);
+    if (v == 17 && Archive::is_loading::value) throw 17;
+  }
+};
+
+Touchy touchy(long x) { return Touchy{x}; }
+
 using test::iota_vec;
 
 }  // namespace results_test
@@ -84,6 +96,29 @@ POOL_TEST("a range-for over IMap::results() goes on past failed items", "[result
     CHECK(ok == 10);
     CHECK(failed == 10);
   }
+}
+
+POOL_TEST("a result whose load() throws an int fails that item alone, in its place", "[results][errors]") {
+  procpool::Pool pool(test::options<TestType>());
+  std::vector<long> values;
+  std::vector<std::string> errors;
+  for (const procpool::Result<Touchy>& r : pool.imap<touchy>(iota_vec(20), 1).results()) {
+    if (r) {
+      values.push_back(r->v);
+    } else {
+      errors.push_back(r.error_message());
+      values.push_back(-1);
+    }
+  }
+  std::vector<long> expected = iota_vec(20);
+  expected[17] = -1;
+  CHECK(values == expected);
+  REQUIRE(errors.size() == 1);
+  CHECK_THAT(errors[0], Catch::Contains("input #17") && Catch::Contains("could not be decoded (int)"));
+  std::string seen;
+  auto async = pool.map_async<touchy>(iota_vec(20), 1, nullptr, [&seen](const procpool::Error& e) { seen = e.what(); });
+  CHECK_THROWS_AS(async.get(), procpool::Error);
+  CHECK_THAT(seen, Catch::Contains("input #17"));
 }
 
 POOL_TEST("RemoteError::rethrow raises a task's standard exception as its own type", "[results][errors]") {

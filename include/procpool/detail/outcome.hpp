@@ -187,8 +187,10 @@ PROCPOOL_ENGINE_INLINE std::exception_ptr raised_error(const ChunkOutcome& outco
                                                        bool raise_original, std::size_t index, std::string type,
                                                        std::string message);
 
-/// Why a chunk whose outcomes could not be decoded (`e`) failed.
-PROCPOOL_ENGINE_INLINE ChunkFailure undecodable(const ChunkOutcome& outcome, const std::exception& e);
+/// Why a chunk whose outcomes could not be decoded failed, called where the
+/// exception that stopped the decoding is handled (of any type: a result
+/// type's load() may throw anything).
+PROCPOOL_ENGINE_INLINE ChunkFailure undecodable(const ChunkOutcome& outcome);
 
 [[noreturn]] PROCPOOL_ENGINE_INLINE void throw_bad_item_outcome(std::uint8_t byte);
 
@@ -229,8 +231,8 @@ void decode_chunk(const ChunkOutcome& outcome, std::string_view call, bool raise
                  raised_error(outcome, call, raise_original, first_index + i, std::move(type), std::move(message)));
       }
     }
-  } catch (const std::exception& e) {
-    const ChunkFailure bad = undecodable(outcome, e);
+  } catch (...) {
+    const ChunkFailure bad = undecodable(outcome);
     for (; i < count; ++i) on_error(first_index + i, make_chunk_error(bad, call, first_index + i, first_index, count));
   }
 }
@@ -256,13 +258,15 @@ PROCPOOL_ENGINE_INLINE std::exception_ptr raised_error(const ChunkOutcome& outco
   return raise_original ? error.original() : std::make_exception_ptr(std::move(error));
 }
 
-PROCPOOL_ENGINE_INLINE ChunkFailure undecodable(const ChunkOutcome& outcome, const std::exception& e) {
+PROCPOOL_ENGINE_INLINE ChunkFailure undecodable(const ChunkOutcome& outcome) {
+  std::string why = current_exception_message();
+  if (why.empty()) why = current_exception_summary();  // not a std::exception, or no message: its type
   return ChunkFailure{ChunkFailure::Kind::protocol,
                       outcome.pid,
                       outcome.worker,
                       0,
                       !outcome.rare || outcome.rare->share_failure.empty()
-                          ? fmt::format("its result could not be decoded ({})", e.what())
+                          ? fmt::format("its result could not be decoded ({})", why)
                           : fmt::format("a procpool::SharedMemory block in its result could not be mapped in this "
                                         "process ({})",
                                         outcome.rare->share_failure),
