@@ -804,4 +804,39 @@ POOL_TEST("fork in a program with a pool: the child's copy refuses work and leav
   CHECK(c.pool->apply<squared>(5L) == 25);
 }
 
+// Named "fork in a ..." to stay out of the sanitizer runs, as above.
+POOL_TEST("fork in a program with a pool: a live child does not hold up close() and join()",
+          "[lifecycle][fork_child]") {
+  // The child holds copies of the pipes to the workers (and to the fork
+  // server). A worker waited for end-of-file on its task pipe, which never
+  // came while the child lived: join() waited for the child's exit.
+  for (auto output : {procpool::WorkerOutput::inherit, procpool::WorkerOutput::lines}) {
+    procpool::Pool pool(test::options<TestType>({.worker_output = output}));
+    CHECK(pool.map<squared>(iota_vec(10)) == test::squares(10));
+    int gate[2];
+    REQUIRE(::pipe2(gate, O_CLOEXEC) == 0);
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+      ::close(gate[1]);
+      char byte;
+      [[maybe_unused]] auto n = ::read(gate[0], &byte, 1);  // until the parent is done
+      ::_exit(0);
+    }
+    ::close(gate[0]);
+    const auto begun = Clock::now();
+    auto joined = std::async(std::launch::async, [&] {
+      pool.close();
+      pool.join();
+    });
+    const bool in_time = joined.wait_for(20s) == std::future_status::ready;
+    ::close(gate[1]);  // the child exits
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    joined.get();
+    CHECK(in_time);
+    CHECK(Clock::now() - begun < 20s);
+  }
+}
+
 }  // namespace lifecycle_test

@@ -4,16 +4,18 @@
 //
 //   parent -> server : 'L', flags + fds[claims?, out?, err?]  start a worker with this claim
 //                      area (flag 1) and these as its stdout and stderr (flag 2)
+//                      'Q'                           exit (as when the socket closes)
 //   server -> parent : 'W', pid + fds[task, result]  a worker started
 //                      'F', call, errno              fork() (call 0), pipe2() (call 1) failed, or
 //                                                    the fds of the request did not arrive (call 2)
 //                      'E', pid, wait status         a worker exited
 //
-// The server dies with the parent (PR_SET_PDEATHSIG) or when the socket
-// closes, and its workers die with it (their own PR_SET_PDEATHSIG). Before
-// it exits, it reaps every worker it started: none is left for a PID 1 or
-// subreaper parent to inherit as a zombie. A server that dies is started
-// again at the next worker start.
+// The server dies with the parent (PR_SET_PDEATHSIG), on 'Q', or when the
+// socket closes (which a process the program fork()ed may put off), and its
+// workers die with it (their own PR_SET_PDEATHSIG). Before it exits, it
+// reaps every worker it started: none is left for a PID 1 or subreaper
+// parent to inherit as a zombie. A server that dies is started again at the
+// next worker start.
 #pragma once
 
 #include <fcntl.h>
@@ -230,6 +232,7 @@ inline void serve_request(int sock, int sigfd, const ForkserverMessage& request,
     std::vector<Fd> given;  // its claim area, and the relay's pipe ends, as the flags say
     bool truncated = false;
     if (!receive_message(sock, request, given, &truncated)) break;  // the pool is gone: its workers go with us
+    if (request.kind == 'Q') break;
     serve_request(sock, sigfd, request, given, truncated, chld, workers);
   }
   // The pool is gone or done: its workers are gone or going. Reap them all
@@ -342,6 +345,7 @@ class ForkserverLauncher final : public Launcher {
   /// Closes the socket, which ends the server once it has reaped its
   /// workers; then reaps the server (SIGKILL after a second).
   void shutdown() noexcept override {
+    if (socket_ && server_alive_) send_message(socket_.get(), {'Q', 0, 0});
     socket_.reset();
     server_alive_ = false;
     if (server_pid_ <= 0) return;

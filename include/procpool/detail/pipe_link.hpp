@@ -12,6 +12,7 @@
 #include "launcher.hpp"
 #include "link.hpp"
 #include "outbox.hpp"
+#include "protocol.hpp"
 #include "system.hpp"
 
 namespace procpool::detail {
@@ -34,7 +35,17 @@ class PipeLink final : public Link {
   }
   bool sending() const noexcept override { return static_cast<bool>(proc_.task); }
   void close_sending() noexcept override {
-    proc_.task.reset();  // EOF on its task pipe is how a worker learns to exit
+    // A worker exits on a stop frame or on EOF. EOF alone is not enough: a
+    // process the program fork()ed holds a copy of the pipe's write end for
+    // as long as it lives. The frame is sent only if nothing is queued
+    // before it, and fits in the pipe at once (a full pipe leaves EOF).
+    if (proc_.task && outbox_.empty()) {
+      char stop[frame_header_size];
+      encode_empty(stop, FrameKind::stop);
+      outbox_.push(nullptr, stop, sizeof(stop));
+      outbox_.flush(proc_.task.get());
+    }
+    proc_.task.reset();
     outbox_.clear();
   }
 

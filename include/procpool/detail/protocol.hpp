@@ -47,6 +47,7 @@ enum class FrameKind : std::uint32_t {
   shm_share = 12,    // worker -> parent: my next result refers to this SharedMemory block; map it
   started = 13,      // worker -> parent: I run procpool's worker loop (before the initializer)
   task_header = 14,  // parent -> worker: the task that follows is this one (claims.hpp)
+  stop = 15,         // parent -> worker: no more tasks; exit (as on EOF, which a forked copy of the pipe may withhold)
 };
 
 inline constexpr std::size_t frame_header_size = 8;
@@ -376,6 +377,13 @@ struct ShmDrop {
     return true;
   }
 };
+
+/// A frame with no payload (stop), written into the frame_header_size
+/// bytes at `out`.
+inline void encode_empty(char* out, FrameKind kind) {
+  const std::uint32_t header[2] = {0, static_cast<std::uint32_t>(kind)};
+  std::memcpy(out, header, frame_header_size);
+}
 
 /// A frame with an empty payload (started, leaving, shm_off).
 template <class Bytes>

@@ -330,6 +330,7 @@ class WorkerLoop {
   int next_task(TaskHeader& header, FrameView& frame) {
     for (;;) {
       if (!reader_.next(frame)) return 0;  // the parent closed our pipe: exit quietly
+      if (frame.kind == FrameKind::stop) return 0;
       if (frame.kind == FrameKind::shm_off) {
         shm_ = false;  // the parent cannot map our buffers: results take the pipe from now on
         continue;
