@@ -5,11 +5,13 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -135,6 +137,58 @@ POOL_TEST("tasks taken back from a busy worker run exactly once, whatever it doe
     INFO("item " << item);
     CHECK(times == 1);
   }
+}
+
+long own_pid() { return ::getpid(); }
+
+/// Records its item and pid in `dir`/runs and `dir`/pids, after `ms` ms.
+long record_pid(std::string dir, long x, int ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  test::append_line(dir + "/pids", std::to_string(::getpid()));
+  return record(dir, x);
+}
+
+POOL_TEST("tasks sent to a worker stopped while idle run on another, once", "[scheduling]") {
+  // The stopped worker never read its tasks: they were not taken back, for
+  // it had not started the first, and the map waited for ever.
+  test::TempDir dir;
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  pool.map<tiny>(std::vector<long>(200, 1), 1);
+  const long stopped = pool.apply<own_pid>();  // idle again once it answered
+  REQUIRE(::kill(static_cast<pid_t>(stopped), SIGSTOP) == 0);
+  std::vector<std::tuple<std::string, long, int>> items;
+  for (long i = 0; i < 40; ++i) items.emplace_back(dir.path(), i, 0);
+  auto mapped = pool.starmap_async<record_pid>(items, 1);
+  const bool finished = mapped.wait(60s);
+  ::kill(static_cast<pid_t>(stopped), SIGCONT);
+  REQUIRE(finished);
+  CHECK(mapped.get().size() == 40);
+  auto count = runs(dir);
+  CHECK(count.size() == 40);
+  for (const auto& [item, times] : count) {
+    INFO("item " << item);
+    CHECK(times == 1);
+  }
+  // Going again, it skips the tasks taken back, and gets new ones.
+  items.clear();
+  for (long i = 40; i < 80; ++i) items.emplace_back(dir.path(), i, 20);
+  CHECK(pool.starmap<record_pid>(items, 1).size() == 40);
+  const auto pids = test::read_lines(dir / "pids");
+  CHECK(std::count(pids.begin() + 40, pids.end(), std::to_string(stopped)) > 0);
+}
+
+POOL_TEST("a task sent to the only worker, stopped while idle, runs on a new one after its timeout", "[scheduling]") {
+  // One worker holds the task unread: no other is idle to take it. The
+  // task's clock had not started (it never ran), so it waited for ever.
+  procpool::Pool pool(test::options<TestType>({.processes = 1, .task_timeout = 300ms}));
+  const long stopped = pool.apply<own_pid>();
+  REQUIRE(::kill(static_cast<pid_t>(stopped), SIGSTOP) == 0);
+  auto result = pool.apply_async<tiny>(6L);
+  std::optional<long> value;
+  CHECK_NOTHROW(value = result.get(30s));  // it never started: no TaskTimeout
+  ::kill(static_cast<pid_t>(stopped), SIGCONT);
+  CHECK(value == 7L);
+  CHECK(pool.apply<own_pid>() != stopped);
 }
 
 TEST_CASE("a claim word is won by the worker or the pool, never both", "[scheduling][claims]") {

@@ -16,7 +16,9 @@
 // worker waits until the count covers all it shared, then knows that a
 // block still not marked mapped never will be (the pool cannot mark a block
 // it could not map). The next word says which item of which task the worker
-// is running: a crash or a timeout in a chunk names that item.
+// is running: a crash or a timeout in a chunk names that item. The last one
+// holds the last task the worker skipped: once it has read past every task
+// taken back from it, the pool sends it tasks again.
 #pragma once
 
 #include <sys/mman.h>
@@ -137,8 +139,18 @@ class ClaimArea {
     return static_cast<std::uint32_t>(word);
   }
 
+  /// The worker: it read task `seq` and skipped it (revoked).
+  void skipped(std::uint64_t seq) noexcept {
+    if (words_ != nullptr) words_[slots_ + 2].store(seq, std::memory_order_release);
+  }
+  /// The pool: the last task its worker skipped (0 for none yet).
+  std::uint64_t last_skipped() const noexcept {
+    return words_ != nullptr ? words_[slots_ + 2].load(std::memory_order_acquire) : 0;
+  }
+
  private:
-  /// The handled-shares counter and the running item, on a cache line of their own.
+  /// The handled-shares counter, the running item and the last skipped
+  /// task, on a cache line of their own.
   static constexpr std::size_t tail_bytes = 64;
 
   std::atomic<std::uint64_t>& word(std::uint64_t seq) const noexcept { return words_[seq & (slots_ - 1)]; }

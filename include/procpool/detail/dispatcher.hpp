@@ -186,7 +186,10 @@ class Dispatcher final : public Engine, public std::enable_shared_from_this<Disp
     watch.owners.clear();
     watch.add(wake_.get(), POLLIN, nullptr, Watch::end);
     watch.poll_for_ends = false;
-    auto next_deadline = enforce_timeouts();
+    // Tasks left unread by a stopped worker go to an idle one.
+    auto next_deadline = broken_ ? std::nullopt : scheduler_.take_back_unread(pending_, workers_, Clock::now());
+    if (auto timeouts = enforce_timeouts())
+      next_deadline = next_deadline ? std::min(*next_deadline, *timeouts) : timeouts;
     if (start_failure_ && !broken_ && wants_workers()) {
       next_deadline = next_deadline ? std::min(*next_deadline, next_start_) : next_start_;
     }

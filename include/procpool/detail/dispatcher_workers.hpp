@@ -245,6 +245,7 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
   std::optional<Clock::time_point> next;
   auto sooner = [&](Clock::time_point t) { next = next ? std::min(*next, t) : t; };
   const auto now = Clock::now();
+  bool taken = false;  // tasks were taken back from a worker that left them unread
   // SIGTERM now, SIGKILL after the grace; `failure` is what its tasks get.
   auto stop = [&](Worker& w, ChunkFailure failure) {
     w.failure = std::move(failure);
@@ -293,8 +294,19 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
     const auto limit = w->held.front().job->task_timeout().value_or(task_timeout_);
     if (limit.count() <= 0) continue;
     if (w->claiming && !w->claims.was_started(w->held.front().id)) {
-      // Not started yet (still arriving through the pipe, say): its clock
-      // has not started either. Look again a little later.
+      // Not started yet: its clock has not started either. Look again a
+      // little later. A worker that leaves it unread for as long as it may
+      // run (stopped, say) loses its tasks, none of them started, and is
+      // stopped.
+      Scheduler::note_unread(*w, now);
+      if (now - *w->unread_since >= clamp_timeout(limit) && Scheduler::take_back(*w, 0, pending_)) {
+        taken = true;
+        if (w->held.empty()) {
+          stop(*w, ChunkFailure{ChunkFailure::Kind::timeout, w->pid(), w->slot, 0, fmt::format("{} ms", limit.count()),
+                                w->where()});
+          continue;
+        }
+      }
       w->front_since = now;
       sooner(now + std::min<Clock::duration>(clamp_timeout(limit), std::chrono::milliseconds(10)));
       continue;
@@ -307,6 +319,7 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
     stop(*w, ChunkFailure{ChunkFailure::Kind::timeout, w->pid(), w->slot, 0, fmt::format("{} ms", limit.count()),
                           w->where()});
   }
+  if (taken) scheduler_.assign(pending_, workers_);
   return next;
 }
 

@@ -1,12 +1,15 @@
 // procpool - which worker runs which task: hands queued tasks to the least
 // loaded workers, sizes each worker's queue by how long tasks run, and takes
-// back tasks queued behind a busy worker when another is idle. Runs on the
-// dispatcher's I/O thread, with its lock held.
+// back tasks queued behind a busy worker, or left unread by a stopped one,
+// when another is idle. Runs on the dispatcher's I/O thread, with its lock
+// held.
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "estimate.hpp"
@@ -54,7 +57,7 @@ class Scheduler {
       }
       Worker* best = nullptr;
       for (auto& w : workers) {
-        if (!w->takes_tasks() || w->stalled || w->held.size() >= limit || !has_claim_slot(*w)) continue;
+        if (!w->takes_tasks() || stalled(*w) || w->held.size() >= limit || !has_claim_slot(*w)) continue;
         if (waits_for_predecessor(*w, workers)) continue;
         // The least loaded; of those, one that is ready over one still starting.
         if (best == nullptr || w->held.size() < best->held.size() ||
@@ -85,34 +88,95 @@ class Scheduler {
    * it (ClaimArea::revoke), so it runs exactly once.
    */
   void rebalance(Ring<Task>& pending, Workers& workers) {
-    if (!pending.empty()) return;
-    const bool idle = std::any_of(workers.begin(), workers.end(), [&](const auto& w) {
-      return w->ready() && w->takes_tasks() && w->held.empty() && !waits_for_predecessor(*w, workers);
-    });
-    if (!idle) return;
-    std::vector<Task> taken;
+    if (!pending.empty() || !has_idle(workers)) return;
+    bool taken = false;
+    // The front is the one it runs (or is about to): it stays.
+    for (auto& w : workers) taken = take_back(*w, 1, pending) || taken;
+    if (taken) assign(pending, workers);
+  }
+
+  /// How long a worker may leave the first task it holds unread (not
+  /// started) while another is idle: then all it holds is taken back.
+  static constexpr std::chrono::milliseconds unread_limit{20};
+
+  /**
+   * Notes since when each worker has left its first task unread. One that
+   * left it unread for unread_limit while another worker is idle (it was
+   * stopped, or gets no CPU) loses all it holds to the idle one: an idle
+   * worker that was sent a task and then stopped holds it no longer than
+   * that. Returns when to look again.
+   */
+  std::optional<Clock::time_point> take_back_unread(Ring<Task>& pending, Workers& workers, Clock::time_point now) {
+    std::optional<Clock::time_point> next;
+    std::optional<bool> idle;  // looked up once a worker needs it
+    bool taken = false;
     for (auto& w : workers) {
-      if (!w->claiming || w->held.size() < 2) continue;
-      // From the back: the worker claims its tasks in order, so once one is
-      // started, those before it are too.
-      // The front is the one it runs (or is about to): it stays.
-      const std::size_t before = taken.size();
-      while (w->held.size() > 1 && w->claims.revoke(w->held[w->held.size() - 1].id)) {
-        Task task = std::move(w->held[w->held.size() - 1]);
-        w->held.erase(w->held.size() - 1);
-        task.shm.reset();  // the copy it was sent in: the worker skips it unread
-        taken.push_back(std::move(task));
+      if (!note_unread(*w, now)) continue;
+      if (!idle) idle = pending.empty() && has_idle(workers);
+      if (!*idle) continue;
+      const auto deadline = *w->unread_since + unread_limit;
+      if (now < deadline) {
+        next = next ? std::min(*next, deadline) : deadline;
+        continue;
       }
-      if (taken.size() == before) continue;
-      // Not straight back to where they waited: it gets more once it answers.
-      w->stalled = true;
-      std::reverse(taken.begin() + static_cast<std::ptrdiff_t>(before), taken.end());
+      taken = take_back(*w, 0, pending) || taken;
     }
-    for (auto task = taken.rbegin(); task != taken.rend(); ++task) pending.push_front(std::move(*task));
-    if (!taken.empty()) assign(pending, workers);
+    if (taken) assign(pending, workers);
+    return next;
+  }
+
+  /// Whether `w`'s first task is waiting for it to be read: sent, not
+  /// started. Notes since when (Worker::unread_since).
+  static bool note_unread(Worker& w, Clock::time_point now) {
+    if (!w.claiming || !w.ready() || w.held.empty() || w.claims.was_started(w.held.front().id)) {
+      w.unread_since.reset();
+      return false;
+    }
+    if (!w.unread_since || w.unread_id != w.held.front().id) {
+      w.unread_since = now;
+      w.unread_id = w.held.front().id;
+    }
+    return true;
+  }
+
+  /**
+   * Takes back the tasks `w` has not started, all but the first `keep` it
+   * holds, to the front of `pending` in the order they were queued. Returns
+   * whether it took any: then `w` gets no more tasks until it has answered
+   * one or read past those (Worker::stalled).
+   */
+  static bool take_back(Worker& w, std::size_t keep, Ring<Task>& pending) {
+    if (!w.claiming || w.held.size() <= keep) return false;
+    // From the back: the worker claims its tasks in order, so once one is
+    // started, those before it are too.
+    bool taken = false;
+    while (w.held.size() > keep && w.claims.revoke(w.held[w.held.size() - 1].id)) {
+      Task task = std::move(w.held[w.held.size() - 1]);
+      w.held.erase(w.held.size() - 1);
+      task.shm.reset();  // the copy it was sent in: the worker skips it unread
+      pending.push_front(std::move(task));
+      taken = true;
+    }
+    // Not straight back to where they waited.
+    if (taken) w.stalled = true;
+    return taken;
   }
 
  private:
+  /// Whether some worker is ready for a task and holds none.
+  static bool has_idle(Workers& workers) {
+    return std::any_of(workers.begin(), workers.end(), [&](const auto& w) {
+      return w->ready() && w->takes_tasks() && w->held.empty() && !stalled(*w) && !waits_for_predecessor(*w, workers);
+    });
+  }
+
+  /// Whether `w` gets no tasks for now, because tasks were taken back from
+  /// it; that ends once it has read past them (or answered one).
+  static bool stalled(Worker& w) {
+    if (w.stalled && w.claims && w.claims.last_skipped() == w.last_id) w.stalled = false;
+    return w.stalled;
+  }
+
   /// Whether `w` replaces a worker of its slot that still runs its last
   /// tasks (maxtasksperchild): it starts early, but takes tasks only once
   /// that one is done, so no more than `processes` tasks ever run at once.

@@ -345,7 +345,10 @@ class WorkerLoop {
       const bool mine = !claims_ || claims_.claim(header.id);
       // The task itself (or where it is in shared memory).
       if (!reader_.next(frame)) return 0;
-      if (!mine) continue;
+      if (!mine) {
+        claims_.skipped(header.id);
+        continue;
+      }
       if (frame.kind != FrameKind::shm_ref) return go_on;
       try {
         // The mapping stays in shm_reader_'s cache while the frame is read.

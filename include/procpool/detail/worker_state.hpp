@@ -73,7 +73,7 @@ struct Worker {
   std::size_t sent = 0;
   ClaimArea claims;           // the claim words of its tasks (claims.hpp)
   bool claiming = false;      // it said (when ready) that it claims each task: tasks may be taken back
-  bool stalled = false;       // tasks queued on it were taken back: it gets no more until it answers one
+  bool stalled = false;       // tasks were taken back from it: it gets no more until it answers or skips them
   std::uint64_t last_id = 0;  // the id (sequence number) of the last task sent to it
   Inbox inbox;
   std::optional<ChunkFailure> failure;             // why its running task fails, if not a plain death
@@ -82,6 +82,8 @@ struct Worker {
   Clock::time_point front_since{};                 // when held.front() started (or its initializer), near enough
   std::optional<Clock::time_point> kill_at;        // SIGKILL then, after a SIGTERM for a timeout
   std::optional<Clock::time_point> partial_since;  // it sent part of a message, and nothing more since then
+  std::optional<Clock::time_point> unread_since;   // since when held.front() (unread_id) has waited unread
+  std::uint64_t unread_id = 0;
 
   pid_t pid() const noexcept { return link->pid(); }
   std::shared_ptr<const std::string> where() const { return link->where(); }
