@@ -232,6 +232,21 @@ POOL_TEST("memory_limit_per_child makes an allocation storm a clean bad_alloc", 
   CHECK(pool.apply<twice>(5L) == 10);
 }
 
+POOL_TEST("after a task too large for memory_limit_per_child, small ones in the same shared buffer run",
+          "[faults][memory]") {
+#ifdef PROCPOOL_TEST_NO_RLIMIT_AS
+  WARN("RLIMIT_AS cannot be combined with a sanitizer's shadow memory; not checked in this build");
+  return;
+#endif
+  // The pool reuses the large task's idle buffer for the next tasks. A
+  // worker mapped the whole buffer to read any of them, which its limit
+  // refused: "cannot map /proc/.../fd/9: Cannot allocate memory".
+  procpool::Pool pool(test::options<TestType>({.processes = 1, .memory_limit_per_child = std::size_t{256} << 20}));
+  CHECK_THROWS_AS(pool.apply<byte_count>(std::vector<char>(std::size_t{400} << 20, 'a')), procpool::Error);
+  const std::vector<std::vector<char>> small(8, std::vector<char>(std::size_t{1} << 20, 'b'));
+  CHECK(pool.map<byte_count>(small, 1) == std::vector<std::size_t>(8, std::size_t{1} << 20));
+}
+
 POOL_TEST("max_memory_per_child counts what a worker holds alone, not what it shares with a forked parent",
           "[faults][memory]") {
   // 200 MiB the parent wrote: a forked worker maps them too, shared until

@@ -222,13 +222,15 @@ PROCPOOL_ENGINE_INLINE ShmReader::Resolved ShmReader::resolve(const FrameView& r
   } else {
     auto same_fd =
         std::find_if(cache_.begin(), cache_.end(), [&](const Entry& e) { return e.pid == pid && e.fd == fd; });
-    if (same_fd != cache_.end() && same_fd->id == id) {
+    if (same_fd != cache_.end() && same_fd->id == id && same_fd->mapping->capacity() >= size) {
       same_fd->last_use = uses_;
       mapping = same_fd->mapping;
     } else {
-      // A new buffer; one under the same fd number was closed by its writer.
+      // A new buffer (one under the same fd number was closed by its
+      // writer), or more of it than was mapped. Only what the frame takes
+      // is mapped: the buffer may be far larger.
       if (same_fd != cache_.end()) cache_.erase(same_fd);
-      mapping = map_foreign_buffer(pid, fd, id, false);
+      mapping = map_foreign_buffer(pid, fd, id, false, size);
       if (cache_.size() >= max_cached) {
         // Forget the least recently used (a frame still being read keeps its mapping).
         cache_.erase(std::min_element(cache_.begin(), cache_.end(),

@@ -258,15 +258,20 @@ struct ForeignMemory {
 };
 
 /// Opens another process's memfd named `prefix`..., checks that it is the
-/// buffer `id` names, maps it whole. Throws std::runtime_error naming what
-/// failed.
+/// buffer `id` names, and maps it: whole, or only as many pages as its
+/// first `at_most` bytes of data take (a worker under an address-space limit
+/// reads a small frame from a large buffer). Throws std::runtime_error
+/// naming what failed.
 PROCPOOL_ENGINE_INLINE ForeignMemory open_foreign_memory(std::int32_t pid, std::int32_t fd, std::uint64_t id,
-                                                         bool writable, std::string_view prefix = "/memfd:procpool-");
+                                                         bool writable, std::string_view prefix = "/memfd:procpool-",
+                                                         std::size_t at_most = SIZE_MAX);
 
-/// Maps another process's buffer (see open_foreign_memory); its fd is not kept.
+/// Maps another process's buffer, or its first `at_most` bytes of data (see
+/// open_foreign_memory); its fd is not kept.
 inline std::shared_ptr<ShmMapping> map_foreign_buffer(std::int32_t pid, std::int32_t fd, std::uint64_t id,
-                                                      bool writable) {
-  return std::shared_ptr<ShmMapping>(open_foreign_memory(pid, fd, id, writable).mapping.release());
+                                                      bool writable, std::size_t at_most = SIZE_MAX) {
+  return std::shared_ptr<ShmMapping>(
+      open_foreign_memory(pid, fd, id, writable, "/memfd:procpool-", at_most).mapping.release());
 }
 
 /// In a worker: whether it can open the pool's probe buffer, i.e. whether
@@ -287,7 +292,7 @@ inline bool can_reach_shm(std::int32_t pid, std::int32_t fd, std::uint64_t id) {
 namespace procpool::detail {
 
 PROCPOOL_ENGINE_INLINE ForeignMemory open_foreign_memory(std::int32_t pid, std::int32_t fd, std::uint64_t id,
-                                                         bool writable, std::string_view prefix) {
+                                                         bool writable, std::string_view prefix, std::size_t at_most) {
   const std::string path = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
   // Only a procpool memfd is opened: whatever else that fd may be by now (a
   // terminal, a FIFO) could block the open or become a controlling terminal.
@@ -305,15 +310,20 @@ PROCPOOL_ENGINE_INLINE ForeignMemory open_foreign_memory(std::int32_t pid, std::
     throw std::runtime_error(path + " is not a procpool buffer");
   }
   const auto size = static_cast<std::size_t>(st.st_size);
+  std::size_t mapped = size;
+  if (at_most < size - shm_header_size) {
+    const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+    mapped = std::min(size, (shm_header_size + at_most + page - 1) / page * page);
+  }
   void* base;
   {
     // As in create_shm_buffer: no fork() between mmap and MADV_DONTFORK.
     std::lock_guard lock(FdRegistry::instance().mutex());
-    base = ::mmap(nullptr, size, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, file.get(), 0);
-    if (base != MAP_FAILED) ::madvise(base, size, MADV_DONTFORK);
+    base = ::mmap(nullptr, mapped, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, file.get(), 0);
+    if (base != MAP_FAILED) ::madvise(base, mapped, MADV_DONTFORK);
   }
   if (base == MAP_FAILED) throw std::runtime_error("cannot map " + path + ": " + std::strerror(errno));
-  auto mapping = std::make_unique<ShmMapping>(base, size);
+  auto mapping = std::make_unique<ShmMapping>(base, mapped);
   const ShmHeader& header = mapping->header();
   if (header.magic != shm_magic || header.id != id || header.capacity != size - shm_header_size) {
     throw std::runtime_error(path + " is not the procpool buffer the message names");
