@@ -348,6 +348,11 @@ POOL_TEST("an initializer that throws fails the calls with InitializerError and 
   auto e2 = test::thrown<procpool::InitializerError>([&] { lambda_pool.apply<squared>(2L); });
   CHECK_THAT(e2.what(), Catch::Contains("bad seed"));
   CHECK_THROWS_AS(lambda_pool.map<squared>(iota_vec(5)), procpool::InitializerError);
+
+  // one that throws what is not a std::exception is named by its type
+  procpool::Pool int_pool(test::options<TestType>({.processes = 1, .initializer = [] { throw 42; }}));
+  auto e3 = test::thrown<procpool::InitializerError>([&] { int_pool.apply<squared>(2L); });
+  CHECK_THAT(e3.what(), Catch::Contains(": int. The pool does not restart"));
 }
 
 // ---- close / join -------------------------------------------------------------------

@@ -196,7 +196,7 @@ class ResultReader {
                          w.pid(),
                          w.slot,
                          0,
-                         fmt::format("{}: {}", type, message),
+                         message.empty() ? type : fmt::format("{}: {}", type, message),  // `throw 42`: "int"
                          w.where()};
     if (init) init_failure = failure;
     w.failure = failure;
