@@ -177,6 +177,45 @@ POOL_TEST("tasks sent to a worker stopped while idle run on another, once", "[sc
   CHECK(std::count(pids.begin() + 40, pids.end(), std::to_string(stopped)) > 0);
 }
 
+long pause_ms(int ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return ms;
+}
+
+POOL_TEST("a worker that resumes after its tasks were taken back gets the queued tasks at once", "[scheduling]") {
+  // It tells the pool nothing as it skips them: the pool waited for some
+  // other news (here, the busy worker's answer) before it sent it more.
+  test::TempDir dir;
+  procpool::Pool pool(test::options<TestType>({.processes = 2}));
+  pool.map<pause_ms>(std::vector<int>(10, 5), 1);  // tasks of 5 ms: one at a time per worker
+  const long resumed = pool.apply<own_pid>();
+  REQUIRE(::kill(static_cast<pid_t>(resumed), SIGSTOP) == 0);
+  CHECK(pool.map<tiny>(std::vector<long>{1, 2}, 1) == std::vector<long>{2, 3});  // one was taken back
+  auto busy = pool.apply_async<hold>(dir.path(), false);
+  REQUIRE(first_line(dir / "busy") != std::to_string(resumed));
+  auto queued = pool.apply_async<own_pid>();  // no worker takes it yet
+  std::this_thread::sleep_for(50ms);
+  ::kill(static_cast<pid_t>(resumed), SIGCONT);
+  std::optional<long> ran_on;
+  CHECK_NOTHROW(ran_on = queued.get(20s));  // while the other is still busy
+  test::append_line(dir / "release", "go");
+  CHECK(ran_on == resumed);
+  CHECK(busy.get(60s) == -1);
+}
+
+POOL_TEST("a retiring worker stopped while idle does not hold up its successor", "[scheduling]") {
+  // Its successor takes tasks once it has run its last ones: it was idle,
+  // but the tasks were not taken back for it.
+  procpool::Pool pool(test::options<TestType>({.processes = 1, .maxtasksperchild = 2}));
+  const long stopped = pool.apply<own_pid>();
+  REQUIRE(::kill(static_cast<pid_t>(stopped), SIGSTOP) == 0);
+  auto result = pool.apply_async<tiny>(6L);
+  std::optional<long> value;
+  CHECK_NOTHROW(value = result.get(30s));
+  ::kill(static_cast<pid_t>(stopped), SIGCONT);
+  CHECK(value == 7L);
+}
+
 POOL_TEST("a task sent to the only worker, stopped while idle, runs on a new one after its timeout", "[scheduling]") {
   // One worker holds the task unread: no other is idle to take it. The
   // task's clock had not started (it never ran), so it waited for ever.

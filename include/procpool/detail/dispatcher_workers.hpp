@@ -296,10 +296,11 @@ inline std::optional<Clock::time_point> Dispatcher::enforce_timeouts() {
     if (w->claiming && !w->claims.was_started(w->held.front().id)) {
       // Not started yet: its clock has not started either. Look again a
       // little later. A worker that leaves it unread for as long as it may
-      // run (stopped, say) loses its tasks, none of them started, and is
-      // stopped.
+      // run, and a second at least (stopped, say), loses its tasks, none
+      // of them started, and is stopped.
       Scheduler::note_unread(*w, now);
-      if (now - *w->unread_since >= clamp_timeout(limit) && Scheduler::take_back(*w, 0, pending_)) {
+      const auto unread_for = std::max<Clock::duration>(clamp_timeout(limit), std::chrono::seconds(1));
+      if (now - *w->unread_since >= unread_for && Scheduler::take_back(*w, 0, pending_)) {
         taken = true;
         if (w->held.empty()) {
           stop(*w, ChunkFailure{ChunkFailure::Kind::timeout, w->pid(), w->slot, 0, fmt::format("{} ms", limit.count()),

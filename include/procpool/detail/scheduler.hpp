@@ -98,6 +98,9 @@ class Scheduler {
   /// How long a worker may leave the first task it holds unread (not
   /// started) while another is idle: then all it holds is taken back.
   static constexpr std::chrono::milliseconds unread_limit{20};
+  /// How often to look whether a worker tasks were taken back from has read
+  /// past them, while tasks wait.
+  static constexpr std::chrono::milliseconds stalled_recheck{10};
 
   /**
    * Notes since when each worker has left its first task unread. One that
@@ -108,20 +111,31 @@ class Scheduler {
    */
   std::optional<Clock::time_point> take_back_unread(Ring<Task>& pending, Workers& workers, Clock::time_point now) {
     std::optional<Clock::time_point> next;
+    auto sooner = [&](Clock::time_point t) { next = next ? std::min(*next, t) : t; };
     std::optional<bool> idle;  // looked up once a worker needs it
-    bool taken = false;
+    bool assignable = false;
     for (auto& w : workers) {
+      // One that reads past the tasks taken back from it says nothing:
+      // while tasks wait, look again soon.
+      if (w->stalled && w->held.empty() && !pending.empty() && w->takes_tasks()) {
+        if (stalled(*w)) {
+          sooner(now + stalled_recheck);
+        } else {
+          assignable = true;
+        }
+      }
       if (!note_unread(*w, now)) continue;
       if (!idle) idle = pending.empty() && has_idle(workers);
-      if (!*idle) continue;
+      // A retiring worker's successor waits for it to finish its tasks.
+      if (!*idle && !(pending.empty() && w->retiring && successor_idle(*w, workers))) continue;
       const auto deadline = *w->unread_since + unread_limit;
       if (now < deadline) {
-        next = next ? std::min(*next, deadline) : deadline;
+        sooner(deadline);
         continue;
       }
-      taken = take_back(*w, 0, pending) || taken;
+      assignable = take_back(*w, 0, pending) || assignable;
     }
-    if (taken) assign(pending, workers);
+    if (assignable) assign(pending, workers);
     return next;
   }
 
@@ -167,6 +181,15 @@ class Scheduler {
   static bool has_idle(Workers& workers) {
     return std::any_of(workers.begin(), workers.end(), [&](const auto& w) {
       return w->ready() && w->takes_tasks() && w->held.empty() && !stalled(*w) && !waits_for_predecessor(*w, workers);
+    });
+  }
+
+  /// Whether the successor of retiring worker `w` is ready, holds nothing,
+  /// and waits only for `w` to finish.
+  static bool successor_idle(const Worker& w, const Workers& workers) {
+    return std::any_of(workers.begin(), workers.end(), [&](const auto& other) {
+      return other.get() != &w && other->slot == w.slot && other->ready() && other->takes_tasks() &&
+             other->held.empty();
     });
   }
 

@@ -228,9 +228,14 @@ PROCPOOL_ENGINE_INLINE ShmReader::Resolved ShmReader::resolve(const FrameView& r
     } else {
       // A new buffer (one under the same fd number was closed by its
       // writer), or more of it than was mapped. Only what the frame takes
-      // is mapped: the buffer may be far larger.
-      if (same_fd != cache_.end()) cache_.erase(same_fd);
-      mapping = map_foreign_buffer(pid, fd, id, false, size);
+      // is mapped, for the buffer may be far larger; twice as much as before
+      // when mapped again, so frames that keep growing map it a few times.
+      std::size_t at_most = size;
+      if (same_fd != cache_.end()) {
+        if (same_fd->id == id) at_most = std::max(size, 2 * same_fd->mapping->capacity());
+        cache_.erase(same_fd);
+      }
+      mapping = map_foreign_buffer(pid, fd, id, false, at_most);
       if (cache_.size() >= max_cached) {
         // Forget the least recently used (a frame still being read keeps its mapping).
         cache_.erase(std::min_element(cache_.begin(), cache_.end(),
