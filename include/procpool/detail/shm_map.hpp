@@ -257,13 +257,16 @@ struct ForeignMemory {
   std::unique_ptr<ShmMapping> mapping;
 };
 
+/// What the names of procpool's memfds start with, as /proc shows them.
+inline constexpr std::string_view memfd_prefix = "/memfd:procpool-";
+
 /// Opens another process's memfd named `prefix`..., checks that it is the
 /// buffer `id` names, and maps it: whole, or only as many pages as its
 /// first `at_most` bytes of data take (a worker under an address-space limit
 /// reads a small frame from a large buffer). Throws std::runtime_error
 /// naming what failed.
 PROCPOOL_ENGINE_INLINE ForeignMemory open_foreign_memory(std::int32_t pid, std::int32_t fd, std::uint64_t id,
-                                                         bool writable, std::string_view prefix = "/memfd:procpool-",
+                                                         bool writable, std::string_view prefix = memfd_prefix,
                                                          std::size_t at_most = SIZE_MAX);
 
 /// Maps another process's buffer, or its first `at_most` bytes of data (see
@@ -271,7 +274,7 @@ PROCPOOL_ENGINE_INLINE ForeignMemory open_foreign_memory(std::int32_t pid, std::
 inline std::shared_ptr<ShmMapping> map_foreign_buffer(std::int32_t pid, std::int32_t fd, std::uint64_t id,
                                                       bool writable, std::size_t at_most = SIZE_MAX) {
   return std::shared_ptr<ShmMapping>(
-      open_foreign_memory(pid, fd, id, writable, "/memfd:procpool-", at_most).mapping.release());
+      open_foreign_memory(pid, fd, id, writable, memfd_prefix, at_most).mapping.release());
 }
 
 /// In a worker: whether it can open the pool's probe buffer, i.e. whether
